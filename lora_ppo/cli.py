@@ -1,0 +1,145 @@
+"""`lora-ppo` / `python -m lora_ppo`: train, demo, export, merge, config-docs.
+
+Bad input exits with code 2 and one line on stderr; no traceback.
+Under the `deepspeed` launcher each rank gets `--local_rank=N`: it is accepted and ignored (the
+rank is read from the environment, which the launcher also sets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from lora_ppo.errors import UserError
+
+PRESETS = Path(__file__).resolve().parent / "presets"
+
+
+def _quiet() -> None:
+    """Keep the console for our progress bar: library chatter goes to WARNING and above."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports deepspeed
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+    # transformers 5 deprecates gradient_checkpointing_* names that peft still calls.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*checkpointing.*")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_warning()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _config_path(value: str | None) -> str | None:
+    """A preset name (`demo`) or a YAML path."""
+    if value is None or Path(value).exists() or value.endswith((".yaml", ".yml")):
+        return value
+    preset = PRESETS / f"{value}.yaml"
+    if preset.is_file():
+        return str(preset)
+    names = ", ".join(p.stem for p in sorted(PRESETS.glob("*.yaml")))
+    raise UserError(f"--config {value}: no such file and no such preset (presets: {names})")
+
+
+def cmd_train(args) -> int:
+    from lora_ppo.config import load_config
+    from lora_ppo.train import train
+
+    cfg = load_config(_config_path(args.config), args.overrides)
+    out = train(cfg, resume=args.resume)
+    print(f"done: metrics in {out / 'metrics.jsonl'}, checkpoints in {out / 'checkpoints'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    args.config = str(PRESETS / "demo.yaml")
+    return cmd_train(args)
+
+
+def cmd_export(args) -> int:
+    from lora_ppo.export import export
+
+    export(args.checkpoint, args.out, force=args.force)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from lora_ppo.export import merge
+
+    merge(args.checkpoint, args.out, dtype=args.dtype, force=args.force)
+    return 0
+
+
+def cmd_config_docs(args) -> int:
+    from lora_ppo.docs_gen import config_reference
+
+    text = config_reference()
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora-ppo", description=__doc__.splitlines()[0])
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def train_args(sp):
+        sp.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override config fields, e.g. ppo.epochs=2 model.path=/models/x")
+        sp.add_argument("--resume", nargs="?", const="latest", default=None,
+                        help="resume from the latest complete checkpoint in output_dir, or PATH")
+        sp.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
+
+    t = sub.add_parser("train", help="PPO fine-tuning of a LoRA policy")
+    t.add_argument("--config", help="YAML config file or preset name (e.g. demo)")
+    train_args(t)
+    t.set_defaults(fn=cmd_train)
+    d = sub.add_parser("demo", help="the built-in CPU demo: PPO on a small local review model")
+    train_args(d)
+    d.set_defaults(fn=cmd_demo)
+    for name, fn, helptext in (("export", cmd_export, "export a checkpoint as a PEFT adapter"),
+                               ("merge", cmd_merge, "merge the adapter into the base weights")):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("checkpoint", help="a checkpoint directory (output_dir/checkpoints/step-N)")
+        sp.add_argument("--out", required=True, help="output directory")
+        sp.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+        if name == "merge":
+            sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
+        sp.set_defaults(fn=fn)
+    c = sub.add_parser("config-docs", help="print the configuration reference (Markdown)")
+    c.add_argument("--out", help="write to this file instead of stdout")
+    c.set_defaults(fn=cmd_config_docs)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet()
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"lora-ppo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lora-ppo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""One typed config tree for every command.
+
+Each section is a dataclass; the string under each field is its documentation (read by
+`field_docs`, so docs/config.md is generated from this file and cannot drift). Defaults suit a
+7B model in 4-bit on one 24 GB GPU; `precision: auto` and `compute_dtype: auto` pick fp32 on a CPU,
+where bf16 matmul is some 400x slower.
+
+Loading (`load_config`) is strict in the litgpt manner: an unknown key, a wrong type, a value
+outside its allowed set or an impossible combination of fields fails at load time with one line
+that names the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from lora_ppo.errors import UserError
+
+BUILTIN_MODEL = "builtin:demo"
+
+
+@dataclass
+class ModelConfig:
+    path: str = BUILTIN_MODEL
+    """Local directory of the base causal LM (a hub id also works when online). `builtin:demo` builds
+    and caches a small review-writing Llama locally; `builtin:test` a tiny random one."""
+    tokenizer_path: Optional[str] = None
+    """Tokenizer directory when it is not the model directory."""
+    init_adapter: Optional[str] = None
+    """PEFT adapter directory (e.g. from SFT) that the policy starts from; the reference then is a
+    frozen copy of it, not the raw base."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with the checkpoint. Off: only turn on for models you trust."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: less memory for more compute. Turned off during
+    generation and restored after."""
+    max_prompt_length: int = 256
+    """Prompts longer than this many tokens are cut from the left (the end of a prompt matters most)."""
+
+
+@dataclass
+class QuantizationConfig:
+    mode: Literal["none", "8bit", "4bit"] = "4bit"
+    """Load the base with bitsandbytes in 4-bit or 8-bit, or unquantized (`none`)."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type (QLoRA's NormalFloat4 or plain FP4)."""
+    double_quant: bool = True
+    """Quantize the 4-bit quantization constants too (QLoRA): about 0.4 bit/param saved."""
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Dtype that quantized matmuls compute in; `auto` is bf16 on a GPU that has it, else fp32."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    """LoRA rank of the policy (and critic) adapter."""
+    alpha: int = 32
+    """LoRA scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """LoRA dropout. PPO needs 0: dropout makes the update's log-probs differ from the rollout's,
+    so the ratio is not 1 on the first minibatch (lm-human-preferences runs PPO without dropout)."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules that get LoRA: names like `q_proj`, or `all-linear` for every linear layer but the
+    output head."""
+
+
+@dataclass
+class ValueConfig:
+    mode: Literal["shared", "adapter"] = "shared"
+    """`shared`: a scalar head on the policy trunk (one forward gives logits and values);
+    `adapter`: a separate trainable `critic` LoRA adapter plus head on the same base, so value
+    learning does not disturb the policy (one more forward per micro-batch)."""
+    head_init_std: float = 0.0
+    """Std of the value head's initial weights; 0 starts every value at 0."""
+
+
+@dataclass
+class RewardConfig:
+    source: Literal["function", "adapter"] = "function"
+    """Where scores come from: a Python `function` or the frozen reward `adapter` on the same base."""
+    function: str = "lora_ppo.rewards_builtin:positive_sentiment"
+    """`module:function` or `path/to/file.py:function`, called as
+    `fn(prompts=list[str], completions=list[str], **extra) -> list[float]` (TRL's convention)."""
+    adapter: Optional[str] = None
+    """Directory of a reward adapter with its score head (from `lora-ppo train-reward`)."""
+    clip: Optional[float] = None
+    """Clip scores to [-clip, clip] after the EOS penalty."""
+    normalize: bool = False
+    """Normalise scores by a running mean and std over all scores seen so far."""
+    missing_eos_penalty: Optional[float] = None
+    """Subtracted from the score of a response that never emitted EOS (TRL's missing_eos_penalty)."""
+
+
+@dataclass
+class RolloutConfig:
+    batch_size: int = 64
+    """Prompts per PPO update (rollout size)."""
+    generation_batch_size: int = 16
+    """Prompts generated at once; lower it if generation runs out of memory."""
+    max_new_tokens: int = 128
+    """Most tokens generated per response."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are taken at the same temperature."""
+    top_k: int = 0
+    """Sample from the k most likely tokens; 0 turns it off."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1.0 turns it off."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end a response besides the tokenizer's EOS."""
+    logprob_chunk_size: int = 1024
+    """Rows of (batch*length) turned into logits at a time when scoring: bounds memory to
+    chunk x vocab floats instead of batch x length x vocab."""
+
+
+@dataclass
+class PPOConfig:
+    total_updates: int = 200
+    """Number of PPO updates (rollout + optimisation rounds)."""
+    epochs: int = 4
+    """Passes over each rollout."""
+    minibatch_size: int = 16
+    """Samples per optimizer step."""
+    micro_batch_size: int = 4
+    """Samples per forward/backward; minibatch_size / micro_batch_size is the gradient
+    accumulation."""
+    learning_rate: float = 1e-5
+    """AdamW learning rate of the LoRA weights and heads."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule over all optimizer steps."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (global L2 norm), done by DeepSpeed."""
+    gamma: float = 1.0
+    """Discount factor of GAE."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """Policy ratio clip epsilon."""
+    cliprange_value: float = 0.2
+    """Value clip around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    ent_coef: float = 0.0
+    """Weight of the entropy bonus."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the valid tokens of the rollout."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator in the reward penalty (k1 = logp - logp_ref)."""
+    kl_coef: float = 0.05
+    """Initial (or fixed) coefficient of the KL penalty."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards target_kl (Ziegler et al. 2019)."""
+    target_kl: float = 6.0
+    """Target sequence KL of the adaptive controller (nats)."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive controller (samples)."""
+    early_stop_kl: Optional[float] = None
+    """Stop the epochs of an update once the approximate KL to the rollout policy exceeds this."""
+
+
+@dataclass
+class DataConfig:
+    prompts: str = "builtin:reviews"
+    """JSONL, Parquet, CSV or text file of prompts; `builtin:reviews` generates review openings."""
+    prompt_column: str = "prompt"
+    """Column that holds the prompt text (text files: one prompt per line)."""
+    chat_template: bool = False
+    """Wrap each prompt as a user turn with the tokenizer's chat template."""
+    eval_prompts: Optional[str] = None
+    """Held-out prompts for periodic evaluation; none: a slice of `prompts` is held out."""
+    eval_every: int = 0
+    """Evaluate every this many updates; 0 turns evaluation off."""
+    eval_size: int = 16
+    """Number of held-out prompts per evaluation."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = "zero2"
+    """A file in ds_configs/ by name (`zero0` .. `zero3`, `zero2_offload`) or a path to a JSON file."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Training precision; `auto` is bf16 on a GPU that has it, fp32 on a CPU."""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    """Also write metrics to TensorBoard under output_dir/tensorboard."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `wandb` installed)."""
+    wandb_project: str = "lora-ppo"
+    """W&B project name."""
+    progress: bool = True
+    """Show a progress bar with ETA and key metrics (rank 0)."""
+    num_samples: int = 2
+    """Samples printed as text at each evaluation."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50
+    """Save a checkpoint every this many updates (and at the end); 0 saves only at the end."""
+    keep: int = 2
+    """Keep the newest this many checkpoints."""
+
+
+@dataclass
+class Config:
+    output_dir: str = "outputs/run"
+    """Where metrics, logs and checkpoints go."""
+    seed: int = 0
+    """Seed of python, numpy, torch and sampling."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    value: ValueConfig = field(default_factory=ValueConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        # Only cross-field checks here; per-field checks run in `_build` with the field's path.
+        if self.ppo.minibatch_size % self.ppo.micro_batch_size:
+            raise UserError(
+                f"ppo.minibatch_size={self.ppo.minibatch_size} is not a multiple of "
+                f"ppo.micro_batch_size={self.ppo.micro_batch_size}: gradient accumulation must end "
+                "on minibatch edges; make it a multiple"
+            )
+        if self.rollout.batch_size % self.ppo.minibatch_size:
+            raise UserError(
+                f"rollout.batch_size={self.rollout.batch_size} is not a multiple of "
+                f"ppo.minibatch_size={self.ppo.minibatch_size}: every minibatch must be full; "
+                "make it a multiple"
+            )
+        if self.reward.source == "adapter" and not self.reward.adapter:
+            raise UserError(
+                "reward.source=adapter needs reward.adapter=<dir of a reward adapter>; set it or use "
+                "reward.source=function"
+            )
+        if self.data.eval_every and self.data.eval_size < 1:
+            raise UserError(f"data.eval_size={self.data.eval_size} must be >= 1 when "
+                            f"data.eval_every={self.data.eval_every}")
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.ppo.minibatch_size // self.ppo.micro_batch_size
+
+
+# Per-field range checks: (predicate, "what is allowed").
+_POSITIVE = (lambda v: v > 0, "a number > 0")
+_NONNEG = (lambda v: v >= 0, "a number >= 0")
+_UNIT = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
+_CHECKS: dict[str, tuple[Any, str]] = {
+    "lora.r": _POSITIVE, "lora.alpha": _POSITIVE, "lora.dropout": (lambda v: 0 <= v < 1, "[0, 1)"),
+    "rollout.batch_size": _POSITIVE, "rollout.generation_batch_size": _POSITIVE,
+    "rollout.max_new_tokens": _POSITIVE, "rollout.temperature": _POSITIVE,
+    "rollout.top_k": _NONNEG, "rollout.top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "rollout.logprob_chunk_size": _POSITIVE, "model.max_prompt_length": _POSITIVE,
+    "ppo.total_updates": _POSITIVE, "ppo.epochs": _POSITIVE, "ppo.minibatch_size": _POSITIVE,
+    "ppo.micro_batch_size": _POSITIVE, "ppo.learning_rate": _POSITIVE,
+    "ppo.weight_decay": _NONNEG, "ppo.warmup_steps": _NONNEG, "ppo.max_grad_norm": _POSITIVE,
+    "ppo.gamma": _UNIT, "ppo.lam": _UNIT, "ppo.cliprange": _POSITIVE,
+    "ppo.cliprange_value": _POSITIVE, "ppo.vf_coef": _NONNEG, "ppo.ent_coef": _NONNEG,
+    "ppo.kl_coef": _NONNEG, "ppo.target_kl": _POSITIVE, "ppo.kl_horizon": _POSITIVE,
+    "ppo.early_stop_kl": _POSITIVE, "reward.clip": _POSITIVE,
+    "data.eval_every": _NONNEG, "data.eval_size": _NONNEG,
+    "checkpoint.every": _NONNEG, "checkpoint.keep": _POSITIVE,
+}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number",
+            str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    ok = False
+    if origin is Literal:
+        ok = value in typing.get_args(tp)
+    elif origin is typing.Union:
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, path)
+            except UserError:
+                continue
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(tp)
+            return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    elif tp is type(None):
+        ok = value is None
+    elif tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        ok = isinstance(value, str)
+    if not ok:
+        raise UserError(f"{path}={value!r} is not {_type_name(tp)}; fix it in the config")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix or 'config'} must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the top level"
+        raise UserError(f"unknown config key '{prefix + '.' if prefix else ''}{unknown[0]}' in "
+                        f"{where}; allowed keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        path = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, path)
+            continue
+        value = _coerce(value, tp, path)
+        check = _CHECKS.get(path)
+        if check is not None and value is not None and not check[0](value):
+            raise UserError(f"{path}={value!r} is out of range: must be {check[1]}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["ppo.epochs=2", "model.path=/m"]` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override '{item}' is not of the form section.key=value")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override '{item}' sets a key under a value")
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or only defaults when `path` is None) and apply `section.key=value`."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist; pass --config <file.yaml>")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
+    data = _merge(data, parse_overrides(overrides or []))
+    return _build(Config, data, "")
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a config dataclass, by field name."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(nxt.value.value)  # type: ignore[union-attr]
+    return docs

@@ -1,0 +1,1 @@
+"""The one base model and its roles."""

@@ -1,0 +1,206 @@
+"""One base model, four roles: policy, reference, value function and reward, through peft adapters.
+
+    policy     LoRA adapter `policy` (trainable)
+    reference  the base with adapters disabled, or the frozen adapter `reference` when the policy
+               starts from an SFT adapter (the reference must be the SFT model, not the raw base)
+    value      `shared`: a head on the policy's last hidden state (one forward for both);
+               `adapter`: trainable adapter `critic` plus its own head
+    reward     frozen adapter `reward` plus a score head, loaded from a reward-adapter directory
+
+No role holds a copy of the base weights. Roles are switched with `ActorCritic.role(name)`, a
+context manager that restores the previous adapter and train/eval mode even if the body raises.
+
+Forwards never build the (B, T, V) logits: `hidden()` returns the trunk's last hidden state and
+log-probs are computed from it chunk by chunk (lora_ppo.rl.logprobs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lora_ppo.errors import UserError
+
+POLICY, REFERENCE, CRITIC, REWARD = "policy", "reference", "critic", "reward"
+REWARD_HEAD_FILE = "score_head.safetensors"
+
+
+class ScalarHead(nn.Module):
+    """hidden (B, T, H) -> (B, T) in fp32, whatever the trunk's dtype (heads are kept in fp32)."""
+
+    def __init__(self, hidden_size: int, init_std: float = 0.0):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        if init_std > 0:
+            nn.init.normal_(self.linear.weight, std=init_std)
+        else:
+            nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate` computes them, so scoring sees the same
+    positions the sampler saw. (B, L) -> (B, L)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp_(min=0)
+
+
+class ActorCritic(nn.Module):
+    """The peft model with named adapters, plus the value head(s) and optional reward head.
+
+    Built by `build_actor_critic`; holds one base. Only LoRA weights of trainable adapters and
+    the value head are trainable.
+    """
+
+    def __init__(self, peft_model: nn.Module, value_mode: str, value_head: ScalarHead,
+                 reward_head: Optional[ScalarHead], has_reference_adapter: bool):
+        super().__init__()
+        self.peft_model = peft_model
+        self.value_mode = value_mode
+        self.value_head = value_head
+        self.reward_head = reward_head
+        self.has_reference_adapter = has_reference_adapter
+        # set_adapter() in peft flips requires_grad of every adapter; we keep our own record of
+        # what is trainable and restore it after each switch, so DeepSpeed's view never changes.
+        self._trainable = {id(p): p.requires_grad for p in self.parameters()}
+
+    # -- structure ---------------------------------------------------------------------------
+    @property
+    def causal_lm(self) -> nn.Module:
+        return self.peft_model.get_base_model()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.causal_lm.get_output_embeddings()
+
+    @property
+    def device(self) -> torch.device:
+        return self.value_head.linear.weight.device
+
+    def adapters(self) -> list[str]:
+        return list(self.peft_model.peft_config)
+
+    def _activate(self, name: str) -> None:
+        self.peft_model.set_adapter(name)
+        for p in self.parameters():
+            p.requires_grad_(self._trainable[id(p)])
+
+    # -- roles -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def role(self, name: str, train: Optional[bool] = None) -> Iterator[ActorCritic]:
+        """Make `name` the active role for the body; restore adapter and mode afterwards.
+
+        `train` sets train/eval mode inside the body (None keeps it). The reference without an
+        SFT adapter runs under peft's `disable_adapter()`, i.e. the plain base.
+        """
+        prev_adapter = self.peft_model.active_adapter
+        prev_training = self.training
+        try:
+            if train is not None:
+                self.train(train)
+            if name == REFERENCE and not self.has_reference_adapter:
+                with self.peft_model.disable_adapter():
+                    yield self
+                return
+            if name not in self.adapters():
+                raise ValueError(f"no adapter for role '{name}'; have {self.adapters()}")
+            self._activate(name)
+            yield self
+        finally:
+            if self.peft_model.active_adapter != prev_adapter:
+                self._activate(prev_adapter)
+            self.train(prev_training)
+
+    # -- forwards ----------------------------------------------------------------------------
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden state (B, L, H) of the trunk under the active role; no logits."""
+        decoder = self.causal_lm.get_decoder()
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        return out.last_hidden_state
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              last_index: torch.Tensor) -> torch.Tensor:
+        """Reward-model score (B,) at position `last_index` (B,) (the last real token)."""
+        if self.reward_head is None:
+            raise UserError("reward.source=adapter but no reward adapter is loaded; set reward.adapter")
+        with self.role(REWARD):
+            h = self.hidden(input_ids, attention_mask)
+        rows = torch.arange(h.shape[0], device=h.device)
+        return self.reward_head(h[rows, last_index])
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def generate(self, **kwargs) -> torch.Tensor:
+        return self.peft_model.generate(**kwargs)
+
+
+def _lora_config(cfg, inference: bool = False):
+    from peft import LoraConfig
+
+    targets = cfg.lora.target_modules
+    return LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        bias="none", task_type="CAUSAL_LM", inference_mode=inference,
+    )
+
+
+def _check_adapter_dir(path: str, field: str) -> None:
+    p = Path(path)
+    if not (p / "adapter_config.json").is_file():
+        raise UserError(f"{field}={path} is not a PEFT adapter directory (no adapter_config.json); "
+                        "point it at a directory written by save_pretrained or lora-ppo export")
+
+
+def load_scalar_head(path: Path, hidden_size: int, device: torch.device) -> ScalarHead:
+    from safetensors.torch import load_file
+
+    head = ScalarHead(hidden_size)
+    try:
+        state = load_file(str(path))
+        head.linear.load_state_dict(state)
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise UserError(f"cannot load head {path}: {str(e).splitlines()[0]}; re-export it")
+    return head.to(device)
+
+
+def build_actor_critic(cfg, base: nn.Module) -> ActorCritic:
+    """Attach the adapters of every role to `base` (already loaded, frozen)."""
+    from peft import PeftModel, get_peft_model
+
+    hidden_size = base.config.hidden_size
+    device = next(base.parameters()).device
+    if cfg.model.init_adapter:
+        _check_adapter_dir(cfg.model.init_adapter, "model.init_adapter")
+        peft_model = PeftModel.from_pretrained(base, cfg.model.init_adapter, adapter_name=POLICY,
+                                               is_trainable=True)
+        peft_model.load_adapter(cfg.model.init_adapter, adapter_name=REFERENCE, is_trainable=False)
+    else:
+        peft_model = get_peft_model(base, _lora_config(cfg), adapter_name=POLICY)
+    if cfg.value.mode == "adapter":
+        peft_model.add_adapter(CRITIC, _lora_config(cfg))
+    reward_head = None
+    if cfg.reward.source == "adapter":
+        _check_adapter_dir(cfg.reward.adapter, "reward.adapter")
+        peft_model.load_adapter(cfg.reward.adapter, adapter_name=REWARD, is_trainable=False)
+        reward_head = load_scalar_head(Path(cfg.reward.adapter) / REWARD_HEAD_FILE, hidden_size,
+                                       device)
+        reward_head.requires_grad_(False)
+    peft_model.set_adapter(POLICY)
+    # Trainable: the policy adapter and (adapter mode) the critic adapter; nothing else.
+    for name, p in peft_model.named_parameters():
+        p.requires_grad_(("lora_" in name) and (f".{POLICY}." in name or f".{CRITIC}." in name))
+    value_head = ScalarHead(hidden_size, cfg.value.head_init_std).to(device)
+    return ActorCritic(peft_model, cfg.value.mode, value_head, reward_head,
+                       has_reference_adapter=bool(cfg.model.init_adapter))

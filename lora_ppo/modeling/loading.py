@@ -1,0 +1,160 @@
+"""Load the one base model and its tokenizer, quantized or not, ready for LoRA.
+
+The base is loaded once per process; every role (policy, reference, critic, reward) is a view of
+it through peft adapters (see actor_critic.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from lora_ppo.config import Config, ModelConfig, QuantizationConfig
+from lora_ppo.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on a GPU that supports it, fp32 elsewhere (CPU bf16 matmul is ~400x slower)."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name == "fp16" and device.type == "cpu":
+        raise UserError("quantization.compute_dtype=fp16 needs a GPU; use fp32 (or auto) on a CPU")
+    return DTYPES[name]
+
+
+def resolve_model_path(path: str) -> str:
+    """`builtin:<size>` -> the locally built and cached model; a directory; or a hub id."""
+    if path.startswith("builtin:"):
+        from lora_ppo.tiny import ensure_builtin_model
+
+        return str(ensure_builtin_model(size=path.split(":", 1)[1]))
+    p = Path(path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"model.path={path} has no config.json; point it at a saved "
+                            "transformers model directory")
+        return str(p)
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise UserError(f"model.path={path} does not exist; point it at a local model directory")
+    return path
+
+
+def load_tokenizer(cfg: ModelConfig, model_path: str):
+    """Tokenizer with a pad token and left padding (generation appends on the right).
+
+    A missing pad token is set to EOS: no embedding row is added (that would mean resizing a
+    possibly quantized embedding), and pad ids never decide what is real: every mask in the
+    toolkit is kept explicitly, so an EOS that ends a response is never mistaken for padding.
+    """
+    from transformers import AutoTokenizer
+
+    src = cfg.tokenizer_path or model_path
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from {src}: {str(e).splitlines()[0]}")
+    if tok.eos_token_id is None:
+        raise UserError(f"the tokenizer at {src} has no EOS token; PPO needs one to end responses")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def quantization_config(q: QuantizationConfig, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if q.mode == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                                  bnb_4bit_use_double_quant=q.double_quant,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if q.mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base_model(cfg: Config, model_path: str, device: torch.device):
+    """The base causal LM on `device`, quantized per `cfg.quantization`, frozen, dropout off."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_compute_dtype(cfg.quantization.compute_dtype, device)
+    qcfg = quantization_config(cfg.quantization, dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=dtype, quantization_config=qcfg,
+                device_map={"": device} if qcfg is not None else None,
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load model.path={model_path}: {str(e).splitlines()[0]}")
+    if qcfg is None:
+        model.to(device)
+    else:
+        # Casts the remaining non-quantized weights (norms, embeddings) to fp32 for stable
+        # training and makes embedding outputs require grad so gradient checkpointing can
+        # backpropagate into the LoRA weights (QLoRA recipe, peft docs).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model.requires_grad_(False)
+    if cfg.model.gradient_checkpointing:
+        set_gradient_checkpointing(model, True)
+    disable_dropout(model)
+    model.config.use_cache = False
+    return model
+
+
+def set_gradient_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Turn activation checkpointing on (non-reentrant) or off on a transformers model."""
+    with warnings.catch_warnings():
+        # transformers 5 renamed gradient_* to activation_*; both names work until v6.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        if on:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+            # Lets gradients reach LoRA weights through checkpointed blocks of a frozen base.
+            model.enable_input_require_grads()
+        else:
+            model.gradient_checkpointing_disable()
+
+
+def is_gradient_checkpointing(model: torch.nn.Module) -> bool:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        return bool(model.is_gradient_checkpointing)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """PPO runs without dropout (lm-human-preferences; TRL's `disable_dropout_in_model`): with it
+    the update's log-probs differ from the rollout's and the first ratio is not 1."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop",
+                "attn_pdrop"):
+        if hasattr(model.config, key):
+            setattr(model.config, key, 0.0)
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
