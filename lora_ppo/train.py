@@ -67,9 +67,9 @@ def seed_everything(seed: int) -> None:
 
 
 def setup(cfg: Config) -> Run:
+    model_path = resolve_model_path(cfg.model.path)  # fail on a bad path before anything starts
     dist = ds.setup_distributed()
     seed_everything(cfg.seed + dist.rank)  # ranks sample different responses
-    model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(cfg.model, model_path)
     raw_ds, ds_source = ds.read_ds_config(cfg.deepspeed.config)
     precision = ds.resolve_precision(cfg.deepspeed.precision, dist.device)

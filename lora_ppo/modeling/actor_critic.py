@@ -90,6 +90,9 @@ class ActorCritic(nn.Module):
 
     def _activate(self, name: str) -> None:
         self.peft_model.set_adapter(name)
+        self._restore_trainable()
+
+    def _restore_trainable(self) -> None:
         for p in self.parameters():
             p.requires_grad_(self._trainable[id(p)])
 
@@ -115,8 +118,10 @@ class ActorCritic(nn.Module):
             self._activate(name)
             yield self
         finally:
+            # peft's set_adapter and disable_adapter both rewrite requires_grad; put ours back.
             if self.peft_model.active_adapter != prev_adapter:
-                self._activate(prev_adapter)
+                self.peft_model.set_adapter(prev_adapter)
+            self._restore_trainable()
             self.train(prev_training)
 
     # -- forwards ----------------------------------------------------------------------------

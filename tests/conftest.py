@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny Llama built locally (no hub), CPU DeepSpeed, quiet libraries."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama (vocab 512, hidden 64) and its locally trained tokenizer."""
+    from lora_ppo.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def wide_model_dir(tmp_path_factory) -> Path:
+    """Linear layers dominate the size (hidden 256), so quantization shows in the footprint."""
+    from lora_ppo.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("wide") / "model", hidden_size=256,
+                            intermediate_size=512, num_heads=4, num_kv_heads=4)
