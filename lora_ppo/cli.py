@@ -30,6 +30,8 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     # transformers 5 deprecates gradient_checkpointing_* names that peft still calls.
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*checkpointing.*")
+    # DeepSpeed 0.19 still calls torch.distributed collectives that torch 2.13 renamed.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -58,7 +60,7 @@ def cmd_train(args) -> int:
     from lora_ppo.train import train
 
     cfg = load_config(_config_path(args.config), args.overrides)
-    out = train(cfg, resume=args.resume)
+    out = train(cfg, resume=args.resume).output_dir
     print(f"done: metrics in {out / 'metrics.jsonl'}, checkpoints in {out / 'checkpoints'}")
     return 0
 

@@ -156,10 +156,10 @@ def policy_outputs(ac: ActorCritic, query_ids, query_mask, response_ids, respons
     mask = torch.cat([query_mask, response_mask.long()], 1)
     q, r = query_ids.shape[1], response_ids.shape[1]
     values = None
-    with ac.role(role):
+    with ac.role(role), ac.output_head() as head:
         h = ac.hidden(ids, mask)[:, q - 1:q - 1 + r]  # (B, R, H): states predicting each token
         logprobs, entropy = logprobs_and_entropy_from_hidden(
-            h, ac.lm_head, response_ids, temperature=temperature, chunk_size=chunk_size,
+            h, head, response_ids, temperature=temperature, chunk_size=chunk_size,
             with_entropy=with_entropy)
         if with_values and role == POLICY and ac.value_mode == "shared":
             values = ac.value_head(h)

@@ -214,8 +214,8 @@ def evaluate(run: Run, logger: MetricsLogger) -> dict:
     return out
 
 
-def train(cfg: Config, resume: Optional[str] = None) -> Path:
-    """Run PPO; returns the output directory. `resume`: "latest" or a checkpoint path."""
+def train(cfg: Config, resume: Optional[str] = None) -> Run:
+    """Run PPO and return the finished run. `resume`: "latest" or a checkpoint path."""
     run = setup(cfg)
     if resume is not None:
         from lora_ppo import checkpoint as ckpt
@@ -255,4 +255,4 @@ def train(cfg: Config, resume: Optional[str] = None) -> Path:
 
             ckpt.save(run)
     logger.close()
-    return run.output_dir
+    return run

@@ -10,10 +10,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_env() -> dict:
+    """This environment without the rendezvous variables that an in-process test run of
+    setup_distributed() left behind (a child would try to join this process's group)."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m lora_ppo ARGS` in a fresh process, as a user would run it."""
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {**clean_env(), **(env or {})}
     return subprocess.run([sys.executable, "-m", "lora_ppo", *args], capture_output=True,
                           text=True, cwd=cwd or REPO, timeout=timeout, env=full_env)
 

@@ -81,6 +81,26 @@ class ActorCritic(nn.Module):
     def lm_head(self) -> nn.Module:
         return self.causal_lm.get_output_embeddings()
 
+    @contextlib.contextmanager
+    def output_head(self) -> Iterator:
+        """The LM head as a callable (N, H) -> (N, V) for chunked scoring.
+
+        Under ZeRO-3 the head's weight is partitioned and only gathered around a module
+        forward, which the per-chunk recomputation in backward does not go through; the head
+        is frozen, so a gathered, detached copy serves for forward and backward alike.
+        """
+        head = self.lm_head
+        if not hasattr(head.weight, "ds_id"):
+            yield head
+            return
+        import deepspeed
+
+        params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
+        with deepspeed.zero.GatheredParameters(params):
+            weight = head.weight.detach().clone()
+            bias = head.bias.detach().clone() if getattr(head, "bias", None) is not None else None
+        yield lambda h: torch.nn.functional.linear(h, weight, bias)
+
     @property
     def device(self) -> torch.device:
         return self.value_head.linear.weight.device
