@@ -255,4 +255,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> Run:
 
             ckpt.save(run)
     logger.close()
+    if rank0 and logger.path.exists():
+        from lora_ppo.plot import plot_metrics
+
+        plot_metrics(logger.path, run.output_dir / "metrics.png")
     return run
