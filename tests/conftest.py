@@ -11,6 +11,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Tiny models are dominated by per-op overhead: one thread is faster than two here, and leaves
+# the other core to the CLI subprocesses that many tests start (they get OMP_NUM_THREADS=1 too).
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
