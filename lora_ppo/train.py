@@ -112,6 +112,15 @@ def dist_mean(values: list[float]) -> list[float]:
     return (t / torch.distributed.get_world_size()).tolist()
 
 
+def gather_all(t: torch.Tensor) -> torch.Tensor:
+    """Concatenation over ranks of a (B,) tensor (itself with one rank)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
     return [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
             for row, m in zip(ids.cpu(), mask.cpu())]
@@ -148,7 +157,8 @@ def add_rewards(run: Run, ro: Rollout, raw_scores: torch.Tensor) -> Rollout:
     scores = shape_scores(raw_scores, ro.has_eos, missing_eos_penalty=rc.missing_eos_penalty,
                           clip=rc.clip)
     if rc.normalize:
-        run.moments.update(scores)
+        # Every rank updates its moments with the scores of all ranks, so they stay identical.
+        run.moments.update(gather_all(scores))
         scores = run.moments.normalize(scores)
     ro.raw_scores, ro.scores = raw_scores, scores
     ro.rewards, ro.kl = compute_rewards(scores, ro.logprobs, ro.ref_logprobs, ro.response_mask,
@@ -216,12 +226,16 @@ def evaluate(run: Run, logger: MetricsLogger) -> dict:
 
 def train(cfg: Config, resume: Optional[str] = None) -> Run:
     """Run PPO and return the finished run. `resume`: "latest" or a checkpoint path."""
-    run = setup(cfg)
-    if resume is not None:
-        from lora_ppo import checkpoint as ckpt
+    from lora_ppo import checkpoint as ckpt
 
-        ckpt.load(run, ckpt.find(run.output_dir, resume))
+    # Find the checkpoint before loading anything, so a bad --resume fails at once.
+    start_from = ckpt.find(cfg.output_dir, resume) if resume is not None else None
+    run = setup(cfg)
     rank0 = run.dist.rank == 0
+    if start_from is not None:
+        ckpt.load(run, start_from)
+        if rank0:
+            print(f"resumed from {start_from} at update {run.step}", flush=True)
     logger = MetricsLogger(run.output_dir, cfg, cfg.ppo.total_updates, run.step, enabled=rank0)
     logger.truncate_after(run.step)
     world, bs = run.dist.world_size, cfg.rollout.batch_size
@@ -251,8 +265,6 @@ def train(cfg: Config, resume: Optional[str] = None) -> Run:
         logger.log(row)
         last = run.step == cfg.ppo.total_updates
         if last or (cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0):
-            from lora_ppo import checkpoint as ckpt
-
             ckpt.save(run)
     logger.close()
     if rank0 and logger.path.exists():
