@@ -1,4 +1,4 @@
-"""`lora-ppo` / `python -m lora_ppo`: train, demo, export, merge, config-docs.
+"""`lora-ppo` / `python -m lora_ppo`: train, sft, train-reward, demo, export, merge, config-docs.
 
 Bad input exits with code 2 and one line on stderr; no traceback.
 Under the `deepspeed` launcher each rank gets `--local_rank=N`: it is accepted and ignored (the
@@ -65,6 +65,28 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    from lora_ppo.config import load_config
+    from lora_ppo.sft import train_sft
+
+    cfg = load_config(_config_path(args.config), args.overrides)
+    out = train_sft(cfg, resume=args.resume)
+    print(f"done: adapter in {out} (use it as model.init_adapter), metrics in "
+          f"{Path(cfg.output_dir) / 'sft' / 'metrics.jsonl'}")
+    return 0
+
+
+def cmd_train_reward(args) -> int:
+    from lora_ppo.config import load_config
+    from lora_ppo.reward_model import train_reward
+
+    cfg = load_config(_config_path(args.config), args.overrides)
+    out = train_reward(cfg, resume=args.resume)
+    print(f"done: reward adapter in {out} (use it as reward.adapter), metrics in "
+          f"{Path(cfg.output_dir) / 'reward_model' / 'metrics.jsonl'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     args.config = str(PRESETS / "demo.yaml")
     return cmd_train(args)
@@ -95,6 +117,41 @@ def cmd_config_docs(args) -> int:
     return 0
 
 
+# -- estimate: predicted peak memory from config.json only (lora_ppo/estimate.py) -------------
+def cmd_estimate(args) -> int:
+    import json
+
+    from lora_ppo import estimate as est
+    from lora_ppo.config import load_config
+
+    cfg = load_config(_config_path(args.config), args.overrides)
+    arch = est.read_arch(cfg.model.path)
+    if args.gpu_mib <= 0:
+        raise UserError(f"--gpu-mib {args.gpu_mib} must be > 0 (the card's memory in MiB)")
+    if args.json:
+        print(json.dumps(est.report(cfg, arch, args.device, args.gpu_mib), indent=1))
+        return 0
+    sug = est.suggest_batch_sizes(cfg, arch, args.gpu_mib, args.device)
+    title = (f"{cfg.model.path}: {est.param_counts(arch).total / 1e6:.1f}M params, "
+             f"quantization {cfg.quantization.mode}, {args.device} "
+             f"({'bf16' if args.device == 'gpu' else 'fp32'})")
+    print(est.format_table(est.estimate_memory(cfg, arch, args.device), sug, title))
+    return 0
+
+
+def _estimate_parser(sub) -> None:
+    e = sub.add_parser("estimate", help="predict peak memory from the config and the model's "
+                                        "config.json, and suggest batch sizes that fit a card")
+    e.add_argument("--config", help="YAML config file or preset name")
+    e.add_argument("overrides", nargs="*", metavar="section.key=value")
+    e.add_argument("--gpu-mib", type=float, default=24576, help="memory of the card (MiB)")
+    e.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
+                   help="gpu: CUDA allocator peak in bf16; cpu: peak RSS over the pre-load "
+                        "baseline in fp32 (what scripts/bench.py measures on a CPU)")
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.set_defaults(fn=cmd_estimate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lora-ppo", description=__doc__.splitlines()[0])
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -112,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML config file or preset name (e.g. demo)")
     train_args(t)
     t.set_defaults(fn=cmd_train)
+    for name, fn, helptext in (
+            ("sft", cmd_sft, "supervised fine-tuning of a LoRA adapter (config section sft)"),
+            ("train-reward", cmd_train_reward,
+             "train a reward adapter + score head on preference pairs (section reward_model)")):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("--config", help="YAML config file or preset name")
+        train_args(sp)
+        sp.set_defaults(fn=fn)
     d = sub.add_parser("demo", help="the built-in CPU demo: PPO on a small local review model")
     train_args(d)
     d.set_defaults(fn=cmd_demo)
@@ -127,11 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config-docs", help="print the configuration reference (Markdown)")
     c.add_argument("--out", help="write to this file instead of stdout")
     c.set_defaults(fn=cmd_config_docs)
+    _estimate_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    resume = getattr(args, "resume", None)
+    if resume and "=" in resume and not Path(resume).exists():
+        # `--resume ppo.epochs=2`: argparse took the override for --resume's optional PATH.
+        args.overrides.insert(0, resume)
+        args.resume = "latest"
     _quiet()
     try:
         return args.fn(args)

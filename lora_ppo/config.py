@@ -84,8 +84,9 @@ class ValueConfig:
 
 @dataclass
 class RewardConfig:
-    source: Literal["function", "adapter"] = "function"
-    """Where scores come from: a Python `function` or the frozen reward `adapter` on the same base."""
+    source: Literal["function", "adapter", "model"] = "function"
+    """Where scores come from: a Python `function`, the frozen reward `adapter` on the same base, or
+    a separate sequence-classification `model`. For several at once, see `sources`."""
     function: str = "lora_ppo.rewards_builtin:positive_sentiment"
     """`module:function` or `path/to/file.py:function`, called as
     `fn(prompts=list[str], completions=list[str], **extra) -> list[float]` (TRL's convention)."""
@@ -97,6 +98,32 @@ class RewardConfig:
     """Normalise scores by a running mean and std over all scores seen so far."""
     missing_eos_penalty: Optional[float] = None
     """Subtracted from the score of a response that never emitted EOS (TRL's missing_eos_penalty)."""
+    # -- added with the SFT / reward-model stages (lora_ppo.sft, lora_ppo.reward_model) ----------
+    model: Optional[str] = None
+    """Directory of a separate reward model loaded with AutoModelForSequenceClassification (source
+    `model`). It reads the decoded prompt + completion text, re-tokenised with its own tokenizer,
+    so its vocabulary may differ from the policy's. Costs a second model in memory."""
+    model_tokenizer: Optional[str] = None
+    """Tokenizer directory of the `model` reward model when it is not the model directory."""
+    model_label: int = 0
+    """Which logit of the `model` reward model is the score (0 for a one-logit reward model; e.g.
+    1 = the positive class of a two-class sentiment classifier)."""
+    sources: list[Literal["function", "adapter", "model"]] = field(default_factory=list)
+    """Several reward sources summed with `weights`, e.g. `[function, adapter]`; each is set up by
+    its own field above (`function`, `adapter`, `model`). Empty: `source` alone, weight 1.
+    Clipping, normalisation and the EOS penalty apply to the weighted sum."""
+    weights: list[float] = field(default_factory=list)
+    """One weight per entry of `sources`: score = sum_k weights[k] * score_k. Empty: all 1."""
+
+    @property
+    def kinds(self) -> list[str]:
+        """The sources in use: `sources`, or [`source`] when it is empty."""
+        return list(self.sources) or [self.source]
+
+    @property
+    def kind_weights(self) -> list[float]:
+        """The weight of each entry of `kinds`."""
+        return list(self.weights) or [1.0] * len(self.kinds)
 
 
 @dataclass
@@ -215,6 +242,116 @@ class CheckpointConfig:
     """Keep the newest this many checkpoints."""
 
 
+# -- SFT and reward-model stages (`lora-ppo sft`, `lora-ppo train-reward`) ------------------------
+# They share model, quantization, lora, deepspeed, logging, checkpoint, seed and output_dir with
+# `train`, so one YAML and one output_dir can drive the whole pipeline: each command reads only its
+# own section here, `model.init_adapter` and `reward.*` are read by `train` only, and each stage
+# keeps its run files in <output_dir>/sft/ or <output_dir>/reward_model/.
+
+@dataclass
+class SFTConfig:
+    data: str = "builtin:reviews"
+    """JSONL, Parquet or CSV file of prompt/response pairs; `builtin:reviews` makes 2000 reviews of
+    the synthetic corpus, each cut after its opening (`review of the diner :`) into a pair."""
+    prompt_column: str = "prompt"
+    """Column with the prompt text."""
+    response_column: str = "response"
+    """Column with the response text; the loss covers its tokens only."""
+    chat_template: bool = False
+    """Render each pair as a user turn and an assistant turn with the tokenizer's chat template
+    (use with data.chat_template=true in `train`)."""
+    append_eos: bool = True
+    """End each response with EOS unless the chat template already put one in it, so the model
+    learns to stop as PPO's responses stop."""
+    max_length: int = 512
+    """Most tokens per example: the prompt is first cut from the left to model.max_prompt_length,
+    then the response is cut at the end."""
+    packing: bool = False
+    """Pack several whole examples into each row of max_length tokens. Each keeps its own
+    positions and attends only to itself (block-diagonal mask), so the loss is the unpacked loss
+    with fewer pad tokens."""
+    epochs: int = 1
+    """Passes over the training examples."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps; none: run all epochs."""
+    batch_size: int = 16
+    """Examples (rows, with packing) per optimizer step on each rank."""
+    micro_batch_size: int = 4
+    """Examples per forward/backward; batch_size / micro_batch_size is the gradient accumulation."""
+    learning_rate: float = 2e-4
+    """AdamW learning rate of the LoRA weights."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Learning-rate schedule over all optimizer steps."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (global L2 norm), done by DeepSpeed."""
+    eval_data: Optional[str] = None
+    """Held-out pairs (same format as `data`); none: `eval_size` examples of `data` are held out."""
+    eval_size: int = 64
+    """Held-out examples for the eval loss; 0 turns evaluation off."""
+    eval_every: int = 0
+    """Evaluate every this many optimizer steps (and always at the end); 0: only at the end."""
+
+
+@dataclass
+class RewardModelConfig:
+    data: str = "builtin:preferences"
+    """JSONL, Parquet or CSV file of preference pairs; `builtin:preferences` makes 2000 pairs of
+    the synthetic corpus whose chosen review is the positive one."""
+    prompt_column: str = "prompt"
+    """Column with the prompt text."""
+    chosen_column: str = "chosen"
+    """Column with the preferred response."""
+    rejected_column: str = "rejected"
+    """Column with the other response."""
+    margin: float = 0.0
+    """Margin m of the loss -log sigmoid(r_chosen - r_rejected - m) (Llama 2, Touvron et al. 2023,
+    eq. 2): the chosen score must beat the rejected one by m."""
+    margin_column: Optional[str] = None
+    """Column with a per-pair margin instead of the constant `margin` (TRL's `margin` column)."""
+    chat_template: bool = False
+    """Render each pair with the tokenizer's chat template (use with data.chat_template=true in
+    `train`)."""
+    append_eos: bool = True
+    """End each response with EOS unless the chat template already did, so the score is read on
+    the EOS token, where PPO reads it for a finished response."""
+    max_length: int = 512
+    """Most tokens per sequence: prompt cut from the left to model.max_prompt_length, then the
+    response cut at the end."""
+    init_adapter: Optional[str] = None
+    """Start the reward LoRA from this PEFT adapter (e.g. the SFT output), as InstructGPT starts its
+    reward model from the SFT model; none: fresh LoRA weights (lora.*)."""
+    head_init_std: float = 0.02
+    """Std of the score head's initial weights (transformers' initializer_range)."""
+    epochs: int = 1
+    """Passes over the training pairs."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps; none: run all epochs."""
+    batch_size: int = 16
+    """Pairs per optimizer step on each rank."""
+    micro_batch_size: int = 4
+    """Pairs per forward/backward (both responses of a pair go in one forward)."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate of the LoRA weights and the score head."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Learning-rate schedule over all optimizer steps."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (global L2 norm), done by DeepSpeed."""
+    eval_data: Optional[str] = None
+    """Held-out pairs (same format as `data`); none: `eval_size` pairs of `data` are held out."""
+    eval_size: int = 64
+    """Held-out pairs for accuracy and reward statistics; 0 turns evaluation off."""
+    eval_every: int = 0
+    """Evaluate every this many optimizer steps (and always at the end); 0: only at the end."""
+
+
 @dataclass
 class Config:
     output_dir: str = "outputs/run"
@@ -232,6 +369,8 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
 
     def __post_init__(self) -> None:
         # Only cross-field checks here; per-field checks run in `_build` with the field's path.
@@ -255,6 +394,40 @@ class Config:
         if self.data.eval_every and self.data.eval_size < 1:
             raise UserError(f"data.eval_size={self.data.eval_size} must be >= 1 when "
                             f"data.eval_every={self.data.eval_every}")
+        self._check_reward_sources()
+        self._check_stages()
+
+    def _check_reward_sources(self) -> None:
+        r = self.reward
+        if r.sources and len(set(r.sources)) != len(r.sources):
+            raise UserError(f"reward.sources={r.sources} names a source twice; list each once")
+        if r.weights and len(r.weights) != len(r.sources):
+            raise UserError(f"reward.weights has {len(r.weights)} entries but reward.sources has "
+                            f"{len(r.sources)}; give one weight per source")
+        if r.sources and r.source != "function" and r.source not in r.sources:
+            raise UserError(f"reward.source={r.source} is not in reward.sources={r.sources}; "
+                            "with reward.sources set, leave reward.source out")
+        if "adapter" in r.kinds and not r.adapter:
+            raise UserError("reward source 'adapter' needs reward.adapter=<dir of a reward adapter>; "
+                            "set it or drop the source")
+        if "model" in r.kinds and not r.model:
+            raise UserError("reward source 'model' needs reward.model=<dir of a sequence-"
+                            "classification model>; set it or drop the source")
+
+    def _check_stages(self) -> None:
+        for name in ("sft", "reward_model"):
+            st = getattr(self, name)
+            if st.batch_size % st.micro_batch_size:
+                raise UserError(f"{name}.batch_size={st.batch_size} is not a multiple of "
+                                f"{name}.micro_batch_size={st.micro_batch_size}; make it a multiple")
+            if st.max_length <= self.model.max_prompt_length:
+                raise UserError(f"{name}.max_length={st.max_length} leaves no room for a response "
+                                f"after model.max_prompt_length={self.model.max_prompt_length}; "
+                                "raise the first or lower the second")
+        if self.reward_model.margin_column and self.reward_model.margin:
+            raise UserError(f"reward_model.margin={self.reward_model.margin} and reward_model."
+                            f"margin_column={self.reward_model.margin_column} both set a margin; "
+                            "keep one")
 
     @property
     def grad_accum_steps(self) -> int:
@@ -281,6 +454,16 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "data.eval_every": _NONNEG, "data.eval_size": _NONNEG,
     "checkpoint.every": _NONNEG, "checkpoint.keep": _POSITIVE,
 }
+
+
+for _stage in ("sft", "reward_model"):
+    _CHECKS.update({f"{_stage}.{k}": _POSITIVE for k in (
+        "max_length", "epochs", "max_steps", "batch_size", "micro_batch_size", "learning_rate",
+        "max_grad_norm")})
+    _CHECKS.update({f"{_stage}.{k}": _NONNEG for k in (
+        "weight_decay", "warmup_steps", "eval_size", "eval_every")})
+_CHECKS.update({"reward_model.margin": _NONNEG, "reward_model.head_init_std": _NONNEG,
+                "reward.model_label": _NONNEG})
 
 
 def _type_name(tp: Any) -> str:
@@ -320,6 +503,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         ok = isinstance(value, str)
     if not ok:

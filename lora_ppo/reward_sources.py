@@ -1,4 +1,5 @@
-"""Where sequence scores come from: a Python function, or the reward adapter on the one base.
+"""Where sequence scores come from: a Python function, the reward adapter on the one base, a
+separate sequence-classification model, or a weighted sum of several (reward.sources).
 
 A reward function follows TRL's convention, so existing ones work unchanged:
 
@@ -130,7 +131,106 @@ class AdapterReward:
         return check_scores(torch.cat(scores).tolist(), len(prompts), "adapter")
 
 
-def make_reward_source(cfg, ac: ActorCritic) -> RewardSource:
-    if cfg.reward.source == "adapter":
+# -- added with the SFT / reward-model stages: a separate reward model, weighted sums ---------------
+
+class ModelReward:
+    """A separate sequence-classification reward model (AutoModelForSequenceClassification).
+
+    It reads text, not the policy's token ids: prompt + decoded completion is re-tokenised with
+    the reward model's own tokenizer, so its vocabulary may differ from the policy's. Batches
+    are right-padded (a BERT-style model pools its first token; a decoder pools the last token
+    that is not the pad id, transformers' `*ForSequenceClassification`); text is cut from the
+    left to the model's length, keeping the end of the response. Frozen, eval mode, compute dtype.
+    """
+
+    name = "model"
+
+    def __init__(self, path: str, tokenizer_path: str | None, label: int, batch_size: int,
+                 device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path,
+                                                           trust_remote_code=trust_remote_code)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load reward.model={path}: {str(e).splitlines()[0]}")
+        self.model.to(device).eval().requires_grad_(False)
+        tok, cfg = self.tokenizer, self.model.config
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+        if cfg.pad_token_id is None:
+            cfg.pad_token_id = tok.pad_token_id  # else transformers refuses batches > 1
+        tok.padding_side, tok.truncation_side = "right", "left"
+        if not 0 <= label < cfg.num_labels:
+            raise UserError(f"reward.model_label={label} but reward.model={path} has "
+                            f"{cfg.num_labels} logit(s); use 0..{cfg.num_labels - 1}")
+        self.label, self.batch_size, self.device = label, batch_size, device
+        self.max_length = min(tok.model_max_length,
+                              getattr(cfg, "max_position_embeddings", None) or 1 << 30)
+
+    def _logits(self, texts: list[str], padded: bool) -> tuple[torch.Tensor, dict]:
+        enc = self.tokenizer(texts, padding=padded, truncation=True, max_length=self.max_length,
+                             return_tensors="pt").to(self.device)
+        return self.model(**enc).logits[:, self.label].float().cpu(), enc
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, rollout_tensors) -> torch.Tensor:
+        texts = [p + c for p, c in zip(prompts, completions)]
+        scores = []
+        for s in range(0, len(texts), self.batch_size):
+            chunk = texts[s:s + self.batch_size]
+            logits, enc = self._logits(chunk, padded=True)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            last = ids[torch.arange(len(chunk)), mask.sum(1) - 1]
+            # A row whose own last token is the pad id (pad = EOS and a tokenizer that appends
+            # EOS) would be pooled one token early; score it alone, with no pad id, at -1.
+            pad_id, self.model.config.pad_token_id = self.model.config.pad_token_id, None
+            try:
+                for i in (last == pad_id).nonzero().flatten().tolist():
+                    logits[i] = self._logits([chunk[i]], padded=False)[0][0]
+            finally:
+                self.model.config.pad_token_id = pad_id
+            scores.append(logits)
+        return check_scores(torch.cat(scores).tolist(), len(prompts), "model")
+
+
+class WeightedReward:
+    """sum_k weight_k * score_k over several sources; `components` keeps the last raw scores of
+    each (by kind) for logging."""
+
+    name = "weighted"
+
+    def __init__(self, parts: list[tuple[str, RewardSource, float]]):
+        self.parts = parts
+        self.components: dict[str, torch.Tensor] = {}
+
+    def __call__(self, prompts, completions, rollout_tensors) -> torch.Tensor:
+        total = torch.zeros(len(prompts))
+        for kind, source, weight in self.parts:
+            scores = source(prompts, completions, rollout_tensors).float().cpu()
+            self.components[kind] = scores
+            total += weight * scores
+        return total
+
+
+def _make_one(kind: str, cfg, ac: ActorCritic) -> RewardSource:
+    if kind == "adapter":
         return AdapterReward(ac, cfg.rollout.generation_batch_size)
+    if kind == "model":
+        from lora_ppo.modeling.loading import resolve_compute_dtype
+
+        return ModelReward(cfg.reward.model, cfg.reward.model_tokenizer, cfg.reward.model_label,
+                           cfg.rollout.generation_batch_size, ac.device,
+                           resolve_compute_dtype(cfg.quantization.compute_dtype, ac.device),
+                           cfg.model.trust_remote_code)
     return FunctionReward(cfg.reward.function)
+
+
+def make_reward_source(cfg, ac: ActorCritic) -> RewardSource:
+    """One source as is; several (reward.sources) as their weighted sum."""
+    kinds, weights = cfg.reward.kinds, cfg.reward.kind_weights
+    if len(kinds) == 1 and weights[0] == 1.0:
+        return _make_one(kinds[0], cfg, ac)
+    return WeightedReward([(k, _make_one(k, cfg, ac), w) for k, w in zip(kinds, weights)])

@@ -74,9 +74,11 @@ def generation_mode(ac: ActorCritic) -> Iterator[None]:
         ac.train(was_training)
 
 
-def tokenize_prompts(tokenizer, prompts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids per prompt, cut from the left to `max_length` (the end of a prompt matters most)."""
-    ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+def tokenize_prompts(tokenizer, prompts: Sequence[str], max_length: int,
+                     add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids per prompt, cut from the left to `max_length` (the end of a prompt matters most).
+    Text rendered by a chat template already holds its BOS: pass add_special_tokens=False."""
+    ids = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
     return [x[-max_length:] for x in ids]
 
 

@@ -129,7 +129,8 @@ def decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
 def collect_rollout(run: Run, prompts: list[str], greedy: bool = False) -> Rollout:
     """Step 1: generate and score. Under ZeRO-3 the weights are gathered for generation."""
     cfg = run.cfg
-    prompt_ids = tokenize_prompts(run.tokenizer, prompts, cfg.model.max_prompt_length)
+    prompt_ids = tokenize_prompts(run.tokenizer, prompts, cfg.model.max_prompt_length,
+                                  add_special_tokens=not cfg.data.chat_template)
     synced = run.dist.world_size > 1 and ds.zero_stage(run.engine.config) == 3
     with ds.gathered_params(run.engine):
         q, qm, r, rm, has_eos = generate(run.ac, run.tokenizer, prompt_ids, cfg.rollout,
@@ -198,6 +199,8 @@ def update_metrics(run: Run, ro: Rollout, stats: PPOStats, t_rollout: float, t_u
         "response/length": mask.sum(1).mean().item(),
         "response/eos_frac": ro.has_eos.float().mean().item(),
     }
+    for kind, part in getattr(run.reward, "components", {}).items():  # several reward sources
+        local[f"objective/score_{kind}"] = part.float().mean().item()
     names = list(local)
     row = dict(zip(names, dist_mean([local[k] for k in names])))
     tokens = (mask.sum() + ro.query_mask.sum()).item() * run.dist.world_size

@@ -216,7 +216,7 @@ def build_actor_critic(cfg, base: nn.Module) -> ActorCritic:
     if cfg.value.mode == "adapter":
         peft_model.add_adapter(CRITIC, _lora_config(cfg))
     reward_head = None
-    if cfg.reward.source == "adapter":
+    if "adapter" in cfg.reward.kinds:
         _check_adapter_dir(cfg.reward.adapter, "reward.adapter")
         peft_model.load_adapter(cfg.reward.adapter, adapter_name=REWARD, is_trainable=False)
         reward_head = load_scalar_head(Path(cfg.reward.adapter) / REWARD_HEAD_FILE, hidden_size,
