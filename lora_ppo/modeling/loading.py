@@ -116,12 +116,30 @@ def load_base_model(cfg: Config, model_path: str, device: torch.device):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_differentiable_on_cpu(model)
     model.requires_grad_(False)
     if cfg.model.gradient_checkpointing:
         set_gradient_checkpointing(model, True)
     disable_dropout(model)
     model.config.use_cache = False
     return model
+
+
+def keep_4bit_differentiable_on_cpu(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference (bnb 0.50).
+
+    On a CPU with AVX512-BF16, `Linear4bit.forward` in eval mode without grad repacks its weight
+    into a layout served by `gemv_4bit`, which has no autograd kernel, and keeps it that way. The
+    next training forward then backpropagates nothing through the frozen base weight: LoRA
+    weights below it get wrong gradients, silently (torch only warns). A rollout (eval, no grad)
+    is always followed by an update, so the fast path is switched off; compute stays fp32 either
+    way. Checked by tests/modeling/test_loading.py.
+    """
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit) and hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
 
 
 def set_gradient_checkpointing(model: torch.nn.Module, on: bool) -> None:

@@ -161,3 +161,27 @@ def test_missing_pad_token_is_eos_and_padding_is_left(tiny_model_dir):
     assert AutoTokenizer.from_pretrained(tiny_model_dir).pad_token is None
     tok = load_tokenizer(tiny_config(tiny_model_dir, "x").model, str(tiny_model_dir))
     assert tok.pad_token_id == tok.eos_token_id and tok.padding_side == "left"
+
+
+def test_4bit_gradients_are_the_same_after_a_no_grad_rollout_pass(wide_model_dir, tmp_path):
+    # bitsandbytes repacks 4-bit weights for CPU inference on the first eval no-grad forward and
+    # the repacked op has no autograd: without keep_4bit_differentiable_on_cpu the update after a
+    # rollout silently loses the gradient through every frozen base weight.
+    cfg, ac = _model(wide_model_dir, tmp_path, "quantization.mode=4bit")
+    _perturb_policy(ac)
+    batch = _batch(wide_model_dir)
+
+    def grads():
+        ac.zero_grad(set_to_none=True)
+        ac.train()
+        lp, _, _ = policy_outputs(ac, *batch, temperature=1.0, chunk_size=64, with_values=False)
+        (-(lp * batch[3]).sum()).backward()
+        return {n: p.grad.clone() for n, p in ac.named_parameters() if p.grad is not None}
+
+    before = grads()
+    ac.eval()
+    _logprobs(ac, batch)  # what a rollout does: eval mode, no grad
+    after = grads()
+    assert before.keys() == after.keys() and len(before) > 0
+    for n in before:
+        torch.testing.assert_close(after[n], before[n], msg=n)
