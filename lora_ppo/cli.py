@@ -1,4 +1,5 @@
-"""`lora-ppo` / `python -m lora_ppo`: train, sft, train-reward, demo, export, merge, config-docs.
+"""`lora-ppo` / `python -m lora_ppo`: train, sft, train-reward, demo, export, merge, estimate,
+config-docs.
 
 Bad input exits with code 2 and one line on stderr; no traceback.
 Under the `deepspeed` launcher each rank gets `--local_rank=N`: it is accepted and ignored (the
@@ -88,8 +89,11 @@ def cmd_train_reward(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    args.config = str(PRESETS / "demo.yaml")
-    return cmd_train(args)
+    from lora_ppo.config import load_config
+    from lora_ppo.demo import run_demo
+
+    run_demo(load_config(PRESETS / "demo.yaml", args.overrides))
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -177,8 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", help="YAML config file or preset name")
         train_args(sp)
         sp.set_defaults(fn=fn)
-    d = sub.add_parser("demo", help="the built-in CPU demo: PPO on a small local review model")
-    train_args(d)
+    d = sub.add_parser("demo", help="the built-in end-to-end run on a small local model: reward "
+                       "adapter -> PPO (4-bit, ZeRO-2) -> merged export")
+    d.add_argument("overrides", nargs="*", metavar="section.key=value")
     d.set_defaults(fn=cmd_demo)
     for name, fn, helptext in (("export", cmd_export, "export a checkpoint as a PEFT adapter"),
                                ("merge", cmd_merge, "merge the adapter into the base weights")):

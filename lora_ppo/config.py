@@ -300,7 +300,8 @@ class SFTConfig:
 class RewardModelConfig:
     data: str = "builtin:preferences"
     """JSONL, Parquet or CSV file of preference pairs; `builtin:preferences` makes 2000 pairs of
-    the synthetic corpus whose chosen review is the positive one."""
+    the synthetic corpus whose chosen review is the positive one and whose rejected one is the
+    negative rendering or, in a quarter of the pairs, a broken copy of the positive one."""
     prompt_column: str = "prompt"
     """Column with the prompt text."""
     chosen_column: str = "chosen"

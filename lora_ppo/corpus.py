@@ -200,19 +200,41 @@ def review_prompts(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def preference_pairs(n: int, seed: int = 0) -> list[dict]:
+def _broken(text: str, rng: random.Random) -> str:
+    """A malformed version of a review body: cut short, its words shuffled, or a word repeated."""
+    words = text.split()
+    kind = rng.randrange(3)
+    if kind == 0:
+        words = words[:rng.randint(1, max(1, min(4, len(words) - 2)))]
+    elif kind == 1:
+        rng.shuffle(words)
+        if words == text.split():  # the identity shuffle of a short review
+            words.reverse()
+    else:
+        i = rng.randrange(len(words))
+        words = words[:i + 1] + [words[i]] * rng.randint(3, 6) + words[i + 1:]
+    return " " + " ".join(words)
+
+
+def preference_pairs(n: int, seed: int = 0, broken: float = 0.0) -> list[dict]:
     """`n` rows {"prompt", "chosen", "rejected"}: one review skeleton rendered both ways.
 
     chosen is positive, rejected negative; they differ only in adjectives and closer, so the
     preference signal is the sentiment alone. Like TRL's preference format, the continuations
     start with a space: prompt + chosen is the full review text.
+
+    With `broken` > 0, that share of the pairs instead rejects a malformed copy of the positive
+    review (cut short, shuffled or repeating; see `_broken`). A reward model that has only seen
+    well-formed text has no opinion on broken text, and PPO finds that gap: on the built-in demo
+    the policy learnt to write "the was ." for a high score (reward hacking; docs/troubleshooting.md).
     """
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         plan = _plan(rng)
-        rows.append({"prompt": plan.prompt, "chosen": _render(plan, 1),
-                     "rejected": _render(plan, 0)})
+        chosen = _render(plan, 1)
+        rejected = _broken(chosen, rng) if broken and rng.random() < broken else _render(plan, 0)
+        rows.append({"prompt": plan.prompt, "chosen": chosen, "rejected": rejected})
     return rows
 
 

@@ -82,7 +82,7 @@ def read_pairs(spec: str, sec, field: str) -> list[dict]:
     if spec == BUILTIN:
         from lora_ppo.corpus import preference_pairs
 
-        return [{**r, "margin": sec.margin} for r in preference_pairs(2000, seed=7)]
+        return [{**r, "margin": sec.margin} for r in preference_pairs(2000, seed=7, broken=0.25)]
     cols = [sec.prompt_column, sec.chosen_column, sec.rejected_column]
     rows = load_rows(spec, cols + ([sec.margin_column] if sec.margin_column else []), field)
     out = []

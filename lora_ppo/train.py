@@ -241,6 +241,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> Run:
             print(f"resumed from {start_from} at update {run.step}", flush=True)
     logger = MetricsLogger(run.output_dir, cfg, cfg.ppo.total_updates, run.step, enabled=rank0)
     logger.truncate_after(run.step)
+    if cfg.data.eval_every and run.step == 0:
+        evaluate(run, logger)  # samples before training, to compare with later evaluations
     world, bs = run.dist.world_size, cfg.rollout.batch_size
     while run.step < cfg.ppo.total_updates:
         # step 1. rollout: this rank's share of the prompts, sampled and scored

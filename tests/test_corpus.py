@@ -92,3 +92,19 @@ def test_write_jsonl_round_trips(tmp_path):
     lines = path.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 4
     assert [json.loads(line) for line in lines] == rows
+
+
+def test_broken_pairs_reject_a_malformed_copy_of_the_positive_review():
+    rows = preference_pairs(400, seed=5, broken=0.25)
+    assert all(r["rejected"].startswith(" ") for r in rows)
+    broken = [r for r in rows if _sentiment_counts(r["prompt"] + r["rejected"])[1] == 0
+              and r["rejected"] != r["chosen"]]
+    # A broken rejection has no negative words: it is the chosen review cut short, shuffled or
+    # with a word repeated; everything else is the negative rendering as without `broken`.
+    assert 0.15 < len(broken) / len(rows) < 0.35, len(broken)
+    for r in broken:
+        c, b = r["chosen"].split(), r["rejected"].split()
+        cut, shuffled = b == c[:len(b)] and len(b) < len(c), sorted(b) == sorted(c) and b != c
+        repeated = len(b) > len(c) and set(b) == set(c)
+        assert cut or shuffled or repeated, r
+    assert all(r["rejected"] != r["chosen"] for r in rows)
