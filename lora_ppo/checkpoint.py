@@ -157,10 +157,13 @@ def verify(path: Path) -> None:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Verify a checkpoint directory and read its state and config."""
+    """Verify a checkpoint directory and read its state and config. A run's output_dir stands
+    for its newest complete checkpoint."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"checkpoint {path} does not exist; give a checkpoints/step-<N> directory")
+    if not (path / COMPLETE).exists() and (path / "checkpoints").is_dir():
+        path = find(path, "latest")
     verify(path)
     state = json.loads((path / STATE).read_text())
     if state.get("format") != FORMAT:

@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, helptext in (("export", cmd_export, "export a checkpoint as a PEFT adapter"),
                                ("merge", cmd_merge, "merge the adapter into the base weights")):
         sp = sub.add_parser(name, help=helptext)
-        sp.add_argument("checkpoint", help="a checkpoint directory (output_dir/checkpoints/step-N)")
+        sp.add_argument("checkpoint", help="a checkpoint directory (output_dir/checkpoints/"
+                        "step-N), or a run's output_dir for its latest complete checkpoint")
         sp.add_argument("--out", required=True, help="output directory")
         sp.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
         if name == "merge":

@@ -107,6 +107,18 @@ def test_export_is_a_plain_peft_adapter(shared, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["exported"]  # no temp dir left beside it
 
 
+def test_export_of_a_run_dir_takes_its_latest_complete_checkpoint(shared, tmp_path):
+    run_dir = shared["path"].parent.parent
+    incomplete = run_dir / "checkpoints" / "step-9"  # newer, but never sealed
+    incomplete.mkdir()
+    try:
+        out = export(run_dir, tmp_path / "exported")
+    finally:
+        incomplete.rmdir()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["step"] == 3
+
+
 def test_export_critic_adapter_and_head(quantized, tmp_path):
     from peft import get_peft_model_state_dict
 
