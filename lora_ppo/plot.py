@@ -7,7 +7,9 @@ from pathlib import Path
 
 
 def plot_metrics(metrics_path: Path, out_png: Path, title: str = "PPO") -> Path:
-    """Two panels: objective/scores (and rlhf_reward) and objective/kl per update."""
+    """Panels per update: the reward source's raw score (only when clipping, normalisation or
+    the EOS penalty changed it), the score PPO trained on with and without the KL penalty, and
+    the KL to the reference."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
@@ -15,10 +17,16 @@ def plot_metrics(metrics_path: Path, out_png: Path, title: str = "PPO") -> Path:
 
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
     steps = [r["step"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    shaped = any(r["objective/raw_scores"] != r["objective/scores"] for r in rows)
+    fig, axes = plt.subplots(1, 2 + shaped, figsize=(5 * (2 + shaped), 3.6))
+    if shaped:
+        axes[0].plot(steps, [r["objective/raw_scores"] for r in rows], color="tab:green")
+        axes[0].set(xlabel="update", ylabel="mean per sample", title="raw score (reward source)")
+    ax1, ax2 = axes[-2:]
     ax1.plot(steps, [r["objective/scores"] for r in rows], label="score")
     ax1.plot(steps, [r["objective/rlhf_reward"] for r in rows], label="score - KL penalty")
-    ax1.set(xlabel="update", ylabel="mean per sample", title="reward")
+    ax1.set(xlabel="update", ylabel="mean per sample",
+            title="reward (after clip/normalise/EOS penalty)" if shaped else "reward")
     ax1.legend()
     ax2.plot(steps, [r["objective/kl"] for r in rows], color="tab:red")
     ax2.set(xlabel="update", ylabel="nats per sample", title="KL to the reference")
