@@ -1,0 +1,53 @@
+"""The launch scripts in scripts/: usage errors, and the whole RLHF chain under the real
+`deepspeed` launcher with two CPU ranks per stage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from helpers import REPO, clean_env
+from test_pipeline import _pipeline_yaml
+
+SCRIPTS = ("setup.sh", "launch.sh", "rlhf.sh")
+
+
+def _bash(*args: str, env: dict | None = None, timeout: int = 60):
+    return subprocess.run(["bash", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout, env={**clean_env(), **(env or {})})
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_parse(script):
+    res = _bash("-n", str(REPO / "scripts" / script))
+    assert res.returncode == 0, res.stderr
+
+
+def test_usage_errors_exit_2(tmp_path):
+    res = _bash("scripts/launch.sh")
+    assert res.returncode == 2 and "scripts/launch.sh train --config" in res.stderr
+    res = _bash("scripts/launch.sh", "pretrain", "--config", "x.yaml")
+    assert res.returncode == 2 and "unknown stage 'pretrain'" in res.stderr
+    res = _bash("scripts/launch.sh", "train", env={"HOSTFILE": str(tmp_path / "nope")})
+    assert res.returncode == 2 and "does not exist" in res.stderr
+    res = _bash("scripts/rlhf.sh", str(tmp_path / "missing.yaml"))
+    assert res.returncode == 2 and "config file not found" in res.stderr
+
+
+@pytest.mark.slow
+def test_rlhf_script_runs_every_stage_on_two_ranks(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    cfg = _pipeline_yaml(tmp_path / "cfg.yaml", tiny_model_dir, out)
+    res = _bash("scripts/rlhf.sh", str(cfg), env={"NUM_GPUS": "2", "MASTER_PORT": "29571"},
+                timeout=900)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-3000:]
+    assert log.count("exits successfully") == 3 * 2, log[-3000:]  # sft, reward, PPO x 2 ranks
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "reward_adapter" / "score_head.safetensors").is_file()
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert AutoModelForCausalLM.from_pretrained(out / "merged") is not None
