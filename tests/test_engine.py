@@ -239,7 +239,8 @@ def test_fill_ds_config_replaces_auto_and_adds_missing():
             out["train_batch_size"]) == (2, 4, 2 * 4 * 3)
     assert out["gradient_clipping"] == 1.0
     assert out["bf16"] == {"enabled": True} and out["fp16"] == {"enabled": False}
-    assert out["zero_optimization"] == {"stage": 2}
+    assert out["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 50000000,
+                                        "allgather_bucket_size": 50000000}  # kept as written
     # Missing keys are set too: DeepSpeed would otherwise default accumulation to 1.
     assert E.fill_ds_config({}, **FILL)["gradient_accumulation_steps"] == 4
     # Agreeing explicit values pass; max_grad_norm <= 0 is DeepSpeed's "no clipping" (0).
