@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from lora_ppo.atomic import check_sealed, fsync_path, remove_dir, replace_dir, seal, sha256_file
-from lora_ppo.config import Config, config_to_dict, load_config, save_config
+from lora_ppo.config import Config
+from lora_ppo.config_load import config_to_dict, load_config, save_config
 from lora_ppo.errors import UserError
 from lora_ppo.modeling.actor_critic import CRITIC, POLICY
 

@@ -57,7 +57,7 @@ def _config_path(value: str | None) -> str | None:
 
 
 def cmd_train(args) -> int:
-    from lora_ppo.config import load_config
+    from lora_ppo.config_load import load_config
     from lora_ppo.train import train
 
     cfg = load_config(_config_path(args.config), args.overrides)
@@ -67,7 +67,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_sft(args) -> int:
-    from lora_ppo.config import load_config
+    from lora_ppo.config_load import load_config
     from lora_ppo.sft import train_sft
 
     cfg = load_config(_config_path(args.config), args.overrides)
@@ -78,7 +78,7 @@ def cmd_sft(args) -> int:
 
 
 def cmd_train_reward(args) -> int:
-    from lora_ppo.config import load_config
+    from lora_ppo.config_load import load_config
     from lora_ppo.reward_model import train_reward
 
     cfg = load_config(_config_path(args.config), args.overrides)
@@ -89,7 +89,7 @@ def cmd_train_reward(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from lora_ppo.config import load_config
+    from lora_ppo.config_load import load_config
     from lora_ppo.demo import run_demo
 
     run_demo(load_config(PRESETS / "demo.yaml", args.overrides))
@@ -126,7 +126,7 @@ def cmd_estimate(args) -> int:
     import json
 
     from lora_ppo import estimate as est
-    from lora_ppo.config import load_config
+    from lora_ppo.config_load import load_config
 
     cfg = load_config(_config_path(args.config), args.overrides)
     arch = est.read_arch(cfg.model.path)

@@ -3,10 +3,25 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import typing
 
-from lora_ppo.config import Config, _type_name, field_docs
+from lora_ppo.config import Config
+from lora_ppo.config_load import type_name
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a config dataclass, by field name."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(nxt.value.value)  # type: ignore[union-attr]
+    return docs
 
 
 def _default(f: dataclasses.Field) -> str:
@@ -34,7 +49,7 @@ def config_reference() -> str:
         for f in fields:
             name = f.name if title == "top level" else f"{title}.{f.name}"
             doc = docs.get(f.name, "").replace("\n", " ").replace("|", "\\|")
-            tp = _type_name(sub_hints[f.name]).replace("|", "\\|")
+            tp = type_name(sub_hints[f.name]).replace("|", "\\|")
             lines.append(f"| `{name}` | {tp} | `{_default(f)}` | {doc} |")
         lines.append("")
     return "\n".join(lines)

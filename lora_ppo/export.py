@@ -35,7 +35,7 @@ from lora_ppo.checkpoint import (
     check_base,
     open_checkpoint,
 )
-from lora_ppo.config import config_to_dict
+from lora_ppo.config_load import config_to_dict
 from lora_ppo.errors import UserError
 from lora_ppo.modeling.loading import DTYPES, default_device, resolve_model_path
 

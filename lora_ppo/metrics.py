@@ -49,7 +49,7 @@ class MetricsLogger:
                 print("logging.wandb=true but wandb is not installed; skipping W&B",
                       file=sys.stderr)
             else:
-                from lora_ppo.config import config_to_dict
+                from lora_ppo.config_load import config_to_dict
 
                 self.wandb = wandb.init(project=cfg.logging.wandb_project,
                                         config=config_to_dict(cfg), dir=str(output_dir))

@@ -25,7 +25,8 @@ from typing import Any, Optional
 import torch
 
 from lora_ppo import engine as ds
-from lora_ppo.config import Config, config_to_dict, save_config
+from lora_ppo.config import Config
+from lora_ppo.config_load import config_to_dict, save_config
 from lora_ppo.errors import UserError
 from lora_ppo.metrics import MetricsLogger, peak_memory_mib
 

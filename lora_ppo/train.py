@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from lora_ppo import engine as ds
-from lora_ppo.config import Config, save_config
+from lora_ppo.config import Config
+from lora_ppo.config_load import save_config
 from lora_ppo.data import PromptSampler, apply_chat_template, load_prompts, split_eval
 from lora_ppo.metrics import MetricsLogger, peak_memory_mib
 from lora_ppo.modeling.actor_critic import ActorCritic, build_actor_critic

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from lora_ppo.cli import _quiet
-from lora_ppo.config import load_config
+from lora_ppo.config_load import load_config
 from lora_ppo.train import train
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_ppo import checkpoint as ckpt
 from lora_ppo.atomic import atomic_output_dir
-from lora_ppo.config import config_to_dict
+from lora_ppo.config_load import config_to_dict
 from lora_ppo.errors import UserError
 
 REWARD = (

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from helpers import run_cli, write_yaml
 
-from lora_ppo.config import Config, field_docs, load_config, parse_overrides
+from lora_ppo.config import Config
+from lora_ppo.config_load import load_config, parse_overrides
+from lora_ppo.docs_gen import field_docs
 from lora_ppo.errors import UserError
 
 

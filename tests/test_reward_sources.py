@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import make_adapter_dir, tiny_config
 
-from lora_ppo.config import load_config
+from lora_ppo.config_load import load_config
 from lora_ppo.errors import UserError
 from lora_ppo.modeling.actor_critic import build_actor_critic
 from lora_ppo.modeling.loading import load_base_model, load_tokenizer

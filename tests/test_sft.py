@@ -203,7 +203,7 @@ def test_sft_on_a_4bit_base_lowers_the_loss(tok, tiny_model_dir, tmp_path):
     (["sft.lr_schedule=step"], "sft.lr_schedule='step' is not one of"),
 ])
 def test_bad_stage_config_fails_at_load_time(overrides, expected):
-    from lora_ppo.config import load_config
+    from lora_ppo.config_load import load_config
     from lora_ppo.errors import UserError
 
     with pytest.raises(UserError) as e:
