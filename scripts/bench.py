@@ -172,7 +172,7 @@ def prompts_file(path: Path, prompt_len: int, n: int = 64) -> Path:
 
 
 def make_config(p: dict, model: Path, out_dir: Path):
-    from lora_ppo.config import load_config
+    from lora_ppo.config_load import load_config
 
     o = [f"model.path={model}", f"output_dir={out_dir}", f"quantization.mode={p['quant']}",
          f"value.mode={p['value_mode']}", f"model.gradient_checkpointing={p['grad_ckpt']}",
@@ -234,6 +234,7 @@ def one_update(run, meters) -> dict:
 def phase_flops(run, arch, shapes: dict) -> dict:
     """Model FLOPs per phase (generation per chunk of generation_batch_size, summed)."""
     from lora_ppo import estimate as est
+    from lora_ppo import flops
 
     cfg = run.cfg
     lora = est.lora_param_count(arch, cfg.lora.r, cfg.lora.target_modules)
@@ -241,11 +242,11 @@ def phase_flops(run, arch, shapes: dict) -> dict:
         shapes["prompt_len"], shapes["resp_len"]
     chunks = [min(gb, b - s) for s in range(0, b, gb)]
     adapter = cfg.value.mode == "adapter"
-    model, executed = est.update_flops(arch, b, q, r, lora, adapter, cfg.ppo.epochs,
-                                       cfg.model.gradient_checkpointing)
-    return {"generation": sum(est.generation_flops(arch, c, q, r, lora) for c in chunks),
-            "scoring": sum(est.scoring_flops(arch, c, q, r, lora, adapter,
-                                             bool(cfg.model.init_adapter)) for c in chunks),
+    model, executed = flops.update_flops(arch, b, q, r, lora, adapter, cfg.ppo.epochs,
+                                         cfg.model.gradient_checkpointing)
+    return {"generation": sum(flops.generation_flops(arch, c, q, r, lora) for c in chunks),
+            "scoring": sum(flops.scoring_flops(arch, c, q, r, lora, adapter,
+                                               bool(cfg.model.init_adapter)) for c in chunks),
             "update": model, "update_executed": executed}
 
 

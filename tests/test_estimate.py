@@ -8,7 +8,8 @@ import torch
 from helpers import run_cli, write_yaml
 
 from lora_ppo import estimate as est
-from lora_ppo.config import load_config
+from lora_ppo import flops
+from lora_ppo.config_load import load_config
 from lora_ppo.errors import UserError
 
 # A small Llama: head_dim 16/4 = 4, so q/o are 16 wide, k/v 2*4 = 8 wide.
@@ -139,7 +140,7 @@ def test_forward_flops_match_torch_flop_counter(tiny_model_dir):
         h = model.get_base_model().model(input_ids=ids).last_hidden_state
         model.get_base_model().lm_head(h[:, -rows:])
     lora = est.lora_param_count(arch, 4, ["all-linear"])
-    assert est.forward_flops(arch, B, T, lora_params=lora, logit_rows=B * rows) == \
+    assert flops.forward_flops(arch, B, T, lora_params=lora, logit_rows=B * rows) == \
         counter.get_total_flops()
 
 
@@ -149,11 +150,11 @@ def test_generation_and_update_flops_by_hand(small_dir):
     prefill = 2 * 4608 * 3 + 4 * 2 * 3 * 3 * 4 * 4 + 2 * 16 * 100
     # two more tokens, each one row through the linears and the head, attending to 4 and 5
     steps = sum(2 * 4608 + 2 * 16 * 100 + 4 * 2 * ctx * 4 * 4 for ctx in (4, 5))
-    assert est.generation_flops(arch, 1, 3, 3, lora_params=0) == prefill + steps
-    fwd = est.forward_flops(arch, 1, 5, lora_params=0, logit_rows=0)
+    assert flops.generation_flops(arch, 1, 3, 3, lora_params=0) == prefill + steps
+    fwd = flops.forward_flops(arch, 1, 5, lora_params=0, logit_rows=0)
     head = 2 * 16 * 100 * 2
     attn = 4 * 2 * 5 * 5 * 4 * 4
-    model, executed = est.update_flops(arch, 1, 3, 2, 0, False, epochs=1, grad_ckpt=True)
+    model, executed = flops.update_flops(arch, 1, 3, 2, 0, False, epochs=1, grad_ckpt=True)
     assert model == (fwd + head) + (fwd + attn + head)  # backward: input grads, attention 2x
     assert executed == model + head + fwd  # logits recomputed; checkpointing reruns the trunk
 
