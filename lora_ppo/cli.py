@@ -211,13 +211,18 @@ def main(argv: list[str] | None = None) -> int:
         args.resume = "latest"
     _quiet()
     try:
-        return args.fn(args)
+        code = args.fn(args)
     except UserError as e:
         print(f"lora-ppo: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("lora-ppo: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if "torch.distributed" in sys.modules:  # only commands that loaded torch can hold a group
+        from lora_ppo.engine import shutdown_distributed
+
+        code = shutdown_distributed(code)
+    return code
 
 
 if __name__ == "__main__":

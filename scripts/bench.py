@@ -512,7 +512,10 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
     except UserError as e:
         print(f"bench: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    from lora_ppo.engine import shutdown_distributed
+
+    sys.exit(shutdown_distributed(code))

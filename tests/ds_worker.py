@@ -8,6 +8,7 @@ import torch
 
 from lora_ppo.cli import _quiet
 from lora_ppo.config_load import load_config
+from lora_ppo.engine import shutdown_distributed
 from lora_ppo.train import train
 
 if __name__ == "__main__":
@@ -17,3 +18,4 @@ if __name__ == "__main__":
     weights = {n: p.detach().float().cpu() for n, p in run.ac.named_parameters() if p.requires_grad}
     torch.save({"weights": weights, "step": run.step, "world_size": run.dist.world_size},
                Path(args[1]) / f"rank{run.dist.rank}.pt")
+    shutdown_distributed()

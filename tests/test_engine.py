@@ -349,6 +349,7 @@ out = dict(rank=info.rank, local_rank=info.local_rank, world_size=info.world_siz
            backend=torch.distributed.get_backend(), weight=model.weight.tolist())
 with open(f"{sys.argv[-1]}/rank{info.rank}.json", "w") as f:  # argv: [--local_rank=N, dir]
     json.dump(out, f)
+E.shutdown_distributed()
 '''
 
 
