@@ -5,7 +5,9 @@
                           the positive review is preferred (Bradley-Terry)
     stage 2. PPO          4-bit base, LoRA policy, the reward adapter on the same base, ZeRO-2
     stage 3. merge        the policy adapter merged into the unquantized base, saved as
-                          safetensors that plain transformers loads
+                          safetensors that plain transformers loads; reviews sampled from it and
+                          from the base are compared with a sentiment lexicon (not the reward
+                          model), an independent check that the export carries what PPO learnt
 
 Nothing is downloaded: the model, tokenizer and data are generated locally.
 """
@@ -39,9 +41,33 @@ def summarize(metrics_path: Path, k: int = 5) -> dict:
             "kl_max": max(r["objective/kl"] for r in rows)}
 
 
+def sentiment_of_samples(model_dir: str, prompts: list[str], max_new_tokens: int,
+                         seed: int) -> float:
+    """Mean `positive_sentiment` (a word lexicon, not the reward model) of reviews sampled from a
+    model directory loaded with plain transformers: an independent check of the merged export."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_ppo.rewards_builtin import positive_sentiment
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    torch.manual_seed(seed)
+    completions = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tok(prompt, return_tensors="pt").input_ids
+            out = model.generate(ids, do_sample=True, top_k=0, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tok.pad_token_id)
+            completions.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    scores = positive_sentiment(prompts=prompts, completions=completions)
+    return sum(scores) / len(scores)
+
+
 def run_demo(cfg: Config) -> dict:
     """Run the pipeline; returns a summary (also written to <output_dir>/demo_summary.json)."""
     from lora_ppo import checkpoint as ckpt
+    from lora_ppo.corpus import review_prompts
     from lora_ppo.export import merge
     from lora_ppo.modeling.loading import resolve_model_path
     from lora_ppo.reward_model import train_reward
@@ -67,7 +93,10 @@ def run_demo(cfg: Config) -> dict:
     _say("stage 3/3: merge the policy into the unquantized base")
     last = ckpt.find(out, "latest")
     report = merge(last, out / "merged", dtype="fp32", force=True)
-    summary = {**summarize(out / "metrics.jsonl"),
+    prompts = review_prompts(48, seed=cfg.seed + 1)
+    lexicon = {name: sentiment_of_samples(d, prompts, cfg.rollout.max_new_tokens, cfg.seed)
+               for name, d in (("base", run.model_path), ("merged", str(out / "merged")))}
+    summary = {**summarize(out / "metrics.jsonl"), "lexicon_sentiment": lexicon,
                "seconds": {"model": round(t_model, 1), "reward": round(t_reward, 1),
                            "ppo": round(t_ppo, 1), "total": round(time.perf_counter() - t0, 1)},
                "merge_max_logit_diff": report.max_logit_diff,
@@ -80,6 +109,8 @@ def run_demo(cfg: Config) -> dict:
         _say(f"mean reward-model score {summary['score_first']:.3f} -> "
              f"{summary['score_last']:.3f} (first vs last {summary['window']} updates), KL to "
              f"the reference {summary['kl_last']:.2f} nats; took {summary['seconds']['total']:.0f} s")
+        _say(f"merged model, loaded with plain transformers: lexicon sentiment of 48 sampled "
+             f"reviews {lexicon['base']:.2f} (base) -> {lexicon['merged']:.2f}")
         _say(f"outputs: {out}/metrics.jsonl, {out}/tensorboard, {out}/metrics.png, "
              f"{out}/merged (AutoModelForCausalLM.from_pretrained loads it)")
     return summary
