@@ -164,7 +164,11 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if not path.is_dir():
         raise UserError(f"checkpoint {path} does not exist; give a checkpoints/step-<N> directory")
     if not (path / COMPLETE).exists() and (path / "checkpoints").is_dir():
-        path = find(path, "latest")
+        found = complete_checkpoints(path / "checkpoints")
+        if not found:
+            raise UserError(f"{path} is a run directory without a complete checkpoint; give a "
+                            "checkpoints/step-<N> directory, or train until one is written")
+        path = found[-1][1]
     verify(path)
     state = json.loads((path / STATE).read_text())
     if state.get("format") != FORMAT:

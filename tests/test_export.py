@@ -118,6 +118,12 @@ def test_export_of_a_run_dir_takes_its_latest_complete_checkpoint(shared, tmp_pa
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["step"] == 3
 
+    empty_run = tmp_path / "empty_run"
+    (empty_run / "checkpoints" / "step-1").mkdir(parents=True)  # never sealed
+    with pytest.raises(UserError, match="run directory without a complete checkpoint"):
+        export(empty_run, tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
+
 
 def test_export_critic_adapter_and_head(quantized, tmp_path):
     from peft import get_peft_model_state_dict
