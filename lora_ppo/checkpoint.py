@@ -36,6 +36,7 @@ import logging
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -267,39 +268,53 @@ def _prune(root: Path, step: int, keep: int) -> None:
         remove_dir(d)
 
 
-def save(run) -> Path:
-    """Write `<output_dir>/checkpoints/step-<run.step>` atomically; call on every rank.
+def write_checkpoint(root: Path, step: int, keep: int, dist, engine, rank_state: dict,
+                     write_weights: Callable[[Path], None],
+                     write_state: Callable[[Path], None]) -> Path:
+    """Write `root/step-<step>` atomically; call on every rank. PPO (`save`) and the SFT and
+    reward stages (stage_common.save_checkpoint) share this protocol:
 
-    engine.save_checkpoint and the ZeRO-3 gather are collective; rank 0 writes the adapters,
-    state and config; each rank writes its own RNG file; rank 0 then seals and renames.
+    rank 0 makes `root/.step-<step>.tmp`; every rank saves its DeepSpeed partition (collective,
+    without the frozen base); rank 0 writes the weights inside the ZeRO-3 gather
+    (`write_weights`); each rank writes `rank_state` to rank-<k>.pt; rank 0 writes state and
+    config (`write_state`), seals the directory (COMPLETE: sizes and sha256 of every file),
+    renames it into place and prunes to `keep`. A crash at any point leaves the previous
+    checkpoint the newest complete one.
     """
     from lora_ppo import engine as ds
 
-    root = run.output_dir / "checkpoints"
-    final, tmp = root / f"step-{run.step}", root / f".step-{run.step}.tmp"
-    rank0 = run.dist.rank == 0
+    final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
+    rank0 = dist.rank == 0
     if rank0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    run.engine.save_checkpoint(str(tmp / ENGINE_DIR), tag=ENGINE_TAG,
-                               exclude_frozen_parameters=True)
-    with ds.gathered_params(run.engine):
+    engine.save_checkpoint(str(tmp / ENGINE_DIR), tag=ENGINE_TAG, exclude_frozen_parameters=True)
+    with ds.gathered_params(engine):
         if rank0:
-            save_adapters(run.ac, tmp)
-    rank_file = tmp / f"rank-{run.dist.rank}.pt"
-    torch.save({"rng": _rng_state(run.generator), "moments": run.moments.state_dict()}, rank_file)
+            write_weights(tmp)
+    rank_file = tmp / f"rank-{dist.rank}.pt"
+    torch.save(rank_state, rank_file)
     fsync_path(rank_file)
     if rank0:
-        _write_state(run, tmp)
+        write_state(tmp)
     _barrier()
     if rank0:
         seal(tmp, COMPLETE)
         replace_dir(tmp, final)  # fsyncs every file, then renames
-        _prune(root, run.step, run.cfg.checkpoint.keep)
+        _prune(root, step, keep)
     _barrier()
     return final
+
+
+def save(run) -> Path:
+    """`<output_dir>/checkpoints/step-<run.step>`: adapters and heads, the DeepSpeed state, RNG
+    and reward moments per rank, state.json and config.yaml (write_checkpoint)."""
+    return write_checkpoint(
+        run.output_dir / "checkpoints", run.step, run.cfg.checkpoint.keep, run.dist, run.engine,
+        {"rng": _rng_state(run.generator), "moments": run.moments.state_dict()},
+        lambda d: save_adapters(run.ac, d), lambda d: _write_state(run, d))
 
 
 # -- loading ----------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -277,65 +276,26 @@ def write_peft_adapter(peft_model, out: Path) -> None:
 
 # -- checkpoints (the layout and guarantees of lora_ppo.checkpoint) -----------------------------
 
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _prune(root: Path, step: int, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints up to `step`; drop leftovers of interrupted
-    saves and checkpoints past `step` (a resumed run replaced that history)."""
-    from lora_ppo.atomic import remove_dir
-    from lora_ppo.checkpoint import complete_checkpoints
-
-    for d in root.iterdir():
-        if d.name.startswith(".step-"):
-            shutil.rmtree(d, ignore_errors=True)
-    complete = complete_checkpoints(root)
-    for s, d in complete:
-        if s > step:
-            remove_dir(d)
-    for _, d in [(s, d) for s, d in complete if s <= step][:-keep]:
-        remove_dir(d)
-
-
 def save_checkpoint(st: Stage, write_output: Callable[[Path], None]) -> Path:
     """`<run_dir>/checkpoints/step-N/`: the output adapter as it is now (`adapter/`), the
-    DeepSpeed state without the frozen base (`deepspeed/`), RNG per rank, state.json,
-    config.yaml, and COMPLETE (sizes and sha256 of the rest) last; written under a temp name and
-    renamed, as lora_ppo.checkpoint does for PPO."""
+    DeepSpeed state without the frozen base, RNG per rank, state.json and config.yaml, sealed
+    and renamed into place by the protocol PPO uses (checkpoint.write_checkpoint)."""
     from lora_ppo import checkpoint as ck
-    from lora_ppo.atomic import fsync_path, replace_dir, seal
 
-    root = st.run_dir / "checkpoints"
-    final, tmp = root / f"step-{st.step}", root / f".step-{st.step}.tmp"
-    rank0 = st.dist.rank == 0
-    if rank0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    _barrier()
-    st.engine.save_checkpoint(str(tmp / ck.ENGINE_DIR), tag=ck.ENGINE_TAG,
-                              exclude_frozen_parameters=True)
-    with ds.gathered_params(st.engine):
-        if rank0:
-            (tmp / "adapter").mkdir()
-            write_output(tmp / "adapter")
-    rank_file = tmp / f"rank-{st.dist.rank}.pt"
-    torch.save({"torch": torch.get_rng_state()}, rank_file)  # LoRA dropout draws from it
-    fsync_path(rank_file)
-    if rank0:
-        state = {"format": ck.FORMAT, "stage": st.name, "step": st.step,
-                 "world_size": st.dist.world_size, "base": ck.base_fingerprint(st.model_path)}
-        (tmp / ck.STATE).write_text(json.dumps(state, indent=1))
+    def weights(tmp: Path) -> None:
+        (tmp / "adapter").mkdir()
+        write_output(tmp / "adapter")
+
+    def state(tmp: Path) -> None:
+        meta = {"format": ck.FORMAT, "stage": st.name, "step": st.step,
+                "world_size": st.dist.world_size, "base": ck.base_fingerprint(st.model_path)}
+        (tmp / ck.STATE).write_text(json.dumps(meta, indent=1))
         save_config(st.cfg, tmp / ck.CONFIG)
-    _barrier()
-    if rank0:
-        seal(tmp, ck.COMPLETE)
-        replace_dir(tmp, final)
-        _prune(root, st.step, st.cfg.checkpoint.keep)
-    _barrier()
-    return final
+
+    # LoRA dropout draws from torch's global generator: it is this stage's only RNG state.
+    return ck.write_checkpoint(st.run_dir / "checkpoints", st.step, st.cfg.checkpoint.keep,
+                               st.dist, st.engine, {"torch": torch.get_rng_state()}, weights,
+                               state)
 
 
 def load_checkpoint(st: Stage, resume: str) -> None:
