@@ -97,14 +97,14 @@ def shutdown_distributed(code: int = 0) -> int:
     and the launcher then reported the whole run as failed. Destroying the process group first
     was not enough (1 failure in ~15 runs of tests/test_engine.py's launcher test), so a rank of
     a multi-rank run leaves with os._exit after flushing its streams, skipping the static
-    destructors. A single process is left alone: in-process callers (tests) carry on.
+    destructors. A single process is left alone, its group too: in-process callers (tests, a
+    notebook) go on using it, and DeepSpeed keeps a reference to it.
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return code
-    multi = torch.distributed.get_world_size() > 1
-    torch.distributed.destroy_process_group()
-    if not multi:
+    if torch.distributed.get_world_size() == 1:
         return code
+    torch.distributed.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

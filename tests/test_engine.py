@@ -386,3 +386,15 @@ def test_deepspeed_launcher_two_ranks_average_gradients(tmp_path):
             assert out["backend"] == "gloo"
         torch.testing.assert_close(torch.tensor(out["weight"]), ref.weight.detach(),
                                    atol=1e-6, rtol=0)
+
+
+def test_cli_leaves_a_single_process_group_alone(capsys):
+    """shutdown_distributed ends only multi-rank runs: in one process, the group (which
+    DeepSpeed holds on to) must outlive a CLI command run in-process."""
+    from lora_ppo.cli import main
+
+    E.setup_distributed()
+    group = torch.distributed.group.WORLD
+    assert main(["estimate", "--config", "demo"]) == 0
+    assert torch.distributed.is_initialized() and torch.distributed.group.WORLD is group
+    assert E.shutdown_distributed(3) == 3 and torch.distributed.is_initialized()
