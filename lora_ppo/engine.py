@@ -46,7 +46,11 @@ from lora_ppo.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+# The repo's ds_configs/ (a checkout or an editable install); a wheel installs the same files
+# under <prefix>/share/lora_ppo/ds_configs (pyproject's data-files).
+DS_CONFIG_DIR = next((d for d in (Path(__file__).resolve().parents[1] / "ds_configs",
+                                  Path(sys.prefix) / "share" / "lora_ppo" / "ds_configs")
+                      if d.is_dir()), Path(__file__).resolve().parents[1] / "ds_configs")
 
 
 

@@ -1,0 +1,25 @@
+"""A non-editable install (`pip install .`) carries what the package reads at run time: the
+presets and the ds_configs (installed under <prefix>/share/lora_ppo/ds_configs)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from helpers import REPO
+
+from lora_ppo import engine as E
+
+
+@pytest.mark.slow
+def test_wheel_ships_presets_and_every_ds_config(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
+                          str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (wheel,) = tmp_path.glob("lora_ppo-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "lora_ppo/presets/demo.yaml" in names
+    shipped = {n.rsplit("/", 1)[1] for n in names if "/share/lora_ppo/ds_configs/" in n}
+    assert shipped == {p.name for p in E.DS_CONFIG_DIR.glob("*.json")}
