@@ -128,11 +128,14 @@ class RolloutConfig:
     max_new_tokens: int = 128
     """Most tokens generated per response."""
     temperature: float = 1.0
-    """Sampling temperature; log-probs are taken at the same temperature."""
+    """Sampling temperature; log-probs are taken at the same temperature. Responses are drawn
+    from exactly softmax(logits / temperature), whatever the checkpoint's generation_config.json
+    says (docs/ppo.md, "Sampling exactly the scored distribution")."""
     top_k: int = 0
-    """Sample from the k most likely tokens; 0 turns it off."""
+    """Must stay 0 (off). Top-k sampling is refused: PPO scores the full softmax, and the KL of a
+    truncated policy to the reference is infinite wherever their supports differ."""
     top_p: float = 1.0
-    """Nucleus sampling mass; 1.0 turns it off."""
+    """Must stay 1.0 (off), for the reason given under `top_k`."""
     stop_token_ids: list[int] = field(default_factory=list)
     """Token ids that end a response besides the tokenizer's EOS."""
     logprob_chunk_size: int = 1024
@@ -380,6 +383,14 @@ class Config:
                 f"ppo.minibatch_size={self.ppo.minibatch_size}: every minibatch must be full; "
                 "make it a multiple"
             )
+        for name, off in (("top_k", 0), ("top_p", 1.0)):
+            value = getattr(self.rollout, name)
+            if value != off:
+                raise UserError(
+                    f"rollout.{name}={value} is not supported: PPO scores the full softmax at the "
+                    "temperature, and a truncated policy's KL to the reference is infinite where "
+                    f"their supports differ; remove it (rollout.{name}={off}) and use "
+                    "rollout.temperature")
         if self.reward.source == "adapter" and not self.reward.adapter:
             raise UserError(
                 "reward.source=adapter needs reward.adapter=<dir of a reward adapter>; set it or use "

@@ -57,7 +57,8 @@ def sentiment_of_samples(model_dir: str, prompts: list[str], max_new_tokens: int
     with torch.no_grad():
         for prompt in prompts:
             ids = tok(prompt, return_tensors="pt").input_ids
-            out = model.generate(ids, do_sample=True, top_k=0, max_new_tokens=max_new_tokens,
+            out = model.generate(ids, do_sample=True, top_k=0, top_p=1.0,
+                                 max_new_tokens=max_new_tokens,
                                  pad_token_id=tok.pad_token_id)
             completions.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     scores = positive_sentiment(prompts=prompts, completions=completions)

@@ -150,6 +150,43 @@ def setup_distributed() -> DistInfo:
                     device)
 
 
+def world_size() -> int:
+    """Ranks in the process group (1 without one)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    return torch.distributed.get_world_size()
+
+
+def _collective_device() -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo takes CPU tensors.
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Sum of each value over ranks, in float64 (the values themselves with one rank)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def all_mean(values: list[float]) -> list[float]:
+    """Mean of each value over ranks (the values themselves with one rank)."""
+    return [v / world_size() for v in all_sum(values)]
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenation over ranks of a (B, ...) tensor of the same shape on every rank."""
+    if world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def resolve_ds_config(name_or_path: str) -> Path:
     """"zero2" -> <repo>/ds_configs/zero2.json; an existing .json path is returned as is."""
     path = Path(name_or_path)

@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_ppo.config import Config
+from lora_ppo.engine import all_sum
 from lora_ppo.errors import UserError
 from lora_ppo.modeling.actor_critic import REWARD_HEAD_FILE, ScalarHead, position_ids_from_mask
 from lora_ppo.rl.rewards import last_token_index
 from lora_ppo.stage_common import (
-    all_sum,
     attach_lora,
     encode_pair,
     fit,
@@ -122,10 +122,9 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def pair_scores(model: RewardModel, pairs: list[Pair], pad_id: int
+def pair_scores(model, pairs: list[Pair], pad_id: int, device: torch.device
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_chosen (B,), r_rejected (B,))."""
-    device = model.head.linear.weight.device
+    """(r_chosen (B,), r_rejected (B,)); `model` is the RewardModel or, to train, its engine."""
     ids, mask = collate_pairs(pairs, pad_id)
     r = model(ids.to(device), mask.to(device))
     return r[:len(pairs)], r[len(pairs):]
@@ -182,7 +181,8 @@ def train_reward(cfg: Config, resume: Optional[str] = None) -> Path:
         sums = [0.0] * 7
         for s in range(0, len(idx), micro):
             pairs = [train[i] for i in idx[s:s + micro]]
-            rc, rr = pair_scores(model, pairs, tok.pad_token_id)
+            # Through the engine: ZeRO-3 counts its micro-steps in engine.forward (update.py).
+            rc, rr = pair_scores(st.engine, pairs, tok.pad_token_id, st.dist.device)
             margin = torch.tensor([p.margin for p in pairs], device=rc.device)
             losses = bradley_terry_loss(rc, rr, margin)
             st.engine.backward(losses.mean())  # DeepSpeed divides by the accumulation steps
@@ -199,7 +199,7 @@ def train_reward(cfg: Config, resume: Optional[str] = None) -> Path:
         sums = [0.0] * 7
         for s in range(0, len(shard), micro):
             pairs = shard[s:s + micro]
-            rc, rr = pair_scores(model, pairs, tok.pad_token_id)
+            rc, rr = pair_scores(model, pairs, tok.pad_token_id, st.dist.device)
             margin = torch.tensor([p.margin for p in pairs], device=rc.device)
             sums = [a + b for a, b in zip(sums, stat_sums(rc, rr, bradley_terry_loss(rc, rr,
                                                                                       margin)))]

@@ -27,11 +27,11 @@ from typing import NamedTuple, Optional
 import torch
 
 from lora_ppo.config import Config
+from lora_ppo.engine import all_sum
 from lora_ppo.errors import UserError
 from lora_ppo.modeling.actor_critic import position_ids_from_mask
 from lora_ppo.rl.logprobs import logprobs_and_entropy_from_hidden
 from lora_ppo.stage_common import (
-    all_sum,
     attach_lora,
     encode_pair,
     fit,
@@ -155,6 +155,19 @@ def sft_loss_sums(peft_model, batch: Batch, chunk_size: int) -> tuple[torch.Tens
     return -(logprobs * m).sum(), m.sum()
 
 
+class SFTModel(torch.nn.Module):
+    """The peft model whose forward is `sft_loss_sums` of a batch: what the DeepSpeed engine
+    wraps, so every training forward goes through `engine(...)` (ZeRO-3 counts its micro-steps
+    there; see lora_ppo/update.py)."""
+
+    def __init__(self, peft_model: torch.nn.Module, chunk_size: int):
+        super().__init__()
+        self.peft_model, self.chunk_size = peft_model, chunk_size
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return sft_loss_sums(self.peft_model, batch, self.chunk_size)
+
+
 def pack(lengths: list[int], capacity: int) -> list[list[int]]:
     """Best-fit decreasing bin packing: indices of the examples in each row of `capacity`.
 
@@ -203,9 +216,9 @@ def train_sft(cfg: Config, resume: Optional[str] = None) -> Path:
         raise UserError(f"sft.packing needs sdpa or eager attention, the model uses {attn}; "
                         "set sft.packing=false")
     eager, dtype = attn == "eager", lm.get_input_embeddings().weight.dtype
-    start_training(st, peft_model, len(train), resume)
-    micro, accum = sec.micro_batch_size, sec.batch_size // sec.micro_batch_size
     chunk = cfg.rollout.logprob_chunk_size
+    start_training(st, SFTModel(peft_model, chunk), len(train), resume)
+    micro, accum = sec.micro_batch_size, sec.batch_size // sec.micro_batch_size
 
     def batches(rows: list[list[Example]]):
         for s in range(0, len(rows), micro):
@@ -217,7 +230,7 @@ def train_sft(cfg: Config, resume: Optional[str] = None) -> Path:
         peft_model.train()
         loss_sum, n_tok = 0.0, 0.0
         for b in batches(rows):
-            s, n = sft_loss_sums(peft_model, b, chunk)
+            s, n = st.engine(b)
             # Token mean over the whole batch: DeepSpeed divides by accum again (update.py).
             st.engine.backward(s / (tokens / accum))
             st.engine.step()

@@ -203,15 +203,6 @@ def start_training(st: Stage, module: torch.nn.Module, n_train: int,
 
 # -- the loop ---------------------------------------------------------------------------------
 
-def all_sum(values: list[float]) -> list[float]:
-    """Sum of each value over ranks (identity with one rank)."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The shuffled row order of one epoch; depends only on (seed, epoch), so a resumed run
     continues with the same batches."""

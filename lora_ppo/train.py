@@ -104,24 +104,6 @@ def setup(cfg: Config) -> Run:
                model_path=model_path)
 
 
-def dist_mean(values: list[float]) -> list[float]:
-    """Mean of each value over ranks (identity with one rank)."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return (t / torch.distributed.get_world_size()).tolist()
-
-
-def gather_all(t: torch.Tensor) -> torch.Tensor:
-    """Concatenation over ranks of a (B,) tensor (itself with one rank)."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
 def decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
     return [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
             for row, m in zip(ids.cpu(), mask.cpu())]
@@ -135,7 +117,7 @@ def collect_rollout(run: Run, prompts: list[str], greedy: bool = False) -> Rollo
     synced = run.dist.world_size > 1 and ds.zero_stage(run.engine.config) == 3
     with ds.gathered_params(run.engine):
         q, qm, r, rm, has_eos = generate(run.ac, run.tokenizer, prompt_ids, cfg.rollout,
-                                         greedy=greedy, synced_gpus=synced)
+                                         greedy=greedy, synced=synced)
     return score_rollout(run.ac, q, qm, r, rm, has_eos, temperature=cfg.rollout.temperature,
                          chunk_size=cfg.rollout.logprob_chunk_size,
                          batch_size=cfg.rollout.generation_batch_size)
@@ -160,7 +142,7 @@ def add_rewards(run: Run, ro: Rollout, raw_scores: torch.Tensor) -> Rollout:
                           clip=rc.clip)
     if rc.normalize:
         # Every rank updates its moments with the scores of all ranks, so they stay identical.
-        run.moments.update(gather_all(scores))
+        run.moments.update(ds.all_gather_cat(scores))
         scores = run.moments.normalize(scores)
     ro.raw_scores, ro.scores = raw_scores, scores
     ro.rewards, ro.kl = compute_rewards(scores, ro.logprobs, ro.ref_logprobs, ro.response_mask,
@@ -203,7 +185,7 @@ def update_metrics(run: Run, ro: Rollout, stats: PPOStats, t_rollout: float, t_u
     for kind, part in getattr(run.reward, "components", {}).items():  # several reward sources
         local[f"objective/score_{kind}"] = part.float().mean().item()
     names = list(local)
-    row = dict(zip(names, dist_mean([local[k] for k in names])))
+    row = dict(zip(names, ds.all_mean([local[k] for k in names])))
     tokens = (mask.sum() + ro.query_mask.sum()).item() * run.dist.world_size
     row.update({
         "step": run.step, "episode": run.episode, "lr": run.engine.get_lr()[0],
@@ -220,7 +202,7 @@ def evaluate(run: Run, logger: MetricsLogger) -> dict:
     for mode in ("greedy", "sampled"):
         ro = collect_rollout(run, run.eval_prompts, greedy=(mode == "greedy"))
         scores, completions = score(run, run.eval_prompts, ro)
-        out[f"eval/score_{mode}"] = dist_mean([scores.mean().item()])[0]
+        out[f"eval/score_{mode}"] = ds.all_mean([scores.mean().item()])[0]
         n = run.cfg.logging.num_samples
         logger.text(f"eval/{mode}", [f"{p!r} -> {c!r} (score {s:.3f})" for p, c, s in
                                      zip(run.eval_prompts[:n], completions[:n], scores.tolist())],

@@ -216,7 +216,7 @@ def one_update(run, meters) -> dict:
         prompt_ids = tokenize_prompts(run.tokenizer, prompts, cfg.model.max_prompt_length)
         with ds.gathered_params(run.engine):
             q, qm, r, rm, has_eos = generate(run.ac, run.tokenizer, prompt_ids, cfg.rollout,
-                                             synced_gpus=synced)
+                                             synced=synced)
     with meters["scoring"]:
         ro = score_rollout(run.ac, q, qm, r, rm, has_eos, temperature=cfg.rollout.temperature,
                            chunk_size=cfg.rollout.logprob_chunk_size,

@@ -33,3 +33,22 @@ def wide_model_dir(tmp_path_factory) -> Path:
 
     return build_tiny_model(tmp_path_factory.mktemp("wide") / "model", hidden_size=256,
                             intermediate_size=512, num_heads=4, num_kv_heads=4)
+
+
+@pytest.fixture(scope="session")
+def peaked_model_dir(tmp_path_factory) -> Path:
+    """The tiny model with its LM head scaled by 10. With transformers' 0.02-std init every logit
+    of the tiny model is within ~0.2 of 0 (a near-uniform next-token distribution that LoRA on
+    the trunk can barely move); scaled, the distribution is peaked and a reward on which tokens
+    are sampled is learnable in a few updates."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lora_ppo.tiny import build_tiny_model
+
+    out = build_tiny_model(tmp_path_factory.mktemp("peaked") / "model")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)
+    model.save_pretrained(out)
+    return out

@@ -13,6 +13,15 @@ REPO = Path(__file__).resolve().parents[1]
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a launcher's --master_port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def clean_env() -> dict:
     """This environment without the rendezvous variables that an in-process test run of
     setup_distributed() left behind (a child would try to join this process's group)."""
@@ -35,9 +44,11 @@ def write_yaml(path: Path, data: dict) -> Path:
     return path
 
 
-def make_adapter_dir(model_dir: Path, out: Path, seed: int, head: bool = False) -> Path:
+def make_adapter_dir(model_dir: Path, out: Path, seed: int, head: bool = False,
+                     dropout: float = 0.0) -> Path:
     """A real PEFT LoRA adapter (random B, so it changes the model) saved with save_pretrained,
-    plus a score head when `head` (the layout of a reward adapter)."""
+    plus a score head when `head` (the layout of a reward adapter). `dropout` is the
+    lora_dropout written into its adapter_config.json, as SFT recipes often leave it."""
     import torch
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
@@ -45,7 +56,8 @@ def make_adapter_dir(model_dir: Path, out: Path, seed: int, head: bool = False) 
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                                 target_modules="all-linear"))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:

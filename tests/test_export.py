@@ -38,7 +38,6 @@ def _trained_checkpoint(model_dir: Path, out: Path, *overrides: str) -> dict:
     """A real Run (DeepSpeed engine, ZeRO-0) whose trainable weights are moved off their init
     (LoRA B starts at 0, which would make every adapter a no-op), saved as step 3; plus the
     toolkit's own log-probs and values on fixed sequences, computed from the live model."""
-    from lora_ppo.rollout import policy_outputs
     from lora_ppo.train import setup
 
     run = setup(tiny_config(model_dir, out, *overrides))
@@ -50,9 +49,8 @@ def _trained_checkpoint(model_dir: Path, out: Path, *overrides: str) -> dict:
     response = torch.randint(3, 400, (2, 4), generator=gen)
     run.ac.eval()
     with torch.no_grad():
-        logprobs, _, values = policy_outputs(
-            run.ac, query, torch.ones_like(query), response, torch.ones(2, 4), temperature=1.0,
-            chunk_size=64)
+        logprobs, _, values = run.ac(query, torch.ones_like(query), response, torch.ones(2, 4),
+                                     temperature=1.0, chunk_size=64)
     run.step, run.episode = 3, 24
     return {"path": ckpt.save(run), "run": run, "ids": torch.cat([query, response], 1),
             "logprobs": logprobs, "values": values}

@@ -52,7 +52,6 @@ def _reference_and_sft_logprobs(cfg, model_dir):
 
     from lora_ppo.modeling.actor_critic import REFERENCE, build_actor_critic
     from lora_ppo.modeling.loading import load_base_model, load_tokenizer
-    from lora_ppo.rollout import policy_outputs
 
     tok = load_tokenizer(cfg.model, str(model_dir))
     q = tok(["review of the diner :", "my review of the movie :"], padding=True,
@@ -62,7 +61,7 @@ def _reference_and_sft_logprobs(cfg, model_dir):
     batch = (q["input_ids"], q["attention_mask"], r["input_ids"], r["attention_mask"].float())
     ac = build_actor_critic(cfg, load_base_model(cfg, str(model_dir), CPU))
     with torch.no_grad():
-        ref, _, _ = policy_outputs(ac, *batch, temperature=1.0, chunk_size=64,
+        ref, _, _ = ac(*batch, temperature=1.0, chunk_size=64,
                                    with_values=False, role=REFERENCE)
         out = {"reference": ref * batch[3]}
         base = AutoModelForCausalLM.from_pretrained(model_dir).eval()

@@ -9,7 +9,7 @@ from helpers import tiny_config
 from lora_ppo.modeling.loading import is_gradient_checkpointing
 from lora_ppo.reward_sources import FunctionReward, RewardError, load_function
 from lora_ppo.rl.masked import masked_mean
-from lora_ppo.rollout import left_pad, policy_outputs, truncate_after_stop
+from lora_ppo.rollout import left_pad, truncate_after_stop
 from lora_ppo.train import add_advantages, add_rewards, collect_rollout, score, setup
 from lora_ppo.update import micro_batch_loss
 
@@ -69,14 +69,14 @@ def test_first_update_sees_ratio_one_and_zero_kl(run):
     assert ro.kl.abs().max().item() < 1e-5
     run.ac.train()
     mb = ro.index(torch.arange(4))
-    lp, _, values = policy_outputs(run.ac, mb.query_ids, mb.query_mask, mb.response_ids,
+    lp, _, values = run.ac(mb.query_ids, mb.query_mask, mb.response_ids,
                                    mb.response_mask, temperature=1.0, chunk_size=7)
     m = mb.response_mask
     assert ((lp - mb.logprobs) * m).abs().max().item() < 1e-5
     assert ((values - mb.values) * m).abs().max().item() < 1e-5
-    _, stats = micro_batch_loss(run.engine, run.ac, mb, run.cfg.ppo, run.cfg.rollout, 1.0)
-    assert abs(stats[6].item() - 1.0) < 1e-5  # ratio
-    assert stats[3].item() < 1e-6 and stats[4].item() == 0.0  # approx_kl, clipfrac
+    _, stats = micro_batch_loss(run.engine, mb, run.cfg.ppo, run.cfg.rollout, 1.0)
+    assert abs(stats.ratio / stats.tokens - 1.0) < 1e-5  # sums over the micro-batch's tokens
+    assert stats.approx_kl / stats.tokens < 1e-6 and stats.clipfrac == 0.0
     # The score sits on the last real token: rewards sum to score - kl_coef * KL.
     torch.testing.assert_close((ro.rewards * m.new_ones(1)).sum(1)[:4],
                                ro.scores[:4] - run.kl_ctl.value * ro.kl[:4].sum(1))
@@ -84,13 +84,14 @@ def test_first_update_sees_ratio_one_and_zero_kl(run):
 
 
 def test_generation_hygiene_restores_model_state(run):
-    """Generation runs in eval mode with the KV cache on and checkpointing off, and everything
-    is restored afterwards, also from train mode with checkpointing on."""
+    """Generation runs in eval mode (so transformers' checkpointing, active only in training,
+    stays out of it) and feeds one new token per step after the prompt (the KV cache is used);
+    train mode and checkpointing are as before afterwards."""
     lm = run.ac.causal_lm
     seen = []
     hook = lm.get_decoder().register_forward_pre_hook(
-        lambda mod, args: seen.append((run.ac.training, is_gradient_checkpointing(lm),
-                                       lm.config.use_cache)))
+        lambda mod, args, kwargs: seen.append((run.ac.training, kwargs["input_ids"].shape[1])),
+        with_kwargs=True)
     run.ac.train()
     try:
         assert is_gradient_checkpointing(lm)
@@ -98,8 +99,9 @@ def test_generation_hygiene_restores_model_state(run):
     finally:
         hook.remove()
     generation_calls = seen[:-2]  # the last two forwards are the scoring passes
-    assert generation_calls and all(s == (False, False, True) for s in generation_calls), seen
-    assert run.ac.training and is_gradient_checkpointing(lm) and lm.config.use_cache is False
+    assert len(generation_calls) > 1 and all(not training for training, _ in generation_calls)
+    assert generation_calls[0][1] > 1 and all(n == 1 for _, n in generation_calls[1:]), seen
+    assert run.ac.training and is_gradient_checkpointing(lm)
 
 
 def test_reward_function_loading(reward_file):

@@ -68,13 +68,13 @@ def _finite(row):
 
 
 @pytest.mark.slow
-def test_it_learns_and_logs_every_metric(tiny_model_dir, tmp_path, reward_file):
+def test_it_learns_and_logs_every_metric(peaked_model_dir, tmp_path, reward_file):
     """A simple reward (share of tokens with id < 64) rises clearly within 30 updates while the
     KL to the reference stays finite and positive; every line has every metric, all finite."""
     out = tmp_path / "run"
     cfg = write_yaml(tmp_path / "cfg.yaml", {
         "output_dir": str(out), "seed": 0,
-        "model": {"path": str(tiny_model_dir), "gradient_checkpointing": False,
+        "model": {"path": str(peaked_model_dir), "gradient_checkpointing": False,
                   "max_prompt_length": 16},
         "quantization": {"mode": "none"}, "lora": {"r": 8, "alpha": 16},
         "reward": {"function": f"{reward_file}:low_ids"},

@@ -19,23 +19,39 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from lora_ppo.errors import UserError
+from lora_ppo.rl.logprobs import logprobs_and_entropy_from_hidden
 
 POLICY, REFERENCE, CRITIC, REWARD = "policy", "reference", "critic", "reward"
 REWARD_HEAD_FILE = "score_head.safetensors"
 
 
+class _FP32Linear(nn.Linear):
+    """nn.Linear that computes in fp32 whatever dtype its weights and input are in.
+
+    Under bf16/fp16 DeepSpeed casts every module parameter to the training dtype, the heads'
+    too (`DeepSpeedEngine._cast_module_mixed_precision`; their fp32 master copy lives in the
+    optimizer). The head still multiplies in fp32, so values and scores keep fp32 precision in
+    the sum over the hidden size. A Linear subclass, not a function of the weights in the parent's
+    forward, so ZeRO-3 gathers its partitioned weights around its own `__call__`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return nn.functional.linear(x.float(), self.weight.float(), bias)
+
+
 class ScalarHead(nn.Module):
-    """hidden (B, T, H) -> (B, T) in fp32, whatever the trunk's dtype (heads are kept in fp32)."""
+    """hidden (B, T, H) -> (B, T) float32, computed in fp32 whatever the trunk's dtype."""
 
     def __init__(self, hidden_size: int, init_std: float = 0.0):
         super().__init__()
-        self.linear = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        self.linear = _FP32Linear(hidden_size, 1, dtype=torch.float32)
         if init_std > 0:
             nn.init.normal_(self.linear.weight, std=init_std)
         else:
@@ -43,7 +59,15 @@ class ScalarHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+        return self.linear(hidden).squeeze(-1)
+
+
+class PolicyOutputs(NamedTuple):
+    """What one forward of the actor-critic gives for the response tokens."""
+
+    logprobs: torch.Tensor            # (B, R) float32, log pi(token) at the temperature
+    entropy: Optional[torch.Tensor]   # (B, R) float32, or None
+    values: Optional[torch.Tensor]    # (B, R) float32 V(state before token), or None
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -71,6 +95,7 @@ class ActorCritic(nn.Module):
         # set_adapter() in peft flips requires_grad of every adapter; we keep our own record of
         # what is trainable and restore it after each switch, so DeepSpeed's view never changes.
         self._trainable = {id(p): p.requires_grad for p in self.parameters()}
+        self._role = POLICY  # the role forwards run under now (see checkpoint_contexts)
 
     # -- structure ---------------------------------------------------------------------------
     @property
@@ -94,6 +119,12 @@ class ActorCritic(nn.Module):
             yield head
             return
         import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        if head.weight.ds_status == ZeroParamStatus.AVAILABLE:  # inside an outer gather
+            yield lambda h: torch.nn.functional.linear(h, head.weight.detach(), None if getattr(
+                head, "bias", None) is None else head.bias.detach())
+            return
 
         params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
         with deepspeed.zero.GatheredParameters(params):
@@ -118,31 +149,54 @@ class ActorCritic(nn.Module):
 
     # -- roles -------------------------------------------------------------------------------
     @contextlib.contextmanager
+    def _adapters_as(self, name: str) -> Iterator[None]:
+        """The adapter state of role `name` for the body (no mode change); restored after."""
+        prev_adapter, prev_role = self.peft_model.active_adapter, self._role
+        self._role = name
+        try:
+            if name == REFERENCE and not self.has_reference_adapter:
+                with self.peft_model.disable_adapter():
+                    yield
+                return
+            if name not in self.adapters():
+                raise ValueError(f"no adapter for role '{name}'; have {self.adapters()}")
+            if prev_adapter != name:
+                self._activate(name)
+            yield
+        finally:
+            # peft's set_adapter and disable_adapter both rewrite requires_grad; put ours back.
+            switched = self.peft_model.active_adapter != prev_adapter
+            if switched:
+                self.peft_model.set_adapter(prev_adapter)
+            if switched or name == REFERENCE:
+                self._restore_trainable()
+            self._role = prev_role
+
+    @contextlib.contextmanager
     def role(self, name: str, train: Optional[bool] = None) -> Iterator[ActorCritic]:
         """Make `name` the active role for the body; restore adapter and mode afterwards.
 
         `train` sets train/eval mode inside the body (None keeps it). The reference without an
         SFT adapter runs under peft's `disable_adapter()`, i.e. the plain base.
         """
-        prev_adapter = self.peft_model.active_adapter
         prev_training = self.training
         try:
             if train is not None:
                 self.train(train)
-            if name == REFERENCE and not self.has_reference_adapter:
-                with self.peft_model.disable_adapter():
-                    yield self
-                return
-            if name not in self.adapters():
-                raise ValueError(f"no adapter for role '{name}'; have {self.adapters()}")
-            self._activate(name)
-            yield self
+            with self._adapters_as(name):
+                yield self
         finally:
-            # peft's set_adapter and disable_adapter both rewrite requires_grad; put ours back.
-            if self.peft_model.active_adapter != prev_adapter:
-                self.peft_model.set_adapter(prev_adapter)
-            self._restore_trainable()
             self.train(prev_training)
+
+    def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, ...]:
+        """`context_fn` of torch.utils.checkpoint: recompute a block under the role it ran in.
+
+        With gradient checkpointing the backward re-runs each decoder layer's forward, after
+        `role()` has switched back to the policy: without this the critic's layers were
+        recomputed with the policy adapter, and its gradients went to the wrong weights.
+        Called at forward time, so the role captured is the one the forward ran under.
+        """
+        return contextlib.nullcontext(), self._adapters_as(self._role)
 
     # -- forwards ----------------------------------------------------------------------------
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -152,22 +206,47 @@ class ActorCritic(nn.Module):
                       position_ids=position_ids_from_mask(attention_mask), use_cache=False)
         return out.last_hidden_state
 
+    def forward(self, query_ids: torch.Tensor, query_mask: torch.Tensor,
+                response_ids: torch.Tensor, response_mask: torch.Tensor, *, temperature: float,
+                chunk_size: int, role: str = POLICY, with_values: bool = True,
+                with_entropy: bool = False) -> PolicyOutputs:
+        """Log-probs, entropy and values of the response tokens; query (B, Q), response (B, R).
+
+        The hidden state at position Q-1+t predicts response token t, so logits and values are
+        read from positions Q-1 .. Q+R-2 (values are V(state before token t), as in TRL). The
+        rollout's scoring and the update both call this (the update through `engine(...)`, so
+        DeepSpeed sees every training forward), so with no update in between the PPO ratio is
+        exactly 1. `role=REFERENCE` gives the reference log-probs (no values). Values come from
+        the policy trunk (value.mode=shared, same forward) or the critic adapter (adapter).
+        """
+        ids = torch.cat([query_ids, response_ids], 1)
+        mask = torch.cat([query_mask, response_mask.long()], 1)
+        q, r = query_ids.shape[1], response_ids.shape[1]
+        values = None
+        with self._adapters_as(role), self.output_head() as head:
+            h = self.hidden(ids, mask)[:, q - 1:q - 1 + r]  # (B, R, H): states predicting tokens
+            logprobs, entropy = logprobs_and_entropy_from_hidden(
+                h, head, response_ids, temperature=temperature, chunk_size=chunk_size,
+                with_entropy=with_entropy)
+            if with_values and role == POLICY and self.value_mode == "shared":
+                values = self.value_head(h)
+        if with_values and role == POLICY and self.value_mode == "adapter":
+            with self._adapters_as(CRITIC):
+                values = self.value_head(self.hidden(ids, mask)[:, q - 1:q - 1 + r])
+        return PolicyOutputs(logprobs, entropy, values)
+
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               last_index: torch.Tensor) -> torch.Tensor:
         """Reward-model score (B,) at position `last_index` (B,) (the last real token)."""
         if self.reward_head is None:
             raise UserError("reward.source=adapter but no reward adapter is loaded; set reward.adapter")
-        with self.role(REWARD):
+        with self._adapters_as(REWARD):
             h = self.hidden(input_ids, attention_mask)
         rows = torch.arange(h.shape[0], device=h.device)
         return self.reward_head(h[rows, last_index])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
-
-    @torch.no_grad()
-    def generate(self, **kwargs) -> torch.Tensor:
-        return self.peft_model.generate(**kwargs)
 
 
 def _lora_config(cfg, inference: bool = False):
@@ -204,6 +283,8 @@ def build_actor_critic(cfg, base: nn.Module) -> ActorCritic:
     """Attach the adapters of every role to `base` (already loaded, frozen)."""
     from peft import PeftModel, get_peft_model
 
+    from lora_ppo.modeling.loading import disable_dropout, set_gradient_checkpointing
+
     hidden_size = base.config.hidden_size
     device = next(base.parameters()).device
     if cfg.model.init_adapter:
@@ -226,6 +307,14 @@ def build_actor_critic(cfg, base: nn.Module) -> ActorCritic:
     # Trainable: the policy adapter and (adapter mode) the critic adapter; nothing else.
     for name, p in peft_model.named_parameters():
         p.requires_grad_(("lora_" in name) and (f".{POLICY}." in name or f".{CRITIC}." in name))
+    # PPO runs without dropout (lm-human-preferences; TRL's `disable_dropout_in_model`), also in
+    # adapters that were saved with lora_dropout > 0 (SFT recipes often are): the base's dropout
+    # was turned off at load time, before these adapters brought their own.
+    disable_dropout(peft_model)
     value_head = ScalarHead(hidden_size, cfg.value.head_init_std).to(device)
-    return ActorCritic(peft_model, cfg.value.mode, value_head, reward_head,
-                       has_reference_adapter=bool(cfg.model.init_adapter))
+    ac = ActorCritic(peft_model, cfg.value.mode, value_head, reward_head,
+                     has_reference_adapter=bool(cfg.model.init_adapter))
+    if cfg.model.gradient_checkpointing:
+        # Re-enabled with the role-aware recomputation (ActorCritic.checkpoint_contexts).
+        set_gradient_checkpointing(base, True, context_fn=ac.checkpoint_contexts)
+    return ac

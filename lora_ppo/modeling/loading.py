@@ -142,16 +142,26 @@ def keep_4bit_differentiable_on_cpu(model: torch.nn.Module) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
-def set_gradient_checkpointing(model: torch.nn.Module, on: bool) -> None:
-    """Turn activation checkpointing on (non-reentrant) or off on a transformers model."""
+def set_gradient_checkpointing(model: torch.nn.Module, on: bool, context_fn=None) -> None:
+    """Turn activation checkpointing on (non-reentrant) or off on a transformers model.
+
+    `context_fn` goes to torch.utils.checkpoint (the actor-critic passes one that recomputes
+    under the right adapter). transformers' enable also registers a forward hook on the input
+    embeddings (`enable_input_require_grads`) and keeps only the latest list of such hooks; the
+    old ones are removed first, so enabling twice never leaves a hook behind.
+    """
+    kwargs = {"use_reentrant": False}
+    if context_fn is not None:
+        kwargs["context_fn"] = context_fn
     with warnings.catch_warnings():
         # transformers 5 renamed gradient_* to activation_*; both names work until v6.
         warnings.filterwarnings("ignore", category=FutureWarning)
+        model.disable_input_require_grads()
         if on:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
-            # Lets gradients reach LoRA weights through checkpointed blocks of a frozen base.
-            model.enable_input_require_grads()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            if not getattr(model, "_require_grads_hooks", None):
+                # Lets gradients reach LoRA weights through checkpointed blocks of a frozen base.
+                model.enable_input_require_grads()
         else:
             model.gradient_checkpointing_disable()
 

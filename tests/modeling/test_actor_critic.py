@@ -8,7 +8,6 @@ from helpers import make_adapter_dir, tiny_config
 
 from lora_ppo.modeling.actor_critic import CRITIC, POLICY, REFERENCE, REWARD, build_actor_critic
 from lora_ppo.modeling.loading import load_base_model, load_tokenizer
-from lora_ppo.rollout import policy_outputs
 
 CPU = torch.device("cpu")
 
@@ -36,7 +35,7 @@ def _batch(tiny_model_dir):
 
 def _logprobs(ac, batch, role=POLICY):
     with torch.no_grad():
-        lp, _, _ = policy_outputs(ac, *batch, temperature=1.0, chunk_size=64, with_values=False,
+        lp, _, _ = ac(*batch, temperature=1.0, chunk_size=64, with_values=False,
                                   role=role)
     return lp * batch[3]
 
@@ -140,7 +139,7 @@ def test_quantized_base_trains_only_the_policy_adapter(wide_model_dir, tmp_path,
     batch = _batch(wide_model_dir)
     opt = torch.optim.AdamW(ac.trainable_parameters(), lr=1e-2, weight_decay=0.0)
     ac.train()
-    lp, _, _ = policy_outputs(ac, *batch, temperature=1.0, chunk_size=64, with_values=False)
+    lp, _, _ = ac(*batch, temperature=1.0, chunk_size=64, with_values=False)
     (-(lp * batch[3]).sum()).backward()
     opt.step()
     changed = {n for n, p in ac.named_parameters() if not torch.equal(p.detach(), before[n])}
@@ -174,7 +173,7 @@ def test_4bit_gradients_are_the_same_after_a_no_grad_rollout_pass(wide_model_dir
     def grads():
         ac.zero_grad(set_to_none=True)
         ac.train()
-        lp, _, _ = policy_outputs(ac, *batch, temperature=1.0, chunk_size=64, with_values=False)
+        lp, _, _ = ac(*batch, temperature=1.0, chunk_size=64, with_values=False)
         (-(lp * batch[3]).sum()).backward()
         return {n: p.grad.clone() for n, p in ac.named_parameters() if p.grad is not None}
 

@@ -74,8 +74,10 @@ def test_hidden_version_values_and_grads_match_naive(temperature):
 
     torch.testing.assert_close(lp, lp_ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(ent, ent_ref, atol=1e-5, rtol=0)
+    # The head's weight gradient sums 15 rows of randn-sized products (|grad| up to ~50): fp32
+    # summation order alone moves it by ~1e-5 between the chunked and the naive computation.
     for got, ref in zip(grads, grads_ref):
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
 
 
 def test_hidden_version_without_entropy_and_without_grad():
