@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lora_ppo.errors import UserError
 
-PRESETS = Path(__file__).resolve().parent / "presets"
+PRESETS = Path(__file__).resolve().parent / "builtin" / "presets"
 
 
 def _quiet() -> None:
@@ -57,8 +57,8 @@ def _config_path(value: str | None) -> str | None:
 
 
 def cmd_train(args) -> int:
-    from lora_ppo.config_load import load_config
-    from lora_ppo.train import train
+    from lora_ppo.config.load import load_config
+    from lora_ppo.ppo.loop import train
 
     cfg = load_config(_config_path(args.config), args.overrides)
     out = train(cfg, resume=args.resume).output_dir
@@ -67,8 +67,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_sft(args) -> int:
-    from lora_ppo.config_load import load_config
-    from lora_ppo.sft import train_sft
+    from lora_ppo.config.load import load_config
+    from lora_ppo.stages.sft import train_sft
 
     cfg = load_config(_config_path(args.config), args.overrides)
     out = train_sft(cfg, resume=args.resume)
@@ -78,8 +78,8 @@ def cmd_sft(args) -> int:
 
 
 def cmd_train_reward(args) -> int:
-    from lora_ppo.config_load import load_config
-    from lora_ppo.reward_model import train_reward
+    from lora_ppo.config.load import load_config
+    from lora_ppo.stages.reward_model import train_reward
 
     cfg = load_config(_config_path(args.config), args.overrides)
     out = train_reward(cfg, resume=args.resume)
@@ -89,29 +89,29 @@ def cmd_train_reward(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from lora_ppo.config_load import load_config
-    from lora_ppo.demo import run_demo
+    from lora_ppo.builtin.demo import run_demo
+    from lora_ppo.config.load import load_config
 
     run_demo(load_config(PRESETS / "demo.yaml", args.overrides))
     return 0
 
 
 def cmd_export(args) -> int:
-    from lora_ppo.export import export
+    from lora_ppo.io.export import export
 
     export(args.checkpoint, args.out, force=args.force)
     return 0
 
 
 def cmd_merge(args) -> int:
-    from lora_ppo.export import merge
+    from lora_ppo.io.export import merge
 
     merge(args.checkpoint, args.out, dtype=args.dtype, force=args.force)
     return 0
 
 
 def cmd_config_docs(args) -> int:
-    from lora_ppo.docs_gen import config_reference
+    from lora_ppo.config.reference import config_reference
 
     text = config_reference()
     if args.out:
@@ -121,22 +121,23 @@ def cmd_config_docs(args) -> int:
     return 0
 
 
-# -- estimate: predicted peak memory from config.json only (lora_ppo/estimate.py) -------------
+# -- estimate: predicted peak memory from config.json only (lora_ppo/sizing/memory.py) -------------
 def cmd_estimate(args) -> int:
     import json
 
-    from lora_ppo import estimate as est
-    from lora_ppo.config_load import load_config
+    from lora_ppo.config.load import load_config
+    from lora_ppo.sizing import memory as est
+    from lora_ppo.sizing.arch import param_counts, read_arch
 
     cfg = load_config(_config_path(args.config), args.overrides)
-    arch = est.read_arch(cfg.model.path)
+    arch = read_arch(cfg.model.path)
     if args.gpu_mib <= 0:
         raise UserError(f"--gpu-mib {args.gpu_mib} must be > 0 (the card's memory in MiB)")
     if args.json:
         print(json.dumps(est.report(cfg, arch, args.device, args.gpu_mib), indent=1))
         return 0
     sug = est.suggest_batch_sizes(cfg, arch, args.gpu_mib, args.device)
-    title = (f"{cfg.model.path}: {est.param_counts(arch).total / 1e6:.1f}M params, "
+    title = (f"{cfg.model.path}: {param_counts(arch).total / 1e6:.1f}M params, "
              f"quantization {cfg.quantization.mode}, {args.device} "
              f"({'bf16' if args.device == 'gpu' else 'fp32'})")
     print(est.format_table(est.estimate_memory(cfg, arch, args.device), sug, title))
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print("lora-ppo: interrupted", file=sys.stderr)
         code = 130
     if "torch.distributed" in sys.modules:  # only commands that loaded torch can hold a group
-        from lora_ppo.engine import shutdown_distributed
+        from lora_ppo.runtime.dist import shutdown_distributed
 
         code = shutdown_distributed(code)
     return code

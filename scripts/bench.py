@@ -4,12 +4,12 @@
     python scripts/bench.py --sweep seq=64,128,256 --sweep quant=none,4bit --out sweep.json
     deepspeed --num_gpus 1 scripts/bench.py --hidden 2048 --layers 16 --out gpu.json
 
-Each update runs the real pieces of lora_ppo.train: `train.setup` builds the run, then
+Each update runs the real pieces of lora_ppo.ppo.loop: `train.setup` builds the run, then
     generation  rollout.tokenize_prompts + rollout.generate (what collect_rollout runs first)
     scoring     rollout.score_rollout (old/ref log-probs, values) + train.score (the reward)
                 + train.add_rewards + train.add_advantages
     update      update.ppo_update on the DeepSpeed engine
-and for each phase the JSON holds its time, tokens/s, FLOPs (lora_ppo.estimate), FLOP/s as a
+and for each phase the JSON holds its time, tokens/s, FLOPs (lora_ppo.sizing.memory), FLOP/s as a
 share of a matmul peak measured in the same process, peak memory, the estimator's prediction for
 that peak, and the share of the machine other processes used meanwhile.
 
@@ -141,7 +141,7 @@ def model_dir(p: dict) -> Path:
     """Build (once, into the cache) a random-init Llama of the point's size."""
     from filelock import FileLock  # a transformers dependency
 
-    from lora_ppo.tiny import build_tiny_model
+    from lora_ppo.builtin.tiny import build_tiny_model
 
     arch = {k: p[k] for k in ("vocab", "hidden", "intermediate", "layers", "heads", "kv_heads")}
     max_pos = max(2048, p["prompt_len"] + p["new_tokens"])
@@ -163,7 +163,7 @@ def model_dir(p: dict) -> Path:
 def prompts_file(path: Path, prompt_len: int, n: int = 64) -> Path:
     """Prompts of at least `prompt_len` tokens (model.max_prompt_length cuts them to exactly
     that): each line joins enough corpus reviews (about 20 tokens each)."""
-    from lora_ppo.corpus import review_corpus
+    from lora_ppo.builtin.corpus import review_corpus
 
     texts = [t.replace("\n", " ") for t, _ in review_corpus(n * (2 + prompt_len // 8), seed=7)]
     per = len(texts) // n
@@ -172,7 +172,7 @@ def prompts_file(path: Path, prompt_len: int, n: int = 64) -> Path:
 
 
 def make_config(p: dict, model: Path, out_dir: Path):
-    from lora_ppo.config_load import load_config
+    from lora_ppo.config.load import load_config
 
     o = [f"model.path={model}", f"output_dir={out_dir}", f"quantization.mode={p['quant']}",
          f"value.mode={p['value_mode']}", f"model.gradient_checkpointing={p['grad_ckpt']}",
@@ -199,22 +199,23 @@ def _preload() -> None:
     with contextlib.suppress(ImportError):
         import bitsandbytes  # noqa: F401
 
-    import lora_ppo.train  # noqa: F401
+    import lora_ppo.ppo.loop  # noqa: F401
 
 
 def one_update(run, meters) -> dict:
     """Generation, scoring, update, each under its PhaseMeter; returns shapes and token counts."""
-    from lora_ppo import engine as ds
-    from lora_ppo import train
-    from lora_ppo.rollout import generate, score_rollout, tokenize_prompts
-    from lora_ppo.update import ppo_update
+    from lora_ppo.ppo import loop as train
+    from lora_ppo.ppo.rollout import generate, score_rollout, tokenize_prompts
+    from lora_ppo.ppo.update import ppo_update
+    from lora_ppo.runtime.ds_config import zero_stage
+    from lora_ppo.runtime.engine import gathered_params
 
     cfg, bs, rank = run.cfg, run.cfg.rollout.batch_size, run.dist.rank
     prompts = run.sampler.take(bs * run.dist.world_size)[rank * bs:(rank + 1) * bs]
-    synced = run.dist.world_size > 1 and ds.zero_stage(run.engine.config) == 3
+    synced = run.dist.world_size > 1 and zero_stage(run.engine.config) == 3
     with meters["generation"]:
         prompt_ids = tokenize_prompts(run.tokenizer, prompts, cfg.model.max_prompt_length)
-        with ds.gathered_params(run.engine):
+        with gathered_params(run.engine):
             q, qm, r, rm, has_eos = generate(run.ac, run.tokenizer, prompt_ids, cfg.rollout,
                                              synced=synced)
     with meters["scoring"]:
@@ -233,11 +234,11 @@ def one_update(run, meters) -> dict:
 
 def phase_flops(run, arch, shapes: dict) -> dict:
     """Model FLOPs per phase (generation per chunk of generation_batch_size, summed)."""
-    from lora_ppo import estimate as est
-    from lora_ppo import flops
+    from lora_ppo.sizing import flops
+    from lora_ppo.sizing.arch import lora_param_count
 
     cfg = run.cfg
-    lora = est.lora_param_count(arch, cfg.lora.r, cfg.lora.target_modules)
+    lora = lora_param_count(arch, cfg.lora.r, cfg.lora.target_modules)
     b, gb, q, r = cfg.rollout.batch_size, cfg.rollout.generation_batch_size, \
         shapes["prompt_len"], shapes["resp_len"]
     chunks = [min(gb, b - s) for s in range(0, b, gb)]
@@ -264,15 +265,16 @@ def run_point(p: dict) -> dict:
     """Set up one configuration, run warm-up and measured updates, and summarise them."""
     import torch
 
-    from lora_ppo import engine as ds
-    from lora_ppo import estimate as est
-    from lora_ppo import train
+    from lora_ppo.ppo import loop as train
+    from lora_ppo.runtime.dist import setup_distributed
+    from lora_ppo.sizing import memory as est
+    from lora_ppo.sizing.arch import read_arch
 
     # Build before the process group exists: once it does, transformers' save_pretrained writes
     # nothing on ranks other than 0 (distributed/mixin.py, should_save_on_this_rank), so a
     # build that rank 1 won the lock for would lack config.json.
     model = model_dir(p)
-    dist = ds.setup_distributed()
+    dist = setup_distributed()
     if p["threads"]:
         torch.set_num_threads(p["threads"])
     _preload()
@@ -285,7 +287,7 @@ def run_point(p: dict) -> dict:
     t0 = time.perf_counter()
     run = train.setup(cfg)
     setup_s = time.perf_counter() - t0
-    arch = est.read_arch(str(model))
+    arch = read_arch(str(model))
     records = []
     for i in range(p["warmup"] + p["updates"]):
         meters = {k: PhaseMeter(dist.device, baseline) for k in ("generation", "scoring", "update")}
@@ -305,7 +307,7 @@ def run_point(p: dict) -> dict:
 
 def summarise(p: dict, run, arch, records, peak_flops: float, pred) -> dict:
     """Per phase: mean time over the measured updates, max peak memory, FLOPs, contention."""
-    from lora_ppo import estimate as est
+    from lora_ppo.sizing.arch import lora_param_count, param_counts
 
     cfg, world = run.cfg, run.dist.world_size
     phases = {}
@@ -336,10 +338,10 @@ def summarise(p: dict, run, arch, records, peak_flops: float, pred) -> dict:
     s0 = records[0][0]
     phases["update"]["executed_flops"] = sum(phase_flops(run, arch, s)["update_executed"]
                                              for s, _ in records) / len(records) * world
-    lora = est.lora_param_count(arch, cfg.lora.r, cfg.lora.target_modules)
+    lora = lora_param_count(arch, cfg.lora.r, cfg.lora.target_modules)
     return {"settings": {k: v for k, v in p.items() if k not in ("cache_dir",)},
             "shapes": {"prompt_len": s0["prompt_len"], "resp_len": s0["resp_len"]},
-            "params": est.param_counts(arch).total, "lora_params_per_adapter": lora,
+            "params": param_counts(arch).total, "lora_params_per_adapter": lora,
             "matmul_peak_flops": peak_flops, "phases": phases,
             "predicted": {k: v / MIB for k, v in pred.components.items()},
             "contention": any(ph["contention"] for ph in phases.values())}
@@ -349,7 +351,7 @@ def summarise(p: dict, run, arch, records, peak_flops: float, pred) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     a = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    m = a.add_argument_group("model size (a random-init Llama built with lora_ppo.tiny)")
+    m = a.add_argument_group("model size (a random-init Llama built with lora_ppo.builtin.tiny)")
     for flag, default in (("vocab", 8192), ("hidden", 512), ("intermediate", 1408),
                           ("layers", 4), ("heads", 8), ("kv-heads", 4)):
         m.add_argument(f"--{flag}", type=int, default=default)
@@ -516,6 +518,6 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         code = 2
-    from lora_ppo.engine import shutdown_distributed
+    from lora_ppo.runtime.dist import shutdown_distributed
 
     sys.exit(shutdown_distributed(code))

@@ -22,7 +22,7 @@ config=$1
 shift
 py=.venv/bin/python
 [ -x "$py" ] || py=python3
-out=$("$py" -c 'import sys; from lora_ppo.config_load import load_config; print(load_config(sys.argv[1], sys.argv[2:]).output_dir)' "$config" "$@")
+out=$("$py" -c 'import sys; from lora_ppo.config.load import load_config; print(load_config(sys.argv[1], sys.argv[2:]).output_dir)' "$config" "$@")
 scripts/launch.sh sft --config "$config" "$@"
 scripts/launch.sh train-reward --config "$config" "$@"
 scripts/launch.sh train --config "$config" "$@" model.init_adapter="$out/adapter" \

@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer random Llama (vocab 512, hidden 64) and its locally trained tokenizer."""
-    from lora_ppo.tiny import build_tiny_model
+    from lora_ppo.builtin.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -29,7 +29,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def wide_model_dir(tmp_path_factory) -> Path:
     """Linear layers dominate the size (hidden 256), so quantization shows in the footprint."""
-    from lora_ppo.tiny import build_tiny_model
+    from lora_ppo.builtin.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("wide") / "model", hidden_size=256,
                             intermediate_size=512, num_heads=4, num_kv_heads=4)
@@ -44,7 +44,7 @@ def peaked_model_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lora_ppo.tiny import build_tiny_model
+    from lora_ppo.builtin.tiny import build_tiny_model
 
     out = build_tiny_model(tmp_path_factory.mktemp("peaked") / "model")
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)

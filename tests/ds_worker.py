@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from lora_ppo.cli import _quiet
-from lora_ppo.config_load import load_config
-from lora_ppo.engine import shutdown_distributed
-from lora_ppo.train import train
+from lora_ppo.config.load import load_config
+from lora_ppo.ppo.loop import train
+from lora_ppo.runtime.dist import shutdown_distributed
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]

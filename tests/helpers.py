@@ -72,7 +72,7 @@ def make_adapter_dir(model_dir: Path, out: Path, seed: int, head: bool = False,
 
 def tiny_config(model_dir: Path, out_dir: Path, *overrides: str):
     """A Config for tests: tiny sizes, fp32, no quantization unless overridden."""
-    from lora_ppo.config_load import load_config
+    from lora_ppo.config.load import load_config
 
     base = [f"model.path={model_dir}", f"output_dir={out_dir}", "quantization.mode=none",
             "model.gradient_checkpointing=false", "model.max_prompt_length=16",

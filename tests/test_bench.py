@@ -10,7 +10,7 @@ import textwrap
 import time
 
 import pytest
-from helpers import REPO
+from helpers import REPO, clean_env
 
 BENCH = REPO / "scripts" / "bench.py"
 TINY = ["--vocab", "512", "--hidden", "64", "--intermediate", "128", "--layers", "2",
@@ -29,7 +29,7 @@ def load_bench():
 
 
 def run_bench(*args, env=None, timeout=300):
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {**clean_env(), **(env or {})}
     return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=REPO)
 
@@ -81,7 +81,7 @@ _PEAK_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_per_phase_peak_rss_resets_between_phases():
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {**clean_env(), "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(BENCH)], env=env,
                           capture_output=True, text=True, timeout=120)
     if proc.returncode != 0 and "clear_refs" in proc.stderr:
@@ -136,7 +136,7 @@ def test_sweep_runs_each_point_in_its_own_process(tmp_path):
 def test_bench_under_the_deepspeed_launcher(tmp_path):
     out = tmp_path / "ds.json"
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env = clean_env()
     with socket.socket() as sock:  # a free port: other test runs may share the machine
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])

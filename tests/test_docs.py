@@ -6,8 +6,8 @@ import re
 
 from helpers import REPO
 
-from lora_ppo.docs_gen import config_reference
-from lora_ppo.metrics import REQUIRED
+from lora_ppo.config.reference import config_reference
+from lora_ppo.io.metrics import REQUIRED
 
 
 def test_config_reference_is_generated_from_the_code():

@@ -10,7 +10,7 @@ import zipfile
 import pytest
 from helpers import REPO
 
-from lora_ppo import engine as E
+from lora_ppo.runtime.ds_config import DS_CONFIG_DIR
 
 
 @pytest.mark.slow
@@ -20,6 +20,6 @@ def test_wheel_ships_presets_and_every_ds_config(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     (wheel,) = tmp_path.glob("lora_ppo-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "lora_ppo/presets/demo.yaml" in names
+    assert "lora_ppo/builtin/presets/demo.yaml" in names
     shipped = {n.rsplit("/", 1)[1] for n in names if "/share/lora_ppo/ds_configs/" in n}
-    assert shipped == {p.name for p in E.DS_CONFIG_DIR.glob("*.json")}
+    assert shipped == {p.name for p in DS_CONFIG_DIR.glob("*.json")}

@@ -80,7 +80,7 @@ def _reference_and_sft_logprobs(cfg, model_dir):
 def test_sft_then_reward_model_then_ppo_from_the_sft_adapter(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from lora_ppo.config_load import load_config
+    from lora_ppo.config.load import load_config
 
     out = tmp_path / "run"
     cfg_path = _pipeline_yaml(tmp_path / "pipeline.yaml", tiny_model_dir, out)

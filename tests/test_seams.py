@@ -26,9 +26,9 @@ from helpers import (
     write_yaml,
 )
 
-from lora_ppo.engine import DS_CONFIG_DIR
-from lora_ppo.train import add_advantages, add_rewards, collect_rollout, score, setup
-from lora_ppo.update import ppo_update
+from lora_ppo.ppo.loop import add_advantages, add_rewards, collect_rollout, score, setup
+from lora_ppo.ppo.update import ppo_update
+from lora_ppo.runtime.ds_config import DS_CONFIG_DIR
 
 REWARD = (
     "def low_ids(prompts, completions, completion_ids, **kw):\n"
@@ -132,7 +132,7 @@ def test_first_minibatch_ratio_is_one_with_nontrivial_adapters(tiny_model_dir, t
 @pytest.mark.parametrize("value_mode", ["shared", "adapter"])
 def test_checkpointing_on_and_off_train_the_same_weights(tiny_model_dir, tmp_path, reward_file,
                                                          value_mode):
-    from lora_ppo.train import train
+    from lora_ppo.ppo.loop import train
 
     weights = {}
     for gc in (False, True):

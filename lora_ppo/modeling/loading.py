@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from lora_ppo.config import Config, ModelConfig, QuantizationConfig
+from lora_ppo.config.sections import ModelConfig, QuantizationConfig
+from lora_ppo.config.tree import Config
 from lora_ppo.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
 def resolve_model_path(path: str) -> str:
     """`builtin:<size>` -> the locally built and cached model; a directory; or a hub id."""
     if path.startswith("builtin:"):
-        from lora_ppo.tiny import ensure_builtin_model
+        from lora_ppo.builtin.tiny import ensure_builtin_model
 
         return str(ensure_builtin_model(size=path.split(":", 1)[1]))
     p = Path(path).expanduser()

@@ -1,0 +1,170 @@
+"""Loading the config tree (config.py) from YAML and `section.key=value` overrides, strictly.
+
+An unknown key, a wrong type or a value outside its allowed range fails here, with one line that
+names the field, the value and what is allowed (litgpt's strictness); combinations of fields are
+checked by `Config.__post_init__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lora_ppo.config.tree import Config
+from lora_ppo.errors import UserError
+
+# Per-field range checks: (predicate, "what is allowed").
+_POSITIVE = (lambda v: v > 0, "a number > 0")
+_NONNEG = (lambda v: v >= 0, "a number >= 0")
+_UNIT = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
+_CHECKS: dict[str, tuple[Any, str]] = {
+    "lora.r": _POSITIVE, "lora.alpha": _POSITIVE, "lora.dropout": (lambda v: 0 <= v < 1, "[0, 1)"),
+    "rollout.batch_size": _POSITIVE, "rollout.generation_batch_size": _POSITIVE,
+    "rollout.max_new_tokens": _POSITIVE, "rollout.temperature": _POSITIVE,
+    "rollout.top_k": _NONNEG, "rollout.top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "rollout.logprob_chunk_size": _POSITIVE, "model.max_prompt_length": _POSITIVE,
+    "ppo.total_updates": _POSITIVE, "ppo.epochs": _POSITIVE, "ppo.minibatch_size": _POSITIVE,
+    "ppo.micro_batch_size": _POSITIVE, "ppo.learning_rate": _POSITIVE,
+    "ppo.weight_decay": _NONNEG, "ppo.warmup_steps": _NONNEG, "ppo.max_grad_norm": _POSITIVE,
+    "ppo.gamma": _UNIT, "ppo.lam": _UNIT, "ppo.cliprange": _POSITIVE,
+    "ppo.cliprange_value": _POSITIVE, "ppo.vf_coef": _NONNEG, "ppo.ent_coef": _NONNEG,
+    "ppo.kl_coef": _NONNEG, "ppo.target_kl": _POSITIVE, "ppo.kl_horizon": _POSITIVE,
+    "ppo.early_stop_kl": _POSITIVE, "reward.clip": _POSITIVE,
+    "data.eval_every": _NONNEG, "data.eval_size": _NONNEG,
+    "checkpoint.every": _NONNEG, "checkpoint.keep": _POSITIVE,
+}
+
+
+for _stage in ("sft", "reward_model"):
+    _CHECKS.update({f"{_stage}.{k}": _POSITIVE for k in (
+        "max_length", "epochs", "max_steps", "batch_size", "micro_batch_size", "learning_rate",
+        "max_grad_norm")})
+    _CHECKS.update({f"{_stage}.{k}": _NONNEG for k in (
+        "weight_decay", "warmup_steps", "eval_size", "eval_every")})
+_CHECKS.update({"reward_model.margin": _NONNEG, "reward_model.head_init_std": _NONNEG,
+                "reward.model_label": _NONNEG})
+
+
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is typing.Union:
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {type_name(typing.get_args(tp)[0])}"
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number",
+            str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    ok = False
+    if origin is Literal:
+        ok = value in typing.get_args(tp)
+    elif origin is typing.Union:
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, path)
+            except UserError:
+                continue
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(tp)
+            return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    elif tp is type(None):
+        ok = value is None
+    elif tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        ok = isinstance(value, str)
+    if not ok:
+        raise UserError(f"{path}={value!r} is not {type_name(tp)}; fix it in the config")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix or 'config'} must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the top level"
+        raise UserError(f"unknown config key '{prefix + '.' if prefix else ''}{unknown[0]}' in "
+                        f"{where}; allowed keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        path = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, path)
+            continue
+        value = _coerce(value, tp, path)
+        check = _CHECKS.get(path)
+        if check is not None and value is not None and not check[0](value):
+            raise UserError(f"{path}={value!r} is out of range: must be {check[1]}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["ppo.epochs=2", "model.path=/m"]` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override '{item}' is not of the form section.key=value")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override '{item}' sets a key under a value")
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or only defaults when `path` is None) and apply `section.key=value`."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist; pass --config <file.yaml>")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
+    data = _merge(data, parse_overrides(overrides or []))
+    return _build(Config, data, "")
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,231 @@
+"""The sections of the config tree that `lora-ppo train` reads: the model and its adapters, the
+reward, the rollout, PPO, data, DeepSpeed, logging and checkpoints.
+
+The string under each field is its documentation (read by `config.reference.field_docs`, so
+docs/config.md is generated from these files and cannot drift).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+BUILTIN_MODEL = "builtin:demo"
+
+
+@dataclass
+class ModelConfig:
+    path: str = BUILTIN_MODEL
+    """Local directory of the base causal LM (a hub id also works when online). `builtin:demo` builds
+    and caches a small review-writing Llama locally; `builtin:test` a tiny random one."""
+    tokenizer_path: Optional[str] = None
+    """Tokenizer directory when it is not the model directory."""
+    init_adapter: Optional[str] = None
+    """PEFT adapter directory (e.g. from SFT) that the policy starts from; the reference then is a
+    frozen copy of it, not the raw base."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with the checkpoint. Off: only turn on for models you trust."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: less memory for more compute. Turned off during
+    generation and restored after."""
+    max_prompt_length: int = 256
+    """Prompts longer than this many tokens are cut from the left (the end of a prompt matters most)."""
+
+
+@dataclass
+class QuantizationConfig:
+    mode: Literal["none", "8bit", "4bit"] = "4bit"
+    """Load the base with bitsandbytes in 4-bit or 8-bit, or unquantized (`none`)."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type (QLoRA's NormalFloat4 or plain FP4)."""
+    double_quant: bool = True
+    """Quantize the 4-bit quantization constants too (QLoRA): about 0.4 bit/param saved."""
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Dtype that quantized matmuls compute in; `auto` is bf16 on a GPU that has it, else fp32."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    """LoRA rank of the policy (and critic) adapter."""
+    alpha: int = 32
+    """LoRA scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """LoRA dropout. PPO needs 0: dropout makes the update's log-probs differ from the rollout's,
+    so the ratio is not 1 on the first minibatch (lm-human-preferences runs PPO without dropout)."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules that get LoRA: names like `q_proj`, or `all-linear` for every linear layer but the
+    output head."""
+
+
+@dataclass
+class ValueConfig:
+    mode: Literal["shared", "adapter"] = "shared"
+    """`shared`: a scalar head on the policy trunk (one forward gives logits and values);
+    `adapter`: a separate trainable `critic` LoRA adapter plus head on the same base, so value
+    learning does not disturb the policy (one more forward per micro-batch)."""
+    head_init_std: float = 0.0
+    """Std of the value head's initial weights; 0 starts every value at 0."""
+
+
+@dataclass
+class RewardConfig:
+    source: Literal["function", "adapter", "model"] = "function"
+    """Where scores come from: a Python `function`, the frozen reward `adapter` on the same base, or
+    a separate sequence-classification `model`. For several at once, see `sources`."""
+    function: str = "lora_ppo.builtin.rewards:positive_sentiment"
+    """`module:function` or `path/to/file.py:function`, called as
+    `fn(prompts=list[str], completions=list[str], **extra) -> list[float]` (TRL's convention)."""
+    adapter: Optional[str] = None
+    """Directory of a reward adapter with its score head (from `lora-ppo train-reward`)."""
+    clip: Optional[float] = None
+    """Clip scores to [-clip, clip] after the EOS penalty."""
+    normalize: bool = False
+    """Normalise scores by a running mean and std over all scores seen so far."""
+    missing_eos_penalty: Optional[float] = None
+    """Subtracted from the score of a response that never emitted EOS (TRL's missing_eos_penalty)."""
+    # -- the SFT / reward-model stages (lora_ppo.stages) added these ------------------------------
+    model: Optional[str] = None
+    """Directory of a separate reward model loaded with AutoModelForSequenceClassification (source
+    `model`). It reads the decoded prompt + completion text, re-tokenised with its own tokenizer,
+    so its vocabulary may differ from the policy's. Costs a second model in memory."""
+    model_tokenizer: Optional[str] = None
+    """Tokenizer directory of the `model` reward model when it is not the model directory."""
+    model_label: int = 0
+    """Which logit of the `model` reward model is the score (0 for a one-logit reward model; e.g.
+    1 = the positive class of a two-class sentiment classifier)."""
+    sources: list[Literal["function", "adapter", "model"]] = field(default_factory=list)
+    """Several reward sources summed with `weights`, e.g. `[function, adapter]`; each is set up by
+    its own field above (`function`, `adapter`, `model`). Empty: `source` alone, weight 1.
+    Clipping, normalisation and the EOS penalty apply to the weighted sum."""
+    weights: list[float] = field(default_factory=list)
+    """One weight per entry of `sources`: score = sum_k weights[k] * score_k. Empty: all 1."""
+
+    @property
+    def kinds(self) -> list[str]:
+        """The sources in use: `sources`, or [`source`] when it is empty."""
+        return list(self.sources) or [self.source]
+
+    @property
+    def kind_weights(self) -> list[float]:
+        """The weight of each entry of `kinds`."""
+        return list(self.weights) or [1.0] * len(self.kinds)
+
+
+@dataclass
+class RolloutConfig:
+    batch_size: int = 64
+    """Prompts per PPO update (rollout size)."""
+    generation_batch_size: int = 16
+    """Prompts generated at once; lower it if generation runs out of memory."""
+    max_new_tokens: int = 128
+    """Most tokens generated per response."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are taken at the same temperature. Responses are drawn
+    from exactly softmax(logits / temperature), whatever the checkpoint's generation_config.json
+    says (docs/ppo.md, "Sampling exactly the scored distribution")."""
+    top_k: int = 0
+    """Must stay 0 (off). Top-k sampling is refused: PPO scores the full softmax, and the KL of a
+    truncated policy to the reference is infinite wherever their supports differ."""
+    top_p: float = 1.0
+    """Must stay 1.0 (off), for the reason given under `top_k`."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end a response besides the tokenizer's EOS."""
+    logprob_chunk_size: int = 1024
+    """Rows of (batch*length) turned into logits at a time when scoring: bounds memory to
+    chunk x vocab floats instead of batch x length x vocab."""
+
+
+@dataclass
+class PPOConfig:
+    total_updates: int = 200
+    """Number of PPO updates (rollout + optimisation rounds)."""
+    epochs: int = 4
+    """Passes over each rollout."""
+    minibatch_size: int = 16
+    """Samples per optimizer step."""
+    micro_batch_size: int = 4
+    """Samples per forward/backward; minibatch_size / micro_batch_size is the gradient
+    accumulation."""
+    learning_rate: float = 1e-5
+    """AdamW learning rate of the LoRA weights and heads."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule over all optimizer steps."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (global L2 norm), done by DeepSpeed."""
+    gamma: float = 1.0
+    """Discount factor of GAE."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """Policy ratio clip epsilon."""
+    cliprange_value: float = 0.2
+    """Value clip around the rollout's values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    ent_coef: float = 0.0
+    """Weight of the entropy bonus."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the valid tokens of the rollout."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator in the reward penalty (k1 = logp - logp_ref)."""
+    kl_coef: float = 0.05
+    """Initial (or fixed) coefficient of the KL penalty."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards target_kl (Ziegler et al. 2019)."""
+    target_kl: float = 6.0
+    """Target sequence KL of the adaptive controller (nats)."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive controller (samples)."""
+    early_stop_kl: Optional[float] = None
+    """Stop the epochs of an update once the approximate KL to the rollout policy exceeds this."""
+
+
+@dataclass
+class DataConfig:
+    prompts: str = "builtin:reviews"
+    """JSONL, Parquet, CSV or text file of prompts; `builtin:reviews` generates review openings."""
+    prompt_column: str = "prompt"
+    """Column that holds the prompt text (text files: one prompt per line)."""
+    chat_template: bool = False
+    """Wrap each prompt as a user turn with the tokenizer's chat template."""
+    eval_prompts: Optional[str] = None
+    """Held-out prompts for periodic evaluation; none: a slice of `prompts` is held out."""
+    eval_every: int = 0
+    """Evaluate every this many updates; 0 turns evaluation off."""
+    eval_size: int = 16
+    """Number of held-out prompts per evaluation."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = "zero2"
+    """A file in ds_configs/ by name (`zero0` .. `zero3`, `zero2_offload`) or a path to a JSON file."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Training precision; `auto` is bf16 on a GPU that has it, fp32 on a CPU."""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    """Also write metrics to TensorBoard under output_dir/tensorboard."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `wandb` installed)."""
+    wandb_project: str = "lora-ppo"
+    """W&B project name."""
+    progress: bool = True
+    """Show a progress bar with ETA and key metrics (rank 0)."""
+    num_samples: int = 2
+    """Samples printed as text at each evaluation."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50
+    """Save a checkpoint every this many updates (and at the end); 0 saves only at the end."""
+    keep: int = 2
+    """Keep the newest this many checkpoints."""

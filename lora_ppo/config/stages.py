@@ -1,0 +1,117 @@
+"""The sections of the SFT and reward-model stages (`lora-ppo sft`, `lora-ppo train-reward`).
+
+They share model, quantization, lora, deepspeed, logging, checkpoint, seed and output_dir with
+`train`, so one YAML and one output_dir can drive the whole pipeline: each command reads only its
+own section here, `model.init_adapter` and `reward.*` are read by `train` only, and each stage
+keeps its run files in <output_dir>/sft/ or <output_dir>/reward_model/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+
+@dataclass
+class SFTConfig:
+    data: str = "builtin:reviews"
+    """JSONL, Parquet or CSV file of prompt/response pairs; `builtin:reviews` makes 2000 reviews of
+    the synthetic corpus, each cut after its opening (`review of the diner :`) into a pair."""
+    prompt_column: str = "prompt"
+    """Column with the prompt text."""
+    response_column: str = "response"
+    """Column with the response text; the loss covers its tokens only."""
+    chat_template: bool = False
+    """Render each pair as a user turn and an assistant turn with the tokenizer's chat template
+    (use with data.chat_template=true in `train`)."""
+    append_eos: bool = True
+    """End each response with EOS unless the chat template already put one in it, so the model
+    learns to stop as PPO's responses stop."""
+    max_length: int = 512
+    """Most tokens per example: the prompt is first cut from the left to model.max_prompt_length,
+    then the response is cut at the end."""
+    packing: bool = False
+    """Pack several whole examples into each row of max_length tokens. Each keeps its own
+    positions and attends only to itself (block-diagonal mask), so the loss is the unpacked loss
+    with fewer pad tokens."""
+    epochs: int = 1
+    """Passes over the training examples."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps; none: run all epochs."""
+    batch_size: int = 16
+    """Examples (rows, with packing) per optimizer step on each rank."""
+    micro_batch_size: int = 4
+    """Examples per forward/backward; batch_size / micro_batch_size is the gradient accumulation."""
+    learning_rate: float = 2e-4
+    """AdamW learning rate of the LoRA weights."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Learning-rate schedule over all optimizer steps."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (global L2 norm), done by DeepSpeed."""
+    eval_data: Optional[str] = None
+    """Held-out pairs (same format as `data`); none: `eval_size` examples of `data` are held out."""
+    eval_size: int = 64
+    """Held-out examples for the eval loss; 0 turns evaluation off."""
+    eval_every: int = 0
+    """Evaluate every this many optimizer steps (and always at the end); 0: only at the end."""
+
+
+@dataclass
+class RewardModelConfig:
+    data: str = "builtin:preferences"
+    """JSONL, Parquet or CSV file of preference pairs; `builtin:preferences` makes 2000 pairs of
+    the synthetic corpus whose chosen review is the positive one and whose rejected one is the
+    negative rendering or, in a quarter of the pairs, a broken copy of the positive one."""
+    prompt_column: str = "prompt"
+    """Column with the prompt text."""
+    chosen_column: str = "chosen"
+    """Column with the preferred response."""
+    rejected_column: str = "rejected"
+    """Column with the other response."""
+    margin: float = 0.0
+    """Margin m of the loss -log sigmoid(r_chosen - r_rejected - m) (Llama 2, Touvron et al. 2023,
+    eq. 2): the chosen score must beat the rejected one by m."""
+    margin_column: Optional[str] = None
+    """Column with a per-pair margin instead of the constant `margin` (TRL's `margin` column)."""
+    chat_template: bool = False
+    """Render each pair with the tokenizer's chat template (use with data.chat_template=true in
+    `train`)."""
+    append_eos: bool = True
+    """End each response with EOS unless the chat template already did, so the score is read on
+    the EOS token, where PPO reads it for a finished response."""
+    max_length: int = 512
+    """Most tokens per sequence: prompt cut from the left to model.max_prompt_length, then the
+    response cut at the end."""
+    init_adapter: Optional[str] = None
+    """Start the reward LoRA from this PEFT adapter (e.g. the SFT output), as InstructGPT starts its
+    reward model from the SFT model; none: fresh LoRA weights (lora.*)."""
+    head_init_std: float = 0.02
+    """Std of the score head's initial weights (transformers' initializer_range)."""
+    epochs: int = 1
+    """Passes over the training pairs."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps; none: run all epochs."""
+    batch_size: int = 16
+    """Pairs per optimizer step on each rank."""
+    micro_batch_size: int = 4
+    """Pairs per forward/backward (both responses of a pair go in one forward)."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate of the LoRA weights and the score head."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Learning-rate schedule over all optimizer steps."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (global L2 norm), done by DeepSpeed."""
+    eval_data: Optional[str] = None
+    """Held-out pairs (same format as `data`); none: `eval_size` pairs of `data` are held out."""
+    eval_size: int = 64
+    """Held-out pairs for accuracy and reward statistics; 0 turns evaluation off."""
+    eval_every: int = 0
+    """Evaluate every this many optimizer steps (and always at the end); 0: only at the end."""

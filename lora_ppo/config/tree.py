@@ -1,0 +1,122 @@
+"""The root of the one typed config tree for every command, and its cross-field checks.
+
+Each section is a dataclass (sections.py for `train`, stages.py for `sft` and `train-reward`);
+the string under each field is its documentation (read by `reference.field_docs`, so
+docs/config.md is generated from the code and cannot drift). Defaults suit a 7B model in 4-bit
+on one 24 GB GPU; `precision: auto` and `compute_dtype: auto` pick fp32 on a CPU, where bf16
+matmul is some 400x slower.
+
+Impossible combinations of fields fail in `Config.__post_init__`; per-field types and ranges are
+checked while loading (load.py, strict in the litgpt manner). Either way the error is one line
+that names the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lora_ppo.config.sections import (
+    CheckpointConfig,
+    DataConfig,
+    DeepSpeedConfig,
+    LoggingConfig,
+    LoraConfig,
+    ModelConfig,
+    PPOConfig,
+    QuantizationConfig,
+    RewardConfig,
+    RolloutConfig,
+    ValueConfig,
+)
+from lora_ppo.config.stages import RewardModelConfig, SFTConfig
+from lora_ppo.errors import UserError
+
+
+@dataclass
+class Config:
+    output_dir: str = "outputs/run"
+    """Where metrics, logs and checkpoints go."""
+    seed: int = 0
+    """Seed of python, numpy, torch and sampling."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    value: ValueConfig = field(default_factory=ValueConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+
+    def __post_init__(self) -> None:
+        # Only cross-field checks here; per-field checks run in `_build` with the field's path.
+        if self.ppo.minibatch_size % self.ppo.micro_batch_size:
+            raise UserError(
+                f"ppo.minibatch_size={self.ppo.minibatch_size} is not a multiple of "
+                f"ppo.micro_batch_size={self.ppo.micro_batch_size}: gradient accumulation must end "
+                "on minibatch edges; make it a multiple"
+            )
+        if self.rollout.batch_size % self.ppo.minibatch_size:
+            raise UserError(
+                f"rollout.batch_size={self.rollout.batch_size} is not a multiple of "
+                f"ppo.minibatch_size={self.ppo.minibatch_size}: every minibatch must be full; "
+                "make it a multiple"
+            )
+        for name, off in (("top_k", 0), ("top_p", 1.0)):
+            value = getattr(self.rollout, name)
+            if value != off:
+                raise UserError(
+                    f"rollout.{name}={value} is not supported: PPO scores the full softmax at the "
+                    "temperature, and a truncated policy's KL to the reference is infinite where "
+                    f"their supports differ; remove it (rollout.{name}={off}) and use "
+                    "rollout.temperature")
+        if self.reward.source == "adapter" and not self.reward.adapter:
+            raise UserError(
+                "reward.source=adapter needs reward.adapter=<dir of a reward adapter>; set it or use "
+                "reward.source=function"
+            )
+        if self.data.eval_every and self.data.eval_size < 1:
+            raise UserError(f"data.eval_size={self.data.eval_size} must be >= 1 when "
+                            f"data.eval_every={self.data.eval_every}")
+        self._check_reward_sources()
+        self._check_stages()
+
+    def _check_reward_sources(self) -> None:
+        r = self.reward
+        if r.sources and len(set(r.sources)) != len(r.sources):
+            raise UserError(f"reward.sources={r.sources} names a source twice; list each once")
+        if r.weights and len(r.weights) != len(r.sources):
+            raise UserError(f"reward.weights has {len(r.weights)} entries but reward.sources has "
+                            f"{len(r.sources)}; give one weight per source")
+        if r.sources and r.source != "function" and r.source not in r.sources:
+            raise UserError(f"reward.source={r.source} is not in reward.sources={r.sources}; "
+                            "with reward.sources set, leave reward.source out")
+        if "adapter" in r.kinds and not r.adapter:
+            raise UserError("reward source 'adapter' needs reward.adapter=<dir of a reward adapter>; "
+                            "set it or drop the source")
+        if "model" in r.kinds and not r.model:
+            raise UserError("reward source 'model' needs reward.model=<dir of a sequence-"
+                            "classification model>; set it or drop the source")
+
+    def _check_stages(self) -> None:
+        for name in ("sft", "reward_model"):
+            st = getattr(self, name)
+            if st.batch_size % st.micro_batch_size:
+                raise UserError(f"{name}.batch_size={st.batch_size} is not a multiple of "
+                                f"{name}.micro_batch_size={st.micro_batch_size}; make it a multiple")
+            if st.max_length <= self.model.max_prompt_length:
+                raise UserError(f"{name}.max_length={st.max_length} leaves no room for a response "
+                                f"after model.max_prompt_length={self.model.max_prompt_length}; "
+                                "raise the first or lower the second")
+        if self.reward_model.margin_column and self.reward_model.margin:
+            raise UserError(f"reward_model.margin={self.reward_model.margin} and reward_model."
+                            f"margin_column={self.reward_model.margin_column} both set a margin; "
+                            "keep one")
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.ppo.minibatch_size // self.ppo.micro_batch_size

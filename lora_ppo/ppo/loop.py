@@ -1,0 +1,262 @@
+"""The PPO training loop: setup() builds the parts, train() runs numbered steps.
+
+    step 1. rollout      sample responses, score log-probs, values, reference log-probs
+    step 2. rewards      sequence scores from the reward source; -kl_coef * KL per token
+    step 3. advantages   GAE over response tokens, whitened
+    step 4. PPO epochs   clipped policy + value losses on the DeepSpeed engine
+    step 5. KL control   adapt kl_coef to the observed KL
+    step 6. log, evaluate, checkpoint
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lora_ppo.config import Config
+from lora_ppo.config.load import save_config
+from lora_ppo.io.data import PromptSampler, apply_chat_template, load_prompts, split_eval
+from lora_ppo.io.metrics import MetricsLogger, peak_memory_mib
+from lora_ppo.modeling.actor_critic import ActorCritic, build_actor_critic
+from lora_ppo.modeling.loading import (
+    load_base_model,
+    load_tokenizer,
+    resolve_model_path,
+)
+from lora_ppo.ppo.reward_sources import RewardSource, make_reward_source
+from lora_ppo.ppo.rollout import Rollout, generate, score_rollout, tokenize_prompts
+from lora_ppo.ppo.update import PPOStats, ppo_update
+from lora_ppo.rl.gae import compute_gae
+from lora_ppo.rl.kl import AdaptiveKLController, FixedKLController
+from lora_ppo.rl.losses import explained_variance
+from lora_ppo.rl.masked import masked_mean, masked_whiten
+from lora_ppo.rl.rewards import RunningMoments, compute_rewards, shape_scores
+from lora_ppo.runtime.dist import DistInfo, all_gather_cat, all_mean, seed_everything, setup_distributed
+from lora_ppo.runtime.ds_config import (
+    fill_ds_config,
+    read_ds_config,
+    refuse_unsupported,
+    resolve_precision,
+    zero_stage,
+)
+from lora_ppo.runtime.engine import create_engine, gathered_params
+
+
+@dataclass
+class Run:
+    """Everything a training run holds; checkpointed by lora_ppo.io.checkpoint."""
+
+    cfg: Config
+    dist: DistInfo
+    tokenizer: object
+    ac: ActorCritic
+    engine: object
+    reward: RewardSource
+    kl_ctl: object
+    moments: RunningMoments
+    sampler: PromptSampler
+    eval_prompts: list[str]
+    generator: torch.Generator  # minibatch shuffling
+    output_dir: Path
+    model_path: str
+    step: int = 0
+    episode: int = 0
+
+
+def setup(cfg: Config) -> Run:
+    model_path = resolve_model_path(cfg.model.path)  # fail on a bad path before anything starts
+    dist = setup_distributed()
+    seed_everything(cfg.seed + dist.rank)  # ranks sample different responses
+    tokenizer = load_tokenizer(cfg.model, model_path)
+    raw_ds, ds_source = read_ds_config(cfg.deepspeed.config)
+    precision = resolve_precision(cfg.deepspeed.precision, dist.device)
+    ds_config = fill_ds_config(
+        raw_ds, micro_batch_size=cfg.ppo.micro_batch_size, grad_accum_steps=cfg.grad_accum_steps,
+        world_size=dist.world_size, max_grad_norm=cfg.ppo.max_grad_norm, precision=precision,
+        source=ds_source)
+    refuse_unsupported(zero_stage(ds_config), cfg.quantization.mode != "none",
+                          dist.world_size)
+    prompts = load_prompts(cfg.data.prompts, cfg.data.prompt_column)
+    if cfg.data.chat_template:
+        prompts = apply_chat_template(tokenizer, prompts)
+    train_prompts, eval_prompts = split_eval(prompts, cfg.data.eval_prompts, cfg.data.prompt_column,
+                                             cfg.data.eval_size, cfg.data.eval_every > 0)
+    ac = build_actor_critic(cfg, load_base_model(cfg, model_path, dist.device))
+    steps_per_update = cfg.ppo.epochs * cfg.rollout.batch_size // cfg.ppo.minibatch_size
+    engine = create_engine(
+        ac, ds_config=ds_config, lr=cfg.ppo.learning_rate, weight_decay=cfg.ppo.weight_decay,
+        schedule=cfg.ppo.lr_schedule, warmup_steps=cfg.ppo.warmup_steps,
+        total_steps=cfg.ppo.total_updates * steps_per_update)
+    kl_ctl = (AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.target_kl, cfg.ppo.kl_horizon)
+              if cfg.ppo.adaptive_kl else FixedKLController(cfg.ppo.kl_coef))
+    output_dir = Path(cfg.output_dir)
+    if dist.rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+    return Run(cfg=cfg, dist=dist, tokenizer=tokenizer, ac=ac, engine=engine,
+               reward=make_reward_source(cfg, ac), kl_ctl=kl_ctl, moments=RunningMoments(),
+               sampler=PromptSampler(train_prompts, cfg.seed), eval_prompts=eval_prompts,
+               generator=torch.Generator().manual_seed(cfg.seed), output_dir=output_dir,
+               model_path=model_path)
+
+
+def decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    return [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
+            for row, m in zip(ids.cpu(), mask.cpu())]
+
+
+def collect_rollout(run: Run, prompts: list[str], greedy: bool = False) -> Rollout:
+    """Step 1: generate and score. Under ZeRO-3 the weights are gathered for generation."""
+    cfg = run.cfg
+    prompt_ids = tokenize_prompts(run.tokenizer, prompts, cfg.model.max_prompt_length,
+                                  add_special_tokens=not cfg.data.chat_template)
+    synced = run.dist.world_size > 1 and zero_stage(run.engine.config) == 3
+    with gathered_params(run.engine):
+        q, qm, r, rm, has_eos = generate(run.ac, run.tokenizer, prompt_ids, cfg.rollout,
+                                         greedy=greedy, synced=synced)
+    return score_rollout(run.ac, q, qm, r, rm, has_eos, temperature=cfg.rollout.temperature,
+                         chunk_size=cfg.rollout.logprob_chunk_size,
+                         batch_size=cfg.rollout.generation_batch_size)
+
+
+def score(run: Run, prompts: list[str], ro: Rollout) -> tuple[torch.Tensor, list[str]]:
+    """Raw sequence scores (B,) from the reward source, and the decoded completions."""
+    completions = decode(run.tokenizer, ro.response_ids, ro.response_mask)
+    tensors = {"query_ids": ro.query_ids, "query_mask": ro.query_mask,
+               "response_ids": ro.response_ids, "response_mask": ro.response_mask,
+               "prompt_ids": [row[m.bool()].tolist() for row, m in zip(ro.query_ids.cpu(),
+                                                                        ro.query_mask.cpu())],
+               "completion_ids": [row[m.bool()].tolist() for row, m in
+                                  zip(ro.response_ids.cpu(), ro.response_mask.cpu())]}
+    return run.reward(prompts, completions, tensors).to(ro.logprobs.device), completions
+
+
+def add_rewards(run: Run, ro: Rollout, raw_scores: torch.Tensor) -> Rollout:
+    """Step 2: shape scores (EOS penalty, clip, running normalisation) and add the KL penalty."""
+    rc, pc = run.cfg.reward, run.cfg.ppo
+    scores = shape_scores(raw_scores, ro.has_eos, missing_eos_penalty=rc.missing_eos_penalty,
+                          clip=rc.clip)
+    if rc.normalize:
+        # Every rank updates its moments with the scores of all ranks, so they stay identical.
+        run.moments.update(all_gather_cat(scores))
+        scores = run.moments.normalize(scores)
+    ro.raw_scores, ro.scores = raw_scores, scores
+    ro.rewards, ro.kl = compute_rewards(scores, ro.logprobs, ro.ref_logprobs, ro.response_mask,
+                                        run.kl_ctl.value, pc.kl_estimator)
+    return ro
+
+
+def add_advantages(run: Run, ro: Rollout) -> Rollout:
+    """Step 3: GAE; advantages whitened over the valid tokens of the whole rollout."""
+    pc = run.cfg.ppo
+    ro.advantages, ro.returns = compute_gae(ro.rewards, ro.values, ro.response_mask, pc.gamma,
+                                            pc.lam)
+    if pc.whiten_advantages:
+        ro.advantages = masked_whiten(ro.advantages, ro.response_mask, shift_mean=True)
+    return ro
+
+
+def update_metrics(run: Run, ro: Rollout, stats: PPOStats, t_rollout: float, t_update: float
+                   ) -> dict:
+    """The row logged for one update; every formula is in docs/metrics.md."""
+    mask = ro.response_mask
+    seq_kl = (ro.kl * mask).sum(1)
+    local = {
+        "objective/kl": seq_kl.mean().item(),
+        "objective/kl_coef": run.kl_ctl.value,
+        "objective/entropy": (-ro.logprobs * mask).sum(1).mean().item(),
+        "objective/scores": ro.scores.mean().item(),
+        "objective/raw_scores": ro.raw_scores.mean().item(),
+        "objective/rlhf_reward": (ro.rewards * mask).sum(1).mean().item(),
+        "objective/non_score_reward": (-run.kl_ctl.value * seq_kl).mean().item(),
+        "policy/approx_kl": stats.approx_kl, "policy/clipfrac": stats.clipfrac,
+        "policy/entropy": stats.entropy, "policy/ratio": stats.ratio,
+        "loss/policy": stats.policy_loss, "loss/value": stats.value_loss,
+        "val/clipfrac": stats.value_clipfrac,
+        "val/explained_variance": explained_variance(ro.values, ro.returns, mask),
+        "val/mean": masked_mean(ro.values, mask).item(),
+        "response/length": mask.sum(1).mean().item(),
+        "response/eos_frac": ro.has_eos.float().mean().item(),
+    }
+    for kind, part in getattr(run.reward, "components", {}).items():  # several reward sources
+        local[f"objective/score_{kind}"] = part.float().mean().item()
+    names = list(local)
+    row = dict(zip(names, all_mean([local[k] for k in names])))
+    tokens = (mask.sum() + ro.query_mask.sum()).item() * run.dist.world_size
+    row.update({
+        "step": run.step, "episode": run.episode, "lr": run.engine.get_lr()[0],
+        "ppo/epochs": stats.epochs, "time/rollout_s": t_rollout, "time/update_s": t_update,
+        "tokens_per_s": tokens / max(t_rollout + t_update, 1e-9),
+        "memory/peak_mib": peak_memory_mib(run.dist.device),
+    })
+    return row
+
+
+def evaluate(run: Run, logger: MetricsLogger) -> dict:
+    """Greedy and sampled responses to the held-out prompts, with their mean scores."""
+    out = {}
+    for mode in ("greedy", "sampled"):
+        ro = collect_rollout(run, run.eval_prompts, greedy=(mode == "greedy"))
+        scores, completions = score(run, run.eval_prompts, ro)
+        out[f"eval/score_{mode}"] = all_mean([scores.mean().item()])[0]
+        n = run.cfg.logging.num_samples
+        logger.text(f"eval/{mode}", [f"{p!r} -> {c!r} (score {s:.3f})" for p, c, s in
+                                     zip(run.eval_prompts[:n], completions[:n], scores.tolist())],
+                    run.step)
+    return out
+
+
+def train(cfg: Config, resume: Optional[str] = None) -> Run:
+    """Run PPO and return the finished run. `resume`: "latest" or a checkpoint path."""
+    from lora_ppo.io import checkpoint as ckpt
+
+    # Find the checkpoint before loading anything, so a bad --resume fails at once.
+    start_from = ckpt.find(cfg.output_dir, resume) if resume is not None else None
+    run = setup(cfg)
+    rank0 = run.dist.rank == 0
+    if start_from is not None:
+        ckpt.load(run, start_from)
+        if rank0:
+            print(f"resumed from {start_from} at update {run.step}", flush=True)
+    logger = MetricsLogger(run.output_dir, cfg, cfg.ppo.total_updates, run.step, enabled=rank0)
+    logger.truncate_after(run.step)
+    if cfg.data.eval_every and run.step == 0:
+        evaluate(run, logger)  # samples before training, to compare with later evaluations
+    world, bs = run.dist.world_size, cfg.rollout.batch_size
+    while run.step < cfg.ppo.total_updates:
+        # step 1. rollout: this rank's share of the prompts, sampled and scored
+        t0 = time.perf_counter()
+        prompts = run.sampler.take(bs * world)[run.dist.rank * bs:(run.dist.rank + 1) * bs]
+        ro = collect_rollout(run, prompts)
+        raw_scores, _ = score(run, prompts, ro)
+        t_rollout = time.perf_counter() - t0
+        # step 2. rewards: score on the last real token, -kl_coef * KL on every token
+        ro = add_rewards(run, ro, raw_scores)
+        # step 3. advantages
+        ro = add_advantages(run, ro)
+        # step 4. PPO epochs on the engine
+        t1 = time.perf_counter()
+        stats = ppo_update(run.engine, run.ac, ro, cfg, run.generator)
+        t_update = time.perf_counter() - t1
+        run.step += 1
+        run.episode += bs * world
+        row = update_metrics(run, ro, stats, t_rollout, t_update)
+        # step 5. KL controller, with the KL observed before this update (Ziegler et al. 2019)
+        run.kl_ctl.update(row["objective/kl"], bs * world)
+        # step 6. log, evaluate, checkpoint
+        if cfg.data.eval_every and run.step % cfg.data.eval_every == 0:
+            row.update(evaluate(run, logger))
+        logger.log(row)
+        last = run.step == cfg.ppo.total_updates
+        if last or (cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0):
+            ckpt.save(run)
+    logger.close()
+    if rank0 and logger.path.exists():
+        from lora_ppo.io.plot import plot_metrics
+
+        plot_metrics(logger.path, run.output_dir / "metrics.png")
+    return run

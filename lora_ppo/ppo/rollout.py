@@ -1,0 +1,141 @@
+"""Rollouts: sample responses, then score them under the policy, critic and reference.
+
+Layout of every batch (B samples):
+
+    query_ids      (B, Q)  left-padded prompts (generation appends on the right)
+    response_ids   (B, R)  right-padded responses, cut after the first EOS/stop token
+    response_mask  (B, R)  1.0 on real response tokens (the EOS included), 0.0 on padding
+
+Responses are drawn by `sampling.sample` from softmax(logits / temperature), the distribution
+that `ActorCritic.forward` scores for the rollout's old log-probs and for the update, so the
+ratio's denominator and the KL estimate are of the distribution actually sampled from. With no
+update in between and dropout off the PPO ratio is exactly 1 (to float round-off).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from lora_ppo.modeling.actor_critic import POLICY, REFERENCE, ActorCritic
+from lora_ppo.ppo.sampling import sample
+
+
+@dataclass
+class Rollout:
+    """Everything the update needs. Steps 2 and 3 of the loop fill scores .. returns."""
+
+    query_ids: torch.Tensor       # (B, Q) long
+    query_mask: torch.Tensor      # (B, Q) long
+    response_ids: torch.Tensor    # (B, R) long
+    response_mask: torch.Tensor   # (B, R) float
+    has_eos: torch.Tensor         # (B,) bool: the response ended with EOS/stop, not the length cap
+    logprobs: torch.Tensor        # (B, R) policy log-probs at the sampling temperature
+    ref_logprobs: torch.Tensor    # (B, R) reference log-probs at the same temperature
+    values: torch.Tensor          # (B, R) V(s_t)
+    scores: Optional[torch.Tensor] = None      # (B,) shaped sequence scores
+    raw_scores: Optional[torch.Tensor] = None  # (B,) scores as the reward source gave them
+    kl: Optional[torch.Tensor] = None          # (B, R) per-token KL estimate
+    rewards: Optional[torch.Tensor] = None     # (B, R) -kl_coef*kl + score on the last token
+    advantages: Optional[torch.Tensor] = None  # (B, R)
+    returns: Optional[torch.Tensor] = None     # (B, R)
+
+    def __len__(self) -> int:
+        return self.query_ids.shape[0]
+
+    def index(self, idx: torch.Tensor) -> Rollout:
+        """The samples at `idx` (a minibatch), every tensor field sliced alike."""
+        return Rollout(**{f.name: (None if getattr(self, f.name) is None
+                                   else getattr(self, f.name)[idx]) for f in fields(self)})
+
+
+def tokenize_prompts(tokenizer, prompts: Sequence[str], max_length: int,
+                     add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids per prompt, cut from the left to `max_length` (the end of a prompt matters most).
+    Text rendered by a chat template already holds its BOS: pass add_special_tokens=False."""
+    ids = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
+    return [x[-max_length:] for x in ids]
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lists of ids -> (ids (B, L), mask (B, L)) padded on the left."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def truncate_after_stop(response_ids: torch.Tensor, stop_ids: Sequence[int], pad_id: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut each response after its first stop token. (B, R) -> ids, mask (float), has_eos (B,).
+
+    The stop token itself stays (it is an action the policy took and gets the score).
+    """
+    is_stop = torch.isin(response_ids, torch.tensor(list(stop_ids), device=response_ids.device))
+    # Tokens strictly after the first stop: cumulative count of stops before this position > 0.
+    after = (is_stop.long().cumsum(-1) - is_stop.long()) > 0
+    mask = (~after).float()
+    ids = response_ids.masked_fill(after, pad_id)
+    return ids, mask, is_stop.any(-1)
+
+
+def generate(ac: ActorCritic, tokenizer, prompt_ids: Sequence[Sequence[int]], rc, *,
+             greedy: bool = False, synced: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample responses with the policy in chunks of `rc.generation_batch_size`.
+
+    Returns query_ids (B, Q), query_mask (B, Q), response_ids (B, R), response_mask (B, R),
+    has_eos (B,), every chunk padded to the same Q and R. `synced`: every rank runs the same
+    number of decoding steps (ZeRO-3 gathers weights collectively in each forward).
+    """
+    stop_ids = [tokenizer.eos_token_id, *rc.stop_token_ids]
+    query_ids, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+    device = ac.device
+    responses = []
+    with ac.role(POLICY, train=False):
+        for start in range(0, len(prompt_ids), rc.generation_batch_size):
+            q = query_ids[start:start + rc.generation_batch_size].to(device)
+            m = query_mask[start:start + rc.generation_batch_size].to(device)
+            responses.append(sample(ac, q, m, max_new_tokens=rc.max_new_tokens,
+                                    temperature=rc.temperature, greedy=greedy, stop_ids=stop_ids,
+                                    pad_id=tokenizer.pad_token_id, synced=synced).cpu())
+    width = max(max(r.shape[1] for r in responses), 1)
+    response_ids = torch.cat([F.pad(r, (0, width - r.shape[1]), value=tokenizer.pad_token_id)
+                              for r in responses])
+    response_ids, response_mask, has_eos = truncate_after_stop(
+        response_ids, stop_ids, tokenizer.pad_token_id)
+    return query_ids, query_mask, response_ids, response_mask, has_eos
+
+
+@torch.no_grad()
+def score_rollout(ac: ActorCritic, query_ids, query_mask, response_ids, response_mask, has_eos,
+                  *, temperature: float, chunk_size: int, batch_size: int) -> Rollout:
+    """Old log-probs, values and reference log-probs of sampled responses, in chunks."""
+    was_training = ac.training
+    ac.eval()
+    device = ac.device
+    parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "values": [], "ref_logprobs": []}
+    try:
+        for s in range(0, query_ids.shape[0], batch_size):
+            batch = [t[s:s + batch_size].to(device)
+                     for t in (query_ids, query_mask, response_ids, response_mask)]
+            lp, _, v = ac(*batch, temperature=temperature, chunk_size=chunk_size)
+            ref, _, _ = ac(*batch, temperature=temperature, chunk_size=chunk_size,
+                           with_values=False, role=REFERENCE)
+            mask = batch[3]
+            parts["logprobs"].append(lp * mask)
+            parts["values"].append(v * mask)
+            parts["ref_logprobs"].append(ref * mask)
+    finally:
+        ac.train(was_training)
+    return Rollout(query_ids=query_ids.to(device), query_mask=query_mask.to(device),
+                   response_ids=response_ids.to(device), response_mask=response_mask.to(device),
+                   has_eos=has_eos.to(device), **{k: torch.cat(v) for k, v in parts.items()})

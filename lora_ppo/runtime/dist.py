@@ -1,0 +1,144 @@
+"""Where this process sits: launch detection, the process group, collectives, and its exit.
+
+One switch, not a second code path (cf. nanoGPT's `ddp = int(os.environ.get('RANK', -1)) != -1`):
+a plain `python -m lora_ppo ...` is a world of size 1 that goes through exactly the same
+`deepspeed.initialize` as a multi-rank `deepspeed`/`torchrun` launch. Every helper here is the
+identity with one rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import sys
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from lora_ppo.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (torch's generator also draws the rollouts' samples)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class DistInfo(NamedTuple):
+    """Where this process sits in the (possibly size-1) world."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _use_cuda() -> bool:
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
+
+
+def shutdown_distributed(code: int = 0) -> int:
+    """End this process's part in a multi-rank run; returns `code` when there is no such run.
+
+    Under a launcher with several ranks, a CPU rank that had finished its work (outputs written
+    and closed) sometimes aborted at interpreter exit ("terminate called without an active
+    exception", exit -6: a C++ thread of torch's distributed runtime destroyed while joinable),
+    and the launcher then reported the whole run as failed. Destroying the process group first
+    was not enough (1 failure in ~15 runs of tests/runtime/test_engine.py's launcher test), so a rank of
+    a multi-rank run leaves with os._exit after flushing its streams, skipping the static
+    destructors. A single process is left alone, its group too: in-process callers (tests, a
+    notebook) go on using it, and DeepSpeed keeps a reference to it.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return code
+    if torch.distributed.get_world_size() == 1:
+        return code
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def setup_distributed() -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed; idempotent; call before importing deepspeed.
+
+    Under the `deepspeed` launcher or `torchrun`, RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* come from
+    the environment (the `--local_rank=N` argument the deepspeed launcher also passes is ignored
+    by the CLI; LOCAL_RANK carries the same number). A plain process gets a world of size 1.
+    """
+    if not torch.cuda.is_available() and "DS_ACCELERATOR" not in os.environ:
+        # DeepSpeed picks its accelerator once, at import; without this it probes for CUDA/XPU/...
+        # and warns. Set only when unset, so a user's choice wins.
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        logger.info("no CUDA device: running DeepSpeed on CPU (DS_ACCELERATOR=cpu), backend gloo")
+    if "RANK" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+                          RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    missing = [k for k in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+               if k not in os.environ]
+    if missing:
+        raise UserError(f"RANK is set but {', '.join(missing)} is not; launch with `deepspeed` "
+                        "or `torchrun`, or unset RANK for a single process")
+
+    import deepspeed
+
+    use_cuda = _use_cuda()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(torch.distributed.get_rank(), local_rank, torch.distributed.get_world_size(),
+                    device)
+
+
+def world_size() -> int:
+    """Ranks in the process group (1 without one)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    return torch.distributed.get_world_size()
+
+
+def _collective_device() -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo takes CPU tensors.
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Sum of each value over ranks, in float64 (the values themselves with one rank)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def all_mean(values: list[float]) -> list[float]:
+    """Mean of each value over ranks (the values themselves with one rank)."""
+    return [v / world_size() for v in all_sum(values)]
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenation over ranks of a (B, ...) tensor of the same shape on every rank."""
+    if world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)

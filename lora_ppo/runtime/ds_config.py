@@ -1,0 +1,180 @@
+"""DeepSpeed configs: the bundled ds_configs/ files, filled from the training config, checked.
+
+The training config decides batch sizes, accumulation, clipping and precision; a DeepSpeed JSON
+says "auto" for them (or agrees), and `fill_ds_config` writes the values in. What DeepSpeed would
+silently ignore or get wrong is refused with one line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_ppo.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# The repo's ds_configs/ (a checkout or an editable install); a wheel installs the same files
+# under <prefix>/share/lora_ppo/ds_configs (pyproject's data-files).
+DS_CONFIG_DIR = next((d for d in (Path(__file__).resolve().parents[2] / "ds_configs",
+                                  Path(sys.prefix) / "share" / "lora_ppo" / "ds_configs")
+                      if d.is_dir()), Path(__file__).resolve().parents[2] / "ds_configs")
+
+
+def training_source(section: str = "ppo", batch_key: str = "minibatch_size") -> dict[str, str]:
+    """The training-config field each DeepSpeed key comes from, named in contradiction errors."""
+    micro, batch = f"{section}.micro_batch_size", f"{section}.{batch_key}"
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": f"{batch}/{micro}",
+        "train_batch_size": f"{batch} * world_size",
+        "gradient_clipping": f"{section}.max_grad_norm",
+        "bf16.enabled": "deepspeed.precision",
+        "fp16.enabled": "deepspeed.precision",
+    }
+
+
+# Keys where DeepSpeed itself understands "auto"; any other "auto" left after filling is an error.
+_DS_OWN_AUTO = {"data_types.keep_in_fp32_modules"}
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def resolve_ds_config(name_or_path: str) -> Path:
+    """"zero2" -> <repo>/ds_configs/zero2.json; an existing .json path is returned as is."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" and path.is_file():
+        return path
+    bundled = DS_CONFIG_DIR / f"{name_or_path}.json"
+    if "/" not in name_or_path and bundled.is_file():
+        return bundled
+    names = ", ".join(sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
+    raise UserError(f"deepspeed config {name_or_path!r} not found; use one of {names} "
+                    "or a path to an existing .json file")
+
+
+def read_ds_config(name_or_path: str) -> tuple[dict, str]:
+    """Resolve and parse a DeepSpeed config; returns (raw dict, source name for messages)."""
+    path = resolve_ds_config(name_or_path)
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); fix the file") from e
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: top level must be a JSON object; fix the file")
+    source = f"ds_configs/{path.name}" if path.parent == DS_CONFIG_DIR else str(path)
+    return raw, source
+
+
+def _same(value: Any, expected: Any) -> bool:
+    if isinstance(expected, bool) or isinstance(value, bool):
+        return value is expected
+    if isinstance(value, (int, float)):
+        return math.isclose(value, expected, rel_tol=1e-9, abs_tol=1e-12)
+    return False
+
+
+def _auto_paths(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _auto_paths(v, f"{prefix}{k}.")]
+    return [prefix[:-1]] if node == "auto" else []
+
+
+def fill_ds_config(raw: dict, *, micro_batch_size: int, grad_accum_steps: int, world_size: int,
+                   max_grad_norm: float, precision: str, source: str, section: str = "ppo",
+                   batch_key: str = "minibatch_size") -> dict:
+    """A copy of `raw` with the keys the training config decides set from it.
+
+    Each key is set whether it is "auto" or missing (a missing gradient_accumulation_steps would
+    silently default to 1 in DeepSpeed); an explicit value must agree or we raise UserError.
+    train_batch_size = micro_batch_size * grad_accum_steps * world_size (DeepSpeed checks this
+    identity itself). max_grad_norm <= 0 means no clipping, which DeepSpeed writes as 0.
+    The optimizer and scheduler come from the training config (`create_engine`), so a DeepSpeed
+    "optimizer"/"scheduler" block, which DeepSpeed would silently ignore, is refused.
+    `section`/`batch_key` only name the training-config fields in errors (e.g. "sft",
+    "batch_size" for the supervised stages).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be resolved to one of {PRECISIONS}, got {precision!r}")
+    for block in ("optimizer", "scheduler"):
+        if block in raw:
+            raise UserError(f"{source}: remove the {block!r} block; lora_ppo builds AdamW and "
+                            "its LR schedule from the training config (lr, weight_decay, schedule)")
+    out = json.loads(json.dumps(raw))  # deep copy of plain JSON data
+    wanted = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+        "gradient_clipping": float(max(max_grad_norm, 0.0)),
+        "bf16.enabled": precision == "bf16",
+        "fp16.enabled": precision == "fp16",
+    }
+    for key, expected in wanted.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        value = node.get(leaf, "auto")
+        if value != "auto" and not _same(value, expected):
+            shown = precision if key.endswith(".enabled") else expected
+            raise UserError(f"{source}: {key}={json.dumps(value)} contradicts "
+                            f"{training_source(section, batch_key)[key]} = {shown}; "
+                            "write \"auto\" or change one of them")
+        node[leaf] = expected
+    left = [p for p in _auto_paths(out) if p not in _DS_OWN_AUTO]
+    if left:
+        raise UserError(f"{source}: {', '.join(left)} is \"auto\" but lora_ppo only fills "
+                        f"{', '.join(wanted)}; write a value")
+    return out
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "bf16" on a CUDA device that supports it, else "fp32"; refuses fp16 on CPU."""
+    if precision not in ("auto", *PRECISIONS):
+        raise UserError(f"precision={precision!r} is not one of auto, fp32, bf16, fp16; pick one")
+    on_cuda = device.type == "cuda"
+    if precision == "auto":
+        # fp32 rather than fp16 on pre-Ampere GPUs: fp16 needs loss scaling, and PPO's
+        # exp(logprobs - old_logprobs) ratio is sensitive to the lost mantissa bits.
+        return "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not on_cuda:
+        raise UserError("fp16 needs a GPU; use precision=fp32 on CPU")
+    if precision == "bf16" and not on_cuda:
+        logger.warning("precision=bf16 on CPU is ~400x slower than fp32 here; "
+                       "use precision=fp32 unless you are testing bf16 itself")
+    return precision
+
+
+def zero_stage(ds_config: dict) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 when it has no zero_optimization block)."""
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def refuse_unsupported(zero_stage: int, quantized: bool, world_size: int) -> None:
+    """Refuse ZeRO-3 across several ranks with a bitsandbytes-quantized base.
+
+    ZeRO-3 partitions every module parameter, frozen ones too: it flattens each one, keeps a
+    1/world_size slice per rank and all-gathers it around each forward
+    (deepspeed/runtime/zero/partition_parameters.py). A bitsandbytes weight is packed integer
+    storage whose meaning lives outside the tensor (4-bit: `quant_state`, with per-block absmax
+    and the original shape), which ZeRO-3 neither partitions nor gathers; it only moves bytes.
+    A 2-rank CPU run of a Linear4bit (nf4) base under DeepSpeed 0.19.8 + bitsandbytes 0.50.2 did
+    train correctly, but no upstream test covers it, and the memory win is not there: every rank
+    first loads the whole quantized model and only then is it sharded (DeepSpeed issue #5660).
+    peft's supported route, bnb_4bit_quant_storage = the training dtype plus loading under
+    zero.Init (https://huggingface.co/docs/peft/accelerate/deepspeed, "Use PEFT QLoRA and
+    DeepSpeed with ZeRO3"), is not one lora_ppo takes. ZeRO-2 already shards what is large here:
+    the optimizer state and gradients of the LoRA weights. One rank partitions nothing, so it
+    is allowed.
+    """
+    if zero_stage == 3 and quantized and world_size > 1:
+        raise UserError(f"ZeRO-3 cannot partition a bitsandbytes-quantized base across "
+                        f"{world_size} ranks; use ds_config=zero2 (or zero2_offload) with "
+                        "quantization, or turn quantization off for zero3")

@@ -1,0 +1,309 @@
+"""Peak memory of a PPO run, predicted from the model's config.json alone (FLOPs: flops.py).
+
+Nothing is loaded: the architecture (hidden size, layers, heads, kv heads, intermediate size,
+vocab) comes from config.json (arch.py) and the batch shapes from
+the training config. Every phase of an update peaks at
+
+    resident state  base weights + adapters + optimizer state and gradients (after step 1)
+  + phase transient generation: KV cache of one generation batch + one prefill layer
+                    scoring:    one no-grad layer of one generation batch, or a logits chunk
+                    update:     saved activations of one micro-batch + the backward's temporaries
+
+and the run's peak is the largest phase. `device="gpu"` predicts the CUDA allocator peak
+(torch.cuda.max_memory_allocated, bf16 compute); `device="cpu"` predicts what scripts/bench.py
+measures on a CPU: peak resident memory (VmHWM) minus the resident memory before the model was
+loaded, in fp32 (docs/benchmarks.md compares the two and gives the error).
+
+The activation counts (elements saved per token and layer) are read off transformers'
+LlamaDecoderLayer under autograd; they are written out next to each formula below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+from lora_ppo.errors import UserError
+from lora_ppo.sizing.arch import Arch, lora_param_count, param_counts, read_arch
+
+MIB = 2**20
+# What the CPU measurement sees besides tensors: pages of shared libraries' code first run by a
+# forward/backward/generate (file-backed, so they count in RSS), allocator and thread state.
+# scripts/bench.py measured 28-40 MiB of it on a 0.3M-parameter model, whose tensors are
+# about 1 MiB (docs/benchmarks.md, "Calibration"); the spread is page-cache dependent.
+CPU_RUNTIME_OVERHEAD = 36 * MIB
+
+
+def weight_bytes(arch: Arch, mode: str, double_quant: bool, dtype_bytes: int) -> int:
+    """Bytes of the frozen base as loaded by modeling/loading.py.
+
+    none: every weight in the compute dtype. 8bit (LLM.int8): 1 byte per linear weight plus one
+    fp32 scale per output row (`SCB`). 4bit: 0.5 byte per linear weight plus per block of 64 an
+    fp32 absmax, or with double quantization a uint8 absmax plus an fp32 per 256 blocks (QLoRA
+    sec. 2, bitsandbytes blocksize 64). Quantized models get their other weights cast to fp32 by
+    peft's prepare_model_for_kbit_training.
+    """
+    pc = param_counts(arch)
+    if mode == "none":
+        return pc.total * dtype_bytes
+    if mode == "8bit":
+        rows = arch.layers * sum(o for _, o in arch.linears().values())
+        return pc.linear + 4 * rows + 4 * pc.other
+    if mode == "4bit":
+        blocks = pc.linear / 64
+        absmax = blocks + 4 * blocks / 256 if double_quant else 4 * blocks
+        return int(pc.linear / 2 + absmax) + 4 * pc.other
+    raise UserError(f"quantization.mode={mode!r} is not one of none, 8bit, 4bit")
+
+
+def optimizer_bytes(trainable: int, precision: str, zero_stage: int, device: str,
+                    bucket: int, overlap_comm: bool) -> int:
+    """DeepSpeed + client AdamW state of `trainable` parameters, beyond the module's copy.
+
+    AdamW: exp_avg + exp_avg_sq, 8 B/param in fp32. ZeRO-0 fp32: param.grad, 4 B. ZeRO-1/2 keep
+    an fp32 master partition (a clone even in fp32, zero/stage_1_and_2.py) with its fp32 grad,
+    plus a reduce bucket of `reduce_bucket_size` elements (x2 with overlap_comm) allocated with
+    torch.empty at each backward: the GPU allocator counts all of it, a CPU's RSS only the pages
+    written (about the trainable size). bf16: module copy in bf16 (counted by the caller), an fp32
+    master and fp32 grads (bf16 optimizer at ZeRO-0, ZeRO partition at 1/2).
+    """
+    adam = 8 * trainable
+    if zero_stage == 0:
+        grads = 4 * trainable if precision == "fp32" else (4 + 4 + 2) * trainable
+        return adam + grads
+    elem = 4 if precision == "fp32" else 2
+    n_buckets = 2 if overlap_comm else 1
+    touched = n_buckets * bucket if device == "gpu" else min(bucket, trainable)
+    return adam + (4 + 4) * trainable + elem * touched
+
+
+# --- activations -----------------------------------------------------------------------------
+
+def _saved_per_token_layer(arch: Arch) -> int:
+    """Elements autograd keeps per token and decoder layer (LoRA on the linears, frozen base).
+
+    input_layernorm: its input x and its output (kept by lora_A of q/k/v)          2 H
+    attention: q after rope, k and v repeated to all heads (GQA under a padding
+               mask), the SDPA output (o_proj's input is the same storage)          4 nh*hd
+    post_attention_layernorm: input and output                                     2 H
+    MLP: gate, up, silu(gate), silu(gate)*up (kept by down_proj's lora_A)          4 I
+    (rope's cos/sin, the rank-r lora_A outputs and the norms' rstd are negligible.) Checked with
+    saved_tensors_hooks on a 4-layer model: 148 MiB saved against 152 MiB from this count (k, v
+    were not repeated there: no padding, so SDPA ran GQA itself).
+    """
+    return 4 * arch.hidden + 4 * arch.heads * arch.head_dim + 4 * arch.intermediate
+
+
+def _nograd_layer_peak(arch: Arch) -> int:
+    """Elements per token live at the worst point of a no-grad decoder layer: the residual,
+    silu(gate), up, the LoRA branch's output and its scaled copy, and their product (5 I)."""
+    return 2 * arch.hidden + 5 * arch.intermediate
+
+
+class MemoryEstimate(NamedTuple):
+    """Bytes, by component and by phase; `peak` is the largest phase."""
+
+    components: dict[str, int]
+    phases: dict[str, int]
+    device: str
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values())
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The batch shapes an estimate is for (defaults: from the config, worst case)."""
+
+    micro_batch: int
+    generation_batch: int
+    prompt_len: int
+    new_tokens: int
+
+
+def shapes_from_config(cfg) -> Shapes:
+    return Shapes(cfg.ppo.micro_batch_size, min(cfg.rollout.generation_batch_size,
+                                                cfg.rollout.batch_size),
+                  cfg.model.max_prompt_length, cfg.rollout.max_new_tokens)
+
+
+def _ds_settings(cfg) -> tuple[int, int, bool]:
+    """(zero stage, reduce_bucket_size, overlap_comm) of the run's DeepSpeed config."""
+    from lora_ppo.runtime.ds_config import read_ds_config, zero_stage
+
+    raw, _ = read_ds_config(cfg.deepspeed.config)
+    zero = raw.get("zero_optimization", {})
+    stage = zero_stage(raw)
+    overlap = zero.get("overlap_comm")
+    return stage, int(zero.get("reduce_bucket_size", 5e8)), bool(
+        stage == 3 if overlap is None else overlap)
+
+
+def _generation_bytes(arch: Arch, sh: Shapes, s: int) -> tuple[int, int]:
+    """(KV cache, generation transient): the whole KV cache of one generation batch, plus one
+    layer's cache being re-concatenated each step (DynamicCache uses torch.cat) or the
+    prefill's widest layer."""
+    gb, T = sh.generation_batch, sh.prompt_len + sh.new_tokens
+    kv_row = 2 * arch.kv_heads * arch.head_dim  # K and V elements per token and layer
+    kv_cache = arch.layers * gb * T * kv_row * s
+    prefill = gb * sh.prompt_len * _nograd_layer_peak(arch) * s
+    return kv_cache, kv_cache + max(gb * T * kv_row * s, prefill)
+
+
+def _scoring_bytes(arch: Arch, sh: Shapes, s: int, chunk: int) -> int:
+    """No grad, one generation batch: the trunk's output, then the widest of one layer and one
+    logits chunk (the logits and logsumexp's exp(z - max): 2 (rows, V) fp32)."""
+    gb, T = sh.generation_batch, sh.prompt_len + sh.new_tokens
+    rows = min(chunk, gb * sh.new_tokens)
+    return gb * T * arch.hidden * s + max(gb * T * _nograd_layer_peak(arch) * s,
+                                          2 * rows * arch.vocab * 4)
+
+
+def _update_bytes(cfg, arch: Arch, sh: Shapes, s: int, trainable: int) -> tuple[int, int]:
+    """(saved activations, update transient) of one micro-batch.
+
+    Saved by each forward with grad (policy; critic too in adapter mode): every layer's
+    activations, or with gradient checkpointing only each layer's input; plus the final norm's
+    input and output. Autograd runs the newest graph first, so in adapter mode the critic's
+    backward (a layer's input grads at a time) ends before the policy's starts; that one begins
+    at the logits chunks, recomputed with entropy (~5 (rows, V) fp32, measured in
+    tests/rl/test_logprobs.py). With checkpointing a layer is recomputed when its turn comes.
+    """
+    L, H, mb = arch.layers, arch.hidden, sh.micro_batch
+    T = sh.prompt_len + sh.new_tokens
+    per_layer = _saved_per_token_layer(arch)
+    mlp_grads = 3 * arch.intermediate + 2 * H  # a layer's input grads at the widest point
+    if cfg.model.gradient_checkpointing:
+        saved_one = mb * T * (L * H + 2 * H) * s
+        layer_bwd = mb * T * (per_layer + mlp_grads) * s
+    else:
+        saved_one = mb * T * (L * per_layer + 2 * H) * s
+        layer_bwd = mb * T * mlp_grads * s
+    logits_bwd = 5 * min(cfg.rollout.logprob_chunk_size, mb * sh.new_tokens) * arch.vocab * 4
+    saved = (2 if cfg.value.mode == "adapter" else 1) * saved_one
+    step_tmp = 2 * 4 * trainable  # AdamW's temporaries (denominator, update) after backward
+    return saved, max(saved + layer_bwd, saved_one + max(logits_bwd, layer_bwd), step_tmp)
+
+
+def estimate_memory(cfg, arch: Arch, device: str = "gpu",
+                    shapes: Optional[Shapes] = None) -> MemoryEstimate:
+    """Predicted peak of each phase of an update (see the module docstring for what is counted)."""
+    if device not in ("gpu", "cpu"):
+        raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
+    sh = shapes or shapes_from_config(cfg)
+    s = 2 if device == "gpu" else 4  # activation bytes: bf16 on a GPU (auto), fp32 on a CPU
+    precision = "bf16" if device == "gpu" else "fp32"
+    q = cfg.quantization
+    weights = weight_bytes(arch, q.mode, q.double_quant, s)
+    lora = lora_param_count(arch, cfg.lora.r, cfg.lora.target_modules)
+    n_train = 2 if cfg.value.mode == "adapter" else 1
+    kinds = getattr(cfg.reward, "kinds", [cfg.reward.source])
+    n_frozen = int(bool(cfg.model.init_adapter)) + int("adapter" in kinds)
+    trainable = n_train * (lora + arch.hidden + 1)  # + value head(s)
+    # Trainable LoRA weights live in the module in the training dtype (DeepSpeed casts them to
+    # bf16 and keeps the fp32 master); frozen adapters stay fp32 (peft autocast_adapter_dtype).
+    adapters = trainable * (4 if precision == "fp32" else 2) + 4 * n_frozen * lora
+    stage, bucket, overlap = _ds_settings(cfg)
+    optim = optimizer_bytes(trainable, precision, stage, device, bucket, overlap)
+    if stage > 0 and "offload" in cfg.deepspeed.config and device == "gpu":
+        optim = 0  # ZeRO-Offload: master, grads and Adam state live in CPU memory
+
+    kv_cache, generation = _generation_bytes(arch, sh, s)
+    scoring = _scoring_bytes(arch, sh, s, cfg.rollout.logprob_chunk_size)
+    saved, update = _update_bytes(cfg, arch, sh, s, trainable)
+    gb, T = sh.generation_batch, sh.prompt_len + sh.new_tokens
+
+    # bitsandbytes dequantizes one linear's weight to the compute dtype for each matmul with
+    # more than one row (bitsandbytes/autograd/_functions.py, matmul_4bit / MatMul8bitLt).
+    dequant = max(i * o for i, o in arch.linears().values()) * s if q.mode != "none" else 0
+    generation, scoring, update = generation + dequant, scoring + dequant, update + dequant
+    if "model" in kinds and cfg.reward.model:
+        # A separate sequence-classification reward model, unquantized in the compute dtype:
+        # its trunk (no LM head) plus a one-layer widest no-grad activation of a scoring batch.
+        rm = read_arch(cfg.reward.model)
+        weights += (param_counts(rm).total - (0 if rm.tied else rm.vocab * rm.hidden)) * s
+        scoring += gb * T * _nograd_layer_peak(rm) * s
+    mapped = 0
+    if device == "cpu" and q.mode != "none":
+        # transformers maps model.safetensors privately (mmap) and keeps the unquantized weights
+        # as views into it, so the pages of the linear weights, read while quantizing, stay in
+        # the RSS. Clean pages the kernel may drop, but RSS (and VmHWM) counts them.
+        mapped = param_counts(arch).linear * arch.checkpoint_bytes
+    resident = weights + mapped + adapters + optim
+    extra = CPU_RUNTIME_OVERHEAD if device == "cpu" else 0
+    components = {"weights": weights, "checkpoint_pages": mapped, "adapters": adapters,
+                  "optimizer": optim, "kv_cache": kv_cache, "activations": saved, "runtime": extra}
+    phases = {"generation": resident + generation + extra, "scoring": resident + scoring + extra,
+              "update": resident + update + extra}
+    return MemoryEstimate(components, phases, device)
+
+
+# --- batch-size suggestion -------------------------------------------------------------------
+
+def _divisors_desc(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+class Suggestion(NamedTuple):
+    micro_batch_size: Optional[int]       # None: not even 1 fits
+    generation_batch_size: Optional[int]
+    estimate: MemoryEstimate              # at the suggested sizes (or at 1 when nothing fits)
+    budget: int                           # bytes the peak must stay under
+
+
+def suggest_batch_sizes(cfg, arch: Arch, gpu_mib: float, device: str = "gpu",
+                        headroom: float = 0.1) -> Suggestion:
+    """The largest micro_batch_size (a divisor of ppo.minibatch_size) and generation_batch_size
+    (a divisor of rollout.batch_size) whose phases fit in (1 - headroom) * gpu_mib.
+
+    headroom covers what the estimate leaves out: the CUDA context lives outside the allocator,
+    and fragmentation makes reserved memory exceed allocated (typically 5-10%).
+    """
+    budget = int(gpu_mib * MIB * (1 - headroom))
+    base = shapes_from_config(cfg)
+
+    def est(mb: int, gb: int) -> MemoryEstimate:
+        return estimate_memory(cfg, arch, device, Shapes(mb, gb, base.prompt_len, base.new_tokens))
+
+    micro = next((m for m in _divisors_desc(cfg.ppo.minibatch_size)
+                  if est(m, 1).phases["update"] <= budget), None)
+    gen = next((g for g in _divisors_desc(cfg.rollout.batch_size)
+                if max(est(1, g).phases["generation"], est(1, g).phases["scoring"]) <= budget),
+               None)
+    return Suggestion(micro, gen, est(micro or 1, gen or 1), budget)
+
+
+def format_table(est: MemoryEstimate, sug: Optional[Suggestion] = None,
+                 title: str = "") -> str:
+    """A readable table of components, phases and the suggestion."""
+    lines = [title] if title else []
+    lines.append(f"{'component':<22}{'MiB':>12}")
+    lines += [f"{k:<22}{v / MIB:>12.1f}" for k, v in est.components.items()]
+    lines.append(f"{'phase peak':<22}{'MiB':>12}")
+    lines += [f"{k:<22}{v / MIB:>12.1f}" for k, v in est.phases.items()]
+    lines.append(f"{'peak':<22}{est.peak / MIB:>12.1f}")
+    if sug is not None:
+        if sug.micro_batch_size is None or sug.generation_batch_size is None:
+            lines.append(f"does not fit in {sug.budget / MIB:.0f} MiB even at batch size 1: "
+                         "turn on gradient checkpointing, quantize, or shorten sequences")
+        else:
+            lines.append(f"fits {sug.budget / MIB:.0f} MiB with ppo.micro_batch_size="
+                         f"{sug.micro_batch_size} rollout.generation_batch_size="
+                         f"{sug.generation_batch_size} (peak {sug.estimate.peak / MIB:.1f} MiB)")
+    return "\n".join(lines)
+
+
+def report(cfg, arch: Arch, device: str, gpu_mib: float) -> dict:
+    """Everything `lora-ppo estimate --json` prints, in MiB."""
+    est = estimate_memory(cfg, arch, device)
+    sug = suggest_batch_sizes(cfg, arch, gpu_mib, device)
+    return {"device": device, "arch": arch.__dict__,
+            "params": param_counts(arch).total,
+            "lora_params_per_adapter": lora_param_count(arch, cfg.lora.r, cfg.lora.target_modules),
+            "components_mib": {k: v / MIB for k, v in est.components.items()},
+            "phases_mib": {k: v / MIB for k, v in est.phases.items()}, "peak_mib": est.peak / MIB,
+            "budget_mib": sug.budget / MIB, "fits": est.peak <= sug.budget,
+            "suggested": {"ppo.micro_batch_size": sug.micro_batch_size,
+                          "rollout.generation_batch_size": sug.generation_batch_size,
+                          "peak_mib": sug.estimate.peak / MIB}}

@@ -1,0 +1,328 @@
+"""What the SFT and reward-model stages share: data, tokenisation, setup, the loop, checkpoints.
+
+Both stages train one LoRA adapter (plus, for the reward model, a score head) on the same base
+and with the same DeepSpeed layer as PPO (lora_ppo.runtime.engine). Their run files live under
+`<output_dir>/<stage>/` (metrics.jsonl, tensorboard/, config.yaml, checkpoints/step-N/) so that
+one output_dir can hold all three stages without one run's metrics overwriting another's; the
+result goes to `<output_dir>/adapter/` (SFT) or `<output_dir>/reward_adapter/` (reward model).
+
+Tokenisation matches what PPO feeds the policy and the reward adapter: prompt ids as the
+tokenizer (or the chat template) gives them, then response ids tokenised on their own, so the
+boundary between prompt and response is the same token boundary PPO samples at.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from lora_ppo.config import Config
+from lora_ppo.config.load import config_to_dict, save_config
+from lora_ppo.errors import UserError
+from lora_ppo.io.metrics import MetricsLogger, peak_memory_mib
+from lora_ppo.runtime.dist import DistInfo, seed_everything, setup_distributed
+from lora_ppo.runtime.ds_config import (
+    fill_ds_config,
+    read_ds_config,
+    refuse_unsupported,
+    resolve_precision,
+    zero_stage,
+)
+from lora_ppo.runtime.engine import create_engine, gathered_params
+
+# Fields a stage checkpoint is tied to: they change saved shapes or what the weights mean.
+STAGE_MUST_MATCH = ("quantization.mode", "lora.r", "lora.alpha", "lora.target_modules",
+                    "reward_model.init_adapter", "reward_model.margin_column")
+
+
+# -- data -------------------------------------------------------------------------------------
+
+def load_rows(spec: str, columns: list[str], field: str) -> list[dict]:
+    """Rows {column: str} of a JSONL/JSON/Parquet/CSV file, read with `datasets`."""
+    from lora_ppo.io.data import _FORMATS
+
+    path = Path(spec)
+    if not path.is_file():
+        raise UserError(f"{field}={spec} does not exist; give a .jsonl, .parquet or .csv file")
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None or fmt == "text":
+        raise UserError(f"{field}={spec}: unknown extension {path.suffix!r}; use .jsonl, .json, "
+                        ".parquet or .csv")
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    except Exception as e:
+        raise UserError(f"{field}={spec} could not be read as {fmt}: {str(e).splitlines()[0]}")
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise UserError(f"{field}={spec} has no column {missing[0]!r} (columns: "
+                        f"{', '.join(table.column_names)}); set the matching *_column field")
+    rows = [dict(zip(columns, values)) for values in zip(*(table[c] for c in columns))]
+    if not rows:
+        raise UserError(f"{field}={spec} holds no rows")
+    for i, row in enumerate(rows):
+        empty = [c for c, v in row.items() if v is None]
+        if empty:
+            raise UserError(f"{field}={spec}: row {i} has no value in column {empty[0]!r}; fill "
+                            "it in or drop the row")
+    return rows
+
+
+def split_eval(rows: list, eval_rows: Optional[list], size: int, seed: int,
+               section: str) -> tuple[list, list]:
+    """(train, eval): a separate eval set, or `size` rows of a seeded shuffle held out."""
+    if size == 0:
+        return rows, []
+    if eval_rows is not None:
+        return rows, eval_rows[:size]
+    if len(rows) <= size:
+        raise UserError(f"{section}.eval_size={size} leaves no training rows out of {len(rows)}; "
+                        f"lower it or give {section}.eval_data")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)  # files are often sorted; hold out a random slice
+    return [rows[i] for i in order[size:]], [rows[i] for i in order[:size]]
+
+
+def encode_prompt(tokenizer, prompt: str, chat_template: bool) -> list[int]:
+    """Prompt ids. With a chat template the rendered text already holds BOS, so the tokenizer
+    must not add special tokens again (transformers' chat-template docs)."""
+    if not chat_template:
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_pair(tokenizer, prompt: str, response: str, *, chat_template: bool, append_eos: bool,
+                max_prompt_length: int, max_length: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of one example, cut to fit.
+
+    The prompt is cut from the left to `max_prompt_length` (as PPO cuts it), then the response
+    at the end to `max_length` in all. With a chat template, the response is what the template
+    renders after the generation prompt (for the tiny model: " text</s>\\n").
+    """
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise UserError("chat_template=true but the tokenizer has no chat template; set it false")
+    p_ids = encode_prompt(tokenizer, prompt, chat_template)[-max_prompt_length:]
+    if chat_template:
+        user = [{"role": "user", "content": prompt}]
+        head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}],
+                                             tokenize=False)
+        if not full.startswith(head):
+            raise UserError("the chat template does not render the prompt as a prefix of the "
+                            "conversation; set chat_template=false")
+        response = full[len(head):]
+    r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if append_eos and tokenizer.eos_token_id not in r_ids:
+        r_ids = r_ids + [tokenizer.eos_token_id]
+    return p_ids, r_ids[:max_length - len(p_ids)]
+
+
+# -- setup ------------------------------------------------------------------------------------
+
+@dataclass
+class Stage:
+    """One SFT or reward-model run; `section` is cfg.sft or cfg.reward_model."""
+
+    cfg: Config
+    name: str  # "sft" or "reward_model": the config section and the run directory
+    dist: DistInfo
+    tokenizer: Any
+    model_path: str
+    ds_config: dict
+    run_dir: Path
+    engine: Any = None
+    step: int = 0
+    total_steps: int = 0
+    steps_per_epoch: int = 0
+
+    @property
+    def section(self):
+        return getattr(self.cfg, self.name)
+
+
+def setup_stage(cfg: Config, name: str) -> Stage:
+    """Distributed init, seeds, tokenizer, filled DeepSpeed config (no model yet)."""
+    from lora_ppo.modeling.loading import load_tokenizer, resolve_model_path
+
+    sec = getattr(cfg, name)
+    model_path = resolve_model_path(cfg.model.path)  # fail on a bad path before anything starts
+    dist = setup_distributed()
+    seed_everything(cfg.seed + dist.rank)
+    tokenizer = load_tokenizer(cfg.model, model_path)
+    raw, source = read_ds_config(cfg.deepspeed.config)
+    ds_config = fill_ds_config(
+        raw, micro_batch_size=sec.micro_batch_size,
+        grad_accum_steps=sec.batch_size // sec.micro_batch_size, world_size=dist.world_size,
+        max_grad_norm=sec.max_grad_norm,
+        precision=resolve_precision(cfg.deepspeed.precision, dist.device), source=source)
+    refuse_unsupported(zero_stage(ds_config), cfg.quantization.mode != "none",
+                          dist.world_size)
+    return Stage(cfg=cfg, name=name, dist=dist, tokenizer=tokenizer, model_path=model_path,
+                 ds_config=ds_config, run_dir=Path(cfg.output_dir) / name)
+
+
+def attach_lora(cfg: Config, base: torch.nn.Module, init_adapter: Optional[str], field: str):
+    """The base with one trainable LoRA adapter ("default", so save_pretrained writes a plain
+    PEFT dir): fresh from `cfg.lora`, or the weights and settings of `init_adapter`."""
+    from peft import PeftModel, get_peft_model
+
+    from lora_ppo.modeling.actor_critic import _check_adapter_dir, _lora_config
+
+    if init_adapter:
+        _check_adapter_dir(init_adapter, field)
+        return PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
+    return get_peft_model(base, _lora_config(cfg))
+
+
+def start_training(st: Stage, module: torch.nn.Module, n_train: int,
+                   resume: Optional[str]) -> None:
+    """Count the steps, wrap `module` in the DeepSpeed engine, restore a checkpoint if asked,
+    and write the run's config.yaml."""
+    sec = st.section
+    st.steps_per_epoch = n_train // (sec.batch_size * st.dist.world_size)
+    if st.steps_per_epoch == 0:
+        raise UserError(f"{st.name}: {n_train} training rows are fewer than {st.name}.batch_size="
+                        f"{sec.batch_size} x {st.dist.world_size} rank(s); lower the batch size")
+    st.total_steps = sec.epochs * st.steps_per_epoch
+    if sec.max_steps is not None:
+        st.total_steps = min(st.total_steps, sec.max_steps)
+    st.engine = create_engine(
+        module, ds_config=st.ds_config, lr=sec.learning_rate, weight_decay=sec.weight_decay,
+        schedule=sec.lr_schedule, warmup_steps=min(sec.warmup_steps, st.total_steps),
+        total_steps=st.total_steps)
+    if resume is not None:
+        load_checkpoint(st, resume)
+    if st.dist.rank == 0:
+        st.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(st.cfg, st.run_dir / "config.yaml")
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled row order of one epoch; depends only on (seed, epoch), so a resumed run
+    continues with the same batches."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def fit(st: Stage, n_train: int, train_step: Callable[[list[int]], dict],
+        evaluate: Optional[Callable[[], dict]], write_output: Callable[[Path], None]) -> None:
+    """The shared loop.
+
+    `train_step(row indices)` runs one optimizer step and returns its metrics, already reduced
+    over ranks, with "tokens/all" (tokens of all ranks); `evaluate()` returns the held-out
+    metrics; `write_output(dir)` writes the stage's adapter into an empty directory.
+    """
+    sec, rank, world = st.section, st.dist.rank, st.dist.world_size
+    bs = sec.batch_size
+    logger = MetricsLogger(st.run_dir, st.cfg, st.total_steps, st.step, enabled=rank == 0)
+    logger.truncate_after(st.step)
+    while st.step < st.total_steps:
+        epoch, k = divmod(st.step, st.steps_per_epoch)
+        start = k * bs * world + rank * bs
+        idx = epoch_order(n_train, st.cfg.seed, epoch)[start:start + bs]
+        # step 1. forward/backward over the micro-batches, one optimizer step
+        t0 = time.perf_counter()
+        row = train_step(idx)
+        st.step += 1
+        dt = time.perf_counter() - t0
+        row.update({"step": st.step, "epoch": st.step / st.steps_per_epoch,
+                    "lr": st.engine.get_lr()[0], "time/step_s": dt,
+                    "tokens_per_s": row.pop("tokens/all") / max(dt, 1e-9),
+                    "memory/peak_mib": peak_memory_mib(st.dist.device)})
+        # step 2. evaluate on the held-out rows
+        last = st.step == st.total_steps
+        if evaluate is not None and (last or (sec.eval_every and st.step % sec.eval_every == 0)):
+            row.update(evaluate())
+        logger.log(row)
+        # step 3. checkpoint
+        every = st.cfg.checkpoint.every
+        if last or (every and st.step % every == 0):
+            save_checkpoint(st, write_output)
+    logger.close()
+    # step 4. the stage's output adapter, whole or not at all
+    from lora_ppo.io.atomic import atomic_output_dir
+
+    with gathered_params(st.engine):  # collective under ZeRO-3: every rank enters
+        if rank == 0:
+            with atomic_output_dir(output_path(st), force=True) as tmp:
+                write_output(tmp)
+
+
+def output_path(st: Stage) -> Path:
+    return Path(st.cfg.output_dir) / ("adapter" if st.name == "sft" else "reward_adapter")
+
+
+def write_peft_adapter(peft_model, out: Path) -> None:
+    """adapter_config.json + adapter_model.safetensors of the "default" adapter into `out`."""
+    peft_model.save_pretrained(str(out))
+    (out / "README.md").unlink(missing_ok=True)  # peft's model-card template, not ours
+
+
+# -- checkpoints (the layout and guarantees of lora_ppo.io.checkpoint) -----------------------------
+
+def save_checkpoint(st: Stage, write_output: Callable[[Path], None]) -> Path:
+    """`<run_dir>/checkpoints/step-N/`: the output adapter as it is now (`adapter/`), the
+    DeepSpeed state without the frozen base, RNG per rank, state.json and config.yaml, sealed
+    and renamed into place by the protocol PPO uses (checkpoint.write_checkpoint)."""
+    from lora_ppo.io import checkpoint as ck
+
+    def weights(tmp: Path) -> None:
+        (tmp / "adapter").mkdir()
+        write_output(tmp / "adapter")
+
+    def state(tmp: Path) -> None:
+        meta = {"format": ck.FORMAT, "stage": st.name, "step": st.step,
+                "world_size": st.dist.world_size, "base": ck.base_fingerprint(st.model_path)}
+        (tmp / ck.STATE).write_text(json.dumps(meta, indent=1))
+        save_config(st.cfg, tmp / ck.CONFIG)
+
+    # LoRA dropout draws from torch's global generator: it is this stage's only RNG state.
+    return ck.write_checkpoint(st.run_dir / "checkpoints", st.step, st.cfg.checkpoint.keep,
+                               st.dist, st.engine, {"torch": torch.get_rng_state()}, weights,
+                               state)
+
+
+def load_checkpoint(st: Stage, resume: str) -> None:
+    """Restore LoRA weights, head, optimizer, LR schedule, RNG and step from a stage checkpoint."""
+    from lora_ppo.io import checkpoint as ck
+
+    c = ck.open_checkpoint(ck.find(st.run_dir, resume))
+    if c.state.get("stage") != st.name:
+        raise UserError(f"checkpoint {c.path} is from stage {c.state.get('stage', 'train')!r}, not "
+                        f"{st.name!r}; resume it with its own command")
+    ck.check_base(c, st.model_path)
+    saved, now = config_to_dict(c.cfg), config_to_dict(st.cfg)
+    bad = []
+    for key in STAGE_MUST_MATCH:
+        a, b = saved, now
+        for part in key.split("."):
+            a, b = a[part], b[part]
+        if a != b:
+            bad.append(f"{key}: {a!r} in the checkpoint, {b!r} now")
+    if c.state["world_size"] != st.dist.world_size:
+        bad.append(f"world size: {c.state['world_size']} in the checkpoint, "
+                   f"{st.dist.world_size} now")
+    if bad:
+        raise UserError(f"checkpoint {c.path} does not fit this run ({'; '.join(bad)}); resume "
+                        "with the settings it was saved with, or start a new output_dir")
+    path, _ = st.engine.load_checkpoint(str(c.path / ck.ENGINE_DIR), tag=ck.ENGINE_TAG,
+                                        load_module_strict=False)
+    if path is None:
+        raise UserError(f"DeepSpeed could not load {c.path / ck.ENGINE_DIR}; the checkpoint is "
+                        "incomplete")
+    st.step = int(c.state["step"])
+    torch.set_rng_state(torch.load(c.path / f"rank-{st.dist.rank}.pt")["torch"])

@@ -1,0 +1,210 @@
+"""Reward model, RLHF stage 2: a LoRA adapter plus a scalar score head on the same base.
+
+    r(x, y) = head(h(x ++ y)[last real token])                     (B,)
+    loss    = -log sigmoid(r(x, y_chosen) - r(x, y_rejected) - m)
+
+the Bradley-Terry preference loss (InstructGPT, Ouyang et al. 2022, eq. 1) with an optional
+margin m (Llama 2, Touvron et al. 2023, eq. 2). The score is read at the last real token, the
+same position PPO's `reward.source=adapter` reads (ActorCritic.score), with positions that skip
+padding as in the rollout, so the saved adapter scores a PPO response as it scored the pair.
+
+Output `<output_dir>/reward_adapter/`: the PEFT adapter files plus `score_head.safetensors`
+(`weight` (1, H), `bias` (1,)), the layout `reward.adapter` loads as the frozen `reward` adapter.
+
+Logged per step and on the held-out pairs (`eval/` prefix): `loss`, `accuracy` (share of pairs
+with r_chosen > r_rejected), `reward/chosen`, `reward/rejected` (means), `reward/margin`
+(mean r_chosen - r_rejected), `reward/mean` and `reward/std` over both responses.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_ppo.config import Config
+from lora_ppo.errors import UserError
+from lora_ppo.modeling.actor_critic import REWARD_HEAD_FILE, ScalarHead, position_ids_from_mask
+from lora_ppo.rl.rewards import last_token_index
+from lora_ppo.runtime.dist import all_sum
+from lora_ppo.stages.common import (
+    attach_lora,
+    encode_pair,
+    fit,
+    load_rows,
+    setup_stage,
+    split_eval,
+    start_training,
+    write_peft_adapter,
+)
+
+BUILTIN = "builtin:preferences"
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float
+                       = 0.0) -> torch.Tensor:
+    """-log sigmoid(chosen - rejected - margin); chosen, rejected: (B,) -> (B,).
+
+    logsigmoid rather than log(sigmoid(.)) so a large negative difference does not give log(0).
+    """
+    return -F.logsigmoid(chosen - rejected - margin)
+
+
+class RewardModel(nn.Module):
+    """The peft model with one trainable adapter, plus the score head; what the engine trains."""
+
+    def __init__(self, peft_model: nn.Module, head: ScalarHead):
+        super().__init__()
+        self.peft_model, self.head = peft_model, head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Scores (B,) fp32 at the last real token of each (B, L) row."""
+        decoder = self.peft_model.get_base_model().get_decoder()
+        h = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask),
+                    use_cache=False).last_hidden_state
+        rows = torch.arange(h.shape[0], device=h.device)
+        return self.head(h[rows, last_token_index(attention_mask)])
+
+
+class Pair(NamedTuple):
+    chosen: list[int]    # prompt + chosen response ids
+    rejected: list[int]  # prompt + rejected response ids
+    margin: float
+
+
+def read_pairs(spec: str, sec, field: str) -> list[dict]:
+    """Rows {"prompt", "chosen", "rejected", "margin"}."""
+    if spec == BUILTIN:
+        from lora_ppo.builtin.corpus import preference_pairs
+
+        return [{**r, "margin": sec.margin} for r in preference_pairs(2000, seed=7, broken=0.25)]
+    cols = [sec.prompt_column, sec.chosen_column, sec.rejected_column]
+    rows = load_rows(spec, cols + ([sec.margin_column] if sec.margin_column else []), field)
+    out = []
+    for r in rows:
+        m = float(r[sec.margin_column]) if sec.margin_column else sec.margin
+        if not math.isfinite(m):
+            raise UserError(f"{field}={spec}: margin {m} in column {sec.margin_column!r} is not "
+                            "finite; fix the data")
+        out.append({"prompt": r[cols[0]], "chosen": r[cols[1]], "rejected": r[cols[2]],
+                    "margin": m})
+    return out
+
+
+def encode_pairs(tokenizer, rows: list[dict], sec, max_prompt_length: int) -> list[Pair]:
+    out = []
+    for row in rows:
+        seqs = []
+        for key in ("chosen", "rejected"):
+            p, r = encode_pair(tokenizer, row["prompt"], row[key], chat_template=sec.chat_template,
+                               append_eos=sec.append_eos, max_prompt_length=max_prompt_length,
+                               max_length=sec.max_length)
+            seqs.append(p + r)
+        out.append(Pair(seqs[0], seqs[1], row["margin"]))
+    return out
+
+
+def collate_pairs(pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids, mask (2B, L), right-padded: the B chosen sequences, then the B rejected ones, so
+    both responses of a pair go through one forward."""
+    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def pair_scores(model, pairs: list[Pair], pad_id: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen (B,), r_rejected (B,)); `model` is the RewardModel or, to train, its engine."""
+    ids, mask = collate_pairs(pairs, pad_id)
+    r = model(ids.to(device), mask.to(device))
+    return r[:len(pairs)], r[len(pairs):]
+
+
+def stat_sums(chosen: torch.Tensor, rejected: torch.Tensor, losses: torch.Tensor) -> list[float]:
+    """Sums that add up over micro-batches and ranks: n, correct, loss, r_c, r_r, r_c^2, r_r^2."""
+    c, r = chosen.detach().double(), rejected.detach().double()
+    return [float(len(c)), (c > r).sum().item(), losses.detach().double().sum().item(),
+            c.sum().item(), r.sum().item(), c.pow(2).sum().item(), r.pow(2).sum().item()]
+
+
+def metrics_from_sums(s: list[float], prefix: str = "") -> dict:
+    n, correct, loss, sc, sr, qc, qr = s
+    mean = (sc + sr) / (2 * n)
+    var = max((qc + qr) / (2 * n) - mean * mean, 0.0)
+    return {f"{prefix}loss": loss / n, f"{prefix}accuracy": correct / n,
+            f"{prefix}reward/chosen": sc / n, f"{prefix}reward/rejected": sr / n,
+            f"{prefix}reward/margin": (sc - sr) / n, f"{prefix}reward/mean": mean,
+            f"{prefix}reward/std": math.sqrt(var)}
+
+
+def write_reward_adapter(model: RewardModel, out: Path) -> None:
+    """The PEFT adapter files and score_head.safetensors (weight (1, H), bias (1,)) into `out`."""
+    from safetensors.torch import save_file
+
+    write_peft_adapter(model.peft_model, out)
+    head = {k: v.detach().float().cpu().contiguous()
+            for k, v in model.head.linear.state_dict().items()}
+    save_file(head, str(out / REWARD_HEAD_FILE))
+
+
+def train_reward(cfg: Config, resume: Optional[str] = None) -> Path:
+    """Train the reward adapter; returns its directory. `resume`: "latest" or a checkpoint."""
+    from lora_ppo.modeling.loading import load_base_model
+
+    st = setup_stage(cfg, "reward_model")
+    sec, tok = cfg.reward_model, st.tokenizer
+    eval_rows = read_pairs(sec.eval_data, sec, "reward_model.eval_data") if sec.eval_data else None
+    train_rows, eval_rows = split_eval(read_pairs(sec.data, sec, "reward_model.data"), eval_rows,
+                                       sec.eval_size, cfg.seed, "reward_model")
+    n_prompt = cfg.model.max_prompt_length
+    train = encode_pairs(tok, train_rows, sec, n_prompt)
+    evals = encode_pairs(tok, eval_rows, sec, n_prompt) if eval_rows else []
+    base = load_base_model(cfg, st.model_path, st.dist.device)
+    peft_model = attach_lora(cfg, base, sec.init_adapter, "reward_model.init_adapter")
+    head = ScalarHead(base.config.hidden_size, sec.head_init_std).to(st.dist.device)
+    model = RewardModel(peft_model, head)
+    start_training(st, model, len(train), resume)
+    micro = sec.micro_batch_size
+
+    def train_step(idx: list[int]) -> dict:
+        model.train()
+        sums = [0.0] * 7
+        for s in range(0, len(idx), micro):
+            pairs = [train[i] for i in idx[s:s + micro]]
+            # Through the engine: ZeRO-3 counts its micro-steps in engine.forward (update.py).
+            rc, rr = pair_scores(st.engine, pairs, tok.pad_token_id, st.dist.device)
+            margin = torch.tensor([p.margin for p in pairs], device=rc.device)
+            losses = bradley_terry_loss(rc, rr, margin)
+            st.engine.backward(losses.mean())  # DeepSpeed divides by the accumulation steps
+            st.engine.step()
+            sums = [a + b for a, b in zip(sums, stat_sums(rc, rr, losses))]
+        n_tok = float(sum(len(train[i].chosen) + len(train[i].rejected) for i in idx))
+        *sums, n_tok = all_sum(sums + [n_tok])
+        return {**metrics_from_sums(sums), "tokens/all": n_tok}
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        model.eval()
+        shard = evals[st.dist.rank::st.dist.world_size]
+        sums = [0.0] * 7
+        for s in range(0, len(shard), micro):
+            pairs = shard[s:s + micro]
+            rc, rr = pair_scores(model, pairs, tok.pad_token_id, st.dist.device)
+            margin = torch.tensor([p.margin for p in pairs], device=rc.device)
+            sums = [a + b for a, b in zip(sums, stat_sums(rc, rr, bradley_terry_loss(rc, rr,
+                                                                                      margin)))]
+        return metrics_from_sums(all_sum(sums), "eval/")
+
+    fit(st, len(train), train_step, evaluate if evals else None,
+        lambda out: write_reward_adapter(model, out))
+    return Path(cfg.output_dir) / "reward_adapter"

@@ -1,0 +1,255 @@
+"""Supervised fine-tuning, RLHF stage 1: a LoRA adapter on prompt/response pairs.
+
+    loss = - sum_{t in response} log p(x_t | x_<t)  /  (response tokens in the batch)
+
+The loss covers response tokens only (InstructGPT, Ouyang et al. 2022, sec. 3.5; TRL's SFTTrainer
+`completion_only_loss`): the prompt is context, not something the model should learn to write.
+Its output, `<output_dir>/adapter/`, is a plain PEFT adapter dir; PPO starts from it with
+`model.init_adapter`, and it then also is PPO's frozen reference (actor_critic.py).
+
+Packing (`sft.packing`) puts several whole examples into one row. Each keeps its own positions
+(0, 1, ...) and a block-diagonal causal mask stops it attending to its neighbours, so the packed
+loss equals the unpacked one (tests/stages/test_sft.py checks it) while fewer tokens are padding.
+
+Logged per optimizer step (<output_dir>/sft/metrics.jsonl): `loss` (the formula above over the
+batches of all ranks), `tokens/response` (its denominator), `tokens_per_s` (all tokens, prompts
+included, over the step's time), `lr`, `epoch`, `time/step_s`, `memory/peak_mib`; at eval steps
+`eval/loss`, the same mean over the held-out examples.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+
+from lora_ppo.config import Config
+from lora_ppo.errors import UserError
+from lora_ppo.modeling.actor_critic import position_ids_from_mask
+from lora_ppo.rl.logprobs import logprobs_and_entropy_from_hidden
+from lora_ppo.runtime.dist import all_sum
+from lora_ppo.stages.common import (
+    attach_lora,
+    encode_pair,
+    fit,
+    load_rows,
+    setup_stage,
+    split_eval,
+    start_training,
+    write_peft_adapter,
+)
+
+log = logging.getLogger(__name__)
+BUILTIN = "builtin:reviews"
+
+
+class Example(NamedTuple):
+    ids: list[int]        # prompt + response token ids
+    loss_mask: list[int]  # 1 where the token is a response token the loss covers
+
+
+class Batch(NamedTuple):
+    input_ids: torch.Tensor       # (B, L) long, right-padded
+    attention_mask: torch.Tensor  # (B, L) long; packed: (B, 1, L, L) block-diagonal causal
+    position_ids: torch.Tensor    # (B, L) long, restarting at 0 for every packed example
+    loss_mask: torch.Tensor       # (B, L) float, 1 on response tokens
+
+
+def builtin_pairs(n: int = 2000, seed: int = 7) -> list[dict]:
+    """Reviews of the synthetic corpus cut after their opening "... :" into prompt / response."""
+    from lora_ppo.builtin.corpus import review_corpus
+
+    rows = []
+    for text, _ in review_corpus(n, seed=seed):
+        cut = text.index(" :") + 2
+        rows.append({"prompt": text[:cut], "response": text[cut:]})
+    return rows
+
+
+def read_pairs(spec: str, sec, field: str) -> list[dict]:
+    if spec == BUILTIN:
+        return builtin_pairs()
+    rows = load_rows(spec, [sec.prompt_column, sec.response_column], field)
+    return [{"prompt": r[sec.prompt_column], "response": r[sec.response_column]} for r in rows]
+
+
+def encode_examples(tokenizer, rows: list[dict], sec, max_prompt_length: int) -> list[Example]:
+    """Token ids and loss masks; examples whose response is cut away entirely are dropped."""
+    out = []
+    for row in rows:
+        p, r = encode_pair(tokenizer, row["prompt"], row["response"],
+                           chat_template=sec.chat_template, append_eos=sec.append_eos,
+                           max_prompt_length=max_prompt_length, max_length=sec.max_length)
+        mask = [0] * len(p) + [1] * len(r)
+        if mask:
+            mask[0] = 0  # the first token has no context to be predicted from (nor, packed, any)
+        if sum(mask):
+            out.append(Example(p + r, mask))
+    if len(out) < len(rows):
+        log.warning("sft: %d of %d examples have no response token left after cutting to "
+                    "sft.max_length and were dropped", len(rows) - len(out), len(rows))
+    if not out:
+        raise UserError("sft: no example has a response token; check sft.response_column and "
+                        "sft.max_length")
+    return out
+
+
+def block_causal_mask(segments: torch.Tensor, eager: bool, dtype: torch.dtype) -> torch.Tensor:
+    """segments (B, L) -> (B, 1, L, L): i attends to j iff j <= i in the same segment.
+
+    Padding is segment -1, so pads only see pads and no real token sees a pad. sdpa takes a
+    boolean mask (True = attend, as transformers' own sdpa_mask); eager adds a float mask.
+    """
+    L = segments.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    allowed = (segments[:, :, None] == segments[:, None, :]) & causal  # (B, L, L)
+    allowed = allowed[:, None]
+    if not eager:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def collate(rows: list[list[Example]], pad_id: int, packed: bool, eager: bool = False,
+            dtype: torch.dtype = torch.float32) -> Batch:
+    """Rows of one or (packed) several examples -> a right-padded Batch."""
+    width = max(sum(len(e.ids) for e in row) for row in rows)
+    B = len(rows)
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, width), dtype=torch.long)
+    pos = torch.zeros((B, width), dtype=torch.long)
+    seg = torch.full((B, width), -1, dtype=torch.long)
+    loss = torch.zeros((B, width))
+    for b, row in enumerate(rows):
+        at = 0
+        for s, e in enumerate(row):
+            n = len(e.ids)
+            ids[b, at:at + n] = torch.tensor(e.ids)
+            loss[b, at:at + n] = torch.tensor(e.loss_mask, dtype=torch.float)
+            pos[b, at:at + n] = torch.arange(n)
+            mask[b, at:at + n] = 1
+            seg[b, at:at + n] = s
+            at += n
+    if not packed:
+        return Batch(ids, mask, position_ids_from_mask(mask), loss)
+    return Batch(ids, block_causal_mask(seg, eager, dtype), pos, loss)
+
+
+def sft_loss_sums(peft_model, batch: Batch, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of -log p over the response tokens, their count) of one micro-batch.
+
+    The hidden state at t predicts token t+1, so states 0..L-2 score tokens 1..L-1; logits are
+    made chunk by chunk (lora_ppo.rl.logprobs), never as one (B, L, V) tensor.
+    """
+    lm = peft_model.get_base_model()
+    device = lm.get_input_embeddings().weight.device
+    b = Batch(*(t.to(device) for t in batch))
+    h = lm.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                         position_ids=b.position_ids, use_cache=False).last_hidden_state
+    logprobs, _ = logprobs_and_entropy_from_hidden(
+        h[:, :-1], lm.get_output_embeddings(), b.input_ids[:, 1:], chunk_size=chunk_size,
+        with_entropy=False)
+    m = b.loss_mask[:, 1:]
+    return -(logprobs * m).sum(), m.sum()
+
+
+class SFTModel(torch.nn.Module):
+    """The peft model whose forward is `sft_loss_sums` of a batch: what the DeepSpeed engine
+    wraps, so every training forward goes through `engine(...)` (ZeRO-3 counts its micro-steps
+    there; see lora_ppo/ppo/update.py)."""
+
+    def __init__(self, peft_model: torch.nn.Module, chunk_size: int):
+        super().__init__()
+        self.peft_model, self.chunk_size = peft_model, chunk_size
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return sft_loss_sums(self.peft_model, batch, self.chunk_size)
+
+
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing: indices of the examples in each row of `capacity`.
+
+    Each example goes, longest first, into the row with the least room that still fits it
+    (TRL's "bfd" packing strategy); examples are never split across rows.
+    """
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        k = bisect.bisect_left(free, (lengths[i], -1))
+        if k == len(free):
+            rows.append([i])
+            room, row = capacity - lengths[i], len(rows) - 1
+        else:
+            room, row = free.pop(k)
+            rows[row].append(i)
+            room -= lengths[i]
+        if room > 0:
+            bisect.insort(free, (room, row))
+    return rows
+
+
+def make_rows(examples: list[Example], packed: bool, max_length: int) -> list[list[Example]]:
+    if not packed:
+        return [[e] for e in examples]
+    return [[examples[i] for i in row] for row in pack([len(e.ids) for e in examples], max_length)]
+
+
+def train_sft(cfg: Config, resume: Optional[str] = None) -> Path:
+    """Run SFT; returns the output adapter directory. `resume`: "latest" or a checkpoint path."""
+    from lora_ppo.modeling.loading import load_base_model
+
+    st = setup_stage(cfg, "sft")
+    sec, tok = cfg.sft, st.tokenizer
+    eval_rows = read_pairs(sec.eval_data, sec, "sft.eval_data") if sec.eval_data else None
+    train_rows, eval_rows = split_eval(read_pairs(sec.data, sec, "sft.data"), eval_rows,
+                                       sec.eval_size, cfg.seed, "sft")
+    n_prompt = cfg.model.max_prompt_length
+    train = make_rows(encode_examples(tok, train_rows, sec, n_prompt), sec.packing, sec.max_length)
+    evals = make_rows(encode_examples(tok, eval_rows, sec, n_prompt), sec.packing,
+                      sec.max_length) if eval_rows else []
+    peft_model = attach_lora(cfg, load_base_model(cfg, st.model_path, st.dist.device), None, "")
+    lm = peft_model.get_base_model()
+    attn = lm.config._attn_implementation
+    if sec.packing and attn not in ("sdpa", "eager"):
+        raise UserError(f"sft.packing needs sdpa or eager attention, the model uses {attn}; "
+                        "set sft.packing=false")
+    eager, dtype = attn == "eager", lm.get_input_embeddings().weight.dtype
+    chunk = cfg.rollout.logprob_chunk_size
+    start_training(st, SFTModel(peft_model, chunk), len(train), resume)
+    micro, accum = sec.micro_batch_size, sec.batch_size // sec.micro_batch_size
+
+    def batches(rows: list[list[Example]]):
+        for s in range(0, len(rows), micro):
+            yield collate(rows[s:s + micro], tok.pad_token_id, sec.packing, eager, dtype)
+
+    def train_step(idx: list[int]) -> dict:
+        rows = [train[i] for i in idx]
+        tokens = sum(sum(e.loss_mask) for row in rows for e in row)
+        peft_model.train()
+        loss_sum, n_tok = 0.0, 0.0
+        for b in batches(rows):
+            s, n = st.engine(b)
+            # Token mean over the whole batch: DeepSpeed divides by accum again (update.py).
+            st.engine.backward(s / (tokens / accum))
+            st.engine.step()
+            loss_sum, n_tok = loss_sum + s.item(), n_tok + n.item()
+        n_all = sum(len(e.ids) for row in rows for e in row)
+        loss_sum, n_tok, n_all = all_sum([loss_sum, n_tok, float(n_all)])
+        return {"loss": loss_sum / n_tok, "tokens/response": n_tok, "tokens/all": n_all}
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        peft_model.eval()
+        shard = evals[st.dist.rank::st.dist.world_size]
+        sums = [0.0, 0.0]
+        for b in (batches(shard) if shard else []):
+            s, n = sft_loss_sums(peft_model, b, chunk)
+            sums = [sums[0] + s.item(), sums[1] + n.item()]
+        loss_sum, n_tok = all_sum(sums)
+        return {"eval/loss": loss_sum / max(n_tok, 1.0)}
+
+    fit(st, len(train), train_step, evaluate if evals else None,
+        lambda out: write_peft_adapter(peft_model, out))
+    return Path(cfg.output_dir) / "adapter"

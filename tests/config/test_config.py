@@ -1,0 +1,74 @@
+"""Config: defaults, overrides, and one-line errors for bad input (in-process and via the CLI)."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import run_cli, write_yaml
+
+from lora_ppo.config import Config
+from lora_ppo.config.load import load_config, parse_overrides
+from lora_ppo.config.reference import field_docs
+from lora_ppo.errors import UserError
+
+
+def test_defaults_load_and_every_field_is_documented():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.quantization.mode == "4bit" and cfg.grad_accum_steps == 4
+    import dataclasses
+
+    for f in dataclasses.fields(Config):
+        cls = type(getattr(cfg, f.name))
+        if dataclasses.is_dataclass(cls):
+            docs = field_docs(cls)
+            missing = [x.name for x in dataclasses.fields(cls) if not docs.get(x.name)]
+            assert not missing, f"{f.name}: undocumented fields {missing}"
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"ppo": {"epochs": 2}, "lora": {"r": 4}})
+    cfg = load_config(path, ["ppo.epochs=3", "lora.target_modules=[q_proj,v_proj]",
+                             "reward.clip=2"])
+    assert cfg.ppo.epochs == 3 and cfg.lora.r == 4
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.reward.clip == 2.0 and isinstance(cfg.reward.clip, float)
+    assert parse_overrides(["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["ppo.epoch=2"], "unknown config key 'ppo.epoch'"),
+    (["nosuch.key=1"], "unknown config key 'nosuch'"),
+    (["ppo.epochs=two"], "ppo.epochs='two' is not an integer"),
+    (["lora.r=0"], "lora.r=0 is out of range"),
+    (["quantization.mode=3bit"], "quantization.mode='3bit' is not one of 'none', '8bit', '4bit'"),
+    (["ppo.minibatch_size=6", "ppo.micro_batch_size=4"], "ppo.minibatch_size=6 is not a multiple"),
+    (["rollout.batch_size=20"], "rollout.batch_size=20 is not a multiple of ppo.minibatch_size=16"),
+    (["reward.source=adapter"], "reward.source=adapter needs reward.adapter"),
+    (["ppo.gamma=1.5"], "ppo.gamma=1.5 is out of range"),
+    (["ppo"], "not of the form section.key=value"),
+])
+def test_bad_values_name_field_value_and_fix(overrides, expected):
+    with pytest.raises(UserError) as e:
+        load_config(None, overrides)
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["ppo.epoch=2"], "unknown config key 'ppo.epoch'"),
+    (["ppo.epochs=two"], "is not an integer"),
+    (["lora.r=0"], "lora.r=0 is out of range"),
+    (["model.path=/no/such/model"], "model.path=/no/such/model does not exist"),
+])
+def test_cli_bad_config_is_one_line_and_exit_2(args, expected, tmp_path):
+    res = run_cli("train", f"output_dir={tmp_path / 'out'}", *args)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("lora-ppo: error:") and expected in lines[-1], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()  # nothing written on bad input
+
+
+def test_cli_missing_config_file(tmp_path):
+    res = run_cli("train", "--config", str(tmp_path / "nope.yaml"))
+    assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr

@@ -1,0 +1,74 @@
+"""Prompt loading through `datasets` (JSONL, CSV, Parquet, text), chat template, cycling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_ppo.errors import UserError
+from lora_ppo.io.data import PromptSampler, apply_chat_template, load_prompts, split_eval
+
+PROMPTS = ["review of the pizza :", "my review of the movie :", "the blender review :"]
+
+
+@pytest.fixture
+def files(tmp_path):
+    import datasets
+
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"q": p, "n": i}) + "\n"
+                                              for i, p in enumerate(PROMPTS)))
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+    datasets.Dataset.from_dict({"q": PROMPTS}).to_csv(str(tmp_path / "p.csv"))
+    datasets.Dataset.from_dict({"q": PROMPTS}).to_parquet(str(tmp_path / "p.parquet"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["p.jsonl", "p.csv", "p.parquet", "p.txt"])
+def test_formats(files, name):
+    assert load_prompts(str(files / name), "q") == PROMPTS
+
+
+@pytest.mark.parametrize("spec, column, match", [
+    ("p.jsonl", "prompt", "data.prompt_column='prompt' is not a column of .*; columns: q, n"),
+    ("missing.jsonl", "q", "does not exist"),
+    ("p.xml", "q", "unknown extension '.xml'"),
+])
+def test_bad_prompt_files(files, spec, column, match):
+    (files / "p.xml").write_text("<x/>")
+    with pytest.raises(UserError, match=match):
+        load_prompts(str(files / spec), column)
+
+
+def test_builtin_prompts():
+    prompts = load_prompts("builtin:reviews", "prompt")
+    assert len(prompts) >= 100 and all(isinstance(p, str) and p for p in prompts)
+
+
+def test_sampler_cycles_reshuffles_and_resumes():
+    s = PromptSampler(list("abcde"), seed=3)
+    first_pass = s.take(5)
+    second_pass = s.take(5)
+    assert sorted(first_pass) == sorted(second_pass) == list("abcde")
+    assert first_pass != second_pass  # reshuffled on the second pass (seed 3)
+    state = s.state_dict()
+    nxt = s.take(7)
+    t = PromptSampler(list("abcde"), seed=3)
+    t.load_state_dict(state)
+    assert t.take(7) == nxt
+
+
+def test_eval_split():
+    train, held = split_eval(list("abcdef"), None, "prompt", 2, True)
+    assert train == list("abcd") and held == list("ef")
+    assert split_eval(list("abc"), None, "prompt", 2, False) == (list("abc"), [])
+    with pytest.raises(UserError, match="leaves no training prompts"):
+        split_eval(list("ab"), None, "prompt", 2, True)
+
+
+def test_chat_template(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    (out,) = apply_chat_template(tok, ["hello there"])
+    assert "hello there" in out and out != "hello there"

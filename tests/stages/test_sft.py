@@ -1,0 +1,229 @@
+"""SFT: the loss mask, packing, and real runs of train_sft on a tiny Llama (DeepSpeed on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from helpers import tiny_config
+
+from lora_ppo.builtin.corpus import write_jsonl
+from lora_ppo.modeling.loading import load_base_model, load_tokenizer
+from lora_ppo.stages.common import encode_pair
+from lora_ppo.stages.sft import (
+    Example,
+    block_causal_mask,
+    builtin_pairs,
+    collate,
+    encode_examples,
+    make_rows,
+    pack,
+    sft_loss_sums,
+    train_sft,
+)
+
+CPU = torch.device("cpu")
+PROMPT, RESPONSE = "review of the diner :", " the food was great ."
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_env():
+    # train_sft -> setup_distributed() writes RANK/MASTER_PORT...; give later modules a clean env.
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return load_tokenizer(tiny_config(tiny_model_dir, "x").model, str(tiny_model_dir))
+
+
+def _masked_text(tok, ex: Example, covered: bool) -> str:
+    ids = [t for t, m in zip(ex.ids, ex.loss_mask) if bool(m) == covered]
+    return tok.decode(ids)
+
+
+def test_loss_mask_covers_the_response_and_eos_only(tok, tiny_model_dir):
+    sec = tiny_config(tiny_model_dir, "x").sft
+    (ex,) = encode_examples(tok, [{"prompt": PROMPT, "response": RESPONSE}], sec, 16)
+    p = tok(PROMPT)["input_ids"]  # <s> prepended by the tokenizer, as PPO tokenises prompts
+    r = tok(RESPONSE, add_special_tokens=False)["input_ids"]
+    assert ex.ids == p + r + [tok.eos_token_id]
+    assert ex.loss_mask == [0] * len(p) + [1] * (len(r) + 1)
+    assert _masked_text(tok, ex, True) == RESPONSE + "</s>"
+    assert _masked_text(tok, ex, False) == "<s>" + PROMPT
+
+
+def test_loss_mask_with_the_chat_template(tok, tiny_model_dir):
+    sec = tiny_config(tiny_model_dir, "x", "sft.chat_template=true").sft
+    (ex,) = encode_examples(tok, [{"prompt": PROMPT, "response": RESPONSE.strip()}], sec, 64)
+    # The tiny template: "<s>user: {prompt}\nassistant: {response}</s>\n"; the template closes the
+    # turn with </s> itself, so no second EOS is appended, and BOS appears once.
+    assert _masked_text(tok, ex, False) == f"<s>user: {PROMPT}\nassistant:"
+    assert _masked_text(tok, ex, True) == RESPONSE + "</s>\n"
+    assert ex.ids.count(tok.bos_token_id) == 1 and ex.ids.count(tok.eos_token_id) == 1
+    assert ex.loss_mask == sorted(ex.loss_mask)  # prompt zeros, then response ones
+
+
+def test_cutting_keeps_the_end_of_the_prompt_and_the_start_of_the_response(tok):
+    p, r = encode_pair(tok, PROMPT, RESPONSE, chat_template=False, append_eos=True,
+                       max_prompt_length=3, max_length=5)
+    full_p = tok(PROMPT)["input_ids"]
+    full_r = tok(RESPONSE, add_special_tokens=False)["input_ids"]
+    assert p == full_p[-3:] and r == full_r[:2]
+
+
+def test_best_fit_decreasing_packing_by_hand():
+    # Longest first: 6 opens row 0 (room 2); 5 and 4 fit nowhere: rows 1 (room 3), 2 (room 4);
+    # 3 goes to the tightest room that fits, row 1 (3 -> 0); 2 to row 0 (2 -> 0).
+    assert pack([5, 3, 4, 2, 6], 8) == [[4, 3], [0, 1], [2]]
+    assert pack([8, 1], 8) == [[0], [1]]
+
+
+def test_block_causal_mask_by_hand():
+    seg = torch.tensor([[0, 0, 1, -1]])
+    expected = torch.tensor([[1, 0, 0, 0],
+                             [1, 1, 0, 0],
+                             [0, 0, 1, 0],    # the second example sees only itself
+                             [0, 0, 0, 1]]).bool()  # padding sees only padding
+    assert torch.equal(block_causal_mask(seg, eager=False, dtype=torch.float32)[0, 0], expected)
+    additive = block_causal_mask(seg, eager=True, dtype=torch.float32)[0, 0]
+    assert torch.equal(additive == 0, expected)
+    assert (additive[~expected] == torch.finfo(torch.float32).min).all()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_equals_unpacked_loss(tok, tiny_model_dir, attn):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = tiny_config(tiny_model_dir, "x")
+    base = load_base_model(cfg, str(tiny_model_dir), CPU)
+    base.set_attn_implementation(attn)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear")).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.2)  # make the adapter matter
+    examples = encode_examples(tok, builtin_pairs(12), cfg.sft, 16)
+    rows = make_rows(examples, packed=True, max_length=64)
+    assert len(rows) < len(examples)  # several examples share a row
+    with torch.no_grad():
+        s_packed, n_packed = sft_loss_sums(
+            model, collate(rows, tok.pad_token_id, True, eager=attn == "eager"), 64)
+        s_plain, n_plain = sft_loss_sums(
+            model, collate([[e] for e in examples], tok.pad_token_id, False), 64)
+    assert n_packed == n_plain == sum(sum(e.loss_mask) for e in examples)
+    torch.testing.assert_close(s_packed, s_plain, rtol=1e-5, atol=1e-4)
+
+
+def _response_loss(model_dir, adapter, cfg, examples, tok):
+    """Mean response-token loss of `examples` under base (+ adapter), loaded the plain-peft way."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = load_base_model(cfg, str(model_dir), CPU)
+    if adapter is None:  # a fresh LoRA adapter has B = 0: it is the base itself
+        model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+    else:
+        model = PeftModel.from_pretrained(base, str(adapter))
+    batch = collate([[e] for e in examples], tok.pad_token_id, False)
+    with torch.no_grad():
+        s, n = sft_loss_sums(model.eval(), batch, 64)
+    return (s / n).item()
+
+
+def _sft_config(model_dir, out, data, *extra):
+    return tiny_config(model_dir, out, f"sft.data={data}", "sft.eval_size=0", "sft.epochs=10",
+                       "sft.batch_size=8", "sft.micro_batch_size=4", "sft.learning_rate=0.01",
+                       "sft.max_length=48", "lora.r=8", "lora.alpha=16", *extra)
+
+
+def test_sft_lowers_the_response_loss_and_writes_a_plain_peft_adapter(tok, tiny_model_dir,
+                                                                        tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", builtin_pairs(16))
+    cfg = _sft_config(tiny_model_dir, tmp_path / "out", data)
+    out = train_sft(cfg)
+    assert out == tmp_path / "out" / "adapter"
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json",
+                                                     "adapter_model.safetensors"]
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no temp dir
+    rows = [json.loads(ln) for ln in (tmp_path / "out" / "sft" / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows] == list(range(1, 21))  # 16 rows / 8 = 2 steps x 10 epochs
+    examples = encode_examples(tok, builtin_pairs(16), cfg.sft, 16)
+    before = _response_loss(tiny_model_dir, None, cfg, examples, tok)
+    after = _response_loss(tiny_model_dir, out, cfg, examples, tok)
+    # The random model starts near ln(512) = 6.24 nats per token. LoRA cannot scale its random
+    # lm_head (std 0.02) or final norm, so no hidden state can lift a logit by much more than
+    # 0.02 * 8 * 8 = 1.3; 20 steps take about 0.4 nats off. Without training nothing moves.
+    assert before > 6.0 and after < before - 0.25, (before, after)
+    assert abs(rows[0]["loss"] - before) < 0.05  # step 1 is logged before any update
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.25
+
+
+def test_resume_from_a_checkpoint_reproduces_the_adapter(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", builtin_pairs(16))
+    a, b = tmp_path / "a", tmp_path / "b"
+    overrides = ("sft.max_steps=4", "checkpoint.every=2", "checkpoint.keep=5")
+    train_sft(_sft_config(tiny_model_dir, a, data, *overrides))
+    # b: a copy of a's run stopped after step 2 (its later checkpoint and output removed).
+    shutil.copytree(a / "sft", b / "sft")
+    shutil.rmtree(b / "sft" / "checkpoints" / "step-4")
+    train_sft(_sft_config(tiny_model_dir, b, data, *overrides), resume="latest")
+    wa = load_file(str(a / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(b / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    steps = [json.loads(ln)["step"] for ln in (b / "sft" / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_sft_on_a_4bit_base_lowers_the_loss(tok, tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", builtin_pairs(16))
+    cfg = _sft_config(tiny_model_dir, tmp_path / "out", data, "quantization.mode=4bit",
+                      "sft.max_steps=10")
+    out = train_sft(cfg)
+    examples = encode_examples(tok, builtin_pairs(16), cfg.sft, 16)
+    base = load_base_model(cfg, str(tiny_model_dir), CPU)
+    assert "Linear4bit" in {type(m).__name__ for m in base.modules()}
+    before = _response_loss(tiny_model_dir, None, cfg, examples, tok)
+    after = _response_loss(tiny_model_dir, out, cfg, examples, tok)
+    assert after < before - 0.15, (before, after)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["sft.batch_size=6"], "sft.batch_size=6 is not a multiple of sft.micro_batch_size=4"),
+    (["sft.max_length=16"], "sft.max_length=16 leaves no room for a response"),
+    (["reward_model.margin=1", "reward_model.margin_column=m"], "both set a margin"),
+    (["sft.lr_schedule=step"], "sft.lr_schedule='step' is not one of"),
+])
+def test_bad_stage_config_fails_at_load_time(overrides, expected):
+    from lora_ppo.config.load import load_config
+    from lora_ppo.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        load_config(None, ["model.max_prompt_length=16", *overrides])
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["sft.response_column=answer"], "has no column 'answer'"),
+    (["sft.eval_size=0", "--resume"], "no complete checkpoint in"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, args, expected):
+    from helpers import run_cli
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", builtin_pairs(16))
+    out = tmp_path / "out"
+    res = run_cli("sft", f"model.path={tiny_model_dir}", f"output_dir={out}", f"sft.data={data}",
+                  "quantization.mode=none", "model.max_prompt_length=16", *args)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("lora-ppo: error:") and expected in lines[-1], lines[-1]
+    assert "Traceback" not in res.stderr
+    assert not (out / "adapter").exists()
