@@ -56,35 +56,32 @@ def _config_path(value: str | None) -> str | None:
     raise UserError(f"--config {value}: no such file and no such preset (presets: {names})")
 
 
-def cmd_train(args) -> int:
+# The three training commands: entry point, help, and where the result lands ({out}: output_dir).
+TRAINING = {
+    "train": ("lora_ppo.ppo.loop:train", "PPO fine-tuning of a LoRA policy",
+              "metrics in {out}/metrics.jsonl, checkpoints in {out}/checkpoints"),
+    "sft": ("lora_ppo.stages.sft:train_sft",
+            "supervised fine-tuning of a LoRA adapter (config section sft)",
+            "adapter in {out}/adapter (use it as model.init_adapter), metrics in "
+            "{out}/sft/metrics.jsonl"),
+    "train-reward": ("lora_ppo.stages.reward_model:train_reward",
+                     "train a reward adapter + score head on preference pairs (section "
+                     "reward_model)",
+                     "reward adapter in {out}/reward_adapter (use it as reward.adapter), metrics "
+                     "in {out}/reward_model/metrics.jsonl"),
+}
+
+
+def cmd_training(args) -> int:
+    import importlib
+
     from lora_ppo.config.load import load_config
-    from lora_ppo.ppo.loop import train
 
+    entry, _, done = TRAINING[args.command]
+    module, _, name = entry.partition(":")
     cfg = load_config(_config_path(args.config), args.overrides)
-    out = train(cfg, resume=args.resume).output_dir
-    print(f"done: metrics in {out / 'metrics.jsonl'}, checkpoints in {out / 'checkpoints'}")
-    return 0
-
-
-def cmd_sft(args) -> int:
-    from lora_ppo.config.load import load_config
-    from lora_ppo.stages.sft import train_sft
-
-    cfg = load_config(_config_path(args.config), args.overrides)
-    out = train_sft(cfg, resume=args.resume)
-    print(f"done: adapter in {out} (use it as model.init_adapter), metrics in "
-          f"{Path(cfg.output_dir) / 'sft' / 'metrics.jsonl'}")
-    return 0
-
-
-def cmd_train_reward(args) -> int:
-    from lora_ppo.config.load import load_config
-    from lora_ppo.stages.reward_model import train_reward
-
-    cfg = load_config(_config_path(args.config), args.overrides)
-    out = train_reward(cfg, resume=args.resume)
-    print(f"done: reward adapter in {out} (use it as reward.adapter), metrics in "
-          f"{Path(cfg.output_dir) / 'reward_model' / 'metrics.jsonl'}")
+    getattr(importlib.import_module(module), name)(cfg, resume=args.resume)
+    print("done: " + done.format(out=Path(cfg.output_dir)))
     return 0
 
 
@@ -170,18 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)
 
-    t = sub.add_parser("train", help="PPO fine-tuning of a LoRA policy")
-    t.add_argument("--config", help="YAML config file or preset name (e.g. demo)")
-    train_args(t)
-    t.set_defaults(fn=cmd_train)
-    for name, fn, helptext in (
-            ("sft", cmd_sft, "supervised fine-tuning of a LoRA adapter (config section sft)"),
-            ("train-reward", cmd_train_reward,
-             "train a reward adapter + score head on preference pairs (section reward_model)")):
+    for name, (_, helptext, _) in TRAINING.items():
         sp = sub.add_parser(name, help=helptext)
-        sp.add_argument("--config", help="YAML config file or preset name")
+        sp.add_argument("--config", help="YAML config file or preset name (e.g. demo)")
         train_args(sp)
-        sp.set_defaults(fn=fn)
+        sp.set_defaults(fn=cmd_training)
     d = sub.add_parser("demo", help="the built-in end-to-end run on a small local model: reward "
                        "adapter -> PPO (4-bit, ZeRO-2) -> merged export")
     d.add_argument("overrides", nargs="*", metavar="section.key=value")

@@ -4,12 +4,12 @@
     python scripts/bench.py --sweep seq=64,128,256 --sweep quant=none,4bit --out sweep.json
     deepspeed --num_gpus 1 scripts/bench.py --hidden 2048 --layers 16 --out gpu.json
 
-Each update runs the real pieces of lora_ppo.ppo.loop: `train.setup` builds the run, then
-    generation  rollout.tokenize_prompts + rollout.generate (what collect_rollout runs first)
-    scoring     rollout.score_rollout (old/ref log-probs, values) + train.score (the reward)
-                + train.add_rewards + train.add_advantages
+Each update runs the real pieces of lora_ppo.ppo.loop: `loop.setup` builds the run, then
+    generation  loop.sample_responses (prompt encoding + rollout.generate)
+    scoring     loop.rollout_of (old/ref log-probs, values) + loop.compute_scores (the reward)
+                + loop.add_rewards + loop.add_advantages
     update      update.ppo_update on the DeepSpeed engine
-and for each phase the JSON holds its time, tokens/s, FLOPs (lora_ppo.sizing.memory), FLOP/s as a
+and for each phase the JSON holds its time, tokens/s, FLOPs (lora_ppo.sizing.flops), FLOP/s as a
 share of a matmul peak measured in the same process, peak memory, the estimator's prediction for
 that peak, and the share of the machine other processes used meanwhile.
 
@@ -203,30 +203,24 @@ def _preload() -> None:
 
 
 def one_update(run, meters) -> dict:
-    """Generation, scoring, update, each under its PhaseMeter; returns shapes and token counts."""
-    from lora_ppo.ppo import loop as train
-    from lora_ppo.ppo.rollout import generate, score_rollout, tokenize_prompts
+    """Generation, scoring, update, each under its PhaseMeter; returns shapes and token counts.
+    The phases are the loop's own steps (lora_ppo.ppo.loop), called as `train` calls them."""
+    from lora_ppo.ppo import loop
     from lora_ppo.ppo.update import ppo_update
-    from lora_ppo.runtime.ds_config import zero_stage
-    from lora_ppo.runtime.engine import gathered_params
 
     cfg, bs, rank = run.cfg, run.cfg.rollout.batch_size, run.dist.rank
     prompts = run.sampler.take(bs * run.dist.world_size)[rank * bs:(rank + 1) * bs]
-    synced = run.dist.world_size > 1 and zero_stage(run.engine.config) == 3
     with meters["generation"]:
-        prompt_ids = tokenize_prompts(run.tokenizer, prompts, cfg.model.max_prompt_length)
-        with gathered_params(run.engine):
-            q, qm, r, rm, has_eos = generate(run.ac, run.tokenizer, prompt_ids, cfg.rollout,
-                                             synced=synced)
+        samples = loop.sample_responses(run, prompts)
     with meters["scoring"]:
-        ro = score_rollout(run.ac, q, qm, r, rm, has_eos, temperature=cfg.rollout.temperature,
-                           chunk_size=cfg.rollout.logprob_chunk_size,
-                           batch_size=cfg.rollout.generation_batch_size)
-        raw_scores, _ = train.score(run, prompts, ro)
-        ro = train.add_advantages(run, train.add_rewards(run, ro, raw_scores))
+        ro = loop.rollout_of(run, samples)
+        raw_scores, _ = loop.compute_scores(run, prompts, ro)
+        ro = loop.add_advantages(run, loop.add_rewards(run, ro, raw_scores))
     with meters["update"]:
         ppo_update(run.engine, run.ac, ro, cfg, run.generator)
     run.step += 1
+    q, qm, r, rm = samples.query_ids, samples.query_mask, samples.response_ids, \
+        samples.response_mask
     real = int(qm.sum() + rm.sum())
     return {"prompt_len": q.shape[1], "resp_len": r.shape[1], "generated": int(rm.sum()),
             "real_tokens": real}
@@ -265,7 +259,7 @@ def run_point(p: dict) -> dict:
     """Set up one configuration, run warm-up and measured updates, and summarise them."""
     import torch
 
-    from lora_ppo.ppo import loop as train
+    from lora_ppo.ppo import loop
     from lora_ppo.runtime.dist import setup_distributed
     from lora_ppo.sizing import memory as est
     from lora_ppo.sizing.arch import read_arch
@@ -285,7 +279,7 @@ def run_point(p: dict) -> dict:
     baseline = (torch.cuda.memory_allocated(dist.device) if dist.device.type == "cuda"
                 else _status_bytes("VmRSS"))
     t0 = time.perf_counter()
-    run = train.setup(cfg)
+    run = loop.setup(cfg)
     setup_s = time.perf_counter() - t0
     arch = read_arch(str(model))
     records = []

@@ -52,3 +52,14 @@ def peaked_model_dir(tmp_path_factory) -> Path:
         model.lm_head.weight.mul_(10.0)
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def low_ids_reward(tmp_path_factory) -> str:
+    """`file.py:low_ids`, a reward function: the share of generated tokens from a fixed subset of
+    the vocabulary (ids < 64), a signal any tiny model can learn from."""
+    path = tmp_path_factory.mktemp("reward") / "reward.py"
+    path.write_text(
+        "def low_ids(prompts, completions, completion_ids, **kw):\n"
+        "    return [sum(t < 64 for t in ids) / max(len(ids), 1) for ids in completion_ids]\n")
+    return f"{path}:low_ids"

@@ -81,3 +81,40 @@ def tiny_config(model_dir: Path, out_dir: Path, *overrides: str):
             "ppo.total_updates=2", "ppo.epochs=1", "deepspeed.config=zero0",
             "logging.progress=false", "logging.tensorboard=false", "checkpoint.every=0"]
     return load_config(None, base + list(overrides))
+
+
+def two_rank_yaml(path: Path, model_dir: Path, out: Path, reward: str, *,
+                  checkpoint_every: int = 0, **ppo) -> Path:
+    """A PPO config for the two-rank launcher tests: tiny sizes, ZeRO-2, fp32; `ppo` entries
+    override the ppo section (total_updates, epochs, optim, ...)."""
+    return write_yaml(path, {
+        "output_dir": str(out),
+        "model": {"path": str(model_dir), "gradient_checkpointing": False,
+                  "max_prompt_length": 16},
+        "quantization": {"mode": "none"}, "lora": {"r": 4, "alpha": 8},
+        "reward": {"function": reward},
+        "rollout": {"batch_size": 8, "generation_batch_size": 8, "max_new_tokens": 6},
+        "ppo": {"total_updates": 2, "epochs": 1, "minibatch_size": 4, "micro_batch_size": 2,
+                **ppo},
+        "deepspeed": {"config": "zero2"}, "logging": {"progress": False, "tensorboard": False},
+        "checkpoint": {"every": checkpoint_every, "keep": 2}})
+
+
+def run_two_ranks(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus 2 ARGS` on CPU ranks (gloo) on a free port; asserts success."""
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    res = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), *args],
+                         capture_output=True, text=True, timeout=timeout, env=clean_env(),
+                         cwd=REPO)
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
+    return res
+
+
+def train_on_two_ranks(cfg: Path, dump: Path, timeout: int = 600) -> tuple[dict, dict]:
+    """Train under the launcher with tests/ds_worker.py; each rank's trainable weights and step."""
+    import torch
+
+    dump.mkdir(exist_ok=True)
+    run_two_ranks(str(REPO / "tests" / "ds_worker.py"), str(cfg), str(dump), timeout=timeout)
+    r0, r1 = (torch.load(dump / f"rank{i}.pt") for i in (0, 1))
+    return r0, r1

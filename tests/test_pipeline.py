@@ -28,15 +28,16 @@ def _pipeline_yaml(path, model_dir, out):
         "deepspeed": {"config": "zero0"},
         "logging": {"progress": False, "tensorboard": False},
         "checkpoint": {"every": 0},
-        "sft": {"max_steps": 10, "batch_size": 8, "micro_batch_size": 4, "learning_rate": 0.01,
-                "max_length": 48, "eval_size": 16},
-        "reward_model": {"max_steps": 30,
-                         "batch_size": 16, "micro_batch_size": 16, "learning_rate": 0.003,
-                         "max_length": 64, "eval_size": 32},
+        "sft": {"train": {"max_steps": 10, "batch_size": 8, "micro_batch_size": 4,
+                          "max_length": 48},
+                "optim": {"learning_rate": 0.01}, "eval": {"size": 16}},
+        "reward_model": {"train": {"max_steps": 30, "batch_size": 16, "micro_batch_size": 16,
+                                   "max_length": 64},
+                         "optim": {"learning_rate": 0.003}, "eval": {"size": 32}},
         "reward": {"source": "adapter", "adapter": str(out / "reward_adapter")},
         "rollout": {"batch_size": 8, "generation_batch_size": 8, "max_new_tokens": 6},
         "ppo": {"total_updates": 2, "epochs": 1, "minibatch_size": 8, "micro_batch_size": 4,
-                "learning_rate": 0.001},
+                "optim": {"learning_rate": 0.001}},
     })
 
 

@@ -9,40 +9,27 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from helpers import (
-    REPO,
-    clean_env,
-    free_port,
     make_adapter_dir,
     run_cli,
     tiny_config,
-    write_yaml,
+    train_on_two_ranks,
+    two_rank_yaml,
 )
 
-from lora_ppo.ppo.loop import add_advantages, add_rewards, collect_rollout, score, setup
+from lora_ppo.ppo.loop import add_advantages, add_rewards, collect_rollout, compute_scores, setup
+from lora_ppo.ppo.rollout import Samples, logprobs_and_values
 from lora_ppo.ppo.update import ppo_update
 from lora_ppo.runtime.ds_config import DS_CONFIG_DIR
 
-REWARD = (
-    "def low_ids(prompts, completions, completion_ids, **kw):\n"
-    "    return [sum(t < 64 for t in ids) / max(len(ids), 1) for ids in completion_ids]\n"
-)
 # Ordinary token ids that also end a response: a random model then stops at varied lengths.
 STOPS = "rollout.stop_token_ids=[" + ",".join(str(i) for i in range(300, 340)) + "]"
 
 
-@pytest.fixture(scope="module")
-def reward_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("reward") / "reward.py"
-    path.write_text(REWARD)
-    return path
 
 
 def _trainable(run) -> dict[str, torch.Tensor]:
@@ -53,7 +40,7 @@ def _trainable(run) -> dict[str, torch.Tensor]:
 def _rollout(run, n):
     prompts = run.sampler.take(n)
     ro = collect_rollout(run, prompts)
-    raw, _ = score(run, prompts, ro)
+    raw, _ = compute_scores(run, prompts, ro)
     return add_advantages(run, add_rewards(run, ro, raw))
 
 
@@ -78,9 +65,9 @@ def test_sampled_first_token_follows_the_scored_distribution(tiny_model_dir, tmp
     first = ro.response_ids[:, 0]
     vocab = run.ac.causal_lm.config.vocab_size
     # The scored distribution of the first token: every token of the vocabulary as a response.
-    every = collect_rollout.__globals__["score_rollout"](
-        run.ac, ro.query_ids[:1].expand(vocab, -1), ro.query_mask[:1].expand(vocab, -1),
-        torch.arange(vocab)[:, None], torch.ones(vocab, 1), torch.zeros(vocab, dtype=torch.bool),
+    every = logprobs_and_values(run.ac, Samples(
+        ro.query_ids[:1].expand(vocab, -1), ro.query_mask[:1].expand(vocab, -1),
+        torch.arange(vocab)[:, None], torch.ones(vocab, 1), torch.zeros(vocab, dtype=torch.bool)),
         temperature=0.7, chunk_size=1024, batch_size=512)
     p = every.logprobs[:, 0].double().exp()
     assert abs(p.sum().item() - 1) < 1e-4
@@ -130,7 +117,7 @@ def test_first_minibatch_ratio_is_one_with_nontrivial_adapters(tiny_model_dir, t
 # -- 3. gradient checkpointing on and off give the same update --------------------------------
 
 @pytest.mark.parametrize("value_mode", ["shared", "adapter"])
-def test_checkpointing_on_and_off_train_the_same_weights(tiny_model_dir, tmp_path, reward_file,
+def test_checkpointing_on_and_off_train_the_same_weights(tiny_model_dir, tmp_path, low_ids_reward,
                                                          value_mode):
     from lora_ppo.ppo.loop import train
 
@@ -138,9 +125,9 @@ def test_checkpointing_on_and_off_train_the_same_weights(tiny_model_dir, tmp_pat
     for gc in (False, True):
         run = train(tiny_config(
             tiny_model_dir, tmp_path / f"gc{gc}", f"model.gradient_checkpointing={gc}",
-            f"value.mode={value_mode}", "value.head_init_std=0.3", "ppo.learning_rate=0.01",
+            f"value.mode={value_mode}", "value.head_init_std=0.3", "ppo.optim.learning_rate=0.01",
             "ppo.total_updates=2", "ppo.epochs=2", "ppo.minibatch_size=4",
-            "ppo.micro_batch_size=2", f"reward.function={reward_file}:low_ids", STOPS))
+            "ppo.micro_batch_size=2", f"reward.function={low_ids_reward}", STOPS))
         weights[gc] = _trainable(run)
     off, on = weights[False], weights[True]
     assert off.keys() == on.keys()
@@ -189,11 +176,11 @@ def test_rollouts_do_not_add_hooks(tiny_model_dir, tmp_path):
 # -- 8. update statistics do not depend on the micro-batch split --------------------------------------
 
 def test_update_stats_do_not_depend_on_the_micro_batch_split(tiny_model_dir, tmp_path,
-                                                             reward_file):
+                                                             low_ids_reward):
     runs = {m: setup(tiny_config(tiny_model_dir, tmp_path / str(m), f"ppo.micro_batch_size={m}",
                                  "ppo.minibatch_size=8", "rollout.max_new_tokens=10",
-                                 "ppo.learning_rate=0.01", "value.head_init_std=0.3",
-                                 f"reward.function={reward_file}:low_ids", STOPS))
+                                 "ppo.optim.learning_rate=0.01", "value.head_init_std=0.3",
+                                 f"reward.function={low_ids_reward}", STOPS))
             for m in (1, 8)}
     ro = _rollout(runs[8], 8)
     lengths = ro.response_mask.sum(1)
@@ -210,7 +197,7 @@ def test_update_stats_do_not_depend_on_the_micro_batch_split(tiny_model_dir, tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ds_config", sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
-def test_micro_batch_split_gives_the_same_adapter(tiny_model_dir, tmp_path, reward_file, ds_config):
+def test_micro_batch_split_gives_the_same_adapter(tiny_model_dir, tmp_path, low_ids_reward, ds_config):
     """micro 4 x 1, 2 x 2 and 1 x 4 through `lora-ppo train`, three updates: the same adapter
     and value head (ZeRO-3 advances its micro-step only in engine.forward)."""
     from safetensors.torch import load_file
@@ -223,8 +210,8 @@ def test_micro_batch_split_gives_the_same_adapter(tiny_model_dir, tmp_path, rewa
                       "rollout.batch_size=8", "rollout.generation_batch_size=8",
                       "rollout.max_new_tokens=6", "ppo.minibatch_size=4",
                       f"ppo.micro_batch_size={micro}", "ppo.total_updates=3", "ppo.epochs=1",
-                      "ppo.learning_rate=0.01", "value.head_init_std=0.3",
-                      f"deepspeed.config={ds_config}", f"reward.function={reward_file}:low_ids",
+                      "ppo.optim.learning_rate=0.01", "value.head_init_std=0.3",
+                      f"deepspeed.config={ds_config}", f"reward.function={low_ids_reward}",
                       "logging.progress=false", "logging.tensorboard=false", "checkpoint.every=0",
                       STOPS)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -245,28 +232,13 @@ def test_micro_batch_split_gives_the_same_adapter(tiny_model_dir, tmp_path, rewa
 # -- 5. early_stop_kl decides on the value of all ranks -----------------------------------------------
 
 @pytest.mark.slow
-def test_two_ranks_with_early_stop_kl_run_to_the_end(tiny_model_dir, tmp_path, reward_file):
+def test_two_ranks_with_early_stop_kl_run_to_the_end(tiny_model_dir, tmp_path, low_ids_reward):
     """Under `deepspeed --num_gpus 2` the ranks see different samples and so different approx_kl;
     with a threshold between them a per-rank decision made them enter different collectives."""
-    cfg = write_yaml(tmp_path / "cfg.yaml", {
-        "output_dir": str(tmp_path / "run"),
-        "model": {"path": str(tiny_model_dir), "gradient_checkpointing": False,
-                  "max_prompt_length": 16},
-        "quantization": {"mode": "none"}, "lora": {"r": 4, "alpha": 8},
-        "reward": {"function": f"{reward_file}:low_ids"},
-        "rollout": {"batch_size": 8, "generation_batch_size": 8, "max_new_tokens": 6},
-        "ppo": {"total_updates": 4, "epochs": 4, "minibatch_size": 4, "micro_batch_size": 2,
-                "learning_rate": 0.02, "early_stop_kl": EARLY_STOP_KL},
-        "deepspeed": {"config": "zero2"}, "logging": {"progress": False, "tensorboard": False},
-        "checkpoint": {"every": 0}})
-    dump = tmp_path / "dump"
-    dump.mkdir()
-    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    res = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()),
-                          str(REPO / "tests" / "ds_worker.py"), str(cfg), str(dump)],
-                         capture_output=True, text=True, timeout=240, env=clean_env(), cwd=REPO)
-    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
-    r0, r1 = (torch.load(dump / f"rank{i}.pt") for i in (0, 1))
+    cfg = two_rank_yaml(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "run",
+                        low_ids_reward, total_updates=4, epochs=4,
+                        optim={"learning_rate": 0.02}, early_stop_kl=EARLY_STOP_KL)
+    r0, r1 = train_on_two_ranks(cfg, tmp_path / "dump", timeout=240)
     assert r0["step"] == r1["step"] == 4
     for n, w in r0["weights"].items():
         assert torch.equal(w, r1["weights"][n]), n

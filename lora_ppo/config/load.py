@@ -1,4 +1,4 @@
-"""Loading the config tree (config.py) from YAML and `section.key=value` overrides, strictly.
+"""Loading the config tree (tree.py) from YAML and `section.key=value` overrides, strictly.
 
 An unknown key, a wrong type or a value outside its allowed range fails here, with one line that
 names the field, the value and what is allowed (litgpt's strictness); combinations of fields are
@@ -28,8 +28,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "rollout.top_k": _NONNEG, "rollout.top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "rollout.logprob_chunk_size": _POSITIVE, "model.max_prompt_length": _POSITIVE,
     "ppo.total_updates": _POSITIVE, "ppo.epochs": _POSITIVE, "ppo.minibatch_size": _POSITIVE,
-    "ppo.micro_batch_size": _POSITIVE, "ppo.learning_rate": _POSITIVE,
-    "ppo.weight_decay": _NONNEG, "ppo.warmup_steps": _NONNEG, "ppo.max_grad_norm": _POSITIVE,
+    "ppo.micro_batch_size": _POSITIVE,
     "ppo.gamma": _UNIT, "ppo.lam": _UNIT, "ppo.cliprange": _POSITIVE,
     "ppo.cliprange_value": _POSITIVE, "ppo.vf_coef": _NONNEG, "ppo.ent_coef": _NONNEG,
     "ppo.kl_coef": _NONNEG, "ppo.target_kl": _POSITIVE, "ppo.kl_horizon": _POSITIVE,
@@ -39,14 +38,27 @@ _CHECKS: dict[str, tuple[Any, str]] = {
 }
 
 
+for _section in ("ppo", "sft", "reward_model"):
+    _CHECKS.update({f"{_section}.optim.learning_rate": _POSITIVE,
+                    f"{_section}.optim.max_grad_norm": _POSITIVE,
+                    f"{_section}.optim.weight_decay": _NONNEG,
+                    f"{_section}.optim.warmup_steps": _NONNEG})
 for _stage in ("sft", "reward_model"):
-    _CHECKS.update({f"{_stage}.{k}": _POSITIVE for k in (
-        "max_length", "epochs", "max_steps", "batch_size", "micro_batch_size", "learning_rate",
-        "max_grad_norm")})
-    _CHECKS.update({f"{_stage}.{k}": _NONNEG for k in (
-        "weight_decay", "warmup_steps", "eval_size", "eval_every")})
+    _CHECKS.update({f"{_stage}.train.{k}": _POSITIVE for k in (
+        "max_length", "epochs", "max_steps", "batch_size", "micro_batch_size")})
+    _CHECKS.update({f"{_stage}.eval.{k}": _NONNEG for k in ("size", "every")})
 _CHECKS.update({"reward_model.margin": _NONNEG, "reward_model.head_init_std": _NONNEG,
                 "reward.model_label": _NONNEG})
+
+# Keys that moved into a composed section (ppo.optim, sft.train, ...): an old config is told
+# where each went instead of only that it is unknown.
+_OPTIM = ("learning_rate", "weight_decay", "lr_schedule", "warmup_steps", "max_grad_norm")
+MOVED = {f"ppo.{k}": f"ppo.optim.{k}" for k in _OPTIM}
+for _stage in ("sft", "reward_model"):
+    MOVED.update({f"{_stage}.{k}": f"{_stage}.optim.{k}" for k in _OPTIM})
+    MOVED.update({f"{_stage}.{k}": f"{_stage}.train.{k}" for k in (
+        "epochs", "max_steps", "batch_size", "micro_batch_size", "max_length")})
+    MOVED.update({f"{_stage}.eval_{k}": f"{_stage}.eval.{k}" for k in ("data", "size", "every")})
 
 
 def type_name(tp: Any) -> str:
@@ -98,29 +110,34 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     return value
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def _build(cls: type, data: Any, prefix: str, default: Any = None) -> Any:
+    """`default` (an instance of `cls`, else cls()) with the keys of `data` replaced, recursively:
+    a partial nested section keeps its parent's defaults (sft.optim's learning rate is SFT's)."""
     if not isinstance(data, dict):
         raise UserError(f"{prefix or 'config'} must be a mapping of keys to values, got {data!r}")
+    default = cls() if default is None else default
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        key = f"{prefix + '.' if prefix else ''}{unknown[0]}"
+        if key in MOVED:
+            raise UserError(f"config key '{key}' moved to '{MOVED[key]}'; write it there")
         where = f"section '{prefix}'" if prefix else "the top level"
-        raise UserError(f"unknown config key '{prefix + '.' if prefix else ''}{unknown[0]}' in "
-                        f"{where}; allowed keys: {', '.join(fields)}")
+        raise UserError(f"unknown config key '{key}' in {where}; allowed keys: {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
         path = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, path)
+            kwargs[name] = _build(tp, value, path, getattr(default, name))
             continue
         value = _coerce(value, tp, path)
         check = _CHECKS.get(path)
         if check is not None and value is not None and not check[0](value):
             raise UserError(f"{path}={value!r} is out of range: must be {check[1]}")
         kwargs[name] = value
-    return cls(**kwargs)
+    return dataclasses.replace(default, **kwargs)
 
 
 def parse_overrides(overrides: list[str]) -> dict:

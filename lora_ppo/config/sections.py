@@ -137,6 +137,22 @@ class RolloutConfig:
 
 
 @dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule (`ppo.optim`, `sft.optim`, `reward_model.optim`)."""
+
+    learning_rate: float = 1e-5
+    """AdamW learning rate of the trainable weights (LoRA adapters and heads)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule over all optimizer steps."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (global L2 norm), done by DeepSpeed."""
+
+
+@dataclass
 class PPOConfig:
     total_updates: int = 200
     """Number of PPO updates (rollout + optimisation rounds)."""
@@ -147,16 +163,7 @@ class PPOConfig:
     micro_batch_size: int = 4
     """Samples per forward/backward; minibatch_size / micro_batch_size is the gradient
     accumulation."""
-    learning_rate: float = 1e-5
-    """AdamW learning rate of the LoRA weights and heads."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    """Learning-rate schedule over all optimizer steps."""
-    warmup_steps: int = 0
-    """Optimizer steps of linear warmup."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping (global L2 norm), done by DeepSpeed."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
     gamma: float = 1.0
     """Discount factor of GAE."""
     lam: float = 0.95

@@ -4,12 +4,50 @@ They share model, quantization, lora, deepspeed, logging, checkpoint, seed and o
 `train`, so one YAML and one output_dir can drive the whole pipeline: each command reads only its
 own section here, `model.init_adapter` and `reward.*` are read by `train` only, and each stage
 keeps its run files in <output_dir>/sft/ or <output_dir>/reward_model/.
+
+Both compose the same three parts: `train` (epochs, batch sizes, sequence length), `optim`
+(AdamW, as PPO's `ppo.optim`) and `eval` (the held-out rows).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Optional
+from dataclasses import dataclass, field
+from typing import Optional
+
+from lora_ppo.config.sections import OptimConfig
+
+
+@dataclass
+class StageTrainConfig:
+    """How a stage iterates over its rows (`sft.train`, `reward_model.train`)."""
+
+    epochs: int = 1
+    """Passes over the training rows."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps; none: run all epochs."""
+    batch_size: int = 16
+    """Rows per optimizer step on each rank: examples (packed rows with sft.packing) or
+    preference pairs."""
+    micro_batch_size: int = 4
+    """Rows per forward/backward (both responses of a pair go in one forward); batch_size /
+    micro_batch_size is the gradient accumulation."""
+    max_length: int = 512
+    """Most tokens per sequence: the prompt is first cut from the left to
+    model.max_prompt_length, then the response is cut at the end."""
+
+
+@dataclass
+class StageEvalConfig:
+    """The held-out rows of a stage (`sft.eval`, `reward_model.eval`)."""
+
+    data: Optional[str] = None
+    """Held-out rows in the format of the stage's `data`; none: `size` rows of `data` are held
+    out (a seeded random slice)."""
+    size: int = 64
+    """Held-out rows: SFT's eval loss, the reward model's accuracy and score statistics; 0 turns
+    evaluation off."""
+    every: int = 0
+    """Evaluate every this many optimizer steps (and always at the end); 0: only at the end."""
 
 
 @dataclass
@@ -27,37 +65,14 @@ class SFTConfig:
     append_eos: bool = True
     """End each response with EOS unless the chat template already put one in it, so the model
     learns to stop as PPO's responses stop."""
-    max_length: int = 512
-    """Most tokens per example: the prompt is first cut from the left to model.max_prompt_length,
-    then the response is cut at the end."""
     packing: bool = False
-    """Pack several whole examples into each row of max_length tokens. Each keeps its own
+    """Pack several whole examples into each row of train.max_length tokens. Each keeps its own
     positions and attends only to itself (block-diagonal mask), so the loss is the unpacked loss
     with fewer pad tokens."""
-    epochs: int = 1
-    """Passes over the training examples."""
-    max_steps: Optional[int] = None
-    """Stop after this many optimizer steps; none: run all epochs."""
-    batch_size: int = 16
-    """Examples (rows, with packing) per optimizer step on each rank."""
-    micro_batch_size: int = 4
-    """Examples per forward/backward; batch_size / micro_batch_size is the gradient accumulation."""
-    learning_rate: float = 2e-4
-    """AdamW learning rate of the LoRA weights."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    """Learning-rate schedule over all optimizer steps."""
-    warmup_steps: int = 0
-    """Optimizer steps of linear warmup."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping (global L2 norm), done by DeepSpeed."""
-    eval_data: Optional[str] = None
-    """Held-out pairs (same format as `data`); none: `eval_size` examples of `data` are held out."""
-    eval_size: int = 64
-    """Held-out examples for the eval loss; 0 turns evaluation off."""
-    eval_every: int = 0
-    """Evaluate every this many optimizer steps (and always at the end); 0: only at the end."""
+    train: StageTrainConfig = field(default_factory=StageTrainConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=2e-4,
+                                                                   lr_schedule="cosine"))
+    eval: StageEvalConfig = field(default_factory=StageEvalConfig)
 
 
 @dataclass
@@ -83,35 +98,12 @@ class RewardModelConfig:
     append_eos: bool = True
     """End each response with EOS unless the chat template already did, so the score is read on
     the EOS token, where PPO reads it for a finished response."""
-    max_length: int = 512
-    """Most tokens per sequence: prompt cut from the left to model.max_prompt_length, then the
-    response cut at the end."""
     init_adapter: Optional[str] = None
     """Start the reward LoRA from this PEFT adapter (e.g. the SFT output), as InstructGPT starts its
     reward model from the SFT model; none: fresh LoRA weights (lora.*)."""
     head_init_std: float = 0.02
     """Std of the score head's initial weights (transformers' initializer_range)."""
-    epochs: int = 1
-    """Passes over the training pairs."""
-    max_steps: Optional[int] = None
-    """Stop after this many optimizer steps; none: run all epochs."""
-    batch_size: int = 16
-    """Pairs per optimizer step on each rank."""
-    micro_batch_size: int = 4
-    """Pairs per forward/backward (both responses of a pair go in one forward)."""
-    learning_rate: float = 1e-4
-    """AdamW learning rate of the LoRA weights and the score head."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    """Learning-rate schedule over all optimizer steps."""
-    warmup_steps: int = 0
-    """Optimizer steps of linear warmup."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping (global L2 norm), done by DeepSpeed."""
-    eval_data: Optional[str] = None
-    """Held-out pairs (same format as `data`); none: `eval_size` pairs of `data` are held out."""
-    eval_size: int = 64
-    """Held-out pairs for accuracy and reward statistics; 0 turns evaluation off."""
-    eval_every: int = 0
-    """Evaluate every this many optimizer steps (and always at the end); 0: only at the end."""
+    train: StageTrainConfig = field(default_factory=StageTrainConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=1e-4,
+                                                                   lr_schedule="cosine"))
+    eval: StageEvalConfig = field(default_factory=StageEvalConfig)

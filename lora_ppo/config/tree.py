@@ -104,14 +104,16 @@ class Config:
 
     def _check_stages(self) -> None:
         for name in ("sft", "reward_model"):
-            st = getattr(self, name)
-            if st.batch_size % st.micro_batch_size:
-                raise UserError(f"{name}.batch_size={st.batch_size} is not a multiple of "
-                                f"{name}.micro_batch_size={st.micro_batch_size}; make it a multiple")
-            if st.max_length <= self.model.max_prompt_length:
-                raise UserError(f"{name}.max_length={st.max_length} leaves no room for a response "
-                                f"after model.max_prompt_length={self.model.max_prompt_length}; "
-                                "raise the first or lower the second")
+            t = getattr(self, name).train
+            if t.batch_size % t.micro_batch_size:
+                raise UserError(f"{name}.train.batch_size={t.batch_size} is not a multiple of "
+                                f"{name}.train.micro_batch_size={t.micro_batch_size}; make it a "
+                                "multiple")
+            if t.max_length <= self.model.max_prompt_length:
+                raise UserError(f"{name}.train.max_length={t.max_length} leaves no room for a "
+                                f"response after model.max_prompt_length="
+                                f"{self.model.max_prompt_length}; raise the first or lower the "
+                                "second")
         if self.reward_model.margin_column and self.reward_model.margin:
             raise UserError(f"reward_model.margin={self.reward_model.margin} and reward_model."
                             f"margin_column={self.reward_model.margin_column} both set a margin; "

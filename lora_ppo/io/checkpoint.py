@@ -245,7 +245,7 @@ def _engine_facts(engine) -> dict:
 
 def _write_state(run, path: Path) -> None:
     state = {"format": FORMAT, "step": run.step, "episode": run.episode,
-             "world_size": run.dist.world_size, **_engine_facts(run.engine),
+             **run_facts(run.dist, run.engine),
              "kl_ctl": run.kl_ctl.state_dict(), "sampler": run.sampler.state_dict(),
              "base": base_fingerprint(run.model_path)}
     (path / STATE).write_text(json.dumps(state, indent=1))
@@ -330,23 +330,43 @@ def _changed(saved: dict, now: dict, prefix: str = "") -> dict[str, tuple]:
     return out
 
 
-def check_compatible(ck: Checkpoint, run) -> None:
-    """Refuse a checkpoint this run cannot continue; warn about other changed settings."""
-    check_base(ck, run.model_path)
-    changed = _changed(config_to_dict(ck.cfg), config_to_dict(run.cfg))
+def check_fit(ck: Checkpoint, cfg: Config, model_path: str, fields: tuple[str, ...],
+              facts: dict) -> None:
+    """Refuse a checkpoint that this run cannot continue: another base, another value of a
+    config field in `fields` (they change saved shapes or what the weights mean), or other run
+    `facts` (world size, ZeRO stage, precision) than its state.json records. Other changed
+    settings are only warned about. Shared by PPO and the SFT / reward-model stages."""
+    check_base(ck, model_path)
+    changed = _changed(config_to_dict(ck.cfg), config_to_dict(cfg))
     changed.pop("output_dir", None)
-    fields = MUST_MATCH + (MUST_MATCH_4BIT if ck.cfg.quantization.mode == "4bit" else ())
-    now = {"world_size": run.dist.world_size, **_engine_facts(run.engine)}
+    if ck.cfg.quantization.mode == "4bit":
+        fields = fields + MUST_MATCH_4BIT
     bad = [f"{k}: {changed[k][0]!r} in the checkpoint, {changed[k][1]!r} now"
            for k in fields if k in changed]
     bad += [f"{k}: {ck.state[k]!r} in the checkpoint, {v!r} now"
-            for k, v in now.items() if ck.state[k] != v]
+            for k, v in facts.items() if k in ck.state and ck.state[k] != v]
     if bad:
         raise UserError(f"checkpoint {ck.path} does not fit this run ({'; '.join(bad)}); resume "
                         "with the settings it was saved with, or start a new output_dir")
     rest = [f"{k} ({a!r} -> {b!r})" for k, (a, b) in sorted(changed.items())]
     if rest:
         log.warning("resuming %s with changed settings: %s", ck.path, ", ".join(rest))
+
+
+def run_facts(dist, engine) -> dict:
+    """What a checkpoint records of the run besides its config: world size, ZeRO stage,
+    precision (compared by check_fit on resume)."""
+    return {"world_size": dist.world_size, **_engine_facts(engine)}
+
+
+def load_engine_state(ck: Checkpoint, engine) -> None:
+    """Trainable weights, optimizer state, LR schedule and DeepSpeed's counters into `engine`
+    (the frozen base was never saved, so the module state is loaded non-strictly)."""
+    path, _ = engine.load_checkpoint(str(ck.path / ENGINE_DIR), tag=ENGINE_TAG,
+                                     load_module_strict=False)
+    if path is None:
+        raise UserError(f"DeepSpeed could not load {ck.path / ENGINE_DIR}; the checkpoint is "
+                        "incomplete")
 
 
 def saved_weights(ck: Checkpoint) -> dict[str, dict[str, torch.Tensor]]:
@@ -390,12 +410,8 @@ def _check_restored(ck: Checkpoint, ac) -> None:
 def load(run, path: str | Path) -> None:
     """Restore weights, engine, RNGs, counters, sampler, KL controller and moments into `run`."""
     ck = open_checkpoint(path)
-    check_compatible(ck, run)
-    load_path, _ = run.engine.load_checkpoint(str(ck.path / ENGINE_DIR), tag=ENGINE_TAG,
-                                              load_module_strict=False)
-    if load_path is None:
-        raise UserError(f"DeepSpeed could not load {ck.path / ENGINE_DIR}; the checkpoint is "
-                        "incomplete")
+    check_fit(ck, run.cfg, run.model_path, MUST_MATCH, run_facts(run.dist, run.engine))
+    load_engine_state(ck, run.engine)
     _check_restored(ck, run.ac)
     rank = torch.load(ck.path / f"rank-{run.dist.rank}.pt", weights_only=True)
     run.moments.load_state_dict(rank["moments"])

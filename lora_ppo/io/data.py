@@ -1,4 +1,9 @@
-"""Prompts: read from a local file through `datasets`, cycled with a reshuffle on every pass."""
+"""What goes into a run: tables of rows, prompts, a held-out slice, and the text the model reads.
+
+Files are read through `datasets` (JSONL, JSON, Parquet, CSV; prompts also from a text file, one
+per line). The same functions serve PPO's prompts and the SFT / reward-model stages' rows, so a
+file is read, split and rendered with a chat template the same way by every command.
+"""
 
 from __future__ import annotations
 
@@ -13,45 +18,89 @@ _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "c
             ".txt": "text"}
 
 
-def load_prompts(spec: str, column: str) -> list[str]:
-    """Prompt strings from a JSONL/JSON/Parquet/CSV file (column `column`) or a text file (one
-    prompt per line); `builtin:reviews` generates openings of product and movie reviews."""
-    if spec == BUILTIN_PROMPTS:
-        from lora_ppo.builtin.corpus import review_prompts
-
-        return review_prompts(512, seed=1234)
+def read_rows(spec: str, columns: list[str], field: str, text: bool = False) -> list[dict]:
+    """Rows {column: value} of a JSONL/JSON/Parquet/CSV file (with `text`, also a .txt file:
+    one row per line, its column named "text"). Every column must exist and hold a value."""
     path = Path(spec)
+    kinds = ".jsonl, .json, .parquet, .csv" + (" or .txt" if text else "")
     if not path.is_file():
-        raise UserError(f"data.prompts={spec} does not exist; give a .jsonl/.parquet/.csv/.txt file")
+        raise UserError(f"{field}={spec} does not exist; give a {kinds} file")
     fmt = _FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise UserError(f"data.prompts={spec}: unknown extension {path.suffix!r}; "
-                        f"use one of {', '.join(_FORMATS)}")
+    if fmt is None or (fmt == "text" and not text):
+        raise UserError(f"{field}={spec}: unknown extension {path.suffix!r}; use {kinds}")
     import datasets
 
     datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+        table = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as e:
-        raise UserError(f"data.prompts={spec} could not be read as {fmt}: {str(e).splitlines()[0]}")
+        raise UserError(f"{field}={spec} could not be read as {fmt}: {str(e).splitlines()[0]}")
     if fmt == "text":
-        column = "text"
-    if column not in ds.column_names:
-        raise UserError(f"data.prompt_column={column!r} is not a column of {spec}; "
-                        f"columns: {', '.join(ds.column_names)}")
-    prompts = [p for p in ds[column] if isinstance(p, str) and p.strip()]
+        columns = ["text"]
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise UserError(f"{field}={spec} has no column {missing[0]!r} (columns: "
+                        f"{', '.join(table.column_names)}); set the matching *_column field")
+    rows = [dict(zip(columns, values)) for values in zip(*(table[c] for c in columns))]
+    if not rows:
+        raise UserError(f"{field}={spec} holds no rows")
+    for i, row in enumerate(rows):
+        empty = [c for c, v in row.items() if v is None]
+        if empty:
+            raise UserError(f"{field}={spec}: row {i} has no value in column {empty[0]!r}; fill "
+                            "it in or drop the row")
+    return rows
+
+
+def load_prompts(spec: str, column: str, field: str = "data.prompts") -> list[str]:
+    """Prompt strings from a table file (column `column`) or a text file (one per line);
+    `builtin:reviews` generates openings of product and movie reviews. Blank ones are dropped."""
+    if spec == BUILTIN_PROMPTS:
+        from lora_ppo.builtin.corpus import review_prompts
+
+        return review_prompts(512, seed=1234)
+    rows = read_rows(spec, [column], field, text=True)
+    prompts = [p for row in rows for p in row.values() if isinstance(p, str) and p.strip()]
     if not prompts:
-        raise UserError(f"data.prompts={spec} holds no non-empty prompt in column {column!r}")
+        raise UserError(f"{field}={spec} holds no non-empty prompt in column {column!r}")
     return prompts
 
 
-def apply_chat_template(tokenizer, prompts: list[str]) -> list[str]:
-    """Each prompt as a single user turn, ending where the assistant's reply begins."""
+def hold_out(rows: list, eval_rows: Optional[list], size: int, seed: int,
+             field: str) -> tuple[list, list]:
+    """(train, eval): all rows and the first `size` of a separate eval set, or `size` rows of a
+    seeded shuffle held out (files are often sorted; a random slice is representative).
+    size 0: no evaluation. `field` names the size field in the error."""
+    if size == 0:
+        return rows, []
+    if eval_rows is not None:
+        return rows, eval_rows[:size]
+    if len(rows) <= size:
+        raise UserError(f"{field}={size} leaves no training rows out of {len(rows)}; lower it or "
+                        "give a separate evaluation file")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [rows[i] for i in order[size:]], [rows[i] for i in order[:size]]
+
+
+def render_prompt(tokenizer, prompt: str, chat_template: bool) -> str:
+    """The prompt as the model reads it: as is, or one user turn of the tokenizer's chat
+    template, ending where the assistant's reply begins."""
+    if not chat_template:
+        return prompt
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError("data.chat_template=true but the tokenizer has no chat template; "
-                        "set data.chat_template=false")
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                          add_generation_prompt=True) for p in prompts]
+        raise UserError("chat_template=true but the tokenizer has no chat template; set it false")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def encode_prompts(tokenizer, texts: list[str], chat_template: bool,
+                   max_length: int) -> list[list[int]]:
+    """Token ids of rendered prompts, each cut from the left to `max_length` (the end of a
+    prompt matters most). Text rendered by a chat template already holds its BOS, so no special
+    tokens are added to it again (transformers' chat-template docs)."""
+    ids = tokenizer(list(texts), add_special_tokens=not chat_template)["input_ids"]
+    return [x[-max_length:] for x in ids]
 
 
 class PromptSampler:
@@ -86,16 +135,3 @@ class PromptSampler:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._shuffled(self.epoch)
-
-
-def split_eval(prompts: list[str], eval_spec: Optional[str], column: str, size: int,
-               enabled: bool) -> tuple[list[str], list[str]]:
-    """(train prompts, eval prompts): a separate file, or the last `size` prompts held out."""
-    if not enabled:
-        return prompts, []
-    if eval_spec:
-        return prompts, load_prompts(eval_spec, column)[:size]
-    if len(prompts) <= size:
-        raise UserError(f"data.eval_size={size} leaves no training prompts out of {len(prompts)}; "
-                        "lower it or give data.eval_prompts")
-    return prompts[:-size], prompts[-size:]

@@ -235,7 +235,7 @@ class ActorCritic(nn.Module):
                 values = self.value_head(self.hidden(ids, mask)[:, q - 1:q - 1 + r])
         return PolicyOutputs(logprobs, entropy, values)
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def reward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               last_index: torch.Tensor) -> torch.Tensor:
         """Reward-model score (B,) at position `last_index` (B,) (the last real token)."""
         if self.reward_head is None:

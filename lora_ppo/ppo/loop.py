@@ -19,7 +19,7 @@ import torch
 
 from lora_ppo.config import Config
 from lora_ppo.config.load import save_config
-from lora_ppo.io.data import PromptSampler, apply_chat_template, load_prompts, split_eval
+from lora_ppo.io.data import PromptSampler, encode_prompts, hold_out, load_prompts, render_prompt
 from lora_ppo.io.metrics import MetricsLogger, peak_memory_mib
 from lora_ppo.modeling.actor_critic import ActorCritic, build_actor_critic
 from lora_ppo.modeling.loading import (
@@ -28,7 +28,7 @@ from lora_ppo.modeling.loading import (
     resolve_model_path,
 )
 from lora_ppo.ppo.reward_sources import RewardSource, make_reward_source
-from lora_ppo.ppo.rollout import Rollout, generate, score_rollout, tokenize_prompts
+from lora_ppo.ppo.rollout import Rollout, Samples, generate, logprobs_and_values
 from lora_ppo.ppo.update import PPOStats, ppo_update
 from lora_ppo.rl.gae import compute_gae
 from lora_ppo.rl.kl import AdaptiveKLController, FixedKLController
@@ -36,13 +36,7 @@ from lora_ppo.rl.losses import explained_variance
 from lora_ppo.rl.masked import masked_mean, masked_whiten
 from lora_ppo.rl.rewards import RunningMoments, compute_rewards, shape_scores
 from lora_ppo.runtime.dist import DistInfo, all_gather_cat, all_mean, seed_everything, setup_distributed
-from lora_ppo.runtime.ds_config import (
-    fill_ds_config,
-    read_ds_config,
-    refuse_unsupported,
-    resolve_precision,
-    zero_stage,
-)
+from lora_ppo.runtime.ds_config import run_ds_config, zero_stage
 from lora_ppo.runtime.engine import create_engine, gathered_params
 
 
@@ -72,25 +66,12 @@ def setup(cfg: Config) -> Run:
     dist = setup_distributed()
     seed_everything(cfg.seed + dist.rank)  # ranks sample different responses
     tokenizer = load_tokenizer(cfg.model, model_path)
-    raw_ds, ds_source = read_ds_config(cfg.deepspeed.config)
-    precision = resolve_precision(cfg.deepspeed.precision, dist.device)
-    ds_config = fill_ds_config(
-        raw_ds, micro_batch_size=cfg.ppo.micro_batch_size, grad_accum_steps=cfg.grad_accum_steps,
-        world_size=dist.world_size, max_grad_norm=cfg.ppo.max_grad_norm, precision=precision,
-        source=ds_source)
-    refuse_unsupported(zero_stage(ds_config), cfg.quantization.mode != "none",
-                          dist.world_size)
-    prompts = load_prompts(cfg.data.prompts, cfg.data.prompt_column)
-    if cfg.data.chat_template:
-        prompts = apply_chat_template(tokenizer, prompts)
-    train_prompts, eval_prompts = split_eval(prompts, cfg.data.eval_prompts, cfg.data.prompt_column,
-                                             cfg.data.eval_size, cfg.data.eval_every > 0)
+    ds_config = run_ds_config(cfg, dist.world_size, dist.device, "ppo")
+    train_prompts, eval_prompts = read_prompts(cfg, tokenizer)
     ac = build_actor_critic(cfg, load_base_model(cfg, model_path, dist.device))
     steps_per_update = cfg.ppo.epochs * cfg.rollout.batch_size // cfg.ppo.minibatch_size
-    engine = create_engine(
-        ac, ds_config=ds_config, lr=cfg.ppo.learning_rate, weight_decay=cfg.ppo.weight_decay,
-        schedule=cfg.ppo.lr_schedule, warmup_steps=cfg.ppo.warmup_steps,
-        total_steps=cfg.ppo.total_updates * steps_per_update)
+    engine = create_engine(ac, ds_config=ds_config, optim=cfg.ppo.optim,
+                           total_steps=cfg.ppo.total_updates * steps_per_update)
     kl_ctl = (AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.target_kl, cfg.ppo.kl_horizon)
               if cfg.ppo.adaptive_kl else FixedKLController(cfg.ppo.kl_coef))
     output_dir = Path(cfg.output_dir)
@@ -104,26 +85,48 @@ def setup(cfg: Config) -> Run:
                model_path=model_path)
 
 
+def read_prompts(cfg: Config, tokenizer) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts), rendered as the policy reads them (chat template)."""
+    d = cfg.data
+
+    def read(spec: str, field: str) -> list[str]:
+        return [render_prompt(tokenizer, p, d.chat_template)
+                for p in load_prompts(spec, d.prompt_column, field)]
+
+    held = read(d.eval_prompts, "data.eval_prompts") if d.eval_prompts and d.eval_every else None
+    return hold_out(read(d.prompts, "data.prompts"), held, d.eval_size if d.eval_every else 0,
+                    cfg.seed, "data.eval_size")
+
+
 def decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
     return [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
             for row, m in zip(ids.cpu(), mask.cpu())]
 
 
-def collect_rollout(run: Run, prompts: list[str], greedy: bool = False) -> Rollout:
-    """Step 1: generate and score. Under ZeRO-3 the weights are gathered for generation."""
+def sample_responses(run: Run, prompts: list[str], greedy: bool = False) -> Samples:
+    """Step 1a: the policy's responses. Under ZeRO-3 the weights are gathered for generation."""
     cfg = run.cfg
-    prompt_ids = tokenize_prompts(run.tokenizer, prompts, cfg.model.max_prompt_length,
-                                  add_special_tokens=not cfg.data.chat_template)
+    prompt_ids = encode_prompts(run.tokenizer, prompts, cfg.data.chat_template,
+                                cfg.model.max_prompt_length)
     synced = run.dist.world_size > 1 and zero_stage(run.engine.config) == 3
     with gathered_params(run.engine):
-        q, qm, r, rm, has_eos = generate(run.ac, run.tokenizer, prompt_ids, cfg.rollout,
-                                         greedy=greedy, synced=synced)
-    return score_rollout(run.ac, q, qm, r, rm, has_eos, temperature=cfg.rollout.temperature,
-                         chunk_size=cfg.rollout.logprob_chunk_size,
-                         batch_size=cfg.rollout.generation_batch_size)
+        return generate(run.ac, run.tokenizer, prompt_ids, cfg.rollout, greedy=greedy,
+                        synced=synced)
 
 
-def score(run: Run, prompts: list[str], ro: Rollout) -> tuple[torch.Tensor, list[str]]:
+def rollout_of(run: Run, samples: Samples) -> Rollout:
+    """Step 1b: old log-probs, values and reference log-probs of the samples."""
+    rc = run.cfg.rollout
+    return logprobs_and_values(run.ac, samples, temperature=rc.temperature,
+                               chunk_size=rc.logprob_chunk_size, batch_size=rc.generation_batch_size)
+
+
+def collect_rollout(run: Run, prompts: list[str], greedy: bool = False) -> Rollout:
+    """Step 1: sample responses, then score their log-probs and values."""
+    return rollout_of(run, sample_responses(run, prompts, greedy))
+
+
+def compute_scores(run: Run, prompts: list[str], ro: Rollout) -> tuple[torch.Tensor, list[str]]:
     """Raw sequence scores (B,) from the reward source, and the decoded completions."""
     completions = decode(run.tokenizer, ro.response_ids, ro.response_mask)
     tensors = {"query_ids": ro.query_ids, "query_mask": ro.query_mask,
@@ -201,7 +204,7 @@ def evaluate(run: Run, logger: MetricsLogger) -> dict:
     out = {}
     for mode in ("greedy", "sampled"):
         ro = collect_rollout(run, run.eval_prompts, greedy=(mode == "greedy"))
-        scores, completions = score(run, run.eval_prompts, ro)
+        scores, completions = compute_scores(run, run.eval_prompts, ro)
         out[f"eval/score_{mode}"] = all_mean([scores.mean().item()])[0]
         n = run.cfg.logging.num_samples
         logger.text(f"eval/{mode}", [f"{p!r} -> {c!r} (score {s:.3f})" for p, c, s in
@@ -232,7 +235,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> Run:
         t0 = time.perf_counter()
         prompts = run.sampler.take(bs * world)[run.dist.rank * bs:(run.dist.rank + 1) * bs]
         ro = collect_rollout(run, prompts)
-        raw_scores, _ = score(run, prompts, ro)
+        raw_scores, _ = compute_scores(run, prompts, ro)
         t_rollout = time.perf_counter() - t0
         # step 2. rewards: score on the last real token, -kl_coef * KL on every token
         ro = add_rewards(run, ro, raw_scores)

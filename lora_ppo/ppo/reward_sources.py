@@ -125,7 +125,7 @@ class AdapterReward:
                 ids = torch.cat([q_ids[sl], r_ids[sl]], 1)
                 mask = torch.cat([q_mask[sl], r_mask[sl].long()], 1)
                 last = q_ids.shape[1] + last_token_index(r_mask[sl])
-                scores.append(self.ac.score(ids, mask, last).float().cpu())
+                scores.append(self.ac.reward_scores(ids, mask, last).float().cpu())
         finally:
             self.ac.train(was_training)
         return check_scores(torch.cat(scores).tolist(), len(prompts), "adapter")

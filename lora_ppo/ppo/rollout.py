@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,14 +53,6 @@ class Rollout:
                                    else getattr(self, f.name)[idx]) for f in fields(self)})
 
 
-def tokenize_prompts(tokenizer, prompts: Sequence[str], max_length: int,
-                     add_special_tokens: bool = True) -> list[list[int]]:
-    """Token ids per prompt, cut from the left to `max_length` (the end of a prompt matters most).
-    Text rendered by a chat template already holds its BOS: pass add_special_tokens=False."""
-    ids = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
-    return [x[-max_length:] for x in ids]
-
-
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Lists of ids -> (ids (B, L), mask (B, L)) padded on the left."""
     width = max(len(s) for s in seqs)
@@ -87,15 +79,21 @@ def truncate_after_stop(response_ids: torch.Tensor, stop_ids: Sequence[int], pad
     return ids, mask, is_stop.any(-1)
 
 
-def generate(ac: ActorCritic, tokenizer, prompt_ids: Sequence[Sequence[int]], rc, *,
-             greedy: bool = False, synced: bool = False
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample responses with the policy in chunks of `rc.generation_batch_size`.
+class Samples(NamedTuple):
+    """Sampled responses to left-padded prompts, before any scoring (CPU tensors)."""
 
-    Returns query_ids (B, Q), query_mask (B, Q), response_ids (B, R), response_mask (B, R),
-    has_eos (B,), every chunk padded to the same Q and R. `synced`: every rank runs the same
-    number of decoding steps (ZeRO-3 gathers weights collectively in each forward).
-    """
+    query_ids: torch.Tensor       # (B, Q) long
+    query_mask: torch.Tensor      # (B, Q) long
+    response_ids: torch.Tensor    # (B, R) long, padding after the first stop token
+    response_mask: torch.Tensor   # (B, R) float
+    has_eos: torch.Tensor         # (B,) bool
+
+
+def generate(ac: ActorCritic, tokenizer, prompt_ids: Sequence[Sequence[int]], rc, *,
+             greedy: bool = False, synced: bool = False) -> Samples:
+    """Sample responses with the policy in chunks of `rc.generation_batch_size`, every chunk
+    padded to the same Q and R. `synced`: every rank runs the same number of decoding steps
+    (ZeRO-3 gathers weights collectively in each forward)."""
     stop_ids = [tokenizer.eos_token_id, *rc.stop_token_ids]
     query_ids, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
     device = ac.device
@@ -112,13 +110,15 @@ def generate(ac: ActorCritic, tokenizer, prompt_ids: Sequence[Sequence[int]], rc
                               for r in responses])
     response_ids, response_mask, has_eos = truncate_after_stop(
         response_ids, stop_ids, tokenizer.pad_token_id)
-    return query_ids, query_mask, response_ids, response_mask, has_eos
+    return Samples(query_ids, query_mask, response_ids, response_mask, has_eos)
 
 
 @torch.no_grad()
-def score_rollout(ac: ActorCritic, query_ids, query_mask, response_ids, response_mask, has_eos,
-                  *, temperature: float, chunk_size: int, batch_size: int) -> Rollout:
-    """Old log-probs, values and reference log-probs of sampled responses, in chunks."""
+def logprobs_and_values(ac: ActorCritic, samples: Samples, *, temperature: float,
+                        chunk_size: int, batch_size: int) -> Rollout:
+    """The rollout: `samples` with their old log-probs, values and reference log-probs,
+    computed in chunks of `batch_size` sequences."""
+    query_ids, query_mask, response_ids, response_mask, has_eos = samples
     was_training = ac.training
     ac.eval()
     device = ac.device

@@ -27,14 +27,18 @@ DS_CONFIG_DIR = next((d for d in (Path(__file__).resolve().parents[2] / "ds_conf
                       if d.is_dir()), Path(__file__).resolve().parents[2] / "ds_configs")
 
 
-def training_source(section: str = "ppo", batch_key: str = "minibatch_size") -> dict[str, str]:
-    """The training-config field each DeepSpeed key comes from, named in contradiction errors."""
-    micro, batch = f"{section}.micro_batch_size", f"{section}.{batch_key}"
+PPO_FIELDS = ("ppo.minibatch_size", "ppo.micro_batch_size", "ppo.optim.max_grad_norm")
+
+
+def training_source(fields: tuple[str, str, str] = PPO_FIELDS) -> dict[str, str]:
+    """The training-config field each DeepSpeed key comes from, named in contradiction errors;
+    `fields` = the (batch, micro-batch, clipping) fields of the section being trained."""
+    batch, micro, clip = fields
     return {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": f"{batch}/{micro}",
         "train_batch_size": f"{batch} * world_size",
-        "gradient_clipping": f"{section}.max_grad_norm",
+        "gradient_clipping": clip,
         "bf16.enabled": "deepspeed.precision",
         "fp16.enabled": "deepspeed.precision",
     }
@@ -88,8 +92,8 @@ def _auto_paths(node: Any, prefix: str = "") -> list[str]:
 
 
 def fill_ds_config(raw: dict, *, micro_batch_size: int, grad_accum_steps: int, world_size: int,
-                   max_grad_norm: float, precision: str, source: str, section: str = "ppo",
-                   batch_key: str = "minibatch_size") -> dict:
+                   max_grad_norm: float, precision: str, source: str,
+                   fields: tuple[str, str, str] = PPO_FIELDS) -> dict:
     """A copy of `raw` with the keys the training config decides set from it.
 
     Each key is set whether it is "auto" or missing (a missing gradient_accumulation_steps would
@@ -98,8 +102,7 @@ def fill_ds_config(raw: dict, *, micro_batch_size: int, grad_accum_steps: int, w
     identity itself). max_grad_norm <= 0 means no clipping, which DeepSpeed writes as 0.
     The optimizer and scheduler come from the training config (`create_engine`), so a DeepSpeed
     "optimizer"/"scheduler" block, which DeepSpeed would silently ignore, is refused.
-    `section`/`batch_key` only name the training-config fields in errors (e.g. "sft",
-    "batch_size" for the supervised stages).
+    `fields` only names the training-config fields in errors (training_source).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be resolved to one of {PRECISIONS}, got {precision!r}")
@@ -125,7 +128,7 @@ def fill_ds_config(raw: dict, *, micro_batch_size: int, grad_accum_steps: int, w
         if value != "auto" and not _same(value, expected):
             shown = precision if key.endswith(".enabled") else expected
             raise UserError(f"{source}: {key}={json.dumps(value)} contradicts "
-                            f"{training_source(section, batch_key)[key]} = {shown}; "
+                            f"{training_source(fields)[key]} = {shown}; "
                             "write \"auto\" or change one of them")
         node[leaf] = expected
     left = [p for p in _auto_paths(out) if p not in _DS_OWN_AUTO]
@@ -178,3 +181,23 @@ def refuse_unsupported(zero_stage: int, quantized: bool, world_size: int) -> Non
         raise UserError(f"ZeRO-3 cannot partition a bitsandbytes-quantized base across "
                         f"{world_size} ranks; use ds_config=zero2 (or zero2_offload) with "
                         "quantization, or turn quantization off for zero3")
+
+
+def run_ds_config(cfg, world_size: int, device: torch.device, section: str) -> dict:
+    """The DeepSpeed config of a run: `cfg.deepspeed.config` filled from the batch sizes and
+    optimizer of `section` ("ppo", "sft" or "reward_model"), refused where it cannot work."""
+    if section == "ppo":
+        batch, micro = cfg.ppo.minibatch_size, cfg.ppo.micro_batch_size
+        names = ("ppo.minibatch_size", "ppo.micro_batch_size")
+    else:
+        train = getattr(cfg, section).train
+        batch, micro = train.batch_size, train.micro_batch_size
+        names = (f"{section}.train.batch_size", f"{section}.train.micro_batch_size")
+    raw, source = read_ds_config(cfg.deepspeed.config)
+    out = fill_ds_config(
+        raw, micro_batch_size=micro, grad_accum_steps=batch // micro, world_size=world_size,
+        max_grad_norm=getattr(cfg, section).optim.max_grad_norm,
+        precision=resolve_precision(cfg.deepspeed.precision, device), source=source,
+        fields=(*names, f"{section}.optim.max_grad_norm"))
+    refuse_unsupported(zero_stage(out), cfg.quantization.mode != "none", world_size)
+    return out

@@ -72,23 +72,24 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, *, schedule: str, warmup
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
-def create_engine(model: torch.nn.Module, *, ds_config: dict, lr: float, weight_decay: float,
-                  schedule: str, warmup_steps: int, total_steps: int):
+def create_engine(model: torch.nn.Module, *, ds_config: dict, optim, total_steps: int):
     """deepspeed.initialize with a client AdamW over the trainable parameters only.
 
     A client torch.optim.AdamW (a ZeRO-supported optimizer, runtime/zero/utils.py) avoids
     compiling DeepSpeed's FusedAdam/CPUAdam C++ ops; with ZeRO-Offload DeepSpeed accepts it only
     when the config sets "zero_force_ds_cpu_optimizer": false (ds_configs/zero2_offload.json).
-    Returns the DeepSpeedEngine; `engine.module` is `model`.
+    `optim` is the section's OptimConfig (learning rate, weight decay, schedule, warmup) and
+    `total_steps` the optimizer steps of the whole run. Returns the DeepSpeedEngine;
+    `engine.module` is `model`.
     """
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("the model has no trainable parameters; check the LoRA target modules")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = make_lr_scheduler(optimizer, schedule=schedule, warmup_steps=warmup_steps,
-                                  total_steps=total_steps)
+    optimizer = torch.optim.AdamW(params, lr=optim.learning_rate, weight_decay=optim.weight_decay)
+    scheduler = make_lr_scheduler(optimizer, schedule=optim.lr_schedule,
+                                  warmup_steps=optim.warmup_steps, total_steps=total_steps)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                       lr_scheduler=scheduler, config=ds_config)
     if optimizer.state:

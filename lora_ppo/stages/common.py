@@ -13,6 +13,7 @@ boundary between prompt and response is the same token boundary PPO samples at.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -24,17 +25,12 @@ from typing import Any, Optional
 import torch
 
 from lora_ppo.config import Config
-from lora_ppo.config.load import config_to_dict, save_config
+from lora_ppo.config.load import save_config
 from lora_ppo.errors import UserError
+from lora_ppo.io.data import encode_prompts, hold_out, render_prompt
 from lora_ppo.io.metrics import MetricsLogger, peak_memory_mib
 from lora_ppo.runtime.dist import DistInfo, seed_everything, setup_distributed
-from lora_ppo.runtime.ds_config import (
-    fill_ds_config,
-    read_ds_config,
-    refuse_unsupported,
-    resolve_precision,
-    zero_stage,
-)
+from lora_ppo.runtime.ds_config import run_ds_config
 from lora_ppo.runtime.engine import create_engine, gathered_params
 
 # Fields a stage checkpoint is tied to: they change saved shapes or what the weights mean.
@@ -44,64 +40,6 @@ STAGE_MUST_MATCH = ("quantization.mode", "lora.r", "lora.alpha", "lora.target_mo
 
 # -- data -------------------------------------------------------------------------------------
 
-def load_rows(spec: str, columns: list[str], field: str) -> list[dict]:
-    """Rows {column: str} of a JSONL/JSON/Parquet/CSV file, read with `datasets`."""
-    from lora_ppo.io.data import _FORMATS
-
-    path = Path(spec)
-    if not path.is_file():
-        raise UserError(f"{field}={spec} does not exist; give a .jsonl, .parquet or .csv file")
-    fmt = _FORMATS.get(path.suffix.lower())
-    if fmt is None or fmt == "text":
-        raise UserError(f"{field}={spec}: unknown extension {path.suffix!r}; use .jsonl, .json, "
-                        ".parquet or .csv")
-    import datasets
-
-    datasets.disable_progress_bars()
-    try:
-        table = datasets.load_dataset(fmt, data_files=str(path), split="train")
-    except Exception as e:
-        raise UserError(f"{field}={spec} could not be read as {fmt}: {str(e).splitlines()[0]}")
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise UserError(f"{field}={spec} has no column {missing[0]!r} (columns: "
-                        f"{', '.join(table.column_names)}); set the matching *_column field")
-    rows = [dict(zip(columns, values)) for values in zip(*(table[c] for c in columns))]
-    if not rows:
-        raise UserError(f"{field}={spec} holds no rows")
-    for i, row in enumerate(rows):
-        empty = [c for c, v in row.items() if v is None]
-        if empty:
-            raise UserError(f"{field}={spec}: row {i} has no value in column {empty[0]!r}; fill "
-                            "it in or drop the row")
-    return rows
-
-
-def split_eval(rows: list, eval_rows: Optional[list], size: int, seed: int,
-               section: str) -> tuple[list, list]:
-    """(train, eval): a separate eval set, or `size` rows of a seeded shuffle held out."""
-    if size == 0:
-        return rows, []
-    if eval_rows is not None:
-        return rows, eval_rows[:size]
-    if len(rows) <= size:
-        raise UserError(f"{section}.eval_size={size} leaves no training rows out of {len(rows)}; "
-                        f"lower it or give {section}.eval_data")
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)  # files are often sorted; hold out a random slice
-    return [rows[i] for i in order[size:]], [rows[i] for i in order[:size]]
-
-
-def encode_prompt(tokenizer, prompt: str, chat_template: bool) -> list[int]:
-    """Prompt ids. With a chat template the rendered text already holds BOS, so the tokenizer
-    must not add special tokens again (transformers' chat-template docs)."""
-    if not chat_template:
-        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def encode_pair(tokenizer, prompt: str, response: str, *, chat_template: bool, append_eos: bool,
                 max_prompt_length: int, max_length: int) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids) of one example, cut to fit.
@@ -110,12 +48,10 @@ def encode_pair(tokenizer, prompt: str, response: str, *, chat_template: bool, a
     at the end to `max_length` in all. With a chat template, the response is what the template
     renders after the generation prompt (for the tiny model: " text</s>\\n").
     """
-    if chat_template and not getattr(tokenizer, "chat_template", None):
-        raise UserError("chat_template=true but the tokenizer has no chat template; set it false")
-    p_ids = encode_prompt(tokenizer, prompt, chat_template)[-max_prompt_length:]
+    head = render_prompt(tokenizer, prompt, chat_template)
+    (p_ids,) = encode_prompts(tokenizer, [head], chat_template, max_prompt_length)
     if chat_template:
         user = [{"role": "user", "content": prompt}]
-        head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}],
                                              tokenize=False)
         if not full.startswith(head):
@@ -151,8 +87,10 @@ class Stage:
         return getattr(self.cfg, self.name)
 
 
-def setup_stage(cfg: Config, name: str) -> Stage:
-    """Distributed init, seeds, tokenizer, filled DeepSpeed config (no model yet)."""
+def setup_stage(cfg: Config, name: str, read_rows: Callable[[str, str], list[dict]]
+                ) -> tuple[Stage, list[dict], list[dict]]:
+    """Distributed init, seeds, tokenizer, the filled DeepSpeed config, and the stage's rows as
+    `read_rows(spec, field)` reads them, split into training and held-out rows (no model yet)."""
     from lora_ppo.modeling.loading import load_tokenizer, resolve_model_path
 
     sec = getattr(cfg, name)
@@ -160,47 +98,48 @@ def setup_stage(cfg: Config, name: str) -> Stage:
     dist = setup_distributed()
     seed_everything(cfg.seed + dist.rank)
     tokenizer = load_tokenizer(cfg.model, model_path)
-    raw, source = read_ds_config(cfg.deepspeed.config)
-    ds_config = fill_ds_config(
-        raw, micro_batch_size=sec.micro_batch_size,
-        grad_accum_steps=sec.batch_size // sec.micro_batch_size, world_size=dist.world_size,
-        max_grad_norm=sec.max_grad_norm,
-        precision=resolve_precision(cfg.deepspeed.precision, dist.device), source=source)
-    refuse_unsupported(zero_stage(ds_config), cfg.quantization.mode != "none",
-                          dist.world_size)
-    return Stage(cfg=cfg, name=name, dist=dist, tokenizer=tokenizer, model_path=model_path,
-                 ds_config=ds_config, run_dir=Path(cfg.output_dir) / name)
+    ds_config = run_ds_config(cfg, dist.world_size, dist.device, name)
+    eval_rows = read_rows(sec.eval.data, f"{name}.eval.data") if sec.eval.data else None
+    train_rows, eval_rows = hold_out(read_rows(sec.data, f"{name}.data"), eval_rows,
+                                     sec.eval.size, cfg.seed, f"{name}.eval.size")
+    st = Stage(cfg=cfg, name=name, dist=dist, tokenizer=tokenizer, model_path=model_path,
+               ds_config=ds_config, run_dir=Path(cfg.output_dir) / name)
+    return st, train_rows, eval_rows
 
 
-def attach_lora(cfg: Config, base: torch.nn.Module, init_adapter: Optional[str], field: str):
-    """The base with one trainable LoRA adapter ("default", so save_pretrained writes a plain
-    PEFT dir): fresh from `cfg.lora`, or the weights and settings of `init_adapter`."""
+def load_stage_model(st: Stage, init_adapter: Optional[str] = None, field: str = ""):
+    """The base, loaded once as `train` loads it, with one trainable LoRA adapter ("default", so
+    save_pretrained writes a plain PEFT dir): fresh from `cfg.lora`, or the weights and
+    settings of `init_adapter`."""
     from peft import PeftModel, get_peft_model
 
     from lora_ppo.modeling.actor_critic import _check_adapter_dir, _lora_config
+    from lora_ppo.modeling.loading import load_base_model
 
+    base = load_base_model(st.cfg, st.model_path, st.dist.device)
     if init_adapter:
         _check_adapter_dir(init_adapter, field)
         return PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
-    return get_peft_model(base, _lora_config(cfg))
+    return get_peft_model(base, _lora_config(st.cfg))
 
 
 def start_training(st: Stage, module: torch.nn.Module, n_train: int,
                    resume: Optional[str]) -> None:
     """Count the steps, wrap `module` in the DeepSpeed engine, restore a checkpoint if asked,
     and write the run's config.yaml."""
-    sec = st.section
-    st.steps_per_epoch = n_train // (sec.batch_size * st.dist.world_size)
+    train, optim = st.section.train, st.section.optim
+    st.steps_per_epoch = n_train // (train.batch_size * st.dist.world_size)
     if st.steps_per_epoch == 0:
-        raise UserError(f"{st.name}: {n_train} training rows are fewer than {st.name}.batch_size="
-                        f"{sec.batch_size} x {st.dist.world_size} rank(s); lower the batch size")
-    st.total_steps = sec.epochs * st.steps_per_epoch
-    if sec.max_steps is not None:
-        st.total_steps = min(st.total_steps, sec.max_steps)
-    st.engine = create_engine(
-        module, ds_config=st.ds_config, lr=sec.learning_rate, weight_decay=sec.weight_decay,
-        schedule=sec.lr_schedule, warmup_steps=min(sec.warmup_steps, st.total_steps),
-        total_steps=st.total_steps)
+        raise UserError(f"{st.name}: {n_train} training rows are fewer than {st.name}.train."
+                        f"batch_size={train.batch_size} x {st.dist.world_size} rank(s); lower the "
+                        "batch size")
+    st.total_steps = train.epochs * st.steps_per_epoch
+    if train.max_steps is not None:
+        st.total_steps = min(st.total_steps, train.max_steps)
+    # max_steps may end the run inside the warmup: the warmup then ends with it.
+    optim = dataclasses.replace(optim, warmup_steps=min(optim.warmup_steps, st.total_steps))
+    st.engine = create_engine(module, ds_config=st.ds_config, optim=optim,
+                              total_steps=st.total_steps)
     if resume is not None:
         load_checkpoint(st, resume)
     if st.dist.rank == 0:
@@ -227,7 +166,7 @@ def fit(st: Stage, n_train: int, train_step: Callable[[list[int]], dict],
     metrics; `write_output(dir)` writes the stage's adapter into an empty directory.
     """
     sec, rank, world = st.section, st.dist.rank, st.dist.world_size
-    bs = sec.batch_size
+    bs = sec.train.batch_size
     logger = MetricsLogger(st.run_dir, st.cfg, st.total_steps, st.step, enabled=rank == 0)
     logger.truncate_after(st.step)
     while st.step < st.total_steps:
@@ -245,7 +184,7 @@ def fit(st: Stage, n_train: int, train_step: Callable[[list[int]], dict],
                     "memory/peak_mib": peak_memory_mib(st.dist.device)})
         # step 2. evaluate on the held-out rows
         last = st.step == st.total_steps
-        if evaluate is not None and (last or (sec.eval_every and st.step % sec.eval_every == 0)):
+        if evaluate is not None and (last or (sec.eval.every and st.step % sec.eval.every == 0)):
             row.update(evaluate())
         logger.log(row)
         # step 3. checkpoint
@@ -286,7 +225,7 @@ def save_checkpoint(st: Stage, write_output: Callable[[Path], None]) -> Path:
 
     def state(tmp: Path) -> None:
         meta = {"format": ck.FORMAT, "stage": st.name, "step": st.step,
-                "world_size": st.dist.world_size, "base": ck.base_fingerprint(st.model_path)}
+                **ck.run_facts(st.dist, st.engine), "base": ck.base_fingerprint(st.model_path)}
         (tmp / ck.STATE).write_text(json.dumps(meta, indent=1))
         save_config(st.cfg, tmp / ck.CONFIG)
 
@@ -304,25 +243,7 @@ def load_checkpoint(st: Stage, resume: str) -> None:
     if c.state.get("stage") != st.name:
         raise UserError(f"checkpoint {c.path} is from stage {c.state.get('stage', 'train')!r}, not "
                         f"{st.name!r}; resume it with its own command")
-    ck.check_base(c, st.model_path)
-    saved, now = config_to_dict(c.cfg), config_to_dict(st.cfg)
-    bad = []
-    for key in STAGE_MUST_MATCH:
-        a, b = saved, now
-        for part in key.split("."):
-            a, b = a[part], b[part]
-        if a != b:
-            bad.append(f"{key}: {a!r} in the checkpoint, {b!r} now")
-    if c.state["world_size"] != st.dist.world_size:
-        bad.append(f"world size: {c.state['world_size']} in the checkpoint, "
-                   f"{st.dist.world_size} now")
-    if bad:
-        raise UserError(f"checkpoint {c.path} does not fit this run ({'; '.join(bad)}); resume "
-                        "with the settings it was saved with, or start a new output_dir")
-    path, _ = st.engine.load_checkpoint(str(c.path / ck.ENGINE_DIR), tag=ck.ENGINE_TAG,
-                                        load_module_strict=False)
-    if path is None:
-        raise UserError(f"DeepSpeed could not load {c.path / ck.ENGINE_DIR}; the checkpoint is "
-                        "incomplete")
+    ck.check_fit(c, st.cfg, st.model_path, STAGE_MUST_MATCH, ck.run_facts(st.dist, st.engine))
+    ck.load_engine_state(c, st.engine)
     st.step = int(c.state["step"])
     torch.set_rng_state(torch.load(c.path / f"rank-{st.dist.rank}.pt")["torch"])

@@ -28,16 +28,15 @@ from torch import nn
 
 from lora_ppo.config import Config
 from lora_ppo.errors import UserError
+from lora_ppo.io.data import read_rows
 from lora_ppo.modeling.actor_critic import REWARD_HEAD_FILE, ScalarHead, position_ids_from_mask
 from lora_ppo.rl.rewards import last_token_index
 from lora_ppo.runtime.dist import all_sum
 from lora_ppo.stages.common import (
-    attach_lora,
     encode_pair,
     fit,
-    load_rows,
+    load_stage_model,
     setup_stage,
-    split_eval,
     start_training,
     write_peft_adapter,
 )
@@ -84,7 +83,7 @@ def read_pairs(spec: str, sec, field: str) -> list[dict]:
 
         return [{**r, "margin": sec.margin} for r in preference_pairs(2000, seed=7, broken=0.25)]
     cols = [sec.prompt_column, sec.chosen_column, sec.rejected_column]
-    rows = load_rows(spec, cols + ([sec.margin_column] if sec.margin_column else []), field)
+    rows = read_rows(spec, cols + ([sec.margin_column] if sec.margin_column else []), field)
     out = []
     for r in rows:
         m = float(r[sec.margin_column]) if sec.margin_column else sec.margin
@@ -103,7 +102,7 @@ def encode_pairs(tokenizer, rows: list[dict], sec, max_prompt_length: int) -> li
         for key in ("chosen", "rejected"):
             p, r = encode_pair(tokenizer, row["prompt"], row[key], chat_template=sec.chat_template,
                                append_eos=sec.append_eos, max_prompt_length=max_prompt_length,
-                               max_length=sec.max_length)
+                               max_length=sec.train.max_length)
             seqs.append(p + r)
         out.append(Pair(seqs[0], seqs[1], row["margin"]))
     return out
@@ -159,22 +158,18 @@ def write_reward_adapter(model: RewardModel, out: Path) -> None:
 
 def train_reward(cfg: Config, resume: Optional[str] = None) -> Path:
     """Train the reward adapter; returns its directory. `resume`: "latest" or a checkpoint."""
-    from lora_ppo.modeling.loading import load_base_model
-
-    st = setup_stage(cfg, "reward_model")
-    sec, tok = cfg.reward_model, st.tokenizer
-    eval_rows = read_pairs(sec.eval_data, sec, "reward_model.eval_data") if sec.eval_data else None
-    train_rows, eval_rows = split_eval(read_pairs(sec.data, sec, "reward_model.data"), eval_rows,
-                                       sec.eval_size, cfg.seed, "reward_model")
-    n_prompt = cfg.model.max_prompt_length
+    sec = cfg.reward_model
+    st, train_rows, eval_rows = setup_stage(cfg, "reward_model",
+                                            lambda spec, field: read_pairs(spec, sec, field))
+    tok, n_prompt = st.tokenizer, cfg.model.max_prompt_length
     train = encode_pairs(tok, train_rows, sec, n_prompt)
     evals = encode_pairs(tok, eval_rows, sec, n_prompt) if eval_rows else []
-    base = load_base_model(cfg, st.model_path, st.dist.device)
-    peft_model = attach_lora(cfg, base, sec.init_adapter, "reward_model.init_adapter")
-    head = ScalarHead(base.config.hidden_size, sec.head_init_std).to(st.dist.device)
+    peft_model = load_stage_model(st, sec.init_adapter, "reward_model.init_adapter")
+    hidden = peft_model.get_base_model().config.hidden_size
+    head = ScalarHead(hidden, sec.head_init_std).to(st.dist.device)
     model = RewardModel(peft_model, head)
     start_training(st, model, len(train), resume)
-    micro = sec.micro_batch_size
+    micro = sec.train.micro_batch_size
 
     def train_step(idx: list[int]) -> dict:
         model.train()

@@ -28,16 +28,15 @@ import torch
 
 from lora_ppo.config import Config
 from lora_ppo.errors import UserError
+from lora_ppo.io.data import read_rows
 from lora_ppo.modeling.actor_critic import position_ids_from_mask
 from lora_ppo.rl.logprobs import logprobs_and_entropy_from_hidden
 from lora_ppo.runtime.dist import all_sum
 from lora_ppo.stages.common import (
-    attach_lora,
     encode_pair,
     fit,
-    load_rows,
+    load_stage_model,
     setup_stage,
-    split_eval,
     start_training,
     write_peft_adapter,
 )
@@ -72,7 +71,7 @@ def builtin_pairs(n: int = 2000, seed: int = 7) -> list[dict]:
 def read_pairs(spec: str, sec, field: str) -> list[dict]:
     if spec == BUILTIN:
         return builtin_pairs()
-    rows = load_rows(spec, [sec.prompt_column, sec.response_column], field)
+    rows = read_rows(spec, [sec.prompt_column, sec.response_column], field)
     return [{"prompt": r[sec.prompt_column], "response": r[sec.response_column]} for r in rows]
 
 
@@ -82,7 +81,7 @@ def encode_examples(tokenizer, rows: list[dict], sec, max_prompt_length: int) ->
     for row in rows:
         p, r = encode_pair(tokenizer, row["prompt"], row["response"],
                            chat_template=sec.chat_template, append_eos=sec.append_eos,
-                           max_prompt_length=max_prompt_length, max_length=sec.max_length)
+                           max_prompt_length=max_prompt_length, max_length=sec.train.max_length)
         mask = [0] * len(p) + [1] * len(r)
         if mask:
             mask[0] = 0  # the first token has no context to be predicted from (nor, packed, any)
@@ -90,10 +89,10 @@ def encode_examples(tokenizer, rows: list[dict], sec, max_prompt_length: int) ->
             out.append(Example(p + r, mask))
     if len(out) < len(rows):
         log.warning("sft: %d of %d examples have no response token left after cutting to "
-                    "sft.max_length and were dropped", len(rows) - len(out), len(rows))
+                    "sft.train.max_length and were dropped", len(rows) - len(out), len(rows))
     if not out:
         raise UserError("sft: no example has a response token; check sft.response_column and "
-                        "sft.max_length")
+                        "sft.train.max_length")
     return out
 
 
@@ -198,18 +197,14 @@ def make_rows(examples: list[Example], packed: bool, max_length: int) -> list[li
 
 def train_sft(cfg: Config, resume: Optional[str] = None) -> Path:
     """Run SFT; returns the output adapter directory. `resume`: "latest" or a checkpoint path."""
-    from lora_ppo.modeling.loading import load_base_model
-
-    st = setup_stage(cfg, "sft")
-    sec, tok = cfg.sft, st.tokenizer
-    eval_rows = read_pairs(sec.eval_data, sec, "sft.eval_data") if sec.eval_data else None
-    train_rows, eval_rows = split_eval(read_pairs(sec.data, sec, "sft.data"), eval_rows,
-                                       sec.eval_size, cfg.seed, "sft")
-    n_prompt = cfg.model.max_prompt_length
-    train = make_rows(encode_examples(tok, train_rows, sec, n_prompt), sec.packing, sec.max_length)
+    sec = cfg.sft
+    st, train_rows, eval_rows = setup_stage(cfg, "sft",
+                                            lambda spec, field: read_pairs(spec, sec, field))
+    tok, n_prompt, max_len = st.tokenizer, cfg.model.max_prompt_length, sec.train.max_length
+    train = make_rows(encode_examples(tok, train_rows, sec, n_prompt), sec.packing, max_len)
     evals = make_rows(encode_examples(tok, eval_rows, sec, n_prompt), sec.packing,
-                      sec.max_length) if eval_rows else []
-    peft_model = attach_lora(cfg, load_base_model(cfg, st.model_path, st.dist.device), None, "")
+                      max_len) if eval_rows else []
+    peft_model = load_stage_model(st)
     lm = peft_model.get_base_model()
     attn = lm.config._attn_implementation
     if sec.packing and attn not in ("sdpa", "eager"):
@@ -218,7 +213,7 @@ def train_sft(cfg: Config, resume: Optional[str] = None) -> Path:
     eager, dtype = attn == "eager", lm.get_input_embeddings().weight.dtype
     chunk = cfg.rollout.logprob_chunk_size
     start_training(st, SFTModel(peft_model, chunk), len(train), resume)
-    micro, accum = sec.micro_batch_size, sec.batch_size // sec.micro_batch_size
+    micro, accum = sec.train.micro_batch_size, sec.train.batch_size // sec.train.micro_batch_size
 
     def batches(rows: list[list[Example]]):
         for s in range(0, len(rows), micro):

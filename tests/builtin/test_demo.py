@@ -21,12 +21,12 @@ def test_demo_pipeline_at_reduced_size(tiny_model_dir, tmp_path):
 
     out = tmp_path / "demo"
     res = run_cli("demo", f"output_dir={out}", f"model.path={tiny_model_dir}",
-                  "model.max_prompt_length=16", "reward_model.max_steps=6",
-                  "reward_model.eval_every=3", "reward_model.eval_size=16",
-                  "reward_model.max_length=64", "rollout.batch_size=8",
+                  "model.max_prompt_length=16", "reward_model.train.max_steps=6",
+                  "reward_model.eval.every=3", "reward_model.eval.size=16",
+                  "reward_model.train.max_length=64", "rollout.batch_size=8",
                   "rollout.generation_batch_size=8", "rollout.max_new_tokens=6",
                   "ppo.total_updates=3", "ppo.minibatch_size=8", "ppo.micro_batch_size=4",
-                  "ppo.learning_rate=0.01", "data.eval_every=3", "data.eval_size=2",
+                  "ppo.optim.learning_rate=0.01", "data.eval_every=3", "data.eval_size=2",
                   "checkpoint.every=3")
     assert res.returncode == 0, res.stderr[-3000:]
 

@@ -17,12 +17,20 @@ def test_defaults_load_and_every_field_is_documented():
     assert cfg.quantization.mode == "4bit" and cfg.grad_accum_steps == 4
     import dataclasses
 
-    for f in dataclasses.fields(Config):
-        cls = type(getattr(cfg, f.name))
-        if dataclasses.is_dataclass(cls):
-            docs = field_docs(cls)
-            missing = [x.name for x in dataclasses.fields(cls) if not docs.get(x.name)]
-            assert not missing, f"{f.name}: undocumented fields {missing}"
+    from lora_ppo.config.reference import _sections
+
+    sections = _sections(cfg, "top level")
+    assert {t for t, _ in sections} >= {"ppo.optim", "sft.train", "sft.optim", "sft.eval",
+                                         "reward_model.optim"}
+    for title, section in sections:
+        docs = field_docs(type(section))
+        leaves = [x.name for x in dataclasses.fields(section)
+                  if not dataclasses.is_dataclass(getattr(section, x.name))]
+        missing = [name for name in leaves if not docs.get(name)]
+        assert not missing, f"{title}: undocumented fields {missing}"
+    # A nested section keeps its parent's defaults when only some of its keys are given.
+    sft = load_config(None, ["sft.optim.warmup_steps=3"]).sft.optim
+    assert (sft.learning_rate, sft.lr_schedule, sft.warmup_steps) == (2e-4, "cosine", 3)
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -37,6 +45,8 @@ def test_yaml_and_overrides(tmp_path):
 
 @pytest.mark.parametrize("overrides, expected", [
     (["ppo.epoch=2"], "unknown config key 'ppo.epoch'"),
+    (["ppo.learning_rate=1e-5"], "'ppo.learning_rate' moved to 'ppo.optim.learning_rate'"),
+    (["sft.eval_size=3"], "'sft.eval_size' moved to 'sft.eval.size'"),
     (["nosuch.key=1"], "unknown config key 'nosuch'"),
     (["ppo.epochs=two"], "ppo.epochs='two' is not an integer"),
     (["lora.r=0"], "lora.r=0 is out of range"),

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, clean_env, run_cli, tiny_config, write_yaml
+from helpers import (
+    REPO,
+    clean_env,
+    run_cli,
+    run_two_ranks,
+    tiny_config,
+    two_rank_yaml,
+    write_yaml,
+)
 from safetensors.torch import load_file, save_file
 
 from lora_ppo.config.load import config_to_dict
@@ -22,30 +28,20 @@ from lora_ppo.errors import UserError
 from lora_ppo.io import checkpoint as ckpt
 from lora_ppo.io.atomic import atomic_output_dir
 
-REWARD = (
-    "def low_ids(prompts, completions, completion_ids, **kw):\n"
-    "    # the share of generated tokens from a fixed subset of the vocabulary (ids < 64)\n"
-    "    return [sum(t < 64 for t in ids) / max(len(ids), 1) for ids in completion_ids]\n"
-)
 VOLATILE = ("time/", "memory/", "tokens_per_s")  # wall-clock and RSS differ between runs
 
 
-@pytest.fixture(scope="module")
-def reward_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("reward") / "reward.py"
-    path.write_text(REWARD)
-    return path
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir, reward_file, tmp_path_factory):
+def trained(tiny_model_dir, low_ids_reward, tmp_path_factory):
     """Three PPO updates in this process, a checkpoint after each, keep=2."""
     from lora_ppo.ppo.loop import train
 
     out = tmp_path_factory.mktemp("trained")
     cfg = tiny_config(tiny_model_dir, out, "ppo.total_updates=3", "checkpoint.every=1",
-                      "checkpoint.keep=2", "ppo.learning_rate=0.01", "ppo.adaptive_kl=true",
-                      "reward.normalize=true", f"reward.function={reward_file}:low_ids")
+                      "checkpoint.keep=2", "ppo.optim.learning_rate=0.01", "ppo.adaptive_kl=true",
+                      "reward.normalize=true", f"reward.function={low_ids_reward}")
     train(cfg)
     return out, cfg
 
@@ -117,7 +113,7 @@ def test_layout_keep_and_no_frozen_base(trained):
     assert keys and all(k.startswith("base_model.model.") and ".policy." not in k for k in keys)
 
 
-def test_load_restores_the_run(trained, tiny_model_dir, reward_file):
+def test_load_restores_the_run(trained, tiny_model_dir, low_ids_reward):
     from lora_ppo.ppo.loop import setup
 
     out, cfg = trained
@@ -197,7 +193,7 @@ def _final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_equals_uninterrupted(tiny_model_dir, reward_file, tmp_path):
+def test_sigkill_and_resume_equals_uninterrupted(tiny_model_dir, low_ids_reward, tmp_path):
     """Kill a run with SIGKILL once step 2's checkpoint exists; --resume finishes it with the
     same weights and metrics, bit for bit, as a run that was never stopped (CPU, fp32, ZeRO-2).
     Adaptive KL, score normalisation and warmup make every piece of state matter."""
@@ -207,10 +203,10 @@ def test_sigkill_and_resume_equals_uninterrupted(tiny_model_dir, reward_file, tm
             "model": {"path": str(tiny_model_dir), "gradient_checkpointing": False,
                       "max_prompt_length": 16},
             "quantization": {"mode": "none"}, "lora": {"r": 4, "alpha": 8},
-            "reward": {"function": f"{reward_file}:low_ids", "normalize": True},
+            "reward": {"function": low_ids_reward, "normalize": True},
             "rollout": {"batch_size": 8, "generation_batch_size": 8, "max_new_tokens": 6},
             "ppo": {"total_updates": 5, "epochs": 2, "minibatch_size": 4, "micro_batch_size": 2,
-                    "learning_rate": 0.01, "lr_schedule": "cosine", "warmup_steps": 2,
+                    "optim": {"learning_rate": 0.01, "lr_schedule": "cosine", "warmup_steps": 2},
                     "adaptive_kl": True, "target_kl": 0.01, "kl_horizon": 100},
             "deepspeed": {"config": "zero2"},
             "logging": {"progress": False, "tensorboard": False},
@@ -275,35 +271,16 @@ def test_cli_refuses_bad_resumes(trained, tmp_path):
         assert lines[-1].startswith("lora-ppo: error: ") and "Traceback" not in res.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_ranks_save_and_resume(tiny_model_dir, reward_file, tmp_path):
+def test_two_ranks_save_and_resume(tiny_model_dir, low_ids_reward, tmp_path):
     """`deepspeed --num_gpus 2` (CPU, gloo, ZeRO-2): each rank writes its optimizer partition
     and RNG file into one checkpoint; resuming from step 1 reproduces step 2 exactly."""
-    cfg = write_yaml(tmp_path / "cfg.yaml", {
-        "output_dir": str(tmp_path / "run"),
-        "model": {"path": str(tiny_model_dir), "gradient_checkpointing": False,
-                  "max_prompt_length": 16},
-        "quantization": {"mode": "none"}, "lora": {"r": 4, "alpha": 8},
-        "reward": {"function": f"{reward_file}:low_ids"},
-        "rollout": {"batch_size": 4, "generation_batch_size": 4, "max_new_tokens": 6},
-        "ppo": {"total_updates": 2, "epochs": 1, "minibatch_size": 4, "micro_batch_size": 2,
-                "learning_rate": 0.01},
-        "deepspeed": {"config": "zero2"}, "logging": {"progress": False, "tensorboard": False},
-        "checkpoint": {"every": 1, "keep": 2}})
-    launcher = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2"]
+    cfg = two_rank_yaml(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "run",
+                        low_ids_reward, checkpoint_every=1,
+                        optim={"learning_rate": 0.01})
 
     def launch(*extra):
-        res = subprocess.run(launcher + ["--master_port", str(_free_port()), "--module",
-                                         "lora_ppo", "train", "--config", str(cfg), *extra],
-                             capture_output=True, text=True, timeout=600, env=clean_env(),
-                             cwd=REPO)
-        assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
+        run_two_ranks("--module", "lora_ppo", "train", "--config", str(cfg), *extra)
 
     launch()
     root = tmp_path / "run" / "checkpoints"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lora_ppo.errors import UserError
-from lora_ppo.io.data import PromptSampler, apply_chat_template, load_prompts, split_eval
+from lora_ppo.io.data import PromptSampler, hold_out, load_prompts, render_prompt
 
 PROMPTS = ["review of the pizza :", "my review of the movie :", "the blender review :"]
 
@@ -30,7 +30,7 @@ def test_formats(files, name):
 
 
 @pytest.mark.parametrize("spec, column, match", [
-    ("p.jsonl", "prompt", "data.prompt_column='prompt' is not a column of .*; columns: q, n"),
+    ("p.jsonl", "prompt", "data.prompts=.*p.jsonl has no column 'prompt' \\(columns: q, n\\)"),
     ("missing.jsonl", "q", "does not exist"),
     ("p.xml", "q", "unknown extension '.xml'"),
 ])
@@ -58,17 +58,20 @@ def test_sampler_cycles_reshuffles_and_resumes():
     assert t.take(7) == nxt
 
 
-def test_eval_split():
-    train, held = split_eval(list("abcdef"), None, "prompt", 2, True)
-    assert train == list("abcd") and held == list("ef")
-    assert split_eval(list("abc"), None, "prompt", 2, False) == (list("abc"), [])
-    with pytest.raises(UserError, match="leaves no training prompts"):
-        split_eval(list("ab"), None, "prompt", 2, True)
+def test_hold_out():
+    train, held = hold_out(list("abcdef"), None, 2, 0, "data.eval_size")
+    assert len(held) == 2 and sorted(train + held) == list("abcdef")
+    assert hold_out(list("abcdef"), None, 2, 0, "x") == (train, held)  # seeded: the same slice
+    assert hold_out(list("abc"), None, 0, 0, "x") == (list("abc"), [])
+    assert hold_out(list("abc"), list("xyz"), 2, 0, "x") == (list("abc"), list("xy"))
+    with pytest.raises(UserError, match="data.eval_size=2 leaves no training rows"):
+        hold_out(list("ab"), None, 2, 0, "data.eval_size")
 
 
 def test_chat_template(tiny_model_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    (out,) = apply_chat_template(tok, ["hello there"])
+    out = render_prompt(tok, "hello there", chat_template=True)
     assert "hello there" in out and out != "hello there"
+    assert render_prompt(tok, "hello there", chat_template=False) == "hello there"

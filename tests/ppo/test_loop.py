@@ -4,44 +4,34 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import REPO, clean_env, run_cli, tiny_config, write_yaml
-
-from lora_ppo.io.metrics import REQUIRED
-from lora_ppo.ppo.loop import add_advantages, add_rewards, collect_rollout, score, setup
-from lora_ppo.ppo.update import ppo_update
-
-REWARD = (
-    "def low_ids(prompts, completions, completion_ids, **kw):\n"
-    "    # the share of generated tokens from a fixed subset of the vocabulary (ids < 64)\n"
-    "    return [sum(t < 64 for t in ids) / max(len(ids), 1) for ids in completion_ids]\n"
+from helpers import (
+    run_cli,
+    tiny_config,
+    train_on_two_ranks,
+    two_rank_yaml,
+    write_yaml,
 )
 
-
-@pytest.fixture(scope="module")
-def reward_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("reward") / "reward.py"
-    path.write_text(REWARD)
-    return path
+from lora_ppo.io.metrics import REQUIRED
+from lora_ppo.ppo.loop import add_advantages, add_rewards, collect_rollout, compute_scores, setup
+from lora_ppo.ppo.update import ppo_update
 
 
 def _trainable(run):
     return {n: p.detach().clone() for n, p in run.ac.named_parameters() if p.requires_grad}
 
 
-def test_gradient_accumulation_matches_one_big_micro_batch(tiny_model_dir, tmp_path, reward_file):
+def test_gradient_accumulation_matches_one_big_micro_batch(tiny_model_dir, tmp_path, low_ids_reward):
     """micro 2 x accumulation 4 == micro 8 x accumulation 1 after one optimizer step (ZeRO-2)."""
     runs = {}
     for micro in (2, 8):
         cfg = tiny_config(tiny_model_dir, tmp_path / str(micro), "deepspeed.config=zero2",
                           "rollout.batch_size=8", "ppo.minibatch_size=8",
-                          f"ppo.micro_batch_size={micro}", "ppo.epochs=1", "ppo.learning_rate=0.01",
-                          f"reward.function={reward_file}:low_ids")
+                          f"ppo.micro_batch_size={micro}", "ppo.epochs=1", "ppo.optim.learning_rate=0.01",
+                          f"reward.function={low_ids_reward}")
         runs[micro] = setup(cfg)  # same seed: same LoRA init
     r2, r8 = runs[2], runs[8]
     assert r2.engine.gradient_accumulation_steps() == 4 and r8.engine.gradient_accumulation_steps() == 1
@@ -50,7 +40,7 @@ def test_gradient_accumulation_matches_one_big_micro_batch(tiny_model_dir, tmp_p
         assert torch.equal(p, init[n])
     prompts = r8.sampler.take(8)
     ro = collect_rollout(r8, prompts)
-    raw, _ = score(r8, prompts, ro)
+    raw, _ = compute_scores(r8, prompts, ro)
     assert raw.std() > 0  # a real learning signal
     ro = add_advantages(r8, add_rewards(r8, ro, raw))
     s2 = ppo_update(r2.engine, r2.ac, ro, r2.cfg, torch.Generator().manual_seed(0))
@@ -68,7 +58,7 @@ def _finite(row):
 
 
 @pytest.mark.slow
-def test_it_learns_and_logs_every_metric(peaked_model_dir, tmp_path, reward_file):
+def test_it_learns_and_logs_every_metric(peaked_model_dir, tmp_path, low_ids_reward):
     """A simple reward (share of tokens with id < 64) rises clearly within 30 updates while the
     KL to the reference stays finite and positive; every line has every metric, all finite."""
     out = tmp_path / "run"
@@ -77,10 +67,10 @@ def test_it_learns_and_logs_every_metric(peaked_model_dir, tmp_path, reward_file
         "model": {"path": str(peaked_model_dir), "gradient_checkpointing": False,
                   "max_prompt_length": 16},
         "quantization": {"mode": "none"}, "lora": {"r": 8, "alpha": 16},
-        "reward": {"function": f"{reward_file}:low_ids"},
+        "reward": {"function": low_ids_reward},
         "rollout": {"batch_size": 16, "generation_batch_size": 16, "max_new_tokens": 8},
         "ppo": {"total_updates": 30, "epochs": 2, "minibatch_size": 8, "micro_batch_size": 8,
-                "learning_rate": 0.003, "kl_coef": 0.02},
+                "optim": {"learning_rate": 0.003}, "kl_coef": 0.02},
         "deepspeed": {"config": "zero0"}, "logging": {"progress": False, "tensorboard": True},
         "checkpoint": {"every": 0}})
     res = run_cli("train", "--config", str(cfg))
@@ -101,14 +91,14 @@ def test_it_learns_and_logs_every_metric(peaked_model_dir, tmp_path, reward_file
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ds_config", ["zero0", "zero1", "zero2", "zero2_offload", "zero3"])
-def test_every_ds_config_runs_a_ppo_update(tiny_model_dir, tmp_path, reward_file, ds_config):
+def test_every_ds_config_runs_a_ppo_update(tiny_model_dir, tmp_path, low_ids_reward, ds_config):
     out = tmp_path / "run"
     res = run_cli("train", f"model.path={tiny_model_dir}", f"output_dir={out}",
                   "quantization.mode=none", "model.max_prompt_length=16", "lora.r=4",
                   "rollout.batch_size=4", "rollout.generation_batch_size=4",
                   "rollout.max_new_tokens=4", "ppo.minibatch_size=4", "ppo.micro_batch_size=2",
                   "ppo.total_updates=1", "ppo.epochs=1", f"deepspeed.config={ds_config}",
-                  f"reward.function={reward_file}:low_ids", "logging.progress=false",
+                  f"reward.function={low_ids_reward}", "logging.progress=false",
                   "logging.tensorboard=false", "checkpoint.every=0")
     assert res.returncode == 0, res.stderr[-3000:]
     rows = (out / "metrics.jsonl").read_text().splitlines()
@@ -116,28 +106,11 @@ def test_every_ds_config_runs_a_ppo_update(tiny_model_dir, tmp_path, reward_file
 
 
 @pytest.mark.slow
-def test_deepspeed_launcher_two_ranks_end_identical(tiny_model_dir, tmp_path, reward_file):
+def test_deepspeed_launcher_two_ranks_end_identical(tiny_model_dir, tmp_path, low_ids_reward):
     """`deepspeed --num_gpus 2` on CPU (gloo, ZeRO-2): two PPO updates, identical adapters."""
-    cfg = write_yaml(tmp_path / "cfg.yaml", {
-        "output_dir": str(tmp_path / "run"),
-        "model": {"path": str(tiny_model_dir), "gradient_checkpointing": False,
-                  "max_prompt_length": 16},
-        "quantization": {"mode": "none"}, "lora": {"r": 4, "alpha": 8},
-        "reward": {"function": f"{reward_file}:low_ids"},
-        "rollout": {"batch_size": 8, "generation_batch_size": 8, "max_new_tokens": 6},
-        "ppo": {"total_updates": 2, "epochs": 1, "minibatch_size": 4, "micro_batch_size": 2,
-                "learning_rate": 0.003},
-        "deepspeed": {"config": "zero2"}, "logging": {"progress": False, "tensorboard": False},
-        "checkpoint": {"every": 0}})
-    dump = tmp_path / "dump"
-    dump.mkdir()
-    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    env = clean_env()
-    res = subprocess.run([launcher, "--num_gpus", "2", "--master_port", "29533",
-                          str(REPO / "tests" / "ds_worker.py"), str(cfg), str(dump)],
-                         capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
-    r0, r1 = (torch.load(dump / f"rank{i}.pt") for i in (0, 1))
+    cfg = two_rank_yaml(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "run",
+                        low_ids_reward, optim={"learning_rate": 0.003})
+    r0, r1 = train_on_two_ranks(cfg, tmp_path / "dump")
     assert r0["world_size"] == r1["world_size"] == 2 and r0["step"] == r1["step"] == 2
     assert any(w.abs().max() > 0 for n, w in r0["weights"].items() if "lora_B" in n)
     for n, w in r0["weights"].items():

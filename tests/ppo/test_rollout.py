@@ -7,7 +7,7 @@ import torch
 from helpers import tiny_config
 
 from lora_ppo.modeling.loading import is_gradient_checkpointing
-from lora_ppo.ppo.loop import add_advantages, add_rewards, collect_rollout, score, setup
+from lora_ppo.ppo.loop import add_advantages, add_rewards, collect_rollout, compute_scores, setup
 from lora_ppo.ppo.reward_sources import FunctionReward, RewardError, load_function
 from lora_ppo.ppo.rollout import left_pad, truncate_after_stop
 from lora_ppo.ppo.update import micro_batch_loss
@@ -64,7 +64,7 @@ def test_first_update_sees_ratio_one_and_zero_kl(run):
     log-probs (train mode, grad, micro-batches) equal the rollout's (eval, no grad, chunks)."""
     prompts = run.sampler.take(8)
     ro = collect_rollout(run, prompts)
-    raw, _ = score(run, prompts, ro)
+    raw, _ = compute_scores(run, prompts, ro)
     ro = add_advantages(run, add_rewards(run, ro, raw))
     assert ro.kl.abs().max().item() < 1e-5
     run.ac.train()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_ppo.config.sections import OptimConfig
 from lora_ppo.errors import UserError
 from lora_ppo.runtime.dist import setup_distributed, shutdown_distributed
 from lora_ppo.runtime.ds_config import (
@@ -74,8 +75,9 @@ def build(name, *, micro, accum, max_grad_norm=0.0, schedule="constant", warmup_
     cfg = fill_ds_config(raw, micro_batch_size=micro, grad_accum_steps=accum, world_size=1,
                            max_grad_norm=max_grad_norm, precision="fp32", source=source)
     model = Tiny()
-    engine = create_engine(model, ds_config=cfg, lr=LR, weight_decay=0.01, schedule=schedule,
-                             warmup_steps=warmup_steps, total_steps=10)
+    optim = OptimConfig(learning_rate=LR, weight_decay=0.01, lr_schedule=schedule,
+                        warmup_steps=warmup_steps)
+    engine = create_engine(model, ds_config=cfg, optim=optim, total_steps=10)
     return model, engine
 
 
@@ -177,8 +179,8 @@ def test_bf16_zero0_first_adam_step_is_step_one(dist):
     cfg = fill_ds_config(raw, micro_batch_size=2, grad_accum_steps=1, world_size=1,
                            max_grad_norm=0.0, precision="bf16", source=source)
     model = Tiny()
-    engine = create_engine(model, ds_config=cfg, lr=LR, weight_decay=0.0, schedule="constant",
-                             warmup_steps=0, total_steps=10)
+    engine = create_engine(model, ds_config=cfg, optim=OptimConfig(learning_rate=LR),
+                           total_steps=10)
     assert type(engine.optimizer).__name__ == "FP16_UnfusedOptimizer"
     assert model.adapter.weight.dtype == torch.bfloat16  # DeepSpeed casts the module's floats
     assert not engine.basic_optimizer.state
@@ -264,7 +266,7 @@ def test_fill_ds_config_replaces_auto_and_adds_missing():
      ["ds_configs/zero2.json: gradient_accumulation_steps=8",
       "ppo.minibatch_size/ppo.micro_batch_size = 4", 'write "auto"']),
     ({"train_batch_size": 8}, ["train_batch_size=8", "= 24"]),
-    ({"gradient_clipping": 0.5}, ["gradient_clipping=0.5", "ppo.max_grad_norm = 1.0"]),
+    ({"gradient_clipping": 0.5}, ["gradient_clipping=0.5", "ppo.optim.max_grad_norm = 1.0"]),
     ({"fp16": {"enabled": True}}, ["fp16.enabled=true", "deepspeed.precision = bf16"]),
     ({"optimizer": {"type": "AdamW"}}, ["remove the 'optimizer' block"]),
     ({"zero_optimization": {"reduce_bucket_size": "auto"}},
@@ -278,9 +280,10 @@ def test_fill_ds_config_refuses(raw, words):
 
 
 def test_fill_ds_config_names_the_stage_fields():
-    with pytest.raises(UserError, match=r"sft.batch_size/sft.micro_batch_size = 4"):
-        fill_ds_config({"gradient_accumulation_steps": 2}, **FILL, section="sft",
-                         batch_key="batch_size")
+    with pytest.raises(UserError, match=r"sft.train.batch_size/sft.train.micro_batch_size = 4"):
+        fill_ds_config({"gradient_accumulation_steps": 2}, **FILL,
+                       fields=("sft.train.batch_size", "sft.train.micro_batch_size",
+                               "sft.optim.max_grad_norm"))
 
 
 def test_resolve_ds_config(tmp_path):
@@ -342,6 +345,7 @@ RANK_SCRIPT = '''
 import json, sys, torch
 from lora_ppo.runtime.dist import setup_distributed, shutdown_distributed
 from lora_ppo.runtime.ds_config import fill_ds_config, read_ds_config
+from lora_ppo.config.sections import OptimConfig
 from lora_ppo.runtime.engine import create_engine
 
 info = setup_distributed()  # the launcher also passed --local_rank=N; env carries the same
@@ -350,8 +354,7 @@ cfg = fill_ds_config(raw, micro_batch_size=2, grad_accum_steps=1, world_size=inf
                        max_grad_norm=0.0, precision="fp32", source=source)
 torch.manual_seed(0)
 model = torch.nn.Linear(4, 3)
-engine = create_engine(model, ds_config=cfg, lr=1e-2, weight_decay=0.0, schedule="constant",
-                         warmup_steps=0, total_steps=1)
+engine = create_engine(model, ds_config=cfg, optim=OptimConfig(learning_rate=1e-2), total_steps=1)
 g = torch.Generator().manual_seed(3)
 x, y = torch.randn(4, 4, generator=g), torch.randn(4, 3, generator=g)
 mb = slice(2 * info.rank, 2 * info.rank + 2)  # each rank its own half of the batch

@@ -11,11 +11,12 @@ import pytest
 import torch
 from helpers import make_adapter_dir, tiny_config
 
+from lora_ppo.io.data import hold_out
 from lora_ppo.modeling.actor_critic import REWARD, build_actor_critic
 from lora_ppo.modeling.loading import load_base_model, load_tokenizer
 from lora_ppo.ppo.reward_sources import AdapterReward
 from lora_ppo.ppo.rollout import left_pad
-from lora_ppo.stages.common import encode_pair, split_eval
+from lora_ppo.stages.common import encode_pair
 from lora_ppo.stages.reward_model import (
     Pair,
     bradley_terry_loss,
@@ -68,9 +69,9 @@ def test_collate_pairs_puts_chosen_then_rejected_right_padded():
 
 
 def _rm_config(model_dir, out, *extra):
-    return tiny_config(model_dir, out, "reward_model.max_steps=30", "reward_model.batch_size=16",
-                       "reward_model.micro_batch_size=16", "reward_model.eval_size=64",
-                       "reward_model.learning_rate=0.003", "reward_model.max_length=64",
+    return tiny_config(model_dir, out, "reward_model.train.max_steps=30", "reward_model.train.batch_size=16",
+                       "reward_model.train.micro_batch_size=16", "reward_model.eval.size=64",
+                       "reward_model.optim.learning_rate=0.003", "reward_model.train.max_length=64",
                        "lora.r=8", "lora.alpha=16", *extra)
 
 
@@ -124,13 +125,12 @@ def test_saved_adapter_as_ppo_reward_source_gives_the_trained_scores(trained, ti
     # The held-out pairs of the run, laid out as a PPO rollout: left-padded prompts, right-padded
     # responses (EOS last, as a finished response).
     sec, tok = cfg.reward_model, load_tokenizer(cfg.model, str(tiny_model_dir))
-    _, held_out = split_eval(read_pairs(sec.data, sec, "x"), None, sec.eval_size, cfg.seed,
-                              "reward_model")
+    _, held_out = hold_out(read_pairs(sec.data, sec, "x"), None, sec.eval.size, cfg.seed, "x")
     scores = {}
     for key in ("chosen", "rejected"):
         enc = [encode_pair(tok, r["prompt"], r[key], chat_template=False, append_eos=True,
                            max_prompt_length=cfg.model.max_prompt_length,
-                           max_length=sec.max_length) for r in held_out]
+                           max_length=sec.train.max_length) for r in held_out]
         q_ids, q_mask = left_pad([p for p, _ in enc], tok.pad_token_id)
         width = max(len(r) for _, r in enc)
         r_ids = torch.full((len(enc), width), tok.pad_token_id)
@@ -152,7 +152,7 @@ def test_reward_adapter_can_start_from_the_sft_adapter(tiny_model_dir, tmp_path)
 
     sft = make_adapter_dir(tiny_model_dir, tmp_path / "sft", seed=3)  # r=4, unlike lora.r=8
     cfg = _rm_config(tiny_model_dir, tmp_path / "out", f"reward_model.init_adapter={sft}",
-                     "reward_model.max_steps=1", "reward_model.eval_size=0")
+                     "reward_model.train.max_steps=1", "reward_model.eval.size=0")
     out = train_reward(cfg)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
     start = load_file(str(sft / "adapter_model.safetensors"))

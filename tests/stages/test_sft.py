@@ -138,9 +138,10 @@ def _response_loss(model_dir, adapter, cfg, examples, tok):
 
 
 def _sft_config(model_dir, out, data, *extra):
-    return tiny_config(model_dir, out, f"sft.data={data}", "sft.eval_size=0", "sft.epochs=10",
-                       "sft.batch_size=8", "sft.micro_batch_size=4", "sft.learning_rate=0.01",
-                       "sft.max_length=48", "lora.r=8", "lora.alpha=16", *extra)
+    return tiny_config(model_dir, out, f"sft.data={data}", "sft.eval.size=0",
+                       "sft.train.epochs=10", "sft.train.batch_size=8",
+                       "sft.train.micro_batch_size=4", "sft.optim.learning_rate=0.01",
+                       "sft.train.max_length=48", "lora.r=8", "lora.alpha=16", *extra)
 
 
 def test_sft_lowers_the_response_loss_and_writes_a_plain_peft_adapter(tok, tiny_model_dir,
@@ -170,7 +171,7 @@ def test_resume_from_a_checkpoint_reproduces_the_adapter(tiny_model_dir, tmp_pat
 
     data = write_jsonl(tmp_path / "pairs.jsonl", builtin_pairs(16))
     a, b = tmp_path / "a", tmp_path / "b"
-    overrides = ("sft.max_steps=4", "checkpoint.every=2", "checkpoint.keep=5")
+    overrides = ("sft.train.max_steps=4", "checkpoint.every=2", "checkpoint.keep=5")
     train_sft(_sft_config(tiny_model_dir, a, data, *overrides))
     # b: a copy of a's run stopped after step 2 (its later checkpoint and output removed).
     shutil.copytree(a / "sft", b / "sft")
@@ -186,7 +187,7 @@ def test_resume_from_a_checkpoint_reproduces_the_adapter(tiny_model_dir, tmp_pat
 def test_sft_on_a_4bit_base_lowers_the_loss(tok, tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", builtin_pairs(16))
     cfg = _sft_config(tiny_model_dir, tmp_path / "out", data, "quantization.mode=4bit",
-                      "sft.max_steps=10")
+                      "sft.train.max_steps=10")
     out = train_sft(cfg)
     examples = encode_examples(tok, builtin_pairs(16), cfg.sft, 16)
     base = load_base_model(cfg, str(tiny_model_dir), CPU)
@@ -197,10 +198,10 @@ def test_sft_on_a_4bit_base_lowers_the_loss(tok, tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["sft.batch_size=6"], "sft.batch_size=6 is not a multiple of sft.micro_batch_size=4"),
-    (["sft.max_length=16"], "sft.max_length=16 leaves no room for a response"),
+    (["sft.train.batch_size=6"], "sft.train.batch_size=6 is not a multiple of sft.train.micro_batch_size=4"),
+    (["sft.train.max_length=16"], "sft.train.max_length=16 leaves no room for a response"),
     (["reward_model.margin=1", "reward_model.margin_column=m"], "both set a margin"),
-    (["sft.lr_schedule=step"], "sft.lr_schedule='step' is not one of"),
+    (["sft.optim.lr_schedule=step"], "sft.optim.lr_schedule='step' is not one of"),
 ])
 def test_bad_stage_config_fails_at_load_time(overrides, expected):
     from lora_ppo.config.load import load_config
@@ -213,7 +214,7 @@ def test_bad_stage_config_fails_at_load_time(overrides, expected):
 
 @pytest.mark.parametrize("args, expected", [
     (["sft.response_column=answer"], "has no column 'answer'"),
-    (["sft.eval_size=0", "--resume"], "no complete checkpoint in"),
+    (["sft.eval.size=0", "--resume"], "no complete checkpoint in"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, args, expected):
     from helpers import run_cli
