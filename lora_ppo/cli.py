@@ -36,6 +36,10 @@ def _quiet() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # bitsandbytes 0.50 warns on every CPU start that an optional kernel package is missing;
+    # datasets logs its own lines before the error that lora_ppo turns into one line.
+    for name in ("bitsandbytes", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -80,7 +84,8 @@ def cmd_training(args) -> int:
     entry, _, done = TRAINING[args.command]
     module, _, name = entry.partition(":")
     cfg = load_config(_config_path(args.config), args.overrides)
-    getattr(importlib.import_module(module), name)(cfg, resume=args.resume)
+    getattr(importlib.import_module(module), name)(cfg, resume=args.resume,
+                                                   overwrite=args.overwrite)
     print("done: " + done.format(out=Path(cfg.output_dir)))
     return 0
 
@@ -89,7 +94,7 @@ def cmd_demo(args) -> int:
     from lora_ppo.builtin.demo import run_demo
     from lora_ppo.config.load import load_config
 
-    run_demo(load_config(PRESETS / "demo.yaml", args.overrides))
+    run_demo(load_config(PRESETS / "demo.yaml", args.overrides), overwrite=args.overwrite)
     return 0
 
 
@@ -154,16 +159,28 @@ def _estimate_parser(sub) -> None:
     e.set_defaults(fn=cmd_estimate)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2) like every other bad input."""
+
+    def error(self, message: str):
+        print(f"lora-ppo: error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lora-ppo", description=__doc__.splitlines()[0])
+    p = _Parser(prog="lora-ppo", description="Memory-efficient RLHF: PPO with LoRA on one "
+                "(quantized) base model, driven by DeepSpeed.")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def train_args(sp):
         sp.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override config fields, e.g. ppo.epochs=2 model.path=/models/x")
         sp.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="resume from the latest complete checkpoint in output_dir, or PATH")
+        sp.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run of this command in output_dir (without it, "
+                             "a used output_dir is refused)")
         sp.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)
 
@@ -175,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the built-in end-to-end run on a small local model: reward "
                        "adapter -> PPO (4-bit, ZeRO-2) -> merged export")
     d.add_argument("overrides", nargs="*", metavar="section.key=value")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace what is in output_dir even if an earlier demo did not write it")
     d.set_defaults(fn=cmd_demo)
     for name, fn, helptext in (("export", cmd_export, "export a checkpoint as a PEFT adapter"),
                                ("merge", cmd_merge, "merge the adapter into the base weights")):
@@ -194,7 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives positionals only before the first option: `train --config c.yaml
+    # --resume latest ppo.epochs=2` leaves the override over; overrides may stand anywhere.
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides += extra
     resume = getattr(args, "resume", None)
     if resume and "=" in resume and not Path(resume).exists():
         # `--resume ppo.epochs=2`: argparse took the override for --resume's optional PATH.

@@ -65,7 +65,24 @@ def sentiment_of_samples(model_dir: str, prompts: list[str], max_new_tokens: int
     return sum(scores) / len(scores)
 
 
-def run_demo(cfg: Config) -> dict:
+MARKER = ".lora_ppo_demo"  # in a demo's output_dir: a later demo may replace what is there
+
+
+def claim_output_dir(out: Path, overwrite: bool) -> None:
+    """A demo replaces an earlier demo's outputs (the README runs it again to see the cached
+    timings), but not a directory that holds anything else, unless `overwrite`."""
+    from lora_ppo.errors import UserError
+    from lora_ppo.io.run_dir import check_output_dir
+
+    check_output_dir(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists() and not overwrite:
+        raise UserError(f"output_dir={out} holds files that no demo wrote; pass "
+                        "output_dir=<another dir> or --overwrite to replace them")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by `lora-ppo demo`; a later demo replaces this directory\n")
+
+
+def run_demo(cfg: Config, overwrite: bool = False) -> dict:
     """Run the pipeline; returns a summary (also written to <output_dir>/demo_summary.json)."""
     from lora_ppo.builtin.corpus import review_prompts
     from lora_ppo.io import checkpoint as ckpt
@@ -76,19 +93,20 @@ def run_demo(cfg: Config) -> dict:
 
     t0 = time.perf_counter()
     out = Path(cfg.output_dir)
+    claim_output_dir(out, overwrite)
     _say("stage 0/3: base model (built and pre-trained once, then cached)")
     resolve_model_path(cfg.model.path)
     t_model = time.perf_counter() - t0
 
     _say("stage 1/3: reward adapter from synthetic preference pairs (positive preferred)")
-    reward_dir = train_reward(cfg)
+    reward_dir = train_reward(cfg, overwrite=True)
     t_reward = time.perf_counter() - t0 - t_model
 
     _say(f"stage 2/3: PPO, {cfg.quantization.mode} base, LoRA policy, reward adapter on the "
          f"same base, DeepSpeed {cfg.deepspeed.config}")
     ppo_cfg = dataclasses.replace(
         cfg, reward=dataclasses.replace(cfg.reward, source="adapter", adapter=str(reward_dir)))
-    run = train(ppo_cfg)
+    run = train(ppo_cfg, overwrite=True)
     t_ppo = time.perf_counter() - t0 - t_model - t_reward
 
     _say("stage 3/3: merge the policy into the unquantized base")

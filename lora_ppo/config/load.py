@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from lora_ppo.config.tree import Config
-from lora_ppo.errors import UserError
+from lora_ppo.errors import UserError, first_line
 
 # Per-field range checks: (predicate, "what is allowed").
 _POSITIVE = (lambda v: v > 0, "a number > 0")
@@ -169,12 +169,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"config file {path} is a directory; pass --config <file.yaml>")
         if not path.is_file():
             raise UserError(f"config file {path} does not exist; pass --config <file.yaml>")
         try:
             data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise UserError(f"config file {path} is not valid YAML: {first_line(e)}")
+        if not isinstance(data, dict):
+            raise UserError(f"config file {path}: the top level must be a mapping of sections "
+                            f"(model:, ppo:, ...), not a {type(data).__name__}; fix the file")
     data = _merge(data, parse_overrides(overrides or []))
     return _build(Config, data, "")
 

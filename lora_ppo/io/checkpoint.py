@@ -45,7 +45,7 @@ import torch
 
 from lora_ppo.config import Config
 from lora_ppo.config.load import config_to_dict, load_config, save_config
-from lora_ppo.errors import UserError
+from lora_ppo.errors import UserError, first_line
 from lora_ppo.io.atomic import check_sealed, fsync_path, remove_dir, replace_dir, seal, sha256_file
 from lora_ppo.modeling.actor_critic import CRITIC, POLICY
 
@@ -189,7 +189,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types
-        raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}; the file is corrupt or "
+        raise UserError(f"cannot read {path}: {first_line(e)}; the file is corrupt or "
                         "truncated")
 
 

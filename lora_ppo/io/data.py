@@ -7,11 +7,12 @@ file is read, split and rendered with a chat template the same way by every comm
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Optional
 
-from lora_ppo.errors import UserError
+from lora_ppo.errors import UserError, first_line
 
 BUILTIN_PROMPTS = "builtin:reviews"
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
@@ -28,13 +29,17 @@ def read_rows(spec: str, columns: list[str], field: str, text: bool = False) -> 
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None or (fmt == "text" and not text):
         raise UserError(f"{field}={spec}: unknown extension {path.suffix!r}; use {kinds}")
+    if fmt in ("json", "csv", "text") and _blank(path):
+        raise UserError(f"{field}={spec} is empty; give a file with at least one row")
+    if fmt == "json" and path.suffix.lower() == ".jsonl":
+        _check_jsonl(path, field)
     import datasets
 
     datasets.disable_progress_bars()
     try:
         table = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as e:
-        raise UserError(f"{field}={spec} could not be read as {fmt}: {str(e).splitlines()[0]}")
+        raise UserError(f"{field}={spec} could not be read as {fmt}: {first_line(e)}")
     if fmt == "text":
         columns = ["text"]
     missing = [c for c in columns if c not in table.column_names]
@@ -50,6 +55,33 @@ def read_rows(spec: str, columns: list[str], field: str, text: bool = False) -> 
             raise UserError(f"{field}={spec}: row {i} has no value in column {empty[0]!r}; fill "
                             "it in or drop the row")
     return rows
+
+
+def _blank(path: Path) -> bool:
+    """True if the file holds nothing but whitespace (read in blocks, stopping at the first
+    other byte, so a large file costs one block)."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 16), b""):
+            if block.strip():
+                return False
+    return True
+
+
+def _check_jsonl(path: Path, field: str) -> None:
+    """Name the first line that is not a JSON object (`datasets` reports neither the line nor
+    the file, after two log lines of its own)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{field}={path}: line {n} is not valid JSON ({e.msg}, column "
+                                f"{e.colno}); fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{field}={path}: line {n} is a JSON {type(row).__name__}, not an "
+                                "object with named columns; write one object per line")
 
 
 def load_prompts(spec: str, column: str, field: str = "data.prompts") -> list[str]:

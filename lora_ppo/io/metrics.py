@@ -21,7 +21,6 @@ REQUIRED = (
     "policy/entropy", "loss/policy", "loss/value", "val/clipfrac", "val/explained_variance",
     "val/mean", "lr", "time/rollout_s", "time/update_s", "tokens_per_s", "memory/peak_mib",
 )
-_BAR_KEYS = (("objective/scores", "score"), ("objective/kl", "kl"), ("loss/value", "vf"))
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -32,8 +31,11 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, cfg, total: int, start: int = 0, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, output_dir: Path, cfg, total: int, start: int = 0, enabled: bool = True,
+                 desc: str = "ppo", unit: str = "update",
+                 bar_keys: tuple[tuple[str, str], ...] = ()):
+        """`bar_keys`: (metric, short name) pairs shown on the progress bar after each row."""
+        self.enabled, self.bar_keys = enabled, bar_keys
         self.path = Path(output_dir) / "metrics.jsonl"
         self.tb = self.wandb = self.bar = None
         if not enabled:
@@ -56,7 +58,7 @@ class MetricsLogger:
         if cfg.logging.progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, desc="ppo", unit="update",
+            self.bar = tqdm(total=total, initial=start, desc=desc, unit=unit,
                             dynamic_ncols=True, file=sys.stderr)
 
     def log(self, row: dict) -> None:
@@ -78,7 +80,7 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(row, step=step)
         if self.bar is not None:
-            self.bar.set_postfix({short: f"{row[k]:.3g}" for k, short in _BAR_KEYS if k in row},
+            self.bar.set_postfix({short: f"{row[k]:.3g}" for k, short in self.bar_keys if k in row},
                                  refresh=False)
             self.bar.update(1)
 

@@ -17,6 +17,7 @@ log-probs are computed from it chunk by chunk (lora_ppo.rl.logprobs).
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -24,7 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from lora_ppo.errors import UserError
+from lora_ppo.errors import UserError, first_line
 from lora_ppo.rl.logprobs import logprobs_and_entropy_from_hidden
 
 POLICY, REFERENCE, CRITIC, REWARD = "policy", "reference", "critic", "reward"
@@ -260,11 +261,32 @@ def _lora_config(cfg, inference: bool = False):
     )
 
 
-def _check_adapter_dir(path: str, field: str) -> None:
+def check_adapter_dir(path: str, field: str) -> None:
     p = Path(path)
     if not (p / "adapter_config.json").is_file():
         raise UserError(f"{field}={path} is not a PEFT adapter directory (no adapter_config.json); "
                         "point it at a directory written by save_pretrained or lora-ppo export")
+
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape (.+?) from "
+                            r"checkpoint, the shape in current model is (.+?)\.?$", re.M)
+
+
+@contextlib.contextmanager
+def adapter_fits(path: str, field: str, model_path: str) -> Iterator[None]:
+    """Turn peft's multi-line size-mismatch error (an adapter trained on another base) into one
+    line that names the field, the first mismatching tensor and both shapes."""
+    try:
+        yield
+    except RuntimeError as e:
+        m = _SIZE_MISMATCH.search(str(e))
+        if m is None:
+            raise
+        name, saved, live = m.groups()
+        raise UserError(f"{field}={path} was trained on another base: {name} is "
+                        f"{saved.replace('torch.Size', '')} in the adapter, "
+                        f"{live.replace('torch.Size', '')} in model.path={model_path}; use an "
+                        "adapter trained on this base") from None
 
 
 def load_scalar_head(path: Path, hidden_size: int, device: torch.device) -> ScalarHead:
@@ -275,7 +297,7 @@ def load_scalar_head(path: Path, hidden_size: int, device: torch.device) -> Scal
         state = load_file(str(path))
         head.linear.load_state_dict(state)
     except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise UserError(f"cannot load head {path}: {str(e).splitlines()[0]}; re-export it")
+        raise UserError(f"cannot load head {path}: {first_line(e)}; re-export it")
     return head.to(device)
 
 
@@ -287,19 +309,23 @@ def build_actor_critic(cfg, base: nn.Module) -> ActorCritic:
 
     hidden_size = base.config.hidden_size
     device = next(base.parameters()).device
+    model_path = getattr(base, "name_or_path", "")
     if cfg.model.init_adapter:
-        _check_adapter_dir(cfg.model.init_adapter, "model.init_adapter")
-        peft_model = PeftModel.from_pretrained(base, cfg.model.init_adapter, adapter_name=POLICY,
-                                               is_trainable=True)
-        peft_model.load_adapter(cfg.model.init_adapter, adapter_name=REFERENCE, is_trainable=False)
+        check_adapter_dir(cfg.model.init_adapter, "model.init_adapter")
+        with adapter_fits(cfg.model.init_adapter, "model.init_adapter", model_path):
+            peft_model = PeftModel.from_pretrained(base, cfg.model.init_adapter,
+                                                   adapter_name=POLICY, is_trainable=True)
+            peft_model.load_adapter(cfg.model.init_adapter, adapter_name=REFERENCE,
+                                    is_trainable=False)
     else:
         peft_model = get_peft_model(base, _lora_config(cfg), adapter_name=POLICY)
     if cfg.value.mode == "adapter":
         peft_model.add_adapter(CRITIC, _lora_config(cfg))
     reward_head = None
     if "adapter" in cfg.reward.kinds:
-        _check_adapter_dir(cfg.reward.adapter, "reward.adapter")
-        peft_model.load_adapter(cfg.reward.adapter, adapter_name=REWARD, is_trainable=False)
+        check_adapter_dir(cfg.reward.adapter, "reward.adapter")
+        with adapter_fits(cfg.reward.adapter, "reward.adapter", model_path):
+            peft_model.load_adapter(cfg.reward.adapter, adapter_name=REWARD, is_trainable=False)
         reward_head = load_scalar_head(Path(cfg.reward.adapter) / REWARD_HEAD_FILE, hidden_size,
                                        device)
         reward_head.requires_grad_(False)

@@ -15,7 +15,7 @@ import torch
 
 from lora_ppo.config.sections import ModelConfig, QuantizationConfig
 from lora_ppo.config.tree import Config
-from lora_ppo.errors import UserError
+from lora_ppo.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def load_tokenizer(cfg: ModelConfig, model_path: str):
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer from {src}: {str(e).splitlines()[0]}")
+        raise UserError(f"cannot load a tokenizer from {src}: {first_line(e)}")
     if tok.eos_token_id is None:
         raise UserError(f"the tokenizer at {src} has no EOS token; PPO needs one to end responses")
     if tok.pad_token_id is None:
@@ -94,6 +94,7 @@ def quantization_config(q: QuantizationConfig, compute_dtype: torch.dtype):
 def load_base_model(cfg: Config, model_path: str, device: torch.device):
     """The base causal LM on `device`, quantized per `cfg.quantization`, frozen, dropout off."""
     from peft import prepare_model_for_kbit_training
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     dtype = resolve_compute_dtype(cfg.quantization.compute_dtype, device)
@@ -106,8 +107,9 @@ def load_base_model(cfg: Config, model_path: str, device: torch.device):
                 device_map={"": device} if qcfg is not None else None,
                 trust_remote_code=cfg.model.trust_remote_code,
             )
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load model.path={model_path}: {str(e).splitlines()[0]}")
+        except (OSError, ValueError, SafetensorError) as e:  # a truncated or corrupt shard
+            raise UserError(f"cannot load model.path={model_path}: {first_line(e)}; check that "
+                            "its weight files are complete (re-copy or re-download them)")
     if qcfg is None:
         model.to(device)
     else:

@@ -21,13 +21,14 @@ from lora_ppo.config import Config
 from lora_ppo.config.load import save_config
 from lora_ppo.io.data import PromptSampler, encode_prompts, hold_out, load_prompts, render_prompt
 from lora_ppo.io.metrics import MetricsLogger, peak_memory_mib
-from lora_ppo.modeling.actor_critic import ActorCritic, build_actor_critic
+from lora_ppo.io.run_dir import clear, earlier_run
+from lora_ppo.modeling.actor_critic import ActorCritic, build_actor_critic, check_adapter_dir
 from lora_ppo.modeling.loading import (
     load_base_model,
     load_tokenizer,
     resolve_model_path,
 )
-from lora_ppo.ppo.reward_sources import RewardSource, make_reward_source
+from lora_ppo.ppo.reward_sources import RewardSource, check_reward_sources, make_reward_source
 from lora_ppo.ppo.rollout import Rollout, Samples, generate, logprobs_and_values
 from lora_ppo.ppo.update import PPOStats, ppo_update
 from lora_ppo.rl.gae import compute_gae
@@ -38,6 +39,10 @@ from lora_ppo.rl.rewards import RunningMoments, compute_rewards, shape_scores
 from lora_ppo.runtime.dist import DistInfo, all_gather_cat, all_mean, seed_everything, setup_distributed
 from lora_ppo.runtime.ds_config import run_ds_config, zero_stage
 from lora_ppo.runtime.engine import create_engine, gathered_params
+
+# The progress bar: the reward source's own score (before clipping and normalisation), the KL
+# to the reference, the value loss.
+PPO_BAR = (("objective/raw_scores", "score"), ("objective/kl", "kl"), ("loss/value", "vf"))
 
 
 @dataclass
@@ -62,11 +67,16 @@ class Run:
 
 
 def setup(cfg: Config) -> Run:
+    """Build every part of a run; the cheap checks (model path, DeepSpeed config, reward
+    function, prompts) come before the base model is loaded. Writes nothing."""
     model_path = resolve_model_path(cfg.model.path)  # fail on a bad path before anything starts
     dist = setup_distributed()
     seed_everything(cfg.seed + dist.rank)  # ranks sample different responses
     tokenizer = load_tokenizer(cfg.model, model_path)
     ds_config = run_ds_config(cfg, dist.world_size, dist.device, "ppo")
+    if cfg.model.init_adapter:
+        check_adapter_dir(cfg.model.init_adapter, "model.init_adapter")
+    reward_fn = check_reward_sources(cfg)
     train_prompts, eval_prompts = read_prompts(cfg, tokenizer)
     ac = build_actor_critic(cfg, load_base_model(cfg, model_path, dist.device))
     steps_per_update = cfg.ppo.epochs * cfg.rollout.batch_size // cfg.ppo.minibatch_size
@@ -74,15 +84,12 @@ def setup(cfg: Config) -> Run:
                            total_steps=cfg.ppo.total_updates * steps_per_update)
     kl_ctl = (AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.target_kl, cfg.ppo.kl_horizon)
               if cfg.ppo.adaptive_kl else FixedKLController(cfg.ppo.kl_coef))
-    output_dir = Path(cfg.output_dir)
-    if dist.rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
     return Run(cfg=cfg, dist=dist, tokenizer=tokenizer, ac=ac, engine=engine,
-               reward=make_reward_source(cfg, ac), kl_ctl=kl_ctl, moments=RunningMoments(),
+               reward=make_reward_source(cfg, ac, reward_fn), kl_ctl=kl_ctl,
+               moments=RunningMoments(),
                sampler=PromptSampler(train_prompts, cfg.seed), eval_prompts=eval_prompts,
-               generator=torch.Generator().manual_seed(cfg.seed), output_dir=output_dir,
-               model_path=model_path)
+               generator=torch.Generator().manual_seed(cfg.seed),
+               output_dir=Path(cfg.output_dir), model_path=model_path)
 
 
 def read_prompts(cfg: Config, tokenizer) -> tuple[list[str], list[str]]:
@@ -213,19 +220,27 @@ def evaluate(run: Run, logger: MetricsLogger) -> dict:
     return out
 
 
-def train(cfg: Config, resume: Optional[str] = None) -> Run:
-    """Run PPO and return the finished run. `resume`: "latest" or a checkpoint path."""
+def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> Run:
+    """Run PPO and return the finished run. `resume`: "latest" or a checkpoint path;
+    `overwrite`: replace an earlier run in output_dir (else it is refused, io/run_dir.py)."""
     from lora_ppo.io import checkpoint as ckpt
 
-    # Find the checkpoint before loading anything, so a bad --resume fails at once.
+    # Check the output_dir and find the checkpoint before loading anything, so a bad --resume
+    # or a used output_dir fails at once, and nothing is written before every check passed.
+    earlier = earlier_run(cfg.output_dir, "train", resume, overwrite)
     start_from = ckpt.find(cfg.output_dir, resume) if resume is not None else None
     run = setup(cfg)
     rank0 = run.dist.rank == 0
     if start_from is not None:
-        ckpt.load(run, start_from)
-        if rank0:
+        ckpt.load(run, start_from)  # refuses a checkpoint this config cannot continue
+    if rank0:
+        clear(earlier)
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.output_dir / "config.yaml")
+        if start_from is not None:
             print(f"resumed from {start_from} at update {run.step}", flush=True)
-    logger = MetricsLogger(run.output_dir, cfg, cfg.ppo.total_updates, run.step, enabled=rank0)
+    logger = MetricsLogger(run.output_dir, cfg, cfg.ppo.total_updates, run.step, enabled=rank0,
+                           bar_keys=PPO_BAR)
     logger.truncate_after(run.step)
     if cfg.data.eval_every and run.step == 0:
         evaluate(run, logger)  # samples before training, to compare with later evaluations

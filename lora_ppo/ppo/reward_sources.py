@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from lora_ppo.errors import UserError
+from lora_ppo.errors import UserError, first_line
 from lora_ppo.modeling.actor_critic import ActorCritic
 from lora_ppo.rl.rewards import last_token_index
 
@@ -77,9 +77,9 @@ def check_scores(scores: Sequence, n: int, name: str) -> torch.Tensor:
 
 
 class FunctionReward:
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, fn: Callable | None = None):
         self.name = spec
-        self.fn = load_function(spec)
+        self.fn = fn if fn is not None else load_function(spec)
 
     def __call__(self, prompts, completions, rollout_tensors) -> torch.Tensor:
         ids = {"prompt_ids": rollout_tensors["prompt_ids"],
@@ -155,7 +155,7 @@ class ModelReward:
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 path, dtype=dtype, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot load reward.model={path}: {str(e).splitlines()[0]}")
+            raise UserError(f"cannot load reward.model={path}: {first_line(e)}")
         self.model.to(device).eval().requires_grad_(False)
         tok, cfg = self.tokenizer, self.model.config
         if tok.pad_token_id is None:
@@ -215,7 +215,25 @@ class WeightedReward:
         return total
 
 
-def _make_one(kind: str, cfg, ac: ActorCritic) -> RewardSource:
+def check_reward_sources(cfg) -> Callable | None:
+    """Fail before the base model loads: import the reward function (a missing file or name or a
+    syntax error is found now, not after the model and engine are set up) and check that the
+    reward adapter and model directories are there. Returns the function, or None."""
+    from lora_ppo.modeling.actor_critic import REWARD_HEAD_FILE, check_adapter_dir
+
+    r = cfg.reward
+    if "adapter" in r.kinds:
+        check_adapter_dir(r.adapter, "reward.adapter")
+        if not (Path(r.adapter) / REWARD_HEAD_FILE).is_file():
+            raise UserError(f"reward.adapter={r.adapter} has no {REWARD_HEAD_FILE}; point it at "
+                            "the reward_adapter/ directory `lora-ppo train-reward` writes")
+    if "model" in r.kinds and Path(r.model).exists() and not (Path(r.model) / "config.json").is_file():
+        raise UserError(f"reward.model={r.model} has no config.json; point it at a saved "
+                        "sequence-classification model directory")
+    return load_function(r.function) if "function" in r.kinds else None
+
+
+def _make_one(kind: str, cfg, ac: ActorCritic, function: Callable | None) -> RewardSource:
     if kind == "adapter":
         return AdapterReward(ac, cfg.rollout.generation_batch_size)
     if kind == "model":
@@ -225,12 +243,14 @@ def _make_one(kind: str, cfg, ac: ActorCritic) -> RewardSource:
                            cfg.rollout.generation_batch_size, ac.device,
                            resolve_compute_dtype(cfg.quantization.compute_dtype, ac.device),
                            cfg.model.trust_remote_code)
-    return FunctionReward(cfg.reward.function)
+    return FunctionReward(cfg.reward.function, function)
 
 
-def make_reward_source(cfg, ac: ActorCritic) -> RewardSource:
-    """One source as is; several (reward.sources) as their weighted sum."""
+def make_reward_source(cfg, ac: ActorCritic, function: Callable | None = None) -> RewardSource:
+    """One source as is; several (reward.sources) as their weighted sum. `function`: the reward
+    function `check_reward_sources` already imported (else it is imported here)."""
     kinds, weights = cfg.reward.kinds, cfg.reward.kind_weights
     if len(kinds) == 1 and weights[0] == 1.0:
-        return _make_one(kinds[0], cfg, ac)
-    return WeightedReward([(k, _make_one(k, cfg, ac), w) for k, w in zip(kinds, weights)])
+        return _make_one(kinds[0], cfg, ac, function)
+    return WeightedReward([(k, _make_one(k, cfg, ac, function), w)
+                           for k, w in zip(kinds, weights)])

@@ -8,6 +8,8 @@ identity with one rank.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import random
@@ -97,7 +99,11 @@ def setup_distributed() -> DistInfo:
     use_cuda = _use_cuda()
     local_rank = int(os.environ["LOCAL_RANK"])
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+        # DeepSpeed prints "... deepspeed_shm_comm_op built successfully" to stdout when its CPU
+        # communication op loads (deepspeed/comm/torch.py::build_shm_op): not our console's line.
+        with contextlib.redirect_stdout(io.StringIO()):
+            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
+                                       verbose=False)
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lora_ppo.errors import UserError
+from lora_ppo.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -200,4 +200,41 @@ def run_ds_config(cfg, world_size: int, device: torch.device, section: str) -> d
         precision=resolve_precision(cfg.deepspeed.precision, device), source=source,
         fields=(*names, f"{section}.optim.max_grad_norm"))
     refuse_unsupported(zero_stage(out), cfg.quantization.mode != "none", world_size)
+    validate(out, source)
     return out
+
+
+def _key_path(node: Any, loc: tuple) -> str | None:
+    """The dotted path in `node` at which the key path `loc` (a pydantic error's location, relative
+    to a sub-model such as the zero_optimization block) ends; None if it is nowhere."""
+    if not isinstance(node, dict):
+        return None
+    head = loc[0] if loc else None
+    if head in node:
+        rest = _key_path(node[head], loc[1:]) if len(loc) > 1 else ""
+        if rest is not None:
+            return ".".join(str(x) for x in (head, rest) if x != "")
+    for k, v in node.items():
+        found = _key_path(v, loc)
+        if found is not None:
+            return f"{k}.{found}"
+    return None
+
+
+def validate(ds_config: dict, source: str) -> None:
+    """DeepSpeed's own validation of a filled config, run before any model is loaded; its
+    pydantic error (several lines) becomes one line that names the file and the key."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig(json.loads(json.dumps(ds_config)))
+    except Exception as e:  # pydantic's ValidationError, or DeepSpeed's own asserts
+        errors = getattr(e, "errors", None)
+        if callable(errors) and errors():
+            err = errors()[0]
+            key = _key_path(ds_config, tuple(err.get("loc", ()))) or ".".join(
+                str(x) for x in err.get("loc", ()))
+            raise UserError(f"{source}: {key}={json.dumps(err.get('input'))} is invalid: "
+                            f"{err.get('msg', first_line(e))}; fix the file") from None
+        raise UserError(f"{source}: DeepSpeed refuses the config: {first_line(e)}; fix the "
+                        "file") from None

@@ -29,6 +29,7 @@ from lora_ppo.config.load import save_config
 from lora_ppo.errors import UserError
 from lora_ppo.io.data import encode_prompts, hold_out, render_prompt
 from lora_ppo.io.metrics import MetricsLogger, peak_memory_mib
+from lora_ppo.io.run_dir import clear, earlier_run
 from lora_ppo.runtime.dist import DistInfo, seed_everything, setup_distributed
 from lora_ppo.runtime.ds_config import run_ds_config
 from lora_ppo.runtime.engine import create_engine, gathered_params
@@ -77,6 +78,7 @@ class Stage:
     model_path: str
     ds_config: dict
     run_dir: Path
+    earlier: list = dataclasses.field(default_factory=list)  # to clear once all checks passed
     engine: Any = None
     step: int = 0
     total_steps: int = 0
@@ -87,13 +89,16 @@ class Stage:
         return getattr(self.cfg, self.name)
 
 
-def setup_stage(cfg: Config, name: str, read_rows: Callable[[str, str], list[dict]]
-                ) -> tuple[Stage, list[dict], list[dict]]:
+def setup_stage(cfg: Config, name: str, read_rows: Callable[[str, str], list[dict]],
+                resume: Optional[str], overwrite: bool) -> tuple[Stage, list[dict], list[dict]]:
     """Distributed init, seeds, tokenizer, the filled DeepSpeed config, and the stage's rows as
-    `read_rows(spec, field)` reads them, split into training and held-out rows (no model yet)."""
+    `read_rows(spec, field)` reads them, split into training and held-out rows (no model yet).
+    An earlier run of the stage in output_dir is refused unless `resume` or `overwrite`
+    (io/run_dir.py); nothing is written here."""
     from lora_ppo.modeling.loading import load_tokenizer, resolve_model_path
 
     sec = getattr(cfg, name)
+    earlier = earlier_run(cfg.output_dir, name, resume, overwrite)
     model_path = resolve_model_path(cfg.model.path)  # fail on a bad path before anything starts
     dist = setup_distributed()
     seed_everything(cfg.seed + dist.rank)
@@ -103,7 +108,7 @@ def setup_stage(cfg: Config, name: str, read_rows: Callable[[str, str], list[dic
     train_rows, eval_rows = hold_out(read_rows(sec.data, f"{name}.data"), eval_rows,
                                      sec.eval.size, cfg.seed, f"{name}.eval.size")
     st = Stage(cfg=cfg, name=name, dist=dist, tokenizer=tokenizer, model_path=model_path,
-               ds_config=ds_config, run_dir=Path(cfg.output_dir) / name)
+               ds_config=ds_config, run_dir=Path(cfg.output_dir) / name, earlier=earlier)
     return st, train_rows, eval_rows
 
 
@@ -113,13 +118,15 @@ def load_stage_model(st: Stage, init_adapter: Optional[str] = None, field: str =
     settings of `init_adapter`."""
     from peft import PeftModel, get_peft_model
 
-    from lora_ppo.modeling.actor_critic import _check_adapter_dir, _lora_config
+    from lora_ppo.modeling.actor_critic import _lora_config, adapter_fits, check_adapter_dir
     from lora_ppo.modeling.loading import load_base_model
 
+    if init_adapter:
+        check_adapter_dir(init_adapter, field)
     base = load_base_model(st.cfg, st.model_path, st.dist.device)
     if init_adapter:
-        _check_adapter_dir(init_adapter, field)
-        return PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
+        with adapter_fits(init_adapter, field, st.model_path):
+            return PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
     return get_peft_model(base, _lora_config(st.cfg))
 
 
@@ -141,8 +148,9 @@ def start_training(st: Stage, module: torch.nn.Module, n_train: int,
     st.engine = create_engine(module, ds_config=st.ds_config, optim=optim,
                               total_steps=st.total_steps)
     if resume is not None:
-        load_checkpoint(st, resume)
-    if st.dist.rank == 0:
+        load_checkpoint(st, resume)  # refuses a checkpoint this config cannot continue
+    if st.dist.rank == 0:  # every check has passed: from here on the stage writes
+        clear(st.earlier)
         st.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(st.cfg, st.run_dir / "config.yaml")
 
@@ -158,7 +166,8 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def fit(st: Stage, n_train: int, train_step: Callable[[list[int]], dict],
-        evaluate: Optional[Callable[[], dict]], write_output: Callable[[Path], None]) -> None:
+        evaluate: Optional[Callable[[], dict]], write_output: Callable[[Path], None],
+        bar_keys: tuple[tuple[str, str], ...]) -> None:
     """The shared loop.
 
     `train_step(row indices)` runs one optimizer step and returns its metrics, already reduced
@@ -167,7 +176,8 @@ def fit(st: Stage, n_train: int, train_step: Callable[[list[int]], dict],
     """
     sec, rank, world = st.section, st.dist.rank, st.dist.world_size
     bs = sec.train.batch_size
-    logger = MetricsLogger(st.run_dir, st.cfg, st.total_steps, st.step, enabled=rank == 0)
+    logger = MetricsLogger(st.run_dir, st.cfg, st.total_steps, st.step, enabled=rank == 0,
+                           desc=st.name, unit="step", bar_keys=bar_keys)
     logger.truncate_after(st.step)
     while st.step < st.total_steps:
         epoch, k = divmod(st.step, st.steps_per_epoch)

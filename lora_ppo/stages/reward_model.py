@@ -156,11 +156,13 @@ def write_reward_adapter(model: RewardModel, out: Path) -> None:
     save_file(head, str(out / REWARD_HEAD_FILE))
 
 
-def train_reward(cfg: Config, resume: Optional[str] = None) -> Path:
-    """Train the reward adapter; returns its directory. `resume`: "latest" or a checkpoint."""
+def train_reward(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> Path:
+    """Train the reward adapter; returns its directory. `resume`: "latest" or a checkpoint;
+    `overwrite`: replace an earlier reward-model run in output_dir (else it is refused)."""
     sec = cfg.reward_model
     st, train_rows, eval_rows = setup_stage(cfg, "reward_model",
-                                            lambda spec, field: read_pairs(spec, sec, field))
+                                            lambda spec, field: read_pairs(spec, sec, field),
+                                            resume, overwrite)
     tok, n_prompt = st.tokenizer, cfg.model.max_prompt_length
     train = encode_pairs(tok, train_rows, sec, n_prompt)
     evals = encode_pairs(tok, eval_rows, sec, n_prompt) if eval_rows else []
@@ -201,5 +203,6 @@ def train_reward(cfg: Config, resume: Optional[str] = None) -> Path:
         return metrics_from_sums(all_sum(sums), "eval/")
 
     fit(st, len(train), train_step, evaluate if evals else None,
-        lambda out: write_reward_adapter(model, out))
+        lambda out: write_reward_adapter(model, out),
+        bar_keys=(("loss", "loss"), ("accuracy", "acc"), ("eval/accuracy", "eval")))
     return Path(cfg.output_dir) / "reward_adapter"

@@ -195,11 +195,13 @@ def make_rows(examples: list[Example], packed: bool, max_length: int) -> list[li
     return [[examples[i] for i in row] for row in pack([len(e.ids) for e in examples], max_length)]
 
 
-def train_sft(cfg: Config, resume: Optional[str] = None) -> Path:
-    """Run SFT; returns the output adapter directory. `resume`: "latest" or a checkpoint path."""
+def train_sft(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> Path:
+    """Run SFT; returns the output adapter directory. `resume`: "latest" or a checkpoint path;
+    `overwrite`: replace an earlier SFT run in output_dir (else it is refused)."""
     sec = cfg.sft
     st, train_rows, eval_rows = setup_stage(cfg, "sft",
-                                            lambda spec, field: read_pairs(spec, sec, field))
+                                            lambda spec, field: read_pairs(spec, sec, field),
+                                            resume, overwrite)
     tok, n_prompt, max_len = st.tokenizer, cfg.model.max_prompt_length, sec.train.max_length
     train = make_rows(encode_examples(tok, train_rows, sec, n_prompt), sec.packing, max_len)
     evals = make_rows(encode_examples(tok, eval_rows, sec, n_prompt), sec.packing,
@@ -246,5 +248,6 @@ def train_sft(cfg: Config, resume: Optional[str] = None) -> Path:
         return {"eval/loss": loss_sum / max(n_tok, 1.0)}
 
     fit(st, len(train), train_step, evaluate if evals else None,
-        lambda out: write_peft_adapter(peft_model, out))
+        lambda out: write_peft_adapter(peft_model, out),
+        bar_keys=(("loss", "loss"), ("eval/loss", "eval")))
     return Path(cfg.output_dir) / "adapter"

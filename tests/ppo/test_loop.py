@@ -115,3 +115,17 @@ def test_deepspeed_launcher_two_ranks_end_identical(tiny_model_dir, tmp_path, lo
     assert any(w.abs().max() > 0 for n, w in r0["weights"].items() if "lora_B" in n)
     for n, w in r0["weights"].items():
         assert torch.equal(w, r1["weights"][n]), n
+
+
+def test_progress_bar_shows_the_reward_sources_own_score(tmp_path):
+    """With reward.normalize the score PPO trains on is about 0; the bar shows the source's."""
+    from lora_ppo.config.load import load_config
+    from lora_ppo.io.metrics import MetricsLogger
+    from lora_ppo.ppo.loop import PPO_BAR
+
+    cfg = load_config(None, ["logging.tensorboard=false"])
+    logger = MetricsLogger(tmp_path, cfg, total=1, bar_keys=PPO_BAR)
+    logger.log({"step": 1, "objective/raw_scores": 3.25, "objective/scores": 0.01,
+                "objective/kl": 0.5, "loss/value": 0.125})
+    assert "score=3.25" in logger.bar.postfix and "kl=0.5" in logger.bar.postfix
+    logger.close()
