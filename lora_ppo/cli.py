@@ -108,7 +108,8 @@ def cmd_export(args) -> int:
 def cmd_merge(args) -> int:
     from lora_ppo.io.export import merge
 
-    merge(args.checkpoint, args.out, dtype=args.dtype, force=args.force)
+    merge(args.checkpoint, args.out, dtype=args.dtype, force=args.force, into=args.into,
+          device=args.device, max_shard_size=args.max_shard_size, verify=args.verify)
     return 0
 
 
@@ -167,6 +168,27 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _merge_args(sp) -> None:
+    """merge's own flags (lora_ppo/io/export.py::merge)."""
+    sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                    help="dtype of the written weights (default bf16); the merge itself is "
+                         "computed in fp32 per tensor")
+    sp.add_argument("--into", choices=["original", "dequantized"], default="original",
+                    help="original: the base's own unquantized weights (default); dequantized: "
+                         "the 4-bit/8-bit weights the policy was trained on, dequantized, so the "
+                         "merged model behaves like the trained one")
+    sp.add_argument("--device", default="cpu",
+                    help="where each tensor's merge is computed (default cpu; e.g. cuda)")
+    sp.add_argument("--max-shard-size", default=None, metavar="SIZE",
+                    help="cut output shards at SIZE (e.g. 2GB); default: the base's own shards. "
+                         "Peak memory is about one output shard plus one tensor")
+    sp.add_argument("--verify", choices=["auto", "probe", "tensors"], default="auto",
+                    help="tensors: compare the first and last merged tensor of each kind with "
+                         "peft's merge (always done, bounded memory); probe: also compare logits "
+                         "on probe texts, which loads whole models (auto: only for bases up to "
+                         "512 MiB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lora-ppo", description="Memory-efficient RLHF: PPO with LoRA on one "
                 "(quantized) base model, driven by DeepSpeed.")
@@ -203,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", required=True, help="output directory")
         sp.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
         if name == "merge":
-            sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
+            _merge_args(sp)
         sp.set_defaults(fn=fn)
     c = sub.add_parser("config-docs", help="print the configuration reference (Markdown)")
     c.add_argument("--out", help="write to this file instead of stdout")

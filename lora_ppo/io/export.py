@@ -3,32 +3,49 @@
 export  the policy adapter as a standard PEFT directory (`PeftModel.from_pretrained(base, out)`),
         `value/` beside it (value head, and the critic adapter with value.mode=adapter), the
         tokenizer and manifest.json (base path and fingerprint, step, config).
-merge   the policy adapter folded into the full-precision base weights (peft `merge_and_unload`),
-        saved as sharded safetensors with config and tokenizer: a plain transformers model.
-        Before anything is written, the merged model's logits on a few probe texts are compared
-        with base + adapter (unmerged) in the same dtype; above the dtype's tolerance it fails.
+merge   the policy adapter folded into the base weights shard by shard in bounded memory
+        (lora_ppo/io/merge.py), saved as safetensors with config and tokenizer: a plain
+        transformers model, bf16 by default (the merge itself is fp32 per tensor).
 
-Quantized training: the adapter of a 4-bit or 8-bit run is merged into the *original*
-unquantized weights, never into quantized ones (rounding W + BA back to 4 bits would throw most
-of the update away). The merged model therefore differs from the quantized model it was trained
-with by the quantization error; merge reports that difference for information only.
+Into which weights (`into`):
+  original     the checkpoint's own unquantized weights (the default). After 4-bit or 8-bit
+               training the result differs from the model that was trained by the base's
+               quantization error, which merge reports.
+  dequantized  the 4-bit / 8-bit weights as the policy saw them in training, dequantized with
+               bitsandbytes, plus the update: the merged model behaves like the trained one.
 
-Both write into a temporary directory beside --out and rename it at the end (lora_ppo.io.atomic).
+Verification, before anything appears at --out:
+  tensors  always, bounded (one module at a time): for the first and last module of each kind
+           the fp32 merge is compared with peft's own `merge_and_unload` of that module alone
+           (relative 1e-6), and the written tensor must equal it cast to the output dtype.
+  probe    logits on PROBE_TEXTS of the merged model vs base + adapter unmerged (same base view,
+           checked against TOLERANCE[dtype]) and vs the quantized base + adapter training used
+           (reported). It loads whole models, so by default it runs only for bases up to
+           PROBE_MAX_BYTES (`verify="probe"` forces it, `"tensors"` skips it).
+
+Both write into a temporary directory beside --out and rename it at the end (lora_ppo.io.atomic);
+SIGTERM removes it on the way out and a SIGKILLed run's is removed by the next run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import gc
 import json
+import re
 import shutil
+import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
 
 from lora_ppo.config.load import config_to_dict
-from lora_ppo.errors import UserError
-from lora_ppo.io.atomic import atomic_output_dir, check_output_dir
+from lora_ppo.errors import UserError, first_line
+from lora_ppo.io import merge as streaming
+from lora_ppo.io.atomic import atomic_output_dir, check_output_dir, sigterm_as_exit
 from lora_ppo.io.checkpoint import (
     POLICY_DIR,
     VALUE_DIR,
@@ -37,29 +54,51 @@ from lora_ppo.io.checkpoint import (
     check_base,
     open_checkpoint,
 )
-from lora_ppo.modeling.loading import DTYPES, default_device, resolve_model_path
+from lora_ppo.modeling.loading import DTYPES, resolve_model_path
 
 MANIFEST = "manifest.json"
+INTO = ("original", "dequantized")
+VERIFY = ("auto", "probe", "tensors")
 # Largest |logit difference| between the merged model and base + adapter allowed, per unit of
-# logit scale (max(1, largest |logit|) over the probes). Merging rounds W + BA once to the dtype
-# where the unmerged path keeps BA apart (peft computes it in fp32), so the difference is the
-# dtype's rounding of the weights: ~1e-7 relative in fp32, ~1e-3 (fp16, 11 bits) and ~1e-2 (bf16,
-# 8 bits). A wrong merge (a lost alpha/r scaling, the wrong adapter) differs by the whole update.
+# logit scale (max(1, largest |logit|) over the probes). The merged weights are rounded once to
+# the output dtype where the unmerged path keeps W and BA apart in fp32, so the difference is the
+# dtype's rounding: ~1e-7 relative in fp32, ~1e-3 (fp16, 11 bits) and ~1e-2 (bf16, 8 bits). A
+# wrong merge (a lost alpha/r scaling, the wrong adapter) differs by the whole update.
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+# Tensor check: fp32 merge vs peft's, relative to the tensor's largest |value|. The same ops in
+# the same order give 0; 1e-6 allows another matmul kernel's summation order.
+TENSOR_RTOL = 1e-6
 PROBE_TEXTS = ("The", "This movie was a", "I bought this blender last week and",
                "Overall, the service at the restaurant")
+PROBE_MAX_BYTES = 512 * 2**20  # the probe loads up to three whole models, one after another
 
 
 class MergeReport(NamedTuple):
     dtype: str
-    max_logit_diff: float  # merged vs base + adapter, both in `dtype`
-    tolerance: float  # TOLERANCE[dtype] * logit scale, or as given
+    into: str  # original | dequantized
     quantization: str  # the training-time base: none, 4bit or 8bit
-    quantized_logit_diff: Optional[float]  # merged vs the quantized base + adapter (information)
+    max_logit_diff: Optional[float]  # probe: merged vs base (same view) + adapter; None: no probe
+    tolerance: Optional[float]  # TOLERANCE[dtype] * logit scale, or as given
+    quantized_logit_diff: Optional[float]  # probe: merged vs the quantized base + adapter
+    max_tensor_diff: float  # tensor check: fp32 merge vs peft's merge, relative
+    tensors_checked: int
+    update_size: float  # largest |W' - W| / |W| over the checked tensors: 0 = a no-op adapter
+    weight_gap_to_trained: float  # written vs the weights training used (+ update), relative
+    shards: int
+    seconds: float
+
+
+class MergeJob(NamedTuple):
+    layout: streaming.Layout  # the base's shards and tensor headers
+    structure: streaming.Structure
+    adapter: streaming.Adapter
+    view: streaming.View  # which base weights, untied tensors
+    shards: list[streaming.Shard]  # the output's plan
+    base_bytes: int  # the base's tensors in fp32
 
 
 def _prepare(checkpoint: str | Path, out: str | Path, force: bool) -> tuple[Checkpoint, str]:
-    """Verify the checkpoint and its base before any slow work; refuse a non-empty --out."""
+    """Verify the checkpoint and its base before any slow work; refuse a bad --out."""
     check_output_dir(Path(out), force)
     ck = open_checkpoint(checkpoint)
     model_path = resolve_model_path(ck.cfg.model.path)
@@ -75,7 +114,7 @@ def _load_tokenizer(ck: Checkpoint, model_path: str):
     try:
         return AutoTokenizer.from_pretrained(src, trust_remote_code=ck.cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer from {src}: {str(e).splitlines()[0]}")
+        raise UserError(f"cannot load the tokenizer from {src}: {first_line(e)}")
 
 
 def _manifest(ck: Checkpoint, model_path: str, **extra) -> dict:
@@ -93,7 +132,7 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path
     """Write the checkpoint's adapters, tokenizer and manifest to `out`; returns `out`."""
     ck, model_path = _prepare(checkpoint, out, force)
     tokenizer = _load_tokenizer(ck, model_path)
-    with atomic_output_dir(out, force) as tmp:
+    with sigterm_as_exit(), atomic_output_dir(out, force) as tmp:
         for f in (ck.path / POLICY_DIR).iterdir():
             shutil.copy2(f, tmp / f.name)
         shutil.copytree(ck.path / VALUE_DIR, tmp / VALUE_DIR)
@@ -103,6 +142,126 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path
           f"value head in {VALUE_DIR}/, base {model_path}")
     return Path(out)
 
+
+# -- verification: tensors --------------------------------------------------------------------------
+
+def training_dtype(ck: Checkpoint) -> torch.dtype:
+    """The dtype training loaded the base in (modeling/loading.resolve_compute_dtype). `auto`
+    depends on the training device, which state.json does not record; the engine precision
+    there follows the same rule (bf16 on a GPU that has it, fp32 on a CPU), so it stands in."""
+    name = ck.cfg.quantization.compute_dtype
+    if name == "auto":
+        name = "bf16" if ck.state.get("precision") == "bf16" else "fp32"
+    return DTYPES[name]
+
+
+def sample_keys(job: MergeJob) -> list[str]:
+    """The first and last tensor of each kind the merge changed (layer numbers wildcarded)."""
+    a = job.adapter
+    kinds: dict[str, list[str]] = {}
+    for k in [*a.updates, *a.replace, *job.view.untied]:
+        kinds.setdefault(re.sub(r"\.\d+\.", ".*.", k), []).append(k)
+    return [k for ks in kinds.values() for k in dict.fromkeys((ks[0], ks[-1]))]
+
+
+def _single_module_model(path: str, layer: torch.nn.Module) -> torch.nn.Module:
+    """A module tree holding only `layer` at `path`, so peft's target matching and
+    rank/alpha patterns see the same name as in the whole model."""
+    root = cur = torch.nn.Module()
+    *parents, last = path.split(".")
+    for p in parents:
+        cur.add_module(p, torch.nn.Module())
+        cur = getattr(cur, p)
+    cur.add_module(last, layer)
+    return root
+
+
+def peft_merged(adapter, module: str, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                kind: str) -> torch.Tensor:
+    """peft's own merge_and_unload of one module (fp32 base `weight`) with the adapter's saved
+    tensors for it, loaded by peft's set_peft_model_state_dict."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from transformers.pytorch_utils import Conv1D
+
+    layer = (torch.nn.Embedding(*weight.shape) if kind == "embedding" else
+             Conv1D(weight.shape[1], weight.shape[0]) if kind == "conv1d" else
+             torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None))
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None and getattr(layer, "bias", None) is not None:
+            layer.bias.copy_(bias)
+    cfg = copy.deepcopy(adapter.config)
+    cfg.modules_to_save, cfg.inference_mode = None, True
+    prefix = f"{streaming.PEFT_PREFIX}{module}."
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's fan_in_fan_out notice for Conv1D
+        model = PeftModel(_single_module_model(module, layer), cfg)
+        res = set_peft_model_state_dict(model, {k: v for k, v in adapter.raw.items()
+                                                if k.startswith(prefix)})
+    if res.unexpected_keys:
+        raise UserError(f"merge check failed: peft does not load {res.unexpected_keys[0]} into "
+                        f"{module}; nothing was written")
+    return model.merge_and_unload().get_submodule(module).weight.detach()
+
+
+def _oracle(job: MergeJob, key: str, read) -> torch.Tensor:
+    """What peft makes of tensor `key`: its merge for a LoRA module, the saved copy for
+    modules_to_save, the base for an untied copy nothing changed."""
+    a, view = job.adapter, job.view
+    if key in a.replace:
+        return a.replace[key].float()
+    src = view.untied.get(key, key)
+    stored = a.base_override.get(key)
+    base = streaming.base_view(read(src) if stored is None else stored, src, view)
+    if key not in a.updates:
+        return base
+    module = key.removesuffix(".weight")
+    kind = ("embedding" if f"{streaming.PEFT_PREFIX}{module}.lora_embedding_A" in a.raw else
+            "conv1d" if module in view.structure.conv1d else "linear")
+    bias = f"{module}.bias"
+    b = streaming.base_view(read(bias), bias, view) if bias in a.bias_updates else None
+    return peft_merged(a, module, base, b, kind)
+
+
+def check_tensors(job: MergeJob, out: Path, dtype: torch.dtype, trained_view,
+                  device: torch.device) -> dict:
+    """The tensor check on `sample_keys` (see the module docstring); raises UserError if the
+    fp32 merge and peft's differ or a written tensor is not the merge cast to `dtype`."""
+    written = {k: s.name for s in job.shards for k in s.keys}
+    rel = lambda x, y: ((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
+    worst = size = gap = 0.0
+    keys = sample_keys(job)
+    with contextlib.ExitStack() as stack:
+        opened = {}
+
+        def read_from(root: Path, name: str, key: str) -> torch.Tensor:
+            if (root, name) not in opened:
+                opened[root, name] = stack.enter_context(streaming.open_safetensors(root / name))
+            return opened[root, name].get_tensor(key)
+
+        read = lambda k: read_from(job.layout.root, job.layout.tensors[k][0], k)
+        for key in keys:
+            ours = streaming.merged_tensor(key, read, job.adapter, job.view, device).cpu().float()
+            oracle = _oracle(job, key, read)
+            worst = max(worst, rel(ours, oracle))
+            disk = read_from(out, written[key], key)
+            if not torch.equal(disk, ours.to(dtype)):
+                raise UserError(f"merge check failed: {written[key]} does not hold the merged "
+                                f"{key}; nothing was written")
+            src = job.view.untied.get(key, key)
+            if key in job.adapter.updates:
+                size = max(size, rel(ours, streaming.base_view(read(src), src, job.view)))
+            trained = streaming.merged_tensor(key, read, job.adapter, trained_view,
+                                              torch.device("cpu")).float()
+            gap = max(gap, rel(disk.float(), trained))
+    if worst > TENSOR_RTOL:
+        raise UserError(f"merge check failed: the streaming merge and peft's merge_and_unload "
+                        f"differ by {worst:.3g} (relative) > {TENSOR_RTOL:g}; nothing was written")
+    return {"max_tensor_diff": worst, "tensors_checked": len(keys), "update_size": size,
+            "weight_gap_to_trained": gap}
+
+
+# -- verification: probe texts ----------------------------------------------------------------------
 
 @torch.no_grad()
 def probe_logits(model, tokenizer, device: torch.device) -> list[torch.Tensor]:
@@ -119,64 +278,147 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
-def _quantized_logits(ck: Checkpoint, model_path: str, tokenizer, device) -> list[torch.Tensor]:
-    """Logits of the training-time model: quantized base + policy adapter."""
-    from peft import PeftModel
-
-    from lora_ppo.modeling.loading import load_base_model
-
-    base = load_base_model(ck.cfg, model_path, device)
-    model = PeftModel.from_pretrained(base, str(ck.path / POLICY_DIR))
+def _logits_and_free(model, tokenizer, device) -> list[torch.Tensor]:
     logits = probe_logits(model, tokenizer, device)
-    del model, base
+    del model
     gc.collect()
     return logits
 
 
-def merge(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False,
-          max_shard_size: str = "5GB", tolerance: Optional[float] = None) -> MergeReport:
-    """Merge the policy adapter into the unquantized base in `dtype` and save it to `out`.
-
-    Fails (UserError, `out` untouched) when the merged logits differ from base + adapter by more
-    than `tolerance` (default: TOLERANCE[dtype] times the logit scale).
-    """
+def probe(ck: Checkpoint, model_path: str, job: MergeJob, out: Path, tokenizer,
+          device: torch.device) -> tuple[list, list, Optional[list]]:
+    """Probe logits of: the merged model (from `out`, computed in fp32); base + adapter unmerged
+    with the base in the merge's view; the quantized base + adapter as training loaded it."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
-    ck, model_path = _prepare(checkpoint, out, force)
-    tokenizer = _load_tokenizer(ck, model_path)
-    device = default_device()
-    quant = ck.cfg.quantization.mode
-    q_logits = _quantized_logits(ck, model_path, tokenizer, device) if quant != "none" else None
+    from lora_ppo.modeling.loading import load_base_model
+
+    policy = str(ck.path / POLICY_DIR)
+    trained = None
+    if ck.cfg.quantization.mode != "none":
+        trained = _logits_and_free(PeftModel.from_pretrained(
+            load_base_model(ck.cfg, model_path, device), policy), tokenizer, device)
+    base = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.float32, trust_remote_code=ck.cfg.model.trust_remote_code)
+    with torch.no_grad():
+        for name, p in base.named_parameters():  # deduplicated: a tied tensor once
+            p.data = streaming.base_view(p.data, name, job.view)
+    want = _logits_and_free(PeftModel.from_pretrained(base.to(device), policy), tokenizer, device)
+    merged = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, trust_remote_code=ck.cfg.model.trust_remote_code)
+    return _logits_and_free(merged.to(device), tokenizer, device), want, trained
+
+
+# -- merge ------------------------------------------------------------------------------------------
+
+def _check_args(dtype: str, into: str, verify: str, quant: str, device: str) -> torch.device:
+    for flag, value, allowed in (("--dtype", dtype, DTYPES), ("--into", into, INTO),
+                                 ("--verify", verify, VERIFY)):
+        if value not in allowed:
+            raise UserError(f"{flag} {value} is not one of {', '.join(allowed)}")
+    if into == "dequantized" and quant == "none":
+        raise UserError("--into dequantized: the checkpoint was trained on an unquantized base "
+                        "(quantization.mode=none), so there is nothing to dequantize; use --into "
+                        "original")
     try:
-        base = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=DTYPES[dtype], trust_remote_code=ck.cfg.model.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the base {model_path}: {str(e).splitlines()[0]}")
-    model = PeftModel.from_pretrained(base.to(device), str(ck.path / POLICY_DIR))
-    want = probe_logits(model, tokenizer, device)
-    merged = model.merge_and_unload()
-    got = probe_logits(merged, tokenizer, device)
-    if tolerance is None:
-        scale = max(1.0, max(x.abs().max().item() for x in want))
-        tolerance = TOLERANCE[dtype] * scale
-    report = MergeReport(dtype, max_diff(got, want), tolerance, quant,
-                         None if q_logits is None else max_diff(got, q_logits))
-    if report.max_logit_diff > report.tolerance:
-        raise UserError(f"merge check failed: merged and base+adapter logits differ by up to "
-                        f"{report.max_logit_diff:.3g} > {report.tolerance:.3g} in {dtype}; nothing "
-                        "was written; try --dtype fp32")
-    with atomic_output_dir(out, force) as tmp:
-        merged.save_pretrained(tmp, max_shard_size=max_shard_size)
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device} is not a torch device (cpu, cuda, cuda:1)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU here; use --device cpu")
+    return dev
+
+
+def _job(ck: Checkpoint, model_path: str, into: str, dtype: torch.dtype,
+         max_shard_size) -> MergeJob:
+    """Everything the merge needs, read and checked before anything is written."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    from lora_ppo.modeling.loading import quantization_config
+
+    load_dtype = training_dtype(ck)
+    qcfg = quantization_config(ck.cfg.quantization, load_dtype)
+    layout = streaming.read_layout(model_path)
+    structure = streaming.model_structure(model_path, ck.cfg.model.trust_remote_code, qcfg)
+    adapter = streaming.read_adapter(ck.path / POLICY_DIR, layout, structure)
+    untied = streaming.untied_keys(adapter, structure)
+    view = streaming.View(into, load_dtype, structure, untied)
+    try:
+        max_bytes = None if max_shard_size is None else convert_file_size_to_int(max_shard_size)
+    except ValueError:
+        raise UserError(f"--max-shard-size {max_shard_size}: give a size such as 2GB or 500MB")
+    shards = streaming.plan_shards(layout, untied, dtype, max_bytes)
+    base_bytes = sum(streaming._out_bytes(i, DTYPES["fp32"]) for i in layout.tensors.values())
+    return MergeJob(layout, structure, adapter, view, shards, base_bytes)
+
+
+def merge(checkpoint: str | Path, out: str | Path, dtype: str = "bf16", force: bool = False,
+          max_shard_size: Optional[str | int] = None, tolerance: Optional[float] = None,
+          into: str = "original", device: str = "cpu", verify: str = "auto") -> MergeReport:
+    """Merge the policy adapter into the base (`into`: original or dequantized weights), shard
+    by shard, and save it in `dtype` to `out`. Fails (UserError, `out` untouched) when a check
+    fails: the tensor check always, the probe's logits against `tolerance` (default:
+    TOLERANCE[dtype] times the logit scale) when it runs."""
+    ck, model_path = _prepare(checkpoint, out, force)
+    quant = ck.cfg.quantization.mode
+    dev = _check_args(dtype, into, verify, quant, device)
+    tokenizer = _load_tokenizer(ck, model_path)
+    t0 = time.perf_counter()
+    job = _job(ck, model_path, into, DTYPES[dtype], max_shard_size)
+    run_probe = verify == "probe" or (verify == "auto" and job.base_bytes <= PROBE_MAX_BYTES)
+    print(f"merging step {ck.state['step']} of {ck.path} into the {into} weights of {model_path} "
+          f"({len(job.adapter.updates)} LoRA tensors, {len(job.adapter.replace)} replaced) "
+          f"-> {out} in {dtype}, {len(job.shards)} shards on {dev}", flush=True)
+    with sigterm_as_exit(), atomic_output_dir(out, force) as tmp:
+        streaming.write_merged(job.layout, job.adapter, job.view, job.shards, tmp,
+                               DTYPES[dtype], dev, log=lambda s: print(s, flush=True))
+        streaming.write_model_files(job.layout, job.structure, tmp, DTYPES[dtype],
+                                    job.view.untied)
+        trained_view = job.view._replace(into="dequantized" if quant != "none" else "original")
+        checks = check_tensors(job, tmp, DTYPES[dtype], trained_view, dev)
+        logit = {"max_logit_diff": None, "tolerance": None, "quantized_logit_diff": None}
+        if run_probe:
+            got, want, trained = probe(ck, model_path, job, tmp, tokenizer, dev)
+            if tolerance is None:
+                tolerance = TOLERANCE[dtype] * max(1.0, max(x.abs().max().item() for x in want))
+            logit = {"max_logit_diff": max_diff(got, want), "tolerance": tolerance,
+                     "quantized_logit_diff": None if trained is None else max_diff(got, trained)}
+            if logit["max_logit_diff"] > tolerance:
+                raise UserError(f"merge check failed: merged and base+adapter logits differ by up "
+                                f"to {logit['max_logit_diff']:.3g} > {tolerance:.3g} in {dtype}; "
+                                "nothing was written; try --dtype fp32")
+        report = MergeReport(dtype, into, quant, **logit, **checks, shards=len(job.shards),
+                             seconds=round(time.perf_counter() - t0, 1))
         tokenizer.save_pretrained(tmp)
         _write_json(tmp / MANIFEST, _manifest(ck, model_path, merge=report._asdict()))
-    print(f"merged step {ck.state['step']} of {ck.path} into {model_path} ({dtype}) -> {out}")
-    print(f"  max |logit diff| vs base+adapter in {dtype}: {report.max_logit_diff:.3g} "
-          f"(tolerance {report.tolerance:.3g}, {len(PROBE_TEXTS)} probe texts)")
-    if q_logits is not None:
-        print(f"  trained on a {quant} base: the adapter was merged into the full-precision "
-              f"original weights; vs the {quant} base+adapter it was trained with: "
-              f"{report.quantized_logit_diff:.3g} (quantization error, for information)")
+    _print_report(report, job, verify)
     return report
+
+
+def _print_report(r: MergeReport, job: MergeJob, verify: str) -> None:
+    print(f"merged in {r.seconds:.0f} s; tensor check: {r.tensors_checked} tensors equal peft's "
+          f"merge_and_unload to {r.max_tensor_diff:.2g} (relative, limit {TENSOR_RTOL:g}); "
+          f"largest relative update {r.update_size:.3g}")
+    if r.tensors_checked and r.update_size == 0.0 and job.adapter.updates:
+        print("  warning: the adapter changes nothing (LoRA B is 0: an untrained adapter?)")
+    if job.view.untied:
+        print(f"  untied {', '.join(job.view.untied)} from the tensor it shared: the adapter "
+              "changes one side only (config.json: tie_word_embeddings false)")
+    if r.max_logit_diff is None:
+        why = ("--verify tensors" if verify == "tensors" else
+               f"the base is {job.base_bytes / 2**20:.0f} MiB in fp32, over "
+               f"{PROBE_MAX_BYTES / 2**20:.0f} MiB; --verify probe loads whole models to run them")
+        print(f"  probe texts skipped ({why})")
+    else:
+        print(f"  max |logit diff| vs base+adapter ({r.into} weights): {r.max_logit_diff:.3g} "
+              f"(tolerance {r.tolerance:.3g}, {len(PROBE_TEXTS)} probe texts)")
+    if r.quantization != "none":
+        where = ("the full-precision original weights" if r.into == "original" else
+                 f"the dequantized {r.quantization} weights")
+        q = "" if r.quantized_logit_diff is None else (
+            f"logits vs the {r.quantization} base+adapter it was trained with differ by "
+            f"{r.quantized_logit_diff:.3g}; ")
+        print(f"  trained on a {r.quantization} base: the adapter was merged into {where}; {q}"
+              f"written weights vs the trained ones: {r.weight_gap_to_trained:.3g} relative"
+              + (" (quantization error, for information)" if r.into == "original" else ""))

@@ -138,7 +138,7 @@ def test_export_critic_adapter_and_head(quantized, tmp_path):
 
 def test_merged_model_loads_without_peft(shared, tmp_path):
     out = tmp_path / "merged"
-    report = merge(shared["path"], out, max_shard_size="200KB")
+    report = merge(shared["path"], out, dtype="fp32", max_shard_size="200KB")
     assert report.max_logit_diff <= 1e-4 and report.quantized_logit_diff is None
     assert len(list(out.glob("model-*.safetensors"))) > 1  # sharded, with its index
     assert (out / "model.safetensors.index.json").is_file()
@@ -163,8 +163,9 @@ def test_merged_model_loads_without_peft(shared, tmp_path):
 
 def test_merge_of_a_4bit_trained_adapter(quantized, tmp_path, capsys):
     out = tmp_path / "merged"
-    report = merge(quantized["path"], out)
-    assert report.quantization == "4bit" and report.max_logit_diff <= report.tolerance
+    report = merge(quantized["path"], out, dtype="fp32")
+    assert report.quantization == "4bit" and report.into == "original"
+    assert report.max_logit_diff <= report.tolerance
     assert report.quantized_logit_diff > report.max_logit_diff  # the 4-bit rounding shows
     assert "trained on a 4bit base" in capsys.readouterr().out
     from transformers import AutoModelForCausalLM
