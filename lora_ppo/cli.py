@@ -94,7 +94,8 @@ def cmd_demo(args) -> int:
     from lora_ppo.builtin.demo import run_demo
     from lora_ppo.config.load import load_config
 
-    run_demo(load_config(PRESETS / "demo.yaml", args.overrides), overwrite=args.overwrite)
+    run_demo(load_config(PRESETS / f"{args.preset}.yaml", args.overrides), preset=args.preset,
+             overwrite=args.overwrite)
     return 0
 
 
@@ -212,7 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
         train_args(sp)
         sp.set_defaults(fn=cmd_training)
     d = sub.add_parser("demo", help="the built-in end-to-end run on a small local model: reward "
-                       "adapter -> PPO (4-bit, ZeRO-2) -> merged export")
+                       "adapter -> PPO (4-bit, ZeRO-2) -> merged export; --preset grpo: GRPO "
+                       "with a verifiable reward (arithmetic), no reward model, no critic")
+    d.add_argument("--preset", choices=["demo", "grpo"], default="demo",
+                   help="demo: RLHF on reviews with a learned reward; grpo: critic-free GRPO on "
+                        "additions checked by a function")
     d.add_argument("overrides", nargs="*", metavar="section.key=value")
     d.add_argument("--overwrite", action="store_true",
                    help="replace what is in output_dir even if an earlier demo did not write it")

@@ -14,3 +14,12 @@ def positive_sentiment(prompts: list[str], completions: list[str], **kwargs) -> 
         raw = sum(w in POSITIVE_WORDS for w in words) - sum(w in NEGATIVE_WORDS for w in words)
         scores.append(raw / (len(words) + 1) ** 0.5)
     return scores
+
+
+def arithmetic_correct(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    """1.0 when the completion starts with the right sum of its "a + b =" prompt, else 0.0:
+    a verifiable reward (lora_ppo.builtin.arithmetic), no reward model involved."""
+    from lora_ppo.builtin.arithmetic import answer_of, first_number
+
+    return [float(answer_of(p) is not None and first_number(c) == answer_of(p))
+            for p, c in zip(prompts, completions)]

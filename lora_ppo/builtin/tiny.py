@@ -34,6 +34,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from lora_ppo.builtin import arithmetic
 from lora_ppo.builtin.corpus import review_corpus
 from lora_ppo.errors import UserError
 from lora_ppo.io.atomic import TMP_TAG, replace_dir
@@ -56,6 +57,8 @@ CHAT_TEMPLATE = (
 # Bump when a change here would build a different model: it is part of the cache dir name.
 BUILDER_VERSION = 1
 
+ARITH_STEPS = 100  # pre-training steps of the `arith` model (see SIZES)
+
 # Built-in sizes for `ensure_builtin_model`: the architecture and, for "demo", the pre-training
 # run. Changing any value here changes the cache dir name, so a stale cache is never reused.
 # "demo" measured on this project's 2-core CPU box (1 thread, other jobs running): 600 steps in
@@ -76,6 +79,16 @@ SIZES: dict[str, dict] = {
                   "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
                   "max_position_embeddings": 256},
         "pretrain": {"steps": 600, "batch_size": 32, "seq_len": 48, "lr": 3e-3},
+    },
+    # The critic-free demo's task (builtin/arithmetic.py): additions "a + b = c", a tokenizer of
+    # their own, pre-trained only briefly so that many sums come out wrong and a reward function
+    # that checks them has something to teach (`lora-ppo demo --preset grpo`).
+    "arith": {
+        "model": {"vocab_size": 300, "hidden_size": 128, "intermediate_size": 256,
+                  "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                  "max_position_embeddings": 64},
+        "corpus": "arithmetic", "max_operand": arithmetic.MAX_OPERAND,
+        "pretrain": {"steps": ARITH_STEPS, "batch_size": 32, "seq_len": 32, "lr": 3e-3},
     },
 }
 
@@ -155,12 +168,19 @@ def build_tiny_model(
     return out_dir
 
 
-def _token_stream(tokenizer, n_texts: int, seed: int) -> torch.Tensor:
-    """The corpus as one 1-D LongTensor "<s> review </s> <s> review </s> ...".
+def corpus_texts(corpus: str, n: int, seed: int) -> list[str]:
+    """`n` texts of a built-in corpus: "reviews" (builtin/corpus.py) or "arithmetic"."""
+    if corpus == "arithmetic":
+        return arithmetic.texts(n, seed=seed)
+    return [text for text, _ in review_corpus(n, seed=seed)]
 
-    </s> after each review teaches the model to stop; the tokenizer adds only <s>, like Llama.
+
+def _token_stream(tokenizer, n_texts: int, seed: int, corpus: str = "reviews") -> torch.Tensor:
+    """The corpus as one 1-D LongTensor "<s> text </s> <s> text </s> ...".
+
+    </s> after each text teaches the model to stop; the tokenizer adds only <s>, like Llama.
     """
-    texts = [text for text, _ in review_corpus(n_texts, seed=seed)]
+    texts = corpus_texts(corpus, n_texts, seed)
     ids = [tok for row in tokenizer(texts).input_ids for tok in row + [tokenizer.eos_token_id]]
     return torch.tensor(ids, dtype=torch.long)
 
@@ -182,6 +202,7 @@ def pretrain(
     seq_len: int = 48,
     lr: float = 3e-3,
     seed: int = 0,
+    corpus: str = "reviews",
     log_every: int = 25,
     progress: Callable[[dict], None] | None = None,
 ) -> dict:
@@ -207,7 +228,7 @@ def pretrain(
     # Reviews for about twice the tokens the steps draw (a review is ~24 tokens), capped; a
     # 20-step test run then tokenizes a few hundred reviews, not 20000.
     n_texts = min(_N_PRETRAIN_TEXTS, max(100, steps * batch_size * seq_len // 10))
-    stream = _token_stream(tokenizer, n_texts, seed)
+    stream = _token_stream(tokenizer, n_texts, seed, corpus)
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
@@ -287,7 +308,9 @@ def _build_builtin(out_dir: Path, size: str, log: Callable[[str], None]) -> None
     steps = recipe["pretrain"]["steps"] if recipe["pretrain"] else 0
     log(f"building built-in model {size!r} in {out_dir}"
         + (f" (pre-training {steps} steps, 1-3 minutes on 2 CPU cores)" if steps else ""))
-    build_tiny_model(out_dir, **recipe["model"], seed=0)
+    corpus = recipe.get("corpus", "reviews")
+    texts = None if corpus == "reviews" else corpus_texts(corpus, _N_TOKENIZER_TEXTS, seed=0)
+    build_tiny_model(out_dir, **recipe["model"], seed=0, texts=texts)
     result = None
     if recipe["pretrain"] is not None:
         def report(s: dict) -> None:
@@ -295,7 +318,7 @@ def _build_builtin(out_dir: Path, size: str, log: Callable[[str], None]) -> None
                 f"({s['seconds']:.0f} s)")
 
         log_every = max(1, steps // 12)
-        result = pretrain(out_dir, **recipe["pretrain"], seed=0, log_every=log_every,
+        result = pretrain(out_dir, **recipe["pretrain"], seed=0, corpus=corpus, log_every=log_every,
                           progress=report)
     marker = {"size": size, "builder": BUILDER_VERSION, **recipe, "pretrain_result": result}
     (out_dir / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")

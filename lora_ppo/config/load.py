@@ -25,8 +25,9 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "lora.r": _POSITIVE, "lora.alpha": _POSITIVE, "lora.dropout": (lambda v: 0 <= v < 1, "[0, 1)"),
     "rollout.batch_size": _POSITIVE, "rollout.generation_batch_size": _POSITIVE,
     "rollout.max_new_tokens": _POSITIVE, "rollout.temperature": _POSITIVE,
+    "rollout.samples_per_prompt": _POSITIVE,
     "rollout.top_k": _NONNEG, "rollout.top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "rollout.logprob_chunk_size": _POSITIVE, "model.max_prompt_length": _POSITIVE,
+    "rollout.logits_chunk_mib": _POSITIVE, "model.max_prompt_length": _POSITIVE,
     "ppo.total_updates": _POSITIVE, "ppo.epochs": _POSITIVE, "ppo.minibatch_size": _POSITIVE,
     "ppo.micro_batch_size": _POSITIVE,
     "ppo.gamma": _UNIT, "ppo.lam": _UNIT, "ppo.cliprange": _POSITIVE,
@@ -54,6 +55,7 @@ _CHECKS.update({"reward_model.margin": _NONNEG, "reward_model.head_init_std": _N
 # where each went instead of only that it is unknown.
 _OPTIM = ("learning_rate", "weight_decay", "lr_schedule", "warmup_steps", "max_grad_norm")
 MOVED = {f"ppo.{k}": f"ppo.optim.{k}" for k in _OPTIM}
+MOVED["rollout.logprob_chunk_size"] = "rollout.logits_chunk_mib (a size in MiB, not rows)"
 for _stage in ("sft", "reward_model"):
     MOVED.update({f"{_stage}.{k}": f"{_stage}.optim.{k}" for k in _OPTIM})
     MOVED.update({f"{_stage}.{k}": f"{_stage}.train.{k}" for k in (

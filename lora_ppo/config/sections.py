@@ -28,6 +28,12 @@ class ModelConfig:
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: less memory for more compute. Turned off during
     generation and restored after."""
+    padding_free: bool = True
+    """Scoring and update forwards run on the real tokens only: each batch's sequences packed
+    end to end into rows, positions restarting per sequence (transformers turns them into a
+    block-diagonal causal mask; flash-attention into varlen boundaries). The log-probs equal the
+    padded forward's to float round-off (tested). Off: each micro-batch is padded to its own
+    widest sequence instead."""
     max_prompt_length: int = 256
     """Prompts longer than this many tokens are cut from the left (the end of a prompt matters most)."""
 
@@ -60,10 +66,12 @@ class LoraConfig:
 
 @dataclass
 class ValueConfig:
-    mode: Literal["shared", "adapter"] = "shared"
+    mode: Literal["auto", "shared", "adapter", "none"] = "auto"
     """`shared`: a scalar head on the policy trunk (one forward gives logits and values);
     `adapter`: a separate trainable `critic` LoRA adapter plus head on the same base, so value
-    learning does not disturb the policy (one more forward per micro-batch)."""
+    learning does not disturb the policy (one more forward per micro-batch); `none`: no value
+    function is built, trained, checkpointed or exported (the critic-free estimators). `auto`:
+    `shared` with ppo.advantage_estimator=gae, `none` with the others."""
     head_init_std: float = 0.0
     """Std of the value head's initial weights; 0 starts every value at 0."""
 
@@ -129,11 +137,22 @@ class RolloutConfig:
     truncated policy to the reference is infinite wherever their supports differ."""
     top_p: float = 1.0
     """Must stay 1.0 (off), for the reason given under `top_k`."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt (n); `batch_size` counts prompts, so a rollout holds
+    batch_size x n samples. The n samples of a prompt form a group, kept together (and on one
+    rank) for the group baselines of ppo.advantage_estimator (GRPO, RLOO)."""
+    merge_for_generation: bool = True
+    """Generate with the policy adapter folded into the base weights (one matmul per linear per
+    token instead of three), and put the base weights back untouched afterwards. Only where it is
+    exact: an unquantized fp32 base outside ZeRO-3 (in bf16 the rounding of W + BA is as large as
+    the update); costs one copy of the adapted weights during generation."""
     stop_token_ids: list[int] = field(default_factory=list)
     """Token ids that end a response besides the tokenizer's EOS."""
-    logprob_chunk_size: int = 1024
-    """Rows of (batch*length) turned into logits at a time when scoring: bounds memory to
-    chunk x vocab floats instead of batch x length x vocab."""
+    logits_chunk_mib: float = 256.0
+    """MiB of fp32 logits made at a time when scoring and in the update: the LM head runs over
+    rows of (batch*length) in chunks of this size whatever the vocabulary (about 5 such chunks
+    live at once in the backward), instead of one batch x length x vocab tensor. 256 MiB is 1700
+    rows of a 40k vocabulary, 440 of a 150k one."""
 
 
 @dataclass
@@ -159,13 +178,30 @@ class PPOConfig:
     epochs: int = 4
     """Passes over each rollout."""
     minibatch_size: int = 16
-    """Samples per optimizer step."""
+    """Samples (not prompts) per optimizer step."""
     micro_batch_size: int = 4
     """Samples per forward/backward; minibatch_size / micro_batch_size is the gradient
     accumulation."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "gae"
+    """`gae`: a learned value function and GAE (Schulman et al. 2015); the critic-free ones need
+    no value model: `grpo` (sequence score minus its group's mean, over the group's std; Shao et
+    al. 2024), `dr_grpo` (no std division, constant loss normaliser; Liu et al. 2025), `rloo`
+    (leave-one-out group baseline; Ahmadian et al. 2024), `reinforce_pp` (per-token KL-penalised
+    reward-to-go, whitened over the batch; Hu 2025). Formulas: docs/ppo.md."""
+    kl_in: Literal["auto", "reward", "loss"] = "auto"
+    """Where the KL penalty to the reference goes: `reward` (-kl_coef * KL_t in every token's
+    reward, Ziegler et al. 2019) or `loss` (kl_coef * KL as a loss term, GRPO). `auto`: `loss` for
+    grpo and dr_grpo, `reward` for the others. With kl_coef 0 (not adaptive) the reference
+    forward is skipped entirely."""
+    loss_aggregation: Literal["auto", "token_mean", "seq_mean_token_mean", "constant"] = "auto"
+    """How per-token losses are averaged over a minibatch: `token_mean` (every token weighs the
+    same), `seq_mean_token_mean` (each sequence's token mean, then the mean over sequences: a
+    short response's tokens weigh more, GRPO), `constant` (the token sum over sequences x
+    rollout.max_new_tokens: no length normalisation, Dr. GRPO). `auto`: seq_mean_token_mean for
+    grpo, constant for dr_grpo, token_mean for the others."""
     gamma: float = 1.0
-    """Discount factor of GAE."""
+    """Discount factor of GAE (and of the REINFORCE++ reward-to-go)."""
     lam: float = 0.95
     """GAE lambda."""
     cliprange: float = 0.2
@@ -177,9 +213,11 @@ class PPOConfig:
     ent_coef: float = 0.0
     """Weight of the entropy bonus."""
     whiten_advantages: bool = True
-    """Whiten advantages over the valid tokens of the rollout."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator in the reward penalty (k1 = logp - logp_ref)."""
+    """Whiten GAE's advantages over the valid tokens of the rollout (the group estimators
+    normalise within groups instead; reinforce_pp always whitens over the batch)."""
+    kl_estimator: Literal["auto", "k1", "k2", "k3"] = "auto"
+    """Per-token KL estimator (k1 = logp - logp_ref, k2, k3; joschu.net/blog/kl-approx.html).
+    `auto`: k1 in the reward, k3 in the loss (GRPO's choice: >= 0 per token)."""
     kl_coef: float = 0.05
     """Initial (or fixed) coefficient of the KL penalty."""
     adaptive_kl: bool = False
@@ -195,7 +233,9 @@ class PPOConfig:
 @dataclass
 class DataConfig:
     prompts: str = "builtin:reviews"
-    """JSONL, Parquet, CSV or text file of prompts; `builtin:reviews` generates review openings."""
+    """JSONL, Parquet, CSV or text file of prompts; `builtin:reviews` generates review openings,
+    `builtin:arithmetic` additions "a + b =" (for reward.function=lora_ppo.builtin.rewards:
+    arithmetic_correct)."""
     prompt_column: str = "prompt"
     """Column that holds the prompt text (text files: one prompt per line)."""
     chat_template: bool = False

@@ -14,6 +14,7 @@ that names the field, the value and what is allowed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from lora_ppo.config.sections import (
     CheckpointConfig,
@@ -30,6 +31,22 @@ from lora_ppo.config.sections import (
 )
 from lora_ppo.config.stages import RewardModelConfig, SFTConfig
 from lora_ppo.errors import UserError
+
+
+class Algorithm(NamedTuple):
+    """The PPO variant a config asks for, with every `auto` resolved (Config.algorithm)."""
+
+    estimator: str         # gae, grpo, dr_grpo, rloo, reinforce_pp
+    value_mode: str        # shared, adapter, none
+    kl_in: str             # reward, loss
+    kl_estimator: str      # k1, k2, k3
+    loss_aggregation: str  # token_mean, seq_mean_token_mean, constant
+    group_size: int        # samples per prompt
+    uses_reference: bool   # False with kl_coef 0 (not adaptive): no reference forward at all
+
+
+_LOSS_KL = ("grpo", "dr_grpo")  # the estimators whose papers put the KL in the loss
+_AGGREGATION = {"grpo": "seq_mean_token_mean", "dr_grpo": "constant"}  # else token_mean
 
 
 @dataclass
@@ -60,12 +77,14 @@ class Config:
                 f"ppo.micro_batch_size={self.ppo.micro_batch_size}: gradient accumulation must end "
                 "on minibatch edges; make it a multiple"
             )
-        if self.rollout.batch_size % self.ppo.minibatch_size:
-            raise UserError(
-                f"rollout.batch_size={self.rollout.batch_size} is not a multiple of "
-                f"ppo.minibatch_size={self.ppo.minibatch_size}: every minibatch must be full; "
-                "make it a multiple"
-            )
+        n = self.rollout.samples_per_prompt
+        samples = self.rollout.batch_size * n
+        if samples % self.ppo.minibatch_size:
+            what = f"rollout.batch_size={self.rollout.batch_size}" + (
+                f" x rollout.samples_per_prompt={n} = {samples} samples" if n > 1 else "")
+            raise UserError(f"{what} is not a multiple of ppo.minibatch_size="
+                            f"{self.ppo.minibatch_size}: every minibatch must be full; make it a "
+                            "multiple")
         for name, off in (("top_k", 0), ("top_p", 1.0)):
             value = getattr(self.rollout, name)
             if value != off:
@@ -84,6 +103,38 @@ class Config:
                             f"data.eval_every={self.data.eval_every}")
         self._check_reward_sources()
         self._check_stages()
+        self._check_algorithm()
+
+    @property
+    def algorithm(self) -> Algorithm:
+        p, estimator = self.ppo, self.ppo.advantage_estimator
+        kl_in = p.kl_in if p.kl_in != "auto" else ("loss" if estimator in _LOSS_KL else "reward")
+        return Algorithm(
+            estimator=estimator,
+            value_mode=(self.value.mode if self.value.mode != "auto"
+                        else "shared" if estimator == "gae" else "none"),
+            kl_in=kl_in,
+            kl_estimator=(p.kl_estimator if p.kl_estimator != "auto"
+                          else "k3" if kl_in == "loss" else "k1"),
+            loss_aggregation=(p.loss_aggregation if p.loss_aggregation != "auto"
+                              else _AGGREGATION.get(estimator, "token_mean")),
+            group_size=self.rollout.samples_per_prompt,
+            uses_reference=p.kl_coef > 0 or p.adaptive_kl)
+
+    def _check_algorithm(self) -> None:
+        a, n = self.algorithm, self.rollout.samples_per_prompt
+        if a.estimator == "gae" and a.value_mode == "none":
+            raise UserError("value.mode=none leaves ppo.advantage_estimator=gae without the value "
+                            "function GAE needs; use value.mode=shared or adapter, or a critic-free "
+                            "estimator (grpo, dr_grpo, rloo, reinforce_pp)")
+        if a.estimator != "gae" and a.value_mode != "none":
+            raise UserError(f"value.mode={a.value_mode} trains a value function that ppo."
+                            f"advantage_estimator={a.estimator} never uses; leave value.mode out "
+                            "(auto) or set it to none")
+        if a.estimator in ("grpo", "dr_grpo", "rloo") and n < 2:
+            raise UserError(f"ppo.advantage_estimator={a.estimator} compares the samples of a "
+                            f"prompt, but rollout.samples_per_prompt={n}; set it to 2 or more "
+                            "(GRPO papers use 4 to 64)")
 
     def _check_reward_sources(self) -> None:
         r = self.reward

@@ -5,7 +5,7 @@ Layout of `<output_dir>/checkpoints/step-<N>/` (the same adapter layout `lora-pp
     policy/               the policy adapter, a plain PEFT dir (adapter_config.json,
                           adapter_model.safetensors)
     value/                value_head.safetensors (keys weight, bias) and, with value.mode=adapter,
-                          the critic adapter as a PEFT dir beside it
+                          the critic adapter as a PEFT dir beside it; absent with value.mode=none
     deepspeed/            engine.save_checkpoint(tag="engine", exclude_frozen_parameters=True):
                           trainable weights, optimizer state (one ZeRO partition per rank), LR
                           scheduler and DeepSpeed's step counters; the frozen base is not written
@@ -60,7 +60,7 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 # Config fields a checkpoint is tied to: they change the shapes of the saved tensors or what the
 # saved weights mean (which base numerics the adapter was trained against).
 MUST_MATCH = ("model.init_adapter", "quantization.mode", "lora.r", "lora.alpha",
-              "lora.target_modules", "value.mode")
+              "lora.target_modules")  # and the resolved value mode: run_facts
 MUST_MATCH_4BIT = ("quantization.quant_type", "quantization.double_quant")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -201,7 +201,7 @@ def _barrier() -> None:
 
 
 def save_adapters(ac, out: Path) -> None:
-    """policy/ and value/ under `out` from the live model (ZeRO-3: call inside gathered_params)."""
+    """policy/ and value/ under `out` from the live model (ZeRO-3: call inside gathered_trainable)."""
     from safetensors.torch import save_file
 
     scratch = out / ".peft"
@@ -211,11 +211,13 @@ def save_adapters(ac, out: Path) -> None:
     (scratch / POLICY).rename(out / POLICY_DIR)
     if ac.value_mode == "adapter":
         (scratch / CRITIC).rename(out / VALUE_DIR)
-    else:
+    elif ac.value_mode == "shared":
         (out / VALUE_DIR).mkdir()
     shutil.rmtree(scratch)
-    head = {k: v.detach().cpu().contiguous() for k, v in ac.value_head.linear.state_dict().items()}
-    save_file(head, str(out / VALUE_DIR / VALUE_HEAD))
+    if ac.value_head is not None:
+        head = {k: v.detach().cpu().contiguous()
+                for k, v in ac.value_head.linear.state_dict().items()}
+        save_file(head, str(out / VALUE_DIR / VALUE_HEAD))
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -245,7 +247,7 @@ def _engine_facts(engine) -> dict:
 
 def _write_state(run, path: Path) -> None:
     state = {"format": FORMAT, "step": run.step, "episode": run.episode,
-             **run_facts(run.dist, run.engine),
+             **run_facts(run.dist, run.engine, run.cfg),
              "kl_ctl": run.kl_ctl.state_dict(), "sampler": run.sampler.state_dict(),
              "base": base_fingerprint(run.model_path)}
     (path / STATE).write_text(json.dumps(state, indent=1))
@@ -281,7 +283,7 @@ def write_checkpoint(root: Path, step: int, keep: int, dist, engine, rank_state:
     renames it into place and prunes to `keep`. A crash at any point leaves the previous
     checkpoint the newest complete one.
     """
-    from lora_ppo.runtime.engine import gathered_params
+    from lora_ppo.runtime.engine import gathered_trainable
 
     final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
     rank0 = dist.rank == 0
@@ -291,7 +293,7 @@ def write_checkpoint(root: Path, step: int, keep: int, dist, engine, rank_state:
         tmp.mkdir()
     _barrier()
     engine.save_checkpoint(str(tmp / ENGINE_DIR), tag=ENGINE_TAG, exclude_frozen_parameters=True)
-    with gathered_params(engine):
+    with gathered_trainable(engine):
         if rank0:
             write_weights(tmp)
     rank_file = tmp / f"rank-{dist.rank}.pt"
@@ -353,10 +355,13 @@ def check_fit(ck: Checkpoint, cfg: Config, model_path: str, fields: tuple[str, .
         log.warning("resuming %s with changed settings: %s", ck.path, ", ".join(rest))
 
 
-def run_facts(dist, engine) -> dict:
+def run_facts(dist, engine, cfg: Config | None = None) -> dict:
     """What a checkpoint records of the run besides its config: world size, ZeRO stage,
-    precision (compared by check_fit on resume)."""
-    return {"world_size": dist.world_size, **_engine_facts(engine)}
+    precision and, for PPO, the value mode with `auto` resolved (compared by check_fit)."""
+    facts = {"world_size": dist.world_size, **_engine_facts(engine)}
+    if cfg is not None:
+        facts["value_mode"] = cfg.algorithm.value_mode
+    return facts
 
 
 def load_engine_state(ck: Checkpoint, engine) -> None:
@@ -371,8 +376,11 @@ def load_engine_state(ck: Checkpoint, engine) -> None:
 
 def saved_weights(ck: Checkpoint) -> dict[str, dict[str, torch.Tensor]]:
     """The adapters' and value head's tensors as saved, by file (relative path)."""
-    files = [f"{POLICY_DIR}/{ADAPTER_WEIGHTS}", f"{VALUE_DIR}/{VALUE_HEAD}"]
-    if ck.cfg.value.mode == "adapter":
+    mode = ck.cfg.algorithm.value_mode
+    files = [f"{POLICY_DIR}/{ADAPTER_WEIGHTS}"]
+    if mode != "none":
+        files.append(f"{VALUE_DIR}/{VALUE_HEAD}")
+    if mode == "adapter":
         files.append(f"{VALUE_DIR}/{ADAPTER_WEIGHTS}")
     return {f: read_tensors(ck.path / f) for f in files}
 
@@ -382,8 +390,9 @@ def live_weights(ac) -> dict[str, dict[str, torch.Tensor]]:
     from peft import get_peft_model_state_dict
 
     out = {f"{POLICY_DIR}/{ADAPTER_WEIGHTS}": get_peft_model_state_dict(ac.peft_model,
-                                                                        adapter_name=POLICY),
-           f"{VALUE_DIR}/{VALUE_HEAD}": ac.value_head.linear.state_dict()}
+                                                                        adapter_name=POLICY)}
+    if ac.value_head is not None:
+        out[f"{VALUE_DIR}/{VALUE_HEAD}"] = ac.value_head.linear.state_dict()
     if ac.value_mode == "adapter":
         out[f"{VALUE_DIR}/{ADAPTER_WEIGHTS}"] = get_peft_model_state_dict(ac.peft_model,
                                                                           adapter_name=CRITIC)
@@ -394,10 +403,10 @@ def _check_restored(ck: Checkpoint, ac) -> None:
     """The engine restored the weights (its module state is loaded non-strictly, because the
     frozen base is not in it): check they equal the PEFT files, so a renamed parameter cannot
     be skipped silently."""
-    from lora_ppo.runtime.engine import gathered_params
+    from lora_ppo.runtime.engine import gathered_trainable
 
     saved = saved_weights(ck)
-    with gathered_params(ac):
+    with gathered_trainable(ac):
         live = live_weights(ac)
         for f, tensors in saved.items():
             for name, t in tensors.items():
@@ -410,7 +419,7 @@ def _check_restored(ck: Checkpoint, ac) -> None:
 def load(run, path: str | Path) -> None:
     """Restore weights, engine, RNGs, counters, sampler, KL controller and moments into `run`."""
     ck = open_checkpoint(path)
-    check_fit(ck, run.cfg, run.model_path, MUST_MATCH, run_facts(run.dist, run.engine))
+    check_fit(ck, run.cfg, run.model_path, MUST_MATCH, run_facts(run.dist, run.engine, run.cfg))
     load_engine_state(ck, run.engine)
     _check_restored(ck, run.ac)
     rank = torch.load(ck.path / f"rank-{run.dist.rank}.pt", weights_only=True)

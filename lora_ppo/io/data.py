@@ -15,6 +15,7 @@ from typing import Optional
 from lora_ppo.errors import UserError, first_line
 
 BUILTIN_PROMPTS = "builtin:reviews"
+BUILTIN_ARITHMETIC = "builtin:arithmetic"
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
             ".txt": "text"}
 
@@ -86,11 +87,16 @@ def _check_jsonl(path: Path, field: str) -> None:
 
 def load_prompts(spec: str, column: str, field: str = "data.prompts") -> list[str]:
     """Prompt strings from a table file (column `column`) or a text file (one per line);
-    `builtin:reviews` generates openings of product and movie reviews. Blank ones are dropped."""
+    `builtin:reviews` generates openings of product and movie reviews, `builtin:arithmetic`
+    additions "a + b =" (builtin/arithmetic.py). Blank prompts are dropped."""
     if spec == BUILTIN_PROMPTS:
         from lora_ppo.builtin.corpus import review_prompts
 
         return review_prompts(512, seed=1234)
+    if spec == BUILTIN_ARITHMETIC:
+        from lora_ppo.builtin import arithmetic
+
+        return arithmetic.prompts(512, seed=1234)
     rows = read_rows(spec, [column], field, text=True)
     prompts = [p for row in rows for p in row.values() if isinstance(p, str) and p.strip()]
     if not prompts:

@@ -1,7 +1,8 @@
 """`lora-ppo export` and `lora-ppo merge`: a checkpoint out of the toolkit's hands.
 
 export  the policy adapter as a standard PEFT directory (`PeftModel.from_pretrained(base, out)`),
-        `value/` beside it (value head, and the critic adapter with value.mode=adapter), the
+        `value/` beside it (value head, and the critic adapter with value.mode=adapter; none
+        with value.mode=none), the
         tokenizer and manifest.json (base path and fingerprint, step, config).
 merge   the policy adapter folded into the base weights shard by shard in bounded memory
         (lora_ppo/io/merge.py), saved as safetensors with config and tokenizer: a plain
@@ -135,11 +136,14 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path
     with sigterm_as_exit(), atomic_output_dir(out, force) as tmp:
         for f in (ck.path / POLICY_DIR).iterdir():
             shutil.copy2(f, tmp / f.name)
-        shutil.copytree(ck.path / VALUE_DIR, tmp / VALUE_DIR)
+        value_mode = ck.cfg.algorithm.value_mode
+        if value_mode != "none":  # a critic-free run has no value function to export
+            shutil.copytree(ck.path / VALUE_DIR, tmp / VALUE_DIR)
         tokenizer.save_pretrained(tmp)
-        _write_json(tmp / MANIFEST, _manifest(ck, model_path, value_mode=ck.cfg.value.mode))
+        _write_json(tmp / MANIFEST, _manifest(ck, model_path, value_mode=value_mode))
+    where = "no value function" if value_mode == "none" else f"value head in {VALUE_DIR}/"
     print(f"exported step {ck.state['step']} of {ck.path} to {out}: PEFT adapter at the top, "
-          f"value head in {VALUE_DIR}/, base {model_path}")
+          f"{where}, base {model_path}")
     return Path(out)
 
 

@@ -80,7 +80,8 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(row, step=step)
         if self.bar is not None:
-            self.bar.set_postfix({short: f"{row[k]:.3g}" for k, short in self.bar_keys if k in row},
+            self.bar.set_postfix({short: f"{row[k]:.3g}" for k, short in self.bar_keys
+                                  if isinstance(row.get(k), (int, float)) and math.isfinite(row[k])},
                                  refresh=False)
             self.bar.update(1)
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lora_ppo.errors import UserError, first_line
+from lora_ppo.modeling.packing import Packed, pack
 from lora_ppo.rl.logprobs import logprobs_and_entropy_from_hidden
 
 POLICY, REFERENCE, CRITIC, REWARD = "policy", "reference", "critic", "reward"
@@ -85,7 +86,7 @@ class ActorCritic(nn.Module):
     the value head are trainable.
     """
 
-    def __init__(self, peft_model: nn.Module, value_mode: str, value_head: ScalarHead,
+    def __init__(self, peft_model: nn.Module, value_mode: str, value_head: Optional[ScalarHead],
                  reward_head: Optional[ScalarHead], has_reference_adapter: bool):
         super().__init__()
         self.peft_model = peft_model
@@ -111,12 +112,13 @@ class ActorCritic(nn.Module):
     def output_head(self) -> Iterator:
         """The LM head as a callable (N, H) -> (N, V) for chunked scoring.
 
-        Under ZeRO-3 the head's weight is partitioned and only gathered around a module
-        forward, which the per-chunk recomputation in backward does not go through; the head
-        is frozen, so a gathered, detached copy serves for forward and backward alike.
+        Under ZeRO-3 the head's weight is partitioned and gathered around each call of the
+        module (its forward hooks), which serves sampling and scoring (no grad) chunk by chunk.
+        With grad, the per-chunk recomputation in backward does not go through those hooks; the
+        head is frozen, so one gathered, detached copy per forward serves forward and backward.
         """
         head = self.lm_head
-        if not hasattr(head.weight, "ds_id"):
+        if not hasattr(head.weight, "ds_id") or not torch.is_grad_enabled():
             yield head
             return
         import deepspeed
@@ -134,8 +136,13 @@ class ActorCritic(nn.Module):
         yield lambda h: torch.nn.functional.linear(h, weight, bias)
 
     @property
+    def vocab(self) -> int:
+        """Width of the logits (the LM head's outputs)."""
+        return getattr(self.lm_head, "out_features", None) or self.causal_lm.config.vocab_size
+
+    @property
     def device(self) -> torch.device:
-        return self.value_head.linear.weight.device
+        return self.causal_lm.get_input_embeddings().weight.device
 
     def adapters(self) -> list[str]:
         return list(self.peft_model.peft_config)
@@ -189,6 +196,48 @@ class ActorCritic(nn.Module):
         finally:
             self.train(prev_training)
 
+    def _policy_layers(self) -> list:
+        """peft's LoRA Linear layers that hold the policy adapter, with float32 base weights."""
+        from peft.tuners.lora import Linear as LoraLinear
+
+        return [m for m in self.peft_model.modules()
+                if isinstance(m, LoraLinear) and POLICY in m.lora_A
+                and m.get_base_layer().weight.dtype == torch.float32]
+
+    def can_merge_for_generation(self) -> bool:
+        """Folding the policy into the weights is exact enough only for an unquantized fp32
+        base (fp32 rounds W + BA at ~1e-7 relative; in bf16 the rounding, 2^-9 of W, is as large
+        as the LoRA update itself, and a 4-bit weight cannot hold it at all), and only where the
+        weights are whole on this device (not ZeRO-3)."""
+        layers = self._policy_layers()
+        every = [m for m in self.peft_model.modules() if hasattr(m, "lora_A") and POLICY in
+                 getattr(m, "lora_A", {})]
+        return bool(layers) and len(layers) == len(every) and not any(
+            hasattr(m.get_base_layer().weight, "ds_id") for m in layers)
+
+    @contextlib.contextmanager
+    def merged_policy(self) -> Iterator[None]:
+        """The body runs with W + scale * B @ A in place of each policy layer's base weight, so a
+        decoded token costs one matmul per linear instead of three (peft runs LoRA unmerged).
+        The merged weights are new tensors and the originals are put back afterwards, untouched:
+        peft's own merge()/unmerge() adds and subtracts in place, which does not give W back
+        bit for bit. Costs one copy of the adapted weights while it lasts."""
+        swapped = []
+        try:
+            with torch.no_grad():
+                for m in self._policy_layers():
+                    base = m.get_base_layer()
+                    weight = base.weight
+                    delta = m.get_delta_weight(POLICY).to(weight.dtype)  # peft's own update
+                    base.weight = nn.Parameter(weight + delta, requires_grad=False)
+                    swapped.append((m, base, weight, list(m.merged_adapters)))
+                    m.merged_adapters = [POLICY]  # peft's LoRA forward: base layer only
+            yield
+        finally:
+            for m, base, weight, merged in swapped:
+                base.weight = weight
+                m.merged_adapters = merged
+
     def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, ...]:
         """`context_fn` of torch.utils.checkpoint: recompute a block under the role it ran in.
 
@@ -207,10 +256,25 @@ class ActorCritic(nn.Module):
                       position_ids=position_ids_from_mask(attention_mask), use_cache=False)
         return out.last_hidden_state
 
+    def _predicting_states(self, query_ids, query_mask, response_ids, response_mask,
+                           packed: Optional[Packed]) -> torch.Tensor:
+        """(B, R, H): the trunk's states that predict each response token, from a padded forward
+        (position Q-1 .. Q+R-2 of query ++ response) or a packed one (modeling/packing.py)."""
+        if packed is None:
+            ids = torch.cat([query_ids, response_ids], 1)
+            mask = torch.cat([query_mask, response_mask.long()], 1)
+            q, r = query_ids.shape[1], response_ids.shape[1]
+            return self.hidden(ids, mask)[:, q - 1:q - 1 + r]
+        out = self.causal_lm.get_decoder()(input_ids=packed.input_ids,
+                                           position_ids=packed.position_ids, use_cache=False)
+        h = out.last_hidden_state
+        return h.reshape(-1, h.shape[-1])[packed.predicting]
+
     def forward(self, query_ids: torch.Tensor, query_mask: torch.Tensor,
                 response_ids: torch.Tensor, response_mask: torch.Tensor, *, temperature: float,
                 chunk_size: int, role: str = POLICY, with_values: bool = True,
-                with_entropy: bool = False) -> PolicyOutputs:
+                with_entropy: bool = False, entropy_grad: bool = True,
+                packed: bool = False) -> PolicyOutputs:
         """Log-probs, entropy and values of the response tokens; query (B, Q), response (B, R).
 
         The hidden state at position Q-1+t predicts response token t, so logits and values are
@@ -220,20 +284,19 @@ class ActorCritic(nn.Module):
         exactly 1. `role=REFERENCE` gives the reference log-probs (no values). Values come from
         the policy trunk (value.mode=shared, same forward) or the critic adapter (adapter).
         """
-        ids = torch.cat([query_ids, response_ids], 1)
-        mask = torch.cat([query_mask, response_mask.long()], 1)
-        q, r = query_ids.shape[1], response_ids.shape[1]
+        batch = (query_ids, query_mask, response_ids, response_mask)
+        layout = pack(*batch) if packed else None
         values = None
         with self._adapters_as(role), self.output_head() as head:
-            h = self.hidden(ids, mask)[:, q - 1:q - 1 + r]  # (B, R, H): states predicting tokens
+            h = self._predicting_states(*batch, layout)  # (B, R, H): states predicting tokens
             logprobs, entropy = logprobs_and_entropy_from_hidden(
                 h, head, response_ids, temperature=temperature, chunk_size=chunk_size,
-                with_entropy=with_entropy)
+                with_entropy=with_entropy, entropy_grad=entropy_grad)
             if with_values and role == POLICY and self.value_mode == "shared":
                 values = self.value_head(h)
         if with_values and role == POLICY and self.value_mode == "adapter":
             with self._adapters_as(CRITIC):
-                values = self.value_head(self.hidden(ids, mask)[:, q - 1:q - 1 + r])
+                values = self.value_head(self._predicting_states(*batch, layout))
         return PolicyOutputs(logprobs, entropy, values)
 
     def reward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -319,7 +382,8 @@ def build_actor_critic(cfg, base: nn.Module) -> ActorCritic:
                                     is_trainable=False)
     else:
         peft_model = get_peft_model(base, _lora_config(cfg), adapter_name=POLICY)
-    if cfg.value.mode == "adapter":
+    value_mode = cfg.algorithm.value_mode
+    if value_mode == "adapter":
         peft_model.add_adapter(CRITIC, _lora_config(cfg))
     reward_head = None
     if "adapter" in cfg.reward.kinds:
@@ -337,8 +401,10 @@ def build_actor_critic(cfg, base: nn.Module) -> ActorCritic:
     # adapters that were saved with lora_dropout > 0 (SFT recipes often are): the base's dropout
     # was turned off at load time, before these adapters brought their own.
     disable_dropout(peft_model)
-    value_head = ScalarHead(hidden_size, cfg.value.head_init_std).to(device)
-    ac = ActorCritic(peft_model, cfg.value.mode, value_head, reward_head,
+    # value.mode=none (the critic-free estimators): no head, nothing of a value function at all.
+    value_head = (None if value_mode == "none"
+                  else ScalarHead(hidden_size, cfg.value.head_init_std).to(device))
+    ac = ActorCritic(peft_model, value_mode, value_head, reward_head,
                      has_reference_adapter=bool(cfg.model.init_adapter))
     if cfg.model.gradient_checkpointing:
         # Re-enabled with the role-aware recomputation (ActorCritic.checkpoint_contexts).

@@ -31,14 +31,21 @@ from lora_ppo.modeling.loading import (
 from lora_ppo.ppo.reward_sources import RewardSource, check_reward_sources, make_reward_source
 from lora_ppo.ppo.rollout import Rollout, Samples, generate, logprobs_and_values
 from lora_ppo.ppo.update import PPOStats, ppo_update
+from lora_ppo.rl.advantages import (
+    group_advantages,
+    reinforce_pp_advantages,
+    token_advantages,
+    zero_std_groups,
+)
 from lora_ppo.rl.gae import compute_gae
 from lora_ppo.rl.kl import AdaptiveKLController, FixedKLController
+from lora_ppo.rl.logprobs import chunk_rows
 from lora_ppo.rl.losses import explained_variance
 from lora_ppo.rl.masked import masked_mean, masked_whiten
 from lora_ppo.rl.rewards import RunningMoments, compute_rewards, shape_scores
 from lora_ppo.runtime.dist import DistInfo, all_gather_cat, all_mean, seed_everything, setup_distributed
 from lora_ppo.runtime.ds_config import run_ds_config, zero_stage
-from lora_ppo.runtime.engine import create_engine, gathered_params
+from lora_ppo.runtime.engine import create_engine
 
 # The progress bar: the reward source's own score (before clipping and normalisation), the KL
 # to the reference, the value loss.
@@ -79,7 +86,8 @@ def setup(cfg: Config) -> Run:
     reward_fn = check_reward_sources(cfg)
     train_prompts, eval_prompts = read_prompts(cfg, tokenizer)
     ac = build_actor_critic(cfg, load_base_model(cfg, model_path, dist.device))
-    steps_per_update = cfg.ppo.epochs * cfg.rollout.batch_size // cfg.ppo.minibatch_size
+    samples = cfg.rollout.batch_size * cfg.rollout.samples_per_prompt
+    steps_per_update = cfg.ppo.epochs * samples // cfg.ppo.minibatch_size
     engine = create_engine(ac, ds_config=ds_config, optim=cfg.ppo.optim,
                            total_steps=cfg.ppo.total_updates * steps_per_update)
     kl_ctl = (AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.target_kl, cfg.ppo.kl_horizon)
@@ -111,21 +119,30 @@ def decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
 
 
 def sample_responses(run: Run, prompts: list[str], greedy: bool = False) -> Samples:
-    """Step 1a: the policy's responses. Under ZeRO-3 the weights are gathered for generation."""
+    """Step 1a: the policy's responses to prompt texts."""
     cfg = run.cfg
     prompt_ids = encode_prompts(run.tokenizer, prompts, cfg.data.chat_template,
                                 cfg.model.max_prompt_length)
+    return sample_ids(run, prompt_ids, greedy)
+
+
+def sample_ids(run: Run, prompt_ids: list[list[int]], greedy: bool = False) -> Samples:
+    """The policy's responses to prompts given as token ids. Under ZeRO-3 each layer's weights
+    are gathered around its own forward, one layer at a time (the whole model never is: that is
+    what ZeRO-3 is for), and every rank decodes the same number of steps."""
     synced = run.dist.world_size > 1 and zero_stage(run.engine.config) == 3
-    with gathered_params(run.engine):
-        return generate(run.ac, run.tokenizer, prompt_ids, cfg.rollout, greedy=greedy,
-                        synced=synced)
+    return generate(run.ac, run.tokenizer, prompt_ids, run.cfg.rollout, greedy=greedy,
+                    synced=synced)
 
 
 def rollout_of(run: Run, samples: Samples) -> Rollout:
     """Step 1b: old log-probs, values and reference log-probs of the samples."""
     rc = run.cfg.rollout
     return logprobs_and_values(run.ac, samples, temperature=rc.temperature,
-                               chunk_size=rc.logprob_chunk_size, batch_size=rc.generation_batch_size)
+                               chunk_size=chunk_rows(run.ac.vocab, rc.logits_chunk_mib),
+                               batch_size=rc.generation_batch_size,
+                               with_reference=run.cfg.algorithm.uses_reference,
+                               packed=run.cfg.model.padding_free)
 
 
 def collect_rollout(run: Run, prompts: list[str], greedy: bool = False) -> Rollout:
@@ -133,21 +150,25 @@ def collect_rollout(run: Run, prompts: list[str], greedy: bool = False) -> Rollo
     return rollout_of(run, sample_responses(run, prompts, greedy))
 
 
-def compute_scores(run: Run, prompts: list[str], ro: Rollout) -> tuple[torch.Tensor, list[str]]:
-    """Raw sequence scores (B,) from the reward source, and the decoded completions."""
-    completions = decode(run.tokenizer, ro.response_ids, ro.response_mask)
-    tensors = {"query_ids": ro.query_ids, "query_mask": ro.query_mask,
-               "response_ids": ro.response_ids, "response_mask": ro.response_mask,
-               "prompt_ids": [row[m.bool()].tolist() for row, m in zip(ro.query_ids.cpu(),
-                                                                        ro.query_mask.cpu())],
+def compute_scores(run: Run, prompts: list[str], samples: Samples | Rollout
+                   ) -> tuple[torch.Tensor, list[str]]:
+    """Raw sequence scores (B,) from the reward source, and the decoded completions; needs only
+    the token ids and masks (an evaluation scores samples without any forward of its own)."""
+    completions = decode(run.tokenizer, samples.response_ids, samples.response_mask)
+    tensors = {"query_ids": samples.query_ids, "query_mask": samples.query_mask,
+               "response_ids": samples.response_ids, "response_mask": samples.response_mask,
+               "prompt_ids": [row[m.bool()].tolist() for row, m in
+                              zip(samples.query_ids.cpu(), samples.query_mask.cpu())],
                "completion_ids": [row[m.bool()].tolist() for row, m in
-                                  zip(ro.response_ids.cpu(), ro.response_mask.cpu())]}
-    return run.reward(prompts, completions, tensors).to(ro.logprobs.device), completions
+                                  zip(samples.response_ids.cpu(), samples.response_mask.cpu())]}
+    scores = run.reward(prompts, completions, tensors)
+    return scores.to(samples.response_mask.device), completions
 
 
 def add_rewards(run: Run, ro: Rollout, raw_scores: torch.Tensor) -> Rollout:
-    """Step 2: shape scores (EOS penalty, clip, running normalisation) and add the KL penalty."""
-    rc, pc = run.cfg.reward, run.cfg.ppo
+    """Step 2: shape scores (EOS penalty, clip, running normalisation); per-token rewards are
+    the score on the last real token and, when the KL lives in the reward, -kl_coef * KL_t."""
+    rc, alg = run.cfg.reward, run.cfg.algorithm
     scores = shape_scores(raw_scores, ro.has_eos, missing_eos_penalty=rc.missing_eos_penalty,
                           clip=rc.clip)
     if rc.normalize:
@@ -155,47 +176,74 @@ def add_rewards(run: Run, ro: Rollout, raw_scores: torch.Tensor) -> Rollout:
         run.moments.update(all_gather_cat(scores))
         scores = run.moments.normalize(scores)
     ro.raw_scores, ro.scores = raw_scores, scores
-    ro.rewards, ro.kl = compute_rewards(scores, ro.logprobs, ro.ref_logprobs, ro.response_mask,
-                                        run.kl_ctl.value, pc.kl_estimator)
+    # Without a reference forward (kl_coef 0) the KL is 0 by construction and is not logged.
+    ref = ro.logprobs if ro.ref_logprobs is None else ro.ref_logprobs
+    coef = run.kl_ctl.value if alg.kl_in == "reward" else 0.0
+    ro.rewards, kl = compute_rewards(scores, ro.logprobs, ref, ro.response_mask, coef,
+                                     alg.kl_estimator)
+    ro.kl = None if ro.ref_logprobs is None else kl
     return ro
 
 
 def add_advantages(run: Run, ro: Rollout) -> Rollout:
-    """Step 3: GAE; advantages whitened over the valid tokens of the whole rollout."""
-    pc = run.cfg.ppo
-    ro.advantages, ro.returns = compute_gae(ro.rewards, ro.values, ro.response_mask, pc.gamma,
-                                            pc.lam)
-    if pc.whiten_advantages:
-        ro.advantages = masked_whiten(ro.advantages, ro.response_mask, shift_mean=True)
+    """Step 3: the advantages of ppo.advantage_estimator (formulas and sources: docs/ppo.md).
+
+    gae: GAE over the value function, whitened over the valid tokens of the whole rollout;
+    grpo, dr_grpo, rloo: each sequence's reward (its token rewards' sum) against its group's;
+    reinforce_pp: the reward-to-go, whitened over the batch.
+    """
+    pc, alg, mask = run.cfg.ppo, run.cfg.algorithm, ro.response_mask
+    if alg.estimator == "gae":
+        ro.advantages, ro.returns = compute_gae(ro.rewards, ro.values, mask, pc.gamma, pc.lam)
+        if pc.whiten_advantages:
+            ro.advantages = masked_whiten(ro.advantages, mask, shift_mean=True)
+    elif alg.estimator == "reinforce_pp":
+        ro.advantages = reinforce_pp_advantages(ro.rewards, mask, pc.gamma)
+    else:
+        seq_rewards = (ro.rewards * mask).sum(1)  # the score, minus beta * KL if in the reward
+        ro.advantages = token_advantages(
+            group_advantages(seq_rewards, alg.group_size, alg.estimator), mask)
     return ro
+
+
+def _mean_or_none(x: Optional[torch.Tensor], mask: torch.Tensor) -> Optional[float]:
+    return None if x is None else masked_mean(x, mask).item()
 
 
 def update_metrics(run: Run, ro: Rollout, stats: PPOStats, t_rollout: float, t_update: float
                    ) -> dict:
-    """The row logged for one update; every formula is in docs/metrics.md."""
-    mask = ro.response_mask
-    seq_kl = (ro.kl * mask).sum(1)
+    """The row logged for one update; every formula is in docs/metrics.md. A metric that the
+    algorithm does not have (values without a value function, KL without a reference) is None."""
+    mask, alg = ro.response_mask, run.cfg.algorithm
+    seq_kl = None if ro.kl is None else (ro.kl * mask).sum(1)
+    kl_in_reward = seq_kl is not None and alg.kl_in == "reward"
     local = {
-        "objective/kl": seq_kl.mean().item(),
+        "objective/kl": None if seq_kl is None else seq_kl.mean().item(),
         "objective/kl_coef": run.kl_ctl.value,
         "objective/entropy": (-ro.logprobs * mask).sum(1).mean().item(),
         "objective/scores": ro.scores.mean().item(),
         "objective/raw_scores": ro.raw_scores.mean().item(),
-        "objective/rlhf_reward": (ro.rewards * mask).sum(1).mean().item(),
-        "objective/non_score_reward": (-run.kl_ctl.value * seq_kl).mean().item(),
+        "objective/rlhf_reward": (ro.scores - run.kl_ctl.value * seq_kl).mean().item()
+        if seq_kl is not None else ro.scores.mean().item(),
+        "objective/non_score_reward": (-run.kl_ctl.value * seq_kl).mean().item()
+        if kl_in_reward else None,
+        "objective/frac_zero_std_groups": zero_std_groups(ro.scores, alg.group_size).float()
+        .mean().item() if alg.group_size > 1 else None,
         "policy/approx_kl": stats.approx_kl, "policy/clipfrac": stats.clipfrac,
         "policy/entropy": stats.entropy, "policy/ratio": stats.ratio,
         "loss/policy": stats.policy_loss, "loss/value": stats.value_loss,
-        "val/clipfrac": stats.value_clipfrac,
-        "val/explained_variance": explained_variance(ro.values, ro.returns, mask),
-        "val/mean": masked_mean(ro.values, mask).item(),
+        "loss/kl": stats.kl_loss, "val/clipfrac": stats.value_clipfrac,
+        "val/explained_variance": None if ro.values is None
+        else explained_variance(ro.values, ro.returns, mask),
+        "val/mean": _mean_or_none(ro.values, mask),
         "response/length": mask.sum(1).mean().item(),
         "response/eos_frac": ro.has_eos.float().mean().item(),
     }
     for kind, part in getattr(run.reward, "components", {}).items():  # several reward sources
         local[f"objective/score_{kind}"] = part.float().mean().item()
     names = list(local)
-    row = dict(zip(names, all_mean([local[k] for k in names])))
+    nan = float("nan")  # None crosses the all-reduce as NaN and is logged as null
+    row = dict(zip(names, all_mean([nan if local[k] is None else local[k] for k in names])))
     tokens = (mask.sum() + ro.query_mask.sum()).item() * run.dist.world_size
     row.update({
         "step": run.step, "episode": run.episode, "lr": run.engine.get_lr()[0],
@@ -207,11 +255,12 @@ def update_metrics(run: Run, ro: Rollout, stats: PPOStats, t_rollout: float, t_u
 
 
 def evaluate(run: Run, logger: MetricsLogger) -> dict:
-    """Greedy and sampled responses to the held-out prompts, with their mean scores."""
+    """Greedy and sampled responses to the held-out prompts, with their mean scores (sampling
+    and the reward source only: no log-probs, values or reference are needed for it)."""
     out = {}
     for mode in ("greedy", "sampled"):
-        ro = collect_rollout(run, run.eval_prompts, greedy=(mode == "greedy"))
-        scores, completions = compute_scores(run, run.eval_prompts, ro)
+        samples = sample_responses(run, run.eval_prompts, greedy=(mode == "greedy"))
+        scores, completions = compute_scores(run, run.eval_prompts, samples)
         out[f"eval/score_{mode}"] = all_mean([scores.mean().item()])[0]
         n = run.cfg.logging.num_samples
         logger.text(f"eval/{mode}", [f"{p!r} -> {c!r} (score {s:.3f})" for p, c, s in
@@ -244,11 +293,13 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
     logger.truncate_after(run.step)
     if cfg.data.eval_every and run.step == 0:
         evaluate(run, logger)  # samples before training, to compare with later evaluations
-    world, bs = run.dist.world_size, cfg.rollout.batch_size
+    world, bs, n = run.dist.world_size, cfg.rollout.batch_size, cfg.rollout.samples_per_prompt
     while run.step < cfg.ppo.total_updates:
-        # step 1. rollout: this rank's share of the prompts, sampled and scored
+        # step 1. rollout: this rank's share of the prompts, each n times in a row (a group,
+        # never split across ranks), sampled and scored
         t0 = time.perf_counter()
-        prompts = run.sampler.take(bs * world)[run.dist.rank * bs:(run.dist.rank + 1) * bs]
+        mine = run.sampler.take(bs * world)[run.dist.rank * bs:(run.dist.rank + 1) * bs]
+        prompts = [p for p in mine for _ in range(n)]
         ro = collect_rollout(run, prompts)
         raw_scores, _ = compute_scores(run, prompts, ro)
         t_rollout = time.perf_counter() - t0
@@ -258,13 +309,13 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
         ro = add_advantages(run, ro)
         # step 4. PPO epochs on the engine
         t1 = time.perf_counter()
-        stats = ppo_update(run.engine, run.ac, ro, cfg, run.generator)
+        stats = ppo_update(run.engine, run.ac, ro, cfg, run.generator, run.kl_ctl.value)
         t_update = time.perf_counter() - t1
         run.step += 1
-        run.episode += bs * world
+        run.episode += bs * world * n
         row = update_metrics(run, ro, stats, t_rollout, t_update)
         # step 5. KL controller, with the KL observed before this update (Ziegler et al. 2019)
-        run.kl_ctl.update(row["objective/kl"], bs * world)
+        run.kl_ctl.update(row["objective/kl"], bs * world * n)
         # step 6. log, evaluate, checkpoint
         if cfg.data.eval_every and run.step % cfg.data.eval_every == 0:
             row.update(evaluate(run, logger))

@@ -14,6 +14,7 @@ update in between and dropout off the PPO ratio is exactly 1 (to float round-off
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import NamedTuple, Optional
@@ -35,8 +36,8 @@ class Rollout:
     response_mask: torch.Tensor   # (B, R) float
     has_eos: torch.Tensor         # (B,) bool: the response ended with EOS/stop, not the length cap
     logprobs: torch.Tensor        # (B, R) policy log-probs at the sampling temperature
-    ref_logprobs: torch.Tensor    # (B, R) reference log-probs at the same temperature
-    values: torch.Tensor          # (B, R) V(s_t)
+    ref_logprobs: Optional[torch.Tensor]  # (B, R) reference log-probs; None: no KL term at all
+    values: Optional[torch.Tensor]        # (B, R) V(s_t); None without a value function
     scores: Optional[torch.Tensor] = None      # (B,) shaped sequence scores
     raw_scores: Optional[torch.Tensor] = None  # (B,) scores as the reward source gave them
     kl: Optional[torch.Tensor] = None          # (B, R) per-token KL estimate
@@ -48,9 +49,25 @@ class Rollout:
         return self.query_ids.shape[0]
 
     def index(self, idx: torch.Tensor) -> Rollout:
-        """The samples at `idx` (a minibatch), every tensor field sliced alike."""
-        return Rollout(**{f.name: (None if getattr(self, f.name) is None
-                                   else getattr(self, f.name)[idx]) for f in fields(self)})
+        """The samples at `idx` (a micro-batch), every tensor field sliced alike, and trimmed to
+        their own width: the query columns that are padding in every selected row (on the left)
+        and the response columns past the selected rows' longest response go. Positions come
+        from the mask, so the trimmed forward sees what the full-width one saw."""
+        rows = {f.name: getattr(self, f.name) for f in fields(self)}
+        rows = {k: None if v is None else v[idx] for k, v in rows.items()}
+        q_used = rows["query_mask"].any(0).nonzero()
+        q0 = int(q_used[0]) if len(q_used) else 0
+        r_used = rows["response_mask"].any(0).nonzero()
+        r1 = int(r_used[-1]) + 1 if len(r_used) else 1
+        out = {}
+        for k, v in rows.items():
+            if v is None or v.dim() < 2:
+                out[k] = v
+            elif k.startswith("query"):
+                out[k] = v[:, q0:]
+            else:
+                out[k] = v[:, :r1]
+        return Rollout(**out)
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +115,8 @@ def generate(ac: ActorCritic, tokenizer, prompt_ids: Sequence[Sequence[int]], rc
     query_ids, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
     device = ac.device
     responses = []
-    with ac.role(POLICY, train=False):
+    merge = rc.merge_for_generation and ac.can_merge_for_generation()
+    with ac.role(POLICY, train=False), (ac.merged_policy() if merge else contextlib.nullcontext()):
         for start in range(0, len(prompt_ids), rc.generation_batch_size):
             q = query_ids[start:start + rc.generation_batch_size].to(device)
             m = query_mask[start:start + rc.generation_batch_size].to(device)
@@ -115,8 +133,10 @@ def generate(ac: ActorCritic, tokenizer, prompt_ids: Sequence[Sequence[int]], rc
 
 @torch.no_grad()
 def logprobs_and_values(ac: ActorCritic, samples: Samples, *, temperature: float,
-                        chunk_size: int, batch_size: int) -> Rollout:
-    """The rollout: `samples` with their old log-probs, values and reference log-probs,
+                        chunk_size: int, batch_size: int, with_reference: bool = True,
+                        packed: bool = True) -> Rollout:
+    """The rollout: `samples` with their old log-probs, values (with a value function) and
+    reference log-probs (`with_reference`; without it the reference forward is skipped),
     computed in chunks of `batch_size` sequences."""
     query_ids, query_mask, response_ids, response_mask, has_eos = samples
     was_training = ac.training
@@ -127,15 +147,18 @@ def logprobs_and_values(ac: ActorCritic, samples: Samples, *, temperature: float
         for s in range(0, query_ids.shape[0], batch_size):
             batch = [t[s:s + batch_size].to(device)
                      for t in (query_ids, query_mask, response_ids, response_mask)]
-            lp, _, v = ac(*batch, temperature=temperature, chunk_size=chunk_size)
-            ref, _, _ = ac(*batch, temperature=temperature, chunk_size=chunk_size,
-                           with_values=False, role=REFERENCE)
             mask = batch[3]
+            lp, _, v = ac(*batch, temperature=temperature, chunk_size=chunk_size, packed=packed)
             parts["logprobs"].append(lp * mask)
-            parts["values"].append(v * mask)
-            parts["ref_logprobs"].append(ref * mask)
+            if v is not None:
+                parts["values"].append(v * mask)
+            if with_reference:
+                ref, _, _ = ac(*batch, temperature=temperature, chunk_size=chunk_size,
+                               with_values=False, role=REFERENCE, packed=packed)
+                parts["ref_logprobs"].append(ref * mask)
     finally:
         ac.train(was_training)
     return Rollout(query_ids=query_ids.to(device), query_mask=query_mask.to(device),
                    response_ids=response_ids.to(device), response_mask=response_mask.to(device),
-                   has_eos=has_eos.to(device), **{k: torch.cat(v) for k, v in parts.items()})
+                   has_eos=has_eos.to(device),
+                   **{k: torch.cat(v) if v else None for k, v in parts.items()})

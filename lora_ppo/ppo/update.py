@@ -8,48 +8,56 @@ adding to it. `engine.backward` runs per micro-batch and `engine.step` after eac
 DeepSpeed turns into an optimizer step only at the accumulation boundary (the last micro-batch
 of the minibatch, since gradient_accumulation_steps = minibatch_size / micro_batch_size).
 
-Losses are token means over the whole minibatch, not per micro-batch: each micro-batch's token
-sum is divided by (minibatch tokens / accumulation steps), and DeepSpeed divides by the
+Losses are aggregated over the whole minibatch, not per micro-batch (ppo.loss_aggregation; by
+default the token mean): each micro-batch divides its token sums by the minibatch's normalizers
+divided by the accumulation steps (rl/losses.py::loss_normalizers), and DeepSpeed divides by the
 accumulation steps again in `engine.backward`, so micro 2 x accumulation 4 gives the gradient of
 micro 8 x accumulation 1 exactly, even when micro-batches hold different numbers of tokens. The
-statistics (approx_kl, clipfrac, ratio, entropy, value clipfrac) are token-weighted the same way,
-so they do not depend on the split either.
+statistics (approx_kl, clipfrac, ratio, entropy, value clipfrac) are token-weighted over the
+update, so they do not depend on the split either.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import NamedTuple, Optional
 
 import torch
 
 from lora_ppo.ppo.rollout import Rollout
-from lora_ppo.rl.losses import entropy_loss, policy_loss, value_loss
+from lora_ppo.rl.logprobs import chunk_rows
+from lora_ppo.rl.losses import entropy_loss, kl_loss, loss_normalizers, policy_loss, value_loss
 from lora_ppo.rl.masked import masked_sum
 from lora_ppo.runtime.dist import all_sum
 
 # Token-weighted statistics, summed as stat * tokens over micro-batches (see MicroStats).
 _WEIGHTED = ("entropy", "approx_kl", "clipfrac", "value_clipfrac", "ratio")
+_NAN = float("nan")
 
 
 class PPOStats(NamedTuple):
-    """Token means over the whole update (losses: means of the minibatch token means)."""
+    """Token means over the whole update (losses: means of the minibatch means). The value
+    terms are None without a value function, `kl_loss` None unless the KL is in the loss."""
 
     policy_loss: float
-    value_loss: float
+    value_loss: Optional[float]
+    kl_loss: Optional[float]
     entropy: float
     approx_kl: float
     clipfrac: float
-    value_clipfrac: float
+    value_clipfrac: Optional[float]
     ratio: float
     epochs: int  # epochs actually run (fewer when early_stop_kl stopped them)
     optimizer_steps: int
 
 
 class MicroStats(NamedTuple):
-    """One micro-batch: its losses as computed, its token count, and token sums of the rest."""
+    """One micro-batch: its losses as computed, its token count, and token sums of the rest
+    (NaN for a term the algorithm does not have)."""
 
-    policy_loss: float  # token sum / (minibatch tokens / accum): the mean over a minibatch's
-    value_loss: float   # micro-batches is the minibatch token mean
+    policy_loss: float  # sum / normalizer (loss_normalizers): the mean over a minibatch's
+    value_loss: float   # micro-batches is the minibatch's aggregated loss
+    kl_loss: float
     tokens: float
     entropy: float      # the rest: sums over its tokens (mean * tokens)
     approx_kl: float
@@ -58,25 +66,41 @@ class MicroStats(NamedTuple):
     ratio: float
 
 
-def micro_batch_loss(engine, mb: Rollout, pc, rc, token_count: float
+def micro_batch_loss(engine, mb: Rollout, cfg, normalizer: torch.Tensor, kl_coef: float
                      ) -> tuple[torch.Tensor, MicroStats]:
     """Forward one micro-batch through the engine; its loss and statistics.
 
-    `token_count` is the minibatch's token count / accumulation steps (see the module doc).
+    `normalizer` (B,) is this micro-batch's slice of the minibatch's loss normalizers
+    (rl/losses.py::loss_normalizers, already divided by the accumulation steps).
     """
+    pc, rc, alg = cfg.ppo, cfg.rollout, cfg.algorithm
+    rows = chunk_rows(engine.module.vocab, rc.logits_chunk_mib)
+    # Entropy is a metric unless ent_coef > 0: then no backward runs through it.
     logprobs, entropy, values = engine(
         mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
-        temperature=rc.temperature, chunk_size=rc.logprob_chunk_size, with_entropy=True)
+        temperature=rc.temperature, chunk_size=rows, with_entropy=True,
+        entropy_grad=pc.ent_coef > 0, packed=cfg.model.padding_free)
     mask = mb.response_mask
-    pl = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, pc.cliprange, token_count)
-    vl = value_loss(values, mb.values, mb.returns, mask, pc.cliprange_value, token_count)
-    ent = entropy_loss(entropy, mask, token_count)  # = -mean entropy over the minibatch
-    # PPO objective (Schulman et al. 2017 eq. 9): L_clip - c1 L_vf + c2 S, as a loss to minimise.
-    loss = pl.loss + pc.vf_coef * vl.loss + pc.ent_coef * ent
+    pl = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, pc.cliprange, normalizer)
+    # PPO objective (Schulman et al. 2017 eq. 9): L_clip - c1 L_vf + c2 S, as a loss to minimise;
+    # GRPO adds beta * KL to the reference (Shao et al. 2024, eq. 3) when the KL is in the loss.
+    loss = pl.loss
+    if pc.ent_coef:
+        loss = loss + pc.ent_coef * entropy_loss(entropy, mask, normalizer)
+    zero = torch.zeros((), device=mask.device)
+    v_loss, v_clip, kl_term = zero + _NAN, zero + _NAN, zero + _NAN
+    if values is not None:
+        vl = value_loss(values, mb.values, mb.returns, mask, pc.cliprange_value, normalizer)
+        loss = loss + pc.vf_coef * vl.loss
+        v_loss, v_clip = vl.loss.detach(), vl.clipfrac
+    if alg.kl_in == "loss" and mb.ref_logprobs is not None:
+        kl_term = kl_loss(logprobs, mb.ref_logprobs, mask, alg.kl_estimator, normalizer)
+        loss = loss + kl_coef * kl_term
+        kl_term = kl_term.detach()
     n = mask.sum()
     stats = torch.stack([  # one device-to-host copy for all of them
-        pl.loss.detach(), vl.loss.detach(), n, masked_sum(entropy.detach(), mask),
-        pl.approx_kl * n, pl.clipfrac * n, vl.clipfrac * n, pl.ratio_mean * n]).float()
+        pl.loss.detach(), v_loss, kl_term, n, masked_sum(entropy.detach(), mask),
+        pl.approx_kl * n, pl.clipfrac * n, v_clip * n, pl.ratio_mean * n]).float()
     return loss, MicroStats(*stats.tolist())
 
 
@@ -84,9 +108,15 @@ def _token_mean(stats: list[MicroStats], key: str) -> float:
     return sum(getattr(s, key) for s in stats) / max(sum(s.tokens for s in stats), 1.0)
 
 
-def ppo_update(engine, ac, rollout: Rollout, cfg, generator: torch.Generator) -> PPOStats:
-    """Run the PPO epochs over `rollout` (advantages and returns already filled)."""
-    pc, rc = cfg.ppo, cfg.rollout
+def _or_none(x: float) -> Optional[float]:
+    return None if math.isnan(x) else x
+
+
+def ppo_update(engine, ac, rollout: Rollout, cfg, generator: torch.Generator,
+               kl_coef: float = 0.0) -> PPOStats:
+    """Run the PPO epochs over `rollout` (advantages, and returns with a value function,
+    already filled). `kl_coef` weighs the KL loss term when ppo.kl_in is `loss`."""
+    pc, alg = cfg.ppo, cfg.algorithm
     n, mb_size, micro = len(rollout), pc.minibatch_size, pc.micro_batch_size
     accum = mb_size // micro
     ac.train()  # dropout is off (build_actor_critic); train mode enables checkpointing
@@ -95,12 +125,17 @@ def ppo_update(engine, ac, rollout: Rollout, cfg, generator: torch.Generator) ->
     for _ in range(pc.epochs):
         epoch_stats: list[MicroStats] = []
         perm = torch.randperm(n, generator=generator).to(rollout.query_ids.device)
+        lengths = rollout.query_mask.sum(1) + rollout.response_mask.sum(1)
         for start in range(0, n, mb_size):
             mb_idx = perm[start:start + mb_size]
-            mb_tokens = rollout.response_mask[mb_idx].sum().clamp(min=1.0).item()
+            # Micro-batches of similar lengths pack (or pad) tightly; the minibatch's gradient
+            # is the same sum whatever its order.
+            mb_idx = mb_idx[lengths[mb_idx].argsort(descending=True, stable=True)]
+            norms = loss_normalizers(rollout.response_mask[mb_idx], alg.loss_aggregation, accum,
+                                     cfg.rollout.max_new_tokens)
             for m in range(0, mb_size, micro):
                 mb = rollout.index(mb_idx[m:m + micro])
-                loss, stats = micro_batch_loss(engine, mb, pc, rc, mb_tokens / accum)
+                loss, stats = micro_batch_loss(engine, mb, cfg, norms[m:m + micro], kl_coef)
                 engine.backward(loss)
                 engine.step()  # an optimizer step only at the accumulation boundary
                 epoch_stats.append(stats)
@@ -116,9 +151,12 @@ def ppo_update(engine, ac, rollout: Rollout, cfg, generator: torch.Generator) ->
             if kl_sum / max(tokens, 1.0) > pc.early_stop_kl:
                 break
     # Every minibatch has `accum` micro-batches, so the plain mean of the micro-batch losses is
-    # the mean over minibatches of their token means.
-    return PPOStats(
-        policy_loss=sum(s.policy_loss for s in all_stats) / len(all_stats),
-        value_loss=sum(s.value_loss for s in all_stats) / len(all_stats),
-        **{k: _token_mean(all_stats, k) for k in _WEIGHTED},
-        epochs=epochs_run, optimizer_steps=steps)
+    # the mean over minibatches of their aggregated losses.
+    def mean(key: str) -> float:
+        return sum(getattr(s, key) for s in all_stats) / len(all_stats)
+
+    weighted = {k: _token_mean(all_stats, k) for k in _WEIGHTED}
+    weighted["value_clipfrac"] = _or_none(weighted["value_clipfrac"])
+    return PPOStats(policy_loss=mean("policy_loss"), value_loss=_or_none(mean("value_loss")),
+                    kl_loss=_or_none(mean("kl_loss")), **weighted, epochs=epochs_run,
+                    optimizer_steps=steps)

@@ -20,6 +20,12 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 
+def chunk_rows(vocab: int, mib: float) -> int:
+    """Rows whose fp32 logits (rows, vocab) take `mib` MiB: a chunk size bounded in bytes, so the
+    same budget holds for any vocabulary (1024 rows were 0.5 GB at 128k, 16 MB at 4k)."""
+    return max(1, int(mib * 2**20) // (4 * vocab))
+
+
 def _chunk_logprobs(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
     """logits: (N, V) any dtype, tokens: (N,) -> float32 (N,)."""
     z = logits.float()
@@ -78,12 +84,14 @@ def logprobs_and_entropy_from_hidden(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     with_entropy: bool = True,
+    entropy_grad: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Apply the LM head chunk by chunk and score tokens; the (B, T, V) logits never exist.
 
     hidden: (B, T, H) final hidden states at the positions that predict `tokens`;
     head: maps (N, H) -> (N, V) logits, e.g. the model's lm_head module;
-    tokens: (B, T) -> logprobs (B, T) float32, entropy (B, T) float32 or None.
+    tokens: (B, T) -> logprobs (B, T) float32, entropy (B, T) float32 or None (without
+    `entropy_grad` it is computed outside autograd: a metric, no backward through it).
     Peak extra memory, forward and backward, is about 5 (chunk_size, V) float32 tensors plus the
     head's weight grad (measured in tests/rl/test_logprobs.py); pick chunk_size for the GPU:
     1024 rows x 150k vocab x 4 B x 5 = 3 GB.
@@ -94,13 +102,22 @@ def logprobs_and_entropy_from_hidden(
     flat_hidden, flat_tokens = hidden.reshape(B * T, H), tokens.reshape(B * T).long()
 
     def fn(h: Tensor, tok: Tensor):
-        if with_entropy:
+        if with_entropy and entropy_grad:
             return _chunk_logprobs_entropy(head(h), tok, temperature)
-        return _chunk_logprobs(head(h), tok, temperature)
+        logits = head(h)
+        logprobs = _chunk_logprobs(logits, tok, temperature)
+        if not with_entropy:
+            return logprobs
+        with torch.no_grad():  # a metric only: no backward runs through its (N, V) ops
+            _, entropy = _chunk_logprobs_entropy(logits.detach(), tok, temperature)
+        return logprobs, entropy
 
     logprobs, entropies = [], []
+    # One chunk holds everything: autograd may keep its logits (within the same budget), and
+    # the backward need not recompute them.
+    run = _run if B * T > chunk_size else (lambda f, *a: f(*a))
     for i in range(0, B * T, chunk_size):
-        res = _run(fn, flat_hidden[i : i + chunk_size], flat_tokens[i : i + chunk_size])
+        res = run(fn, flat_hidden[i : i + chunk_size], flat_tokens[i : i + chunk_size])
         if with_entropy:
             logprobs.append(res[0])
             entropies.append(res[1])

@@ -1,9 +1,16 @@
-"""PPO losses: clipped surrogate, clipped value loss, entropy bonus, and explained variance.
+"""PPO losses: clipped surrogate, clipped value loss, entropy bonus, KL penalty, explained variance.
 
-Every loss is sum(per_token * mask) / token_count, token_count defaulting to mask.sum(). Passing
-the token count of the whole minibatch to each micro-batch makes the accumulated gradient equal
-the full-minibatch token mean exactly, whatever the micro-batch split (a per-micro-batch mean
-would weight short micro-batches more).
+Every loss is sum_i sum_t per_token[i, t] * mask[i, t] / normalizer_i. The normalizer is one
+number for all rows (default mask.sum(): the token mean) or one per row (B,); `loss_normalizers`
+gives it for the aggregations lora_ppo offers, computed over the whole minibatch, so that the
+micro-batches' losses add up to the minibatch's exactly whatever the split (a per-micro-batch
+mean would weight short micro-batches more):
+
+    token_mean            1 / (tokens of the minibatch)          every token weighs the same
+    seq_mean_token_mean   1 / (sequences * own length)           every sequence weighs the same
+                                                                 (GRPO, Shao et al. 2024, eq. 3)
+    constant              1 / (sequences * max_new_tokens)       Dr. GRPO (Liu et al. 2025, §3.2):
+                                                                 no length normalisation
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lora_ppo.rl.kl import kl_penalty
 from lora_ppo.rl.masked import masked_mean, masked_sum, masked_var
 
 
@@ -28,9 +36,39 @@ class ValueLossOut(NamedTuple):
     clipfrac: Tensor  # scalar, share of tokens where the clipped value error was larger
 
 
-def _token_mean(per_token: Tensor, mask: Tensor, token_count: float | None) -> Tensor:
-    denom = mask.sum() if token_count is None else token_count
-    return masked_sum(per_token, mask) / denom
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "constant")
+Normalizer = float | Tensor | None
+
+
+@torch.no_grad()
+def loss_normalizers(mask: Tensor, aggregation: str, accum_steps: int = 1,
+                     max_len: int | None = None) -> Tensor:
+    """Per-row normalizers (B,) of a whole minibatch whose response mask is `mask` (B, T).
+
+    Divided by `accum_steps`, because DeepSpeed divides every micro-batch loss by the
+    accumulation steps again in `engine.backward`; slice the result like the micro-batches.
+    """
+    n_seqs, lengths = mask.shape[0], mask.sum(1).clamp(min=1.0)
+    if aggregation == "token_mean":
+        norm = mask.sum().clamp(min=1.0).expand(n_seqs)
+    elif aggregation == "seq_mean_token_mean":
+        norm = lengths * n_seqs
+    elif aggregation == "constant":
+        if max_len is None:
+            raise ValueError("the constant aggregation needs max_len (rollout.max_new_tokens)")
+        norm = torch.full((n_seqs,), float(max_len * n_seqs), device=mask.device)
+    else:
+        raise ValueError(f"unknown loss aggregation {aggregation!r}; use one of "
+                         f"{', '.join(AGGREGATIONS)}")
+    return norm.float() / accum_steps
+
+
+def _token_mean(per_token: Tensor, mask: Tensor, normalizer: Normalizer) -> Tensor:
+    if normalizer is None:
+        return masked_sum(per_token, mask) / mask.sum()
+    if isinstance(normalizer, Tensor) and normalizer.dim() == 1:
+        return (masked_sum(per_token, mask, dim=1) / normalizer.to(per_token.dtype)).sum()
+    return masked_sum(per_token, mask) / normalizer
 
 
 def policy_loss(
@@ -39,7 +77,7 @@ def policy_loss(
     advantages: Tensor,
     mask: Tensor,
     cliprange: float,
-    token_count: float | None = None,
+    normalizer: Normalizer = None,
 ) -> PolicyLossOut:
     """PPO clipped surrogate (Schulman et al. 2017, arXiv:1707.06347, eq. 7), as a loss.
 
@@ -52,7 +90,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     pg_losses = -advantages * ratio
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = _token_mean(torch.maximum(pg_losses, pg_losses_clipped), mask, token_count)
+    loss = _token_mean(torch.maximum(pg_losses, pg_losses_clipped), mask, normalizer)
     with torch.no_grad():
         # clipfrac as in baselines ppo2 / lm-human-preferences: the clipped branch is the max.
         clipfrac = masked_mean((pg_losses_clipped > pg_losses).to(ratio.dtype), mask)
@@ -68,7 +106,7 @@ def value_loss(
     returns: Tensor,
     mask: Tensor,
     cliprange_value: float,
-    token_count: float | None = None,
+    normalizer: Normalizer = None,
 ) -> ValueLossOut:
     """Clipped value loss; all inputs (B, T).
 
@@ -80,15 +118,23 @@ def value_loss(
     values_clipped = old_values + torch.clamp(values - old_values, -c, c)
     vf_losses = (values - returns) ** 2
     vf_losses_clipped = (values_clipped - returns) ** 2
-    loss = 0.5 * _token_mean(torch.maximum(vf_losses, vf_losses_clipped), mask, token_count)
+    loss = 0.5 * _token_mean(torch.maximum(vf_losses, vf_losses_clipped), mask, normalizer)
     with torch.no_grad():
         clipfrac = masked_mean((vf_losses_clipped > vf_losses).to(values.dtype), mask)
     return ValueLossOut(loss, clipfrac)
 
 
-def entropy_loss(entropy: Tensor, mask: Tensor, token_count: float | None = None) -> Tensor:
-    """Minus the token-mean entropy; entropy, mask: (B, T) -> scalar. Caller scales by ent_coef."""
-    return -_token_mean(entropy, mask, token_count)
+def entropy_loss(entropy: Tensor, mask: Tensor, normalizer: Normalizer = None) -> Tensor:
+    """Minus the mean entropy; entropy, mask: (B, T) -> scalar. Caller scales by ent_coef."""
+    return -_token_mean(entropy, mask, normalizer)
+
+
+def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: str = "k3",
+            normalizer: Normalizer = None) -> Tensor:
+    """The KL penalty as a loss term (GRPO, Shao et al. 2024, eq. 3-4: beta * D_KL with the k3
+    estimator r - log r - 1, r = pi_ref / pi_theta, which is >= 0 per token and unbiased);
+    all inputs (B, T), gradients through `logprobs` only. Caller scales by kl_coef."""
+    return _token_mean(kl_penalty(logprobs, ref_logprobs.detach(), estimator), mask, normalizer)
 
 
 @torch.no_grad()

@@ -105,8 +105,11 @@ def create_engine(model: torch.nn.Module, *, ds_config: dict, optim, total_steps
 
 
 @contextlib.contextmanager
-def gathered_params(engine_or_model) -> Iterator[None]:
-    """Full weights inside the block under ZeRO-3 (for generation); a no-op otherwise.
+def gathered_trainable(engine_or_model) -> Iterator[None]:
+    """The trainable weights (adapters, heads) whole inside the block under ZeRO-3, for what
+    checkpoints and outputs write; a no-op otherwise. The frozen base stays partitioned: a
+    gather of every parameter would bring the whole model onto each device, which is what
+    ZeRO-3 is there to avoid (generation and scoring let ZeRO-3 fetch layer by layer).
 
     Read-only gather (modifier_rank=None): changes made inside are discarded on exit.
     ZeRO-3 marks the parameters it partitions with `ds_id`, the same test DeepSpeed uses.
@@ -115,7 +118,7 @@ def gathered_params(engine_or_model) -> Iterator[None]:
     module = engine_or_model
     if deepspeed is not None and isinstance(module, deepspeed.DeepSpeedEngine):
         module = module.module
-    params = list(module.parameters())
+    params = [p for p in module.parameters() if p.requires_grad]
     if deepspeed is None or not any(hasattr(p, "ds_id") for p in params):
         yield
         return

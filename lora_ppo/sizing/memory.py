@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 from lora_ppo.errors import UserError
+from lora_ppo.rl.logprobs import chunk_rows
 from lora_ppo.sizing.arch import Arch, lora_param_count, param_counts, read_arch
 
 MIB = 2**20
@@ -123,8 +124,8 @@ class Shapes:
 
 
 def shapes_from_config(cfg) -> Shapes:
-    return Shapes(cfg.ppo.micro_batch_size, min(cfg.rollout.generation_batch_size,
-                                                cfg.rollout.batch_size),
+    samples = cfg.rollout.batch_size * cfg.rollout.samples_per_prompt
+    return Shapes(cfg.ppo.micro_batch_size, min(cfg.rollout.generation_batch_size, samples),
                   cfg.model.max_prompt_length, cfg.rollout.max_new_tokens)
 
 
@@ -180,8 +181,9 @@ def _update_bytes(cfg, arch: Arch, sh: Shapes, s: int, trainable: int) -> tuple[
     else:
         saved_one = mb * T * (L * per_layer + 2 * H) * s
         layer_bwd = mb * T * mlp_grads * s
-    logits_bwd = 5 * min(cfg.rollout.logprob_chunk_size, mb * sh.new_tokens) * arch.vocab * 4
-    saved = (2 if cfg.value.mode == "adapter" else 1) * saved_one
+    rows = chunk_rows(arch.vocab, cfg.rollout.logits_chunk_mib)
+    logits_bwd = 5 * min(rows, mb * sh.new_tokens) * arch.vocab * 4
+    saved = (2 if cfg.algorithm.value_mode == "adapter" else 1) * saved_one
     step_tmp = 2 * 4 * trainable  # AdamW's temporaries (denominator, update) after backward
     return saved, max(saved + layer_bwd, saved_one + max(logits_bwd, layer_bwd), step_tmp)
 
@@ -197,10 +199,12 @@ def estimate_memory(cfg, arch: Arch, device: str = "gpu",
     q = cfg.quantization
     weights = weight_bytes(arch, q.mode, q.double_quant, s)
     lora = lora_param_count(arch, cfg.lora.r, cfg.lora.target_modules)
-    n_train = 2 if cfg.value.mode == "adapter" else 1
+    value_mode = cfg.algorithm.value_mode
+    n_train = 2 if value_mode == "adapter" else 1
     kinds = getattr(cfg.reward, "kinds", [cfg.reward.source])
     n_frozen = int(bool(cfg.model.init_adapter)) + int("adapter" in kinds)
-    trainable = n_train * (lora + arch.hidden + 1)  # + value head(s)
+    heads = 0 if value_mode == "none" else n_train * (arch.hidden + 1)  # value head(s)
+    trainable = n_train * lora + heads
     # Trainable LoRA weights live in the module in the training dtype (DeepSpeed casts them to
     # bf16 and keeps the fp32 master); frozen adapters stay fp32 (peft autocast_adapter_dtype).
     adapters = trainable * (4 if precision == "fp32" else 2) + 4 * n_frozen * lora
@@ -210,7 +214,7 @@ def estimate_memory(cfg, arch: Arch, device: str = "gpu",
         optim = 0  # ZeRO-Offload: master, grads and Adam state live in CPU memory
 
     kv_cache, generation = _generation_bytes(arch, sh, s)
-    scoring = _scoring_bytes(arch, sh, s, cfg.rollout.logprob_chunk_size)
+    scoring = _scoring_bytes(arch, sh, s, chunk_rows(arch.vocab, cfg.rollout.logits_chunk_mib))
     saved, update = _update_bytes(cfg, arch, sh, s, trainable)
     gb, T = sh.generation_batch, sh.prompt_len + sh.new_tokens
 
@@ -218,6 +222,13 @@ def estimate_memory(cfg, arch: Arch, device: str = "gpu",
     # more than one row (bitsandbytes/autograd/_functions.py, matmul_4bit / MatMul8bitLt).
     dequant = max(i * o for i, o in arch.linears().values()) * s if q.mode != "none" else 0
     generation, scoring, update = generation + dequant, scoring + dequant, update + dequant
+    if q.mode == "none" and s == 4 and cfg.rollout.merge_for_generation and stage != 3:
+        # An fp32 base generates with the policy merged into new copies of the adapted
+        # weights (ActorCritic.merged_policy): one more copy of the decoder linears meanwhile.
+        targeted = (param_counts(arch).linear if cfg.lora.target_modules == ["all-linear"] else
+                    arch.layers * sum(i * o for n, (i, o) in arch.linears().items()
+                                      if n in cfg.lora.target_modules))
+        generation += targeted * 4
     if "model" in kinds and cfg.reward.model:
         # A separate sequence-classification reward model, unquantized in the compute dtype:
         # its trunk (no LM head) plus a one-layer widest no-grad activation of a scoring batch.

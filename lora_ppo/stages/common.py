@@ -32,7 +32,7 @@ from lora_ppo.io.metrics import MetricsLogger, peak_memory_mib
 from lora_ppo.io.run_dir import clear, earlier_run
 from lora_ppo.runtime.dist import DistInfo, seed_everything, setup_distributed
 from lora_ppo.runtime.ds_config import run_ds_config
-from lora_ppo.runtime.engine import create_engine, gathered_params
+from lora_ppo.runtime.engine import create_engine, gathered_trainable
 
 # Fields a stage checkpoint is tied to: they change saved shapes or what the weights mean.
 STAGE_MUST_MATCH = ("quantization.mode", "lora.r", "lora.alpha", "lora.target_modules",
@@ -205,7 +205,7 @@ def fit(st: Stage, n_train: int, train_step: Callable[[list[int]], dict],
     # step 4. the stage's output adapter, whole or not at all
     from lora_ppo.io.atomic import atomic_output_dir
 
-    with gathered_params(st.engine):  # collective under ZeRO-3: every rank enters
+    with gathered_trainable(st.engine):  # collective under ZeRO-3: every rank enters
         if rank == 0:
             with atomic_output_dir(output_path(st), force=True) as tmp:
                 write_output(tmp)

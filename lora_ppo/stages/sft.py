@@ -30,7 +30,7 @@ from lora_ppo.config import Config
 from lora_ppo.errors import UserError
 from lora_ppo.io.data import read_rows
 from lora_ppo.modeling.actor_critic import position_ids_from_mask
-from lora_ppo.rl.logprobs import logprobs_and_entropy_from_hidden
+from lora_ppo.rl.logprobs import chunk_rows, logprobs_and_entropy_from_hidden
 from lora_ppo.runtime.dist import all_sum
 from lora_ppo.stages.common import (
     encode_pair,
@@ -213,7 +213,8 @@ def train_sft(cfg: Config, resume: Optional[str] = None, overwrite: bool = False
         raise UserError(f"sft.packing needs sdpa or eager attention, the model uses {attn}; "
                         "set sft.packing=false")
     eager, dtype = attn == "eager", lm.get_input_embeddings().weight.dtype
-    chunk = cfg.rollout.logprob_chunk_size
+    chunk = chunk_rows(peft_model.get_base_model().get_output_embeddings().out_features,
+                       cfg.rollout.logits_chunk_mib)
     start_training(st, SFTModel(peft_model, chunk), len(train), resume)
     micro, accum = sec.train.micro_batch_size, sec.train.batch_size // sec.train.micro_batch_size
 

@@ -50,7 +50,7 @@ def test_demo_pipeline_at_reduced_size(tiny_model_dir, tmp_path):
 
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["updates"] == 3 and summary["merge_max_logit_diff"] < 1e-3
-    assert set(summary["lexicon_sentiment"]) == {"base", "merged"}
+    assert set(summary["export_check"]) == {"what", "base", "merged"}
     assert "merged model, loaded with plain transformers" in res.stdout
 
     # The merged export is a plain transformers model that differs from the base where PPO

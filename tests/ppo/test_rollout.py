@@ -74,7 +74,7 @@ def test_first_update_sees_ratio_one_and_zero_kl(run):
     m = mb.response_mask
     assert ((lp - mb.logprobs) * m).abs().max().item() < 1e-5
     assert ((values - mb.values) * m).abs().max().item() < 1e-5
-    _, stats = micro_batch_loss(run.engine, mb, run.cfg.ppo, run.cfg.rollout, 1.0)
+    _, stats = micro_batch_loss(run.engine, mb, run.cfg, mb.response_mask.sum().expand(4), 0.0)
     assert abs(stats.ratio / stats.tokens - 1.0) < 1e-5  # sums over the micro-batch's tokens
     assert stats.approx_kl / stats.tokens < 1e-6 and stats.clipfrac == 0.0
     # The score sits on the last real token: rewards sum to score - kl_coef * KL.

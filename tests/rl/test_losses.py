@@ -101,8 +101,8 @@ def test_entropy_loss_by_hand():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     # -(1 + 2 + 4) / 3
     assert entropy_loss(entropy, mask).item() == pytest.approx(-7 / 3)
-    # with token_count 7: -7 / 7
-    assert entropy_loss(entropy, mask, token_count=7).item() == pytest.approx(-1.0)
+    # with normalizer 7: -7 / 7
+    assert entropy_loss(entropy, mask, normalizer=7).item() == pytest.approx(-1.0)
 
 
 def test_explained_variance_by_hand():
@@ -117,7 +117,7 @@ def test_explained_variance_by_hand():
     assert math.isnan(explained_variance(torch.zeros(1, 4), torch.ones(1, 4), mask))
 
 
-def test_token_count_makes_micro_batches_add_up():
+def test_normalizer_makes_micro_batches_add_up():
     g = torch.Generator().manual_seed(0)
     B, T = 4, 6
     mask = torch.ones(B, T)
@@ -134,10 +134,10 @@ def test_token_count_makes_micro_batches_add_up():
     returns = torch.randn(B, T, generator=g)
     entropy = torch.rand(B, T, generator=g).requires_grad_(True)
 
-    def total(sl, token_count=None):
-        pg = policy_loss(logprobs[sl], old_logprobs[sl], advantages[sl], mask[sl], 0.2, token_count)
-        vf = value_loss(values[sl], old_values[sl], returns[sl], mask[sl], 0.2, token_count)
-        ent = entropy_loss(entropy[sl], mask[sl], token_count)
+    def total(sl, normalizer=None):
+        pg = policy_loss(logprobs[sl], old_logprobs[sl], advantages[sl], mask[sl], 0.2, normalizer)
+        vf = value_loss(values[sl], old_values[sl], returns[sl], mask[sl], 0.2, normalizer)
+        ent = entropy_loss(entropy[sl], mask[sl], normalizer)
         return pg.loss + 0.1 * vf.loss + 0.01 * ent
 
     full = total(slice(0, B))
@@ -148,6 +148,6 @@ def test_token_count_makes_micro_batches_add_up():
     torch.testing.assert_close(micro, full)
     for a, b in zip(micro_grads, full_grads):
         torch.testing.assert_close(a, b)
-    # without token_count the mean of per-micro-batch means (7 vs 5 tokens) is a different number
+    # without a normalizer the mean of per-micro-batch means (7 vs 5 tokens) is a different number
     naive = (total(slice(0, 2)) + total(slice(2, 4))) / 2
     assert abs(naive.item() - full.item()) > 1e-3

@@ -29,7 +29,7 @@ from lora_ppo.runtime.ds_config import (
     resolve_precision,
     zero_stage,
 )
-from lora_ppo.runtime.engine import create_engine, gathered_params, make_lr_scheduler
+from lora_ppo.runtime.engine import create_engine, gathered_trainable, make_lr_scheduler
 
 CONFIG_NAMES = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
 LR = 1e-2
@@ -58,6 +58,17 @@ class Tiny(torch.nn.Module):
 
     def forward(self, x):
         return self.base(x) + self.adapter(x)
+
+
+def _gathered_all(model):
+    """Every parameter whole under ZeRO-3 (the frozen base too), to compare it."""
+    import contextlib
+
+    import deepspeed
+
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))
 
 
 def batch(n, seed):
@@ -112,7 +123,7 @@ def reference(x_batches, *, max_grad_norm):
 def test_every_config_trains_adapter_only_and_clips(dist, name):
     model, engine = build(name, micro=2, accum=1, max_grad_norm=0.5)
     assert engine.gradient_clipping() == 0.5
-    with gathered_params(engine):
+    with _gathered_all(model):
         base0 = copy.deepcopy(model.base.state_dict())
         adapter0 = model.adapter.weight.detach().clone()
     batches = [batch(2, seed=1), batch(2, seed=2)]
@@ -120,7 +131,7 @@ def test_every_config_trains_adapter_only_and_clips(dist, name):
         train(engine, model, x, y, micro=2, accum=1)
     assert engine.global_steps == 2
 
-    with gathered_params(engine):
+    with _gathered_all(model):
         for key, value in model.base.state_dict().items():
             assert torch.equal(value, base0[key]), f"frozen base.{key} changed under {name}"
         adapter = model.adapter.weight.detach().clone()
@@ -132,10 +143,11 @@ def test_every_config_trains_adapter_only_and_clips(dist, name):
 
     if engine.zero_optimization_stage() == 3:
         # Outside the context ZeRO-3 leaves an empty placeholder in the module (the rank's
-        # partition lives in ds_tensor); inside, the full weight.
-        assert model.base.weight.numel() == 0
-        with gathered_params(model):
-            assert model.base.weight.shape == (3, 4)
+        # partition lives in ds_tensor); inside, the full weight: of the trainable adapter
+        # only, the frozen base stays partitioned.
+        assert model.base.weight.numel() == 0 and model.adapter.weight.numel() == 0
+        with gathered_trainable(model):
+            assert model.adapter.weight.shape == (3, 4) and model.base.weight.numel() == 0
 
 
 @pytest.mark.parametrize("name", ["zero0", "zero2"])

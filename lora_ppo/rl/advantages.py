@@ -1,0 +1,93 @@
+"""Critic-free advantages: a baseline from the other samples of the same prompt, or none.
+
+The rollout holds n samples per prompt, each group of n consecutive (`rollout.samples_per_prompt`).
+`seq_rewards` (B,) is one reward per sample: the score, minus beta times the sequence KL when the
+KL lives in the reward (`ppo.kl_in=reward`). With G = n and group g = rows g*G .. g*G+G-1:
+
+    grpo     A_i = (r_i - mean_g r) / (std_g r + eps)      Shao et al. 2024 (DeepSeekMath), §4.1.2
+    dr_grpo  A_i = r_i - mean_g r                          Liu et al. 2025 ("Understanding
+                                                           R1-Zero-Like Training"), §3.2: no std
+    rloo     A_i = r_i - mean_{j != i} r_j                 Ahmadian et al. 2024, eq. 6 (= G/(G-1)
+             = G / (G - 1) * (r_i - mean_g r)              times the GRPO numerator)
+
+and every response token gets its sequence's advantage (the outcome-supervision setting of all
+three). REINFORCE++ (Hu 2025, arXiv:2501.03262) keeps PPO's per-token rewards (-beta * kl_t on
+every token, the score on the last) and uses the reward-to-go as the advantage, whitened over the
+whole batch instead of by a critic or a group: `reinforce_pp_advantages`.
+
+std is the unbiased (Bessel-corrected) group std and eps = 1e-4, as TRL's GRPOTrainer
+(`std_grouped_rewards = rewards.view(-1, G).std(dim=1)`, `advantages / (std + 1e-4)`). A group
+whose rewards are all equal gets advantage 0 for every sample under all three, so it contributes
+no policy gradient (only the KL term, when the KL is in the loss); `zero_std_groups` finds them.
+Every function imports only torch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lora_ppo.rl.masked import masked_whiten
+
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+CRITIC_FREE = (*GROUP_ESTIMATORS, "reinforce_pp")
+ESTIMATORS = ("gae", *CRITIC_FREE)
+GRPO_EPS = 1e-4
+
+
+def _groups(x: Tensor, group_size: int) -> Tensor:
+    """(B,) -> (B / G, G); B must be a multiple of G (a group never straddles two calls)."""
+    if x.dim() != 1 or x.shape[0] % group_size:
+        raise ValueError(f"expected (B,) with B a multiple of the group size {group_size}, got "
+                         f"{tuple(x.shape)}")
+    return x.view(-1, group_size)
+
+
+@torch.no_grad()
+def group_advantages(seq_rewards: Tensor, group_size: int, estimator: str) -> Tensor:
+    """Sequence advantages (B,) of `seq_rewards` (B,) by the group baseline of `estimator`."""
+    r = _groups(seq_rewards.float(), group_size)
+    mean = r.mean(dim=1, keepdim=True)
+    if estimator == "grpo":
+        std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
+        adv = (r - mean) / (std + GRPO_EPS)
+    elif estimator == "dr_grpo":
+        adv = r - mean
+    elif estimator == "rloo":
+        if group_size < 2:
+            raise ValueError("rloo needs at least 2 samples per prompt (a leave-one-out baseline)")
+        adv = r - (r.sum(dim=1, keepdim=True) - r) / (group_size - 1)
+    else:
+        raise ValueError(f"unknown group estimator {estimator!r}; use one of "
+                         f"{', '.join(GROUP_ESTIMATORS)}")
+    return adv.reshape(-1)
+
+
+@torch.no_grad()
+def zero_std_groups(scores: Tensor, group_size: int) -> Tensor:
+    """(B / G,) bool: groups whose scores are all equal (no learning signal from the score)."""
+    s = _groups(scores.float(), group_size)
+    return (s == s[:, :1]).all(dim=1)
+
+
+@torch.no_grad()
+def reinforce_pp_advantages(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """REINFORCE++: rewards (B, T) -> advantages (B, T), 0 on padding.
+
+    A_t = sum_{k >= t, real} gamma^(k - t) r_k (the reward-to-go over real tokens, no critic),
+    then whitened over every real token of the batch (Hu 2025, eq. 9-10: global advantage
+    normalisation in place of a per-prompt baseline).
+    """
+    real = mask > 0
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        step = torch.where(real[:, t], rewards[:, t] + gamma * running, running)
+        returns[:, t] = torch.where(real[:, t], step, 0.0)
+        running = step
+    return masked_whiten(returns, mask, shift_mean=True)
+
+
+def token_advantages(seq_advantages: Tensor, mask: Tensor) -> Tensor:
+    """Every real response token gets its sequence's advantage: (B,), (B, T) -> (B, T)."""
+    return seq_advantages[:, None].to(mask.dtype) * mask

@@ -1,0 +1,111 @@
+"""Critic-free advantages and loss aggregations against numbers derived by hand."""
+
+import math
+
+import pytest
+import torch
+
+from lora_ppo.rl.advantages import (
+    group_advantages,
+    reinforce_pp_advantages,
+    token_advantages,
+    zero_std_groups,
+)
+from lora_ppo.rl.losses import loss_normalizers, policy_loss
+
+# Two groups of 4: scores [1, 0, 0, 1] and [2, 2, 2, 2] (all equal: no signal).
+SCORES = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+
+
+def test_grpo_by_hand():
+    # group 1: mean 0.5, unbiased std = sqrt((4 * 0.25) / 3) = 0.57735
+    # A = +-0.5 / (0.57735 + 1e-4) = +-0.86588;  group 2: std 0 -> A = 0 / 1e-4 = 0
+    adv = group_advantages(SCORES, 4, "grpo")
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    torch.testing.assert_close(adv, torch.tensor([a, -a, -a, a, 0, 0, 0, 0]))
+
+
+def test_dr_grpo_by_hand():
+    # no std division: A = r - mean = +-0.5;  group 2: 0
+    adv = group_advantages(SCORES, 4, "dr_grpo")
+    torch.testing.assert_close(adv, torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+
+
+def test_rloo_by_hand():
+    # leave-one-out baseline of sample 0: mean(0, 0, 1) = 1/3 -> A0 = 1 - 1/3 = 2/3
+    # sample 1: mean(1, 0, 1) = 2/3 -> A1 = -2/3;  = 4/3 * (r - 0.5) for G = 4
+    adv = group_advantages(SCORES, 4, "rloo")
+    torch.testing.assert_close(adv, torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3, 0, 0, 0, 0]))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        group_advantages(SCORES, 1, "rloo")
+
+
+def test_groups_never_mix():
+    # Swapping the second group's values does not change the first group's advantages.
+    other = SCORES.clone()
+    other[4:] = torch.tensor([5.0, -3.0, 0.0, 1.0])
+    for est in ("grpo", "dr_grpo", "rloo"):
+        torch.testing.assert_close(group_advantages(other, 4, est)[:4],
+                                   group_advantages(SCORES, 4, est)[:4])
+    with pytest.raises(ValueError, match="multiple of the group size 3"):
+        group_advantages(SCORES, 3, "grpo")
+
+
+def test_zero_std_groups_and_their_zero_advantages():
+    assert zero_std_groups(SCORES, 4).tolist() == [False, True]
+    for est in ("grpo", "dr_grpo", "rloo"):
+        assert group_advantages(SCORES, 4, est)[4:].abs().max() == 0.0
+
+
+def test_token_advantages_broadcast_on_real_tokens():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    torch.testing.assert_close(token_advantages(torch.tensor([0.5, -2.0]), mask),
+                               torch.tensor([[0.5, 0.5, 0.0], [-2.0, 0.0, 0.0]]))
+
+
+def test_reinforce_pp_by_hand():
+    # rewards per token (KL penalty on every token, score on the last real one), gamma = 1:
+    # row 0 [-0.1, -0.1, 0.9] -> reward-to-go [0.7, 0.8, 0.9]
+    # row 1 [-0.2, 1.8, pad]  -> [1.6, 1.8, 0]
+    # whitened over the 5 real values: mean 1.16, unbiased var = 0.233, std 0.48270
+    rewards = torch.tensor([[-0.1, -0.1, 0.9], [-0.2, 1.8, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv = reinforce_pp_advantages(rewards, mask)
+    togo = torch.tensor([[0.7, 0.8, 0.9], [1.6, 1.8, 0.0]])
+    mean = 5.8 / 5
+    std = math.sqrt(sum((x - mean) ** 2 for x in (0.7, 0.8, 0.9, 1.6, 1.8)) / 4)
+    torch.testing.assert_close(adv, (togo - mean) / std * mask, atol=1e-4, rtol=0)
+
+
+def test_loss_normalizers_by_hand():
+    # a minibatch of 2 sequences, 3 and 1 real tokens, 2 accumulation steps, max_new_tokens 5
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    torch.testing.assert_close(loss_normalizers(mask, "token_mean", 2), torch.tensor([2.0, 2.0]))
+    # per sequence: own length * 2 sequences / 2 steps
+    torch.testing.assert_close(loss_normalizers(mask, "seq_mean_token_mean", 2),
+                               torch.tensor([3.0, 1.0]))
+    torch.testing.assert_close(loss_normalizers(mask, "constant", 2, max_len=5),
+                               torch.tensor([5.0, 5.0]))
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "constant"])
+def test_micro_batches_add_up_to_the_minibatch_for_every_aggregation(aggregation):
+    """Each micro-batch's loss with its slice of the minibatch's normalizers, summed over the
+    micro-batches and divided by the accumulation steps (as DeepSpeed does), is the minibatch's
+    loss in one piece."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1.0] * 5, [1.0, 1.0, 0, 0, 0], [1.0] * 3 + [0, 0], [1.0, 0, 0, 0, 0]])
+    logprobs, old = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    adv = torch.randn(4, 5, generator=g)
+    whole = policy_loss(logprobs, old, adv, mask, 0.2,
+                        loss_normalizers(mask, aggregation, 1, max_len=5)).loss
+    norm = loss_normalizers(mask, aggregation, 2, max_len=5)
+    parts = [policy_loss(logprobs[s], old[s], adv[s], mask[s], 0.2, norm[s]).loss
+             for s in (slice(0, 2), slice(2, 4))]
+    torch.testing.assert_close(sum(parts) / 2, whole)
+    # seq_mean_token_mean weighs each sequence equally: the 1-token row counts as much as the
+    # 5-token row (token_mean would weigh it 1/11)
+    if aggregation == "seq_mean_token_mean":
+        per_seq = [policy_loss(logprobs[i:i + 1], old[i:i + 1], adv[i:i + 1], mask[i:i + 1],
+                               0.2).loss for i in range(4)]
+        torch.testing.assert_close(whole, sum(per_seq) / 4)
