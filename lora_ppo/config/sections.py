@@ -146,6 +146,15 @@ class RolloutConfig:
     token instead of three), and put the base weights back untouched afterwards. Only where it is
     exact: an unquantized fp32 base outside ZeRO-3 (in bf16 the rounding of W + BA is as large as
     the update); costs one copy of the adapted weights during generation."""
+    sampler_logprobs: bool = True
+    """Take the rollout's old log-probs (and shared-head values) from the sampling forward
+    instead of a second policy forward over the finished sequences, where the two agree to fp32
+    round-off: an fp32 unquantized policy with value.mode shared or none. Elsewhere (bf16,
+    4-bit, a critic adapter) they are always recomputed."""
+    static_kv_cache: bool = True
+    """Decode into one preallocated key/value buffer (transformers' StaticCache) instead of a
+    cache that is concatenated at every token; the sampled tokens are the same. Turn off for a
+    model whose cache layout StaticCache does not know."""
     stop_token_ids: list[int] = field(default_factory=list)
     """Token ids that end a response besides the tokenizer's EOS."""
     logits_chunk_mib: float = 256.0

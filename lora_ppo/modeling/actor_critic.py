@@ -204,16 +204,23 @@ class ActorCritic(nn.Module):
                 if isinstance(m, LoraLinear) and POLICY in m.lora_A
                 and m.get_base_layer().weight.dtype == torch.float32]
 
+    def decodes_in_fp32(self) -> bool:
+        """True for an unquantized fp32 policy: there a token decoded with the KV cache gets the
+        logits of a full forward over the finished sequence to fp32 round-off (~1e-6), so the
+        sampler's log-probs can serve as the rollout's. In bf16 the two differ by ~1e-2 (other
+        matmul shapes, other rounding), and the scoring forward must be rerun."""
+        layers = self._policy_layers()
+        every = [m for m in self.peft_model.modules() if hasattr(m, "lora_A") and POLICY in
+                 getattr(m, "lora_A", {})]
+        return bool(layers) and len(layers) == len(every)  # every policy linear is fp32
+
     def can_merge_for_generation(self) -> bool:
         """Folding the policy into the weights is exact enough only for an unquantized fp32
         base (fp32 rounds W + BA at ~1e-7 relative; in bf16 the rounding, 2^-9 of W, is as large
         as the LoRA update itself, and a 4-bit weight cannot hold it at all), and only where the
         weights are whole on this device (not ZeRO-3)."""
-        layers = self._policy_layers()
-        every = [m for m in self.peft_model.modules() if hasattr(m, "lora_A") and POLICY in
-                 getattr(m, "lora_A", {})]
-        return bool(layers) and len(layers) == len(every) and not any(
-            hasattr(m.get_base_layer().weight, "ds_id") for m in layers)
+        return self.decodes_in_fp32() and not any(
+            hasattr(m.get_base_layer().weight, "ds_id") for m in self._policy_layers())
 
     @contextlib.contextmanager
     def merged_policy(self) -> Iterator[None]:
@@ -281,7 +288,7 @@ class ActorCritic(nn.Module):
         read from positions Q-1 .. Q+R-2 (values are V(state before token t), as in TRL). The
         rollout's scoring and the update both call this (the update through `engine(...)`, so
         DeepSpeed sees every training forward), so with no update in between the PPO ratio is
-        exactly 1. `role=REFERENCE` gives the reference log-probs (no values). Values come from
+        1 (to fp32 round-off when the sampler's own log-probs are used). `role=REFERENCE` gives the reference log-probs (no values). Values come from
         the policy trunk (value.mode=shared, same forward) or the critic adapter (adapter).
         """
         batch = (query_ids, query_mask, response_ids, response_mask)

@@ -131,8 +131,11 @@ def sample_ids(run: Run, prompt_ids: list[list[int]], greedy: bool = False) -> S
     are gathered around its own forward, one layer at a time (the whole model never is: that is
     what ZeRO-3 is for), and every rank decodes the same number of steps."""
     synced = run.dist.world_size > 1 and zero_stage(run.engine.config) == 3
-    return generate(run.ac, run.tokenizer, prompt_ids, run.cfg.rollout, greedy=greedy,
-                    synced=synced)
+    rc = run.cfg.rollout
+    score = (rc.sampler_logprobs and not greedy and run.ac.value_mode in ("shared", "none")
+             and run.ac.decodes_in_fp32())
+    return generate(run.ac, run.tokenizer, prompt_ids, rc, greedy=greedy, synced=synced,
+                    score=score)
 
 
 def rollout_of(run: Run, samples: Samples) -> Rollout:

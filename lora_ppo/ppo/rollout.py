@@ -9,7 +9,9 @@ Layout of every batch (B samples):
 Responses are drawn by `sampling.sample` from softmax(logits / temperature), the distribution
 that `ActorCritic.forward` scores for the rollout's old log-probs and for the update, so the
 ratio's denominator and the KL estimate are of the distribution actually sampled from. With no
-update in between and dropout off the PPO ratio is exactly 1 (to float round-off).
+update in between and dropout off the PPO ratio is exactly 1 (to float round-off). Where the
+sampler computes in fp32 its own log-probs of the drawn tokens serve as the old log-probs
+(`rollout.sampler_logprobs`; docs/ppo.md, "Doing less work").
 """
 
 from __future__ import annotations
@@ -97,38 +99,51 @@ def truncate_after_stop(response_ids: torch.Tensor, stop_ids: Sequence[int], pad
 
 
 class Samples(NamedTuple):
-    """Sampled responses to left-padded prompts, before any scoring (CPU tensors)."""
+    """Sampled responses to left-padded prompts (CPU tensors), with the sampler's own scores
+    when it was asked for them (`generate(score=True)`)."""
 
     query_ids: torch.Tensor       # (B, Q) long
     query_mask: torch.Tensor      # (B, Q) long
     response_ids: torch.Tensor    # (B, R) long, padding after the first stop token
     response_mask: torch.Tensor   # (B, R) float
     has_eos: torch.Tensor         # (B,) bool
+    logprobs: Optional[torch.Tensor] = None  # (B, R) policy log-probs of the drawn tokens
+    values: Optional[torch.Tensor] = None    # (B, R) shared-head values on the same states
 
 
 def generate(ac: ActorCritic, tokenizer, prompt_ids: Sequence[Sequence[int]], rc, *,
-             greedy: bool = False, synced: bool = False) -> Samples:
+             greedy: bool = False, synced: bool = False, score: bool = False) -> Samples:
     """Sample responses with the policy in chunks of `rc.generation_batch_size`, every chunk
     padded to the same Q and R. `synced`: every rank runs the same number of decoding steps
-    (ZeRO-3 gathers weights collectively in each forward)."""
+    (ZeRO-3 gathers weights collectively in each forward). `score`: keep the sampler's
+    log-probs (and shared-head values) of the drawn tokens, for `logprobs_and_values`."""
     stop_ids = [tokenizer.eos_token_id, *rc.stop_token_ids]
     query_ids, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
     device = ac.device
-    responses = []
+    drawn = []
     merge = rc.merge_for_generation and ac.can_merge_for_generation()
     with ac.role(POLICY, train=False), (ac.merged_policy() if merge else contextlib.nullcontext()):
         for start in range(0, len(prompt_ids), rc.generation_batch_size):
             q = query_ids[start:start + rc.generation_batch_size].to(device)
             m = query_mask[start:start + rc.generation_batch_size].to(device)
-            responses.append(sample(ac, q, m, max_new_tokens=rc.max_new_tokens,
-                                    temperature=rc.temperature, greedy=greedy, stop_ids=stop_ids,
-                                    pad_id=tokenizer.pad_token_id, synced=synced).cpu())
-    width = max(max(r.shape[1] for r in responses), 1)
-    response_ids = torch.cat([F.pad(r, (0, width - r.shape[1]), value=tokenizer.pad_token_id)
-                              for r in responses])
+            drawn.append(sample(ac, q, m, max_new_tokens=rc.max_new_tokens,
+                                temperature=rc.temperature, greedy=greedy, stop_ids=stop_ids,
+                                pad_id=tokenizer.pad_token_id, synced=synced,
+                                static_cache=rc.static_kv_cache, score=score))
+    width = max(max(d.tokens.shape[1] for d in drawn), 1)
+
+    def columns(parts: list[Optional[torch.Tensor]], pad) -> Optional[torch.Tensor]:
+        if parts[0] is None:
+            return None
+        return torch.cat([F.pad(p.cpu(), (0, width - p.shape[1]), value=pad) for p in parts])
+
     response_ids, response_mask, has_eos = truncate_after_stop(
-        response_ids, stop_ids, tokenizer.pad_token_id)
-    return Samples(query_ids, query_mask, response_ids, response_mask, has_eos)
+        columns([d.tokens for d in drawn], tokenizer.pad_token_id), stop_ids,
+        tokenizer.pad_token_id)
+    logprobs, values = (columns([getattr(d, k) for d in drawn], 0.0) for k in ("logprobs", "values"))
+    return Samples(query_ids, query_mask, response_ids, response_mask, has_eos,
+                   None if logprobs is None else logprobs * response_mask,
+                   None if values is None else values * response_mask)
 
 
 @torch.no_grad()
@@ -138,7 +153,10 @@ def logprobs_and_values(ac: ActorCritic, samples: Samples, *, temperature: float
     """The rollout: `samples` with their old log-probs, values (with a value function) and
     reference log-probs (`with_reference`; without it the reference forward is skipped),
     computed in chunks of `batch_size` sequences."""
-    query_ids, query_mask, response_ids, response_mask, has_eos = samples
+    query_ids, query_mask, response_ids, response_mask, has_eos = samples[:5]
+    # the sampler's own log-probs (and shared-head values) stand for the policy forward
+    from_sampler = samples.logprobs is not None and (
+        samples.values is not None or ac.value_mode == "none")
     was_training = ac.training
     ac.eval()
     device = ac.device
@@ -148,16 +166,21 @@ def logprobs_and_values(ac: ActorCritic, samples: Samples, *, temperature: float
             batch = [t[s:s + batch_size].to(device)
                      for t in (query_ids, query_mask, response_ids, response_mask)]
             mask = batch[3]
-            lp, _, v = ac(*batch, temperature=temperature, chunk_size=chunk_size, packed=packed)
-            parts["logprobs"].append(lp * mask)
-            if v is not None:
-                parts["values"].append(v * mask)
+            if not from_sampler:
+                lp, _, v = ac(*batch, temperature=temperature, chunk_size=chunk_size,
+                              packed=packed)
+                parts["logprobs"].append(lp * mask)
+                if v is not None:
+                    parts["values"].append(v * mask)
             if with_reference:
                 ref, _, _ = ac(*batch, temperature=temperature, chunk_size=chunk_size,
                                with_values=False, role=REFERENCE, packed=packed)
                 parts["ref_logprobs"].append(ref * mask)
     finally:
         ac.train(was_training)
+    if from_sampler:
+        parts["logprobs"] = [samples.logprobs.to(device)]
+        parts["values"] = [] if samples.values is None else [samples.values.to(device)]
     return Rollout(query_ids=query_ids.to(device), query_mask=query_mask.to(device),
                    response_ids=response_ids.to(device), response_mask=response_mask.to(device),
                    has_eos=has_eos.to(device),

@@ -9,7 +9,7 @@ import torch
 from helpers import make_adapter_dir, tiny_config
 
 from lora_ppo.modeling.packing import pack
-from lora_ppo.ppo.loop import collect_rollout, sample_responses, setup
+from lora_ppo.ppo.loop import collect_rollout, rollout_of, sample_responses, setup
 from lora_ppo.ppo.rollout import generate
 
 STOPS = "rollout.stop_token_ids=[" + ",".join(str(i) for i in range(300, 340)) + "]"
@@ -142,3 +142,33 @@ def test_an_update_trains_the_same_adapter_padding_free_or_not(tiny_model_dir, t
     assert moves[False].norm() > 0
     rel = ((moves[True] - moves[False]).norm() / moves[False].norm()).item()
     assert rel < 1e-3, rel
+
+
+def test_the_samplers_logprobs_and_values_are_the_scoring_forwards(tiny_model_dir, tmp_path):
+    """rollout.sampler_logprobs: the log-probs and shared-head values kept while decoding (static
+    KV cache, merged policy, left padding, several generation chunks, temperature) are what the
+    padded scoring forward over the finished sequences gives, to fp32 round-off; and the
+    dynamic cache draws the same tokens as the static one."""
+    run = _run(tiny_model_dir, tmp_path / "run", "rollout.temperature=0.7",
+               "rollout.generation_batch_size=3")
+    ac, rc = run.ac, run.cfg.rollout
+    assert ac.decodes_in_fp32()
+    ids = [run.tokenizer(p)["input_ids"] for p in run.sampler.take(7)]
+    drawn = {}
+    for static in (True, False):
+        torch.manual_seed(4)
+        drawn[static] = generate(ac, run.tokenizer, ids, dataclasses.replace(
+            rc, static_kv_cache=static), score=True)
+    s = drawn[True]
+    assert torch.equal(s.response_ids, drawn[False].response_ids)
+    assert s.response_mask.sum(1).unique().numel() > 1 and s.values.abs().max() > 0.1
+    with torch.no_grad():
+        ac.eval()
+        lp, _, v = ac(s.query_ids, s.query_mask, s.response_ids, s.response_mask,
+                      temperature=0.7, chunk_size=64)
+    m = s.response_mask
+    torch.testing.assert_close(s.logprobs, lp * m, rtol=0, atol=1e-5)
+    torch.testing.assert_close(s.values, v * m, rtol=0, atol=1e-5)
+    # the rollout takes them as they are, and still runs the reference forward
+    ro = rollout_of(run, s)
+    assert torch.equal(ro.logprobs, s.logprobs) and ro.ref_logprobs is not None
