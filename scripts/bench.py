@@ -223,7 +223,8 @@ def one_update(run, meters) -> dict:
         samples.response_mask
     real = int(qm.sum() + rm.sum())
     return {"prompt_len": q.shape[1], "resp_len": r.shape[1], "generated": int(rm.sum()),
-            "real_tokens": real}
+            "real_tokens": real, "lengths": list(zip(qm.sum(1).tolist(),
+                                                     rm.sum(1).long().tolist()))}
 
 
 def phase_flops(run, arch, shapes: dict) -> dict:
@@ -236,13 +237,32 @@ def phase_flops(run, arch, shapes: dict) -> dict:
     b, gb, q, r = cfg.rollout.batch_size, cfg.rollout.generation_batch_size, \
         shapes["prompt_len"], shapes["resp_len"]
     chunks = [min(gb, b - s) for s in range(0, b, gb)]
-    adapter = cfg.value.mode == "adapter"
+    adapter = cfg.algorithm.value_mode == "adapter"
     model, executed = flops.update_flops(arch, b, q, r, lora, adapter, cfg.ppo.epochs,
                                          cfg.model.gradient_checkpointing)
     return {"generation": sum(flops.generation_flops(arch, c, q, r, lora) for c in chunks),
             "scoring": sum(flops.scoring_flops(arch, c, q, r, lora, adapter,
                                                bool(cfg.model.init_adapter)) for c in chunks),
             "update": model, "update_executed": executed}
+
+
+def useful_flops(run, arch, shapes: dict) -> dict:
+    """Model FLOPs of the real tokens only: each sequence at its own prompt and response
+    length, as if no padding were computed (the same formulas as phase_flops, batch 1)."""
+    from lora_ppo.sizing import flops
+    from lora_ppo.sizing.arch import lora_param_count
+
+    cfg = run.cfg
+    lora = lora_param_count(arch, cfg.lora.r, cfg.lora.target_modules)
+    adapter = cfg.algorithm.value_mode == "adapter"
+    out = {"generation": 0.0, "scoring": 0.0, "update": 0.0}
+    for q, r in shapes["lengths"]:
+        out["generation"] += flops.generation_flops(arch, 1, q, r, lora)
+        out["scoring"] += flops.scoring_flops(arch, 1, q, r, lora, adapter,
+                                              bool(cfg.model.init_adapter))
+        out["update"] += flops.update_flops(arch, 1, q, r, lora, adapter, cfg.ppo.epochs,
+                                            cfg.model.gradient_checkpointing)[0]
+    return out
 
 
 def _reduce(values: list[float], op: str) -> list[float]:
@@ -314,6 +334,7 @@ def summarise(p: dict, run, arch, records, peak_flops: float, pred) -> dict:
         secs_max, peak = _reduce([sum(secs), peak], "MAX")  # the slowest rank sets the pace
         (own_all,) = _reduce([own], "SUM")  # ranks on one machine are not "other" processes
         flops = [phase_flops(run, arch, s)[name] for s, _ in records]
+        useful = [useful_flops(run, arch, s)[name] for s, _ in records]
         tokens = [s["generated"] if name == "generation" else
                   s["real_tokens"] * (cfg.ppo.epochs if name == "update" else 1)
                   for s, _ in records]
@@ -325,6 +346,9 @@ def summarise(p: dict, run, arch, records, peak_flops: float, pred) -> dict:
             "tokens_per_s": sum(tokens) * world / secs_max,
             "flops": sum(flops) / len(records) * world, "flops_per_s": fps,
             "matmul_peak_share": fps / (peak_flops * world),
+            # FLOP/s of the real tokens: what padding-free work would have cost
+            "useful_flops_per_s": sum(useful) * world / secs_max,
+            "useful_peak_share": sum(useful) / secs_max / peak_flops,
             "peak_mib": peak / MIB, "predicted_mib": pred.phases[name] / MIB,
             "prediction_error": (pred.phases[name] - peak) / peak,
             "other_cpu_share": other, "contention": other > p["contention_threshold"],
@@ -441,8 +465,8 @@ def machine_info() -> dict:
 
 def markdown_table(runs: list[dict], swept: list[str]) -> str:
     """One row per point and phase: the numbers docs/benchmarks.md shows."""
-    head = [*swept, "phase", "s", "tokens/s", "GFLOP/s", "% matmul peak", "peak MiB",
-            "predicted MiB", "error", "other CPU"]
+    head = [*swept, "phase", "s", "tokens/s", "GFLOP/s", "% matmul peak",
+            "useful GFLOP/s", "peak MiB", "predicted MiB", "error", "other CPU"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         for name, ph in r["phases"].items():
@@ -450,6 +474,7 @@ def markdown_table(runs: list[dict], swept: list[str]) -> str:
                          else r["settings"].get(k, "")) for k in swept]
             cells += [name, f"{ph['seconds']:.2f}", f"{ph['tokens_per_s']:.0f}",
                       f"{ph['flops_per_s'] / 1e9:.1f}", f"{100 * ph['matmul_peak_share']:.0f}",
+                      f"{ph['useful_flops_per_s'] / 1e9:.1f}",
                       f"{ph['peak_mib']:.0f}", f"{ph['predicted_mib']:.0f}",
                       f"{100 * ph['prediction_error']:+.0f}%",
                       f"{100 * ph['other_cpu_share']:.0f}%" + (" !" if ph["contention"] else "")]

@@ -18,7 +18,8 @@ TINY = ["--vocab", "512", "--hidden", "64", "--intermediate", "128", "--layers",
         "--prompt-len", "8", "--new-tokens", "4", "--updates", "1", "--warmup", "0",
         "--threads", "1", "--ds-config", "zero0"]
 PHASE_FIELDS = {"seconds", "tokens", "tokens_per_s", "flops", "flops_per_s", "matmul_peak_share",
-                "peak_mib", "predicted_mib", "prediction_error", "other_cpu_share", "contention"}
+                "useful_flops_per_s", "useful_peak_share", "peak_mib", "predicted_mib",
+                "prediction_error", "other_cpu_share", "contention"}
 
 
 def load_bench():
@@ -106,6 +107,8 @@ def test_bench_one_update_on_a_tiny_model_writes_every_phase_and_field(tmp_path)
         assert PHASE_FIELDS <= set(phase), (name, set(phase))
         assert phase["seconds"] > 0 and phase["tokens"] > 0 and phase["flops"] > 0, phase
         assert 0 < phase["matmul_peak_share"] and phase["peak_mib"] > 0, phase
+        # the real tokens' FLOPs never exceed what the padded shapes cost
+        assert 0 < phase["useful_flops_per_s"] <= phase["flops_per_s"] * (1 + 1e-9), phase
     # batch 4 x 4 new tokens at most; scoring covers prompt (8) + response tokens
     assert run["phases"]["generation"]["tokens"] <= 16
     assert run["shapes"]["prompt_len"] == 8

@@ -10,7 +10,7 @@ import pytest
 from helpers import REPO, clean_env
 from test_pipeline import _pipeline_yaml
 
-SCRIPTS = ("setup.sh", "launch.sh", "rlhf.sh")
+SCRIPTS = ("setup.sh", "launch.sh", "rlhf.sh", "gpu_check.sh")
 
 
 def _bash(*args: str, env: dict | None = None, timeout: int = 60):
@@ -22,6 +22,17 @@ def _bash(*args: str, env: dict | None = None, timeout: int = 60):
 def test_scripts_parse(script):
     res = _bash("-n", str(REPO / "scripts" / script))
     assert res.returncode == 0, res.stderr
+
+
+def test_gpu_check_refuses_cleanly_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the check would run")
+    res = _bash("scripts/gpu_check.sh", str(tmp_path / "gpu.json"))
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("gpu_check: "), res
+    assert not (tmp_path / "gpu.json").exists()
 
 
 def test_usage_errors_exit_2(tmp_path):
