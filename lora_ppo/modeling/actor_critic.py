@@ -288,8 +288,9 @@ class ActorCritic(nn.Module):
         read from positions Q-1 .. Q+R-2 (values are V(state before token t), as in TRL). The
         rollout's scoring and the update both call this (the update through `engine(...)`, so
         DeepSpeed sees every training forward), so with no update in between the PPO ratio is
-        1 (to fp32 round-off when the sampler's own log-probs are used). `role=REFERENCE` gives the reference log-probs (no values). Values come from
-        the policy trunk (value.mode=shared, same forward) or the critic adapter (adapter).
+        1 (to fp32 round-off when the sampler's own log-probs are used). `role=REFERENCE` gives
+        the reference log-probs (no values). Values come from the policy trunk (value.mode=shared,
+        same forward) or the critic adapter (adapter).
         """
         batch = (query_ids, query_mask, response_ids, response_mask)
         layout = pack(*batch) if packed else None
