@@ -128,8 +128,14 @@ _MEMORY_SCRIPT = textwrap.dedent(
     def chunked(h, tok):
         return logprobs_and_entropy_from_hidden(h, head, tok, chunk_size=chunk)
 
+    def metric_entropy(h, tok):  # PPO's default (ent_coef=0): the entropy is a metric only
+        lp, ent = logprobs_and_entropy_from_hidden(h, head, tok, chunk_size=chunk,
+                                                   entropy_grad=False)
+        return lp, ent * 0
+
     def step(h, tok):
-        logprobs, entropy = (naive if mode == "naive" else chunked)(h, tok)
+        fn = {"naive": naive, "chunked": chunked, "metric_entropy": metric_entropy}[mode]
+        logprobs, entropy = fn(h, tok)
         (logprobs.sum() + entropy.sum()).backward()
 
     step(hidden[:, :40], tokens[:, :40])  # warm up kernels, thread pools and the chunked path
@@ -170,3 +176,18 @@ def test_chunked_scoring_memory_stays_far_below_full_logits():
     # This shows the measurement sees full-size logits, so the bound below can fail.
     assert naive > full_logits_bytes, (naive, full_logits_bytes)
     assert chunked < full_logits_bytes / 8, (chunked, full_logits_bytes / 8)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("chunk", [2048, 512])
+def test_scoring_without_entropy_grad_holds_one_logits_buffer(chunk):
+    # The update's path when ent_coef=0: the logits are reduced and, in backward, turned into
+    # their own gradient in place. One chunk of all 2048 rows (kept for the backward) or four
+    # of 512 (made again in backward): about one (chunk, V) float32 buffer at the peak, where
+    # autograd's log_softmax + gather (entropy_grad=True) holds about five.
+    N, H, V = 2048, 16, 32000
+    buffer = chunk * V * 4
+    one_buffer = _peak_extra_bytes("metric_entropy", N, H, V, chunk)
+    autograd = _peak_extra_bytes("chunked", N, H, V, chunk)
+    assert autograd > 3 * buffer, (autograd, buffer)  # the measurement sees the temporaries
+    assert one_buffer < 1.5 * buffer, (one_buffer, buffer)
