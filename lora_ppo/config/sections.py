@@ -159,9 +159,9 @@ class RolloutConfig:
     """Token ids that end a response besides the tokenizer's EOS."""
     logits_chunk_mib: float = 256.0
     """MiB of fp32 logits made at a time when scoring and in the update: the LM head runs over
-    rows of (batch*length) in chunks of this size whatever the vocabulary (about 5 such chunks
-    live at once in the backward), instead of one batch x length x vocab tensor. 256 MiB is 1700
-    rows of a 40k vocabulary, 440 of a 150k one."""
+    rows of (batch*length) in chunks of this size whatever the vocabulary (one such chunk at a
+    time in the backward; about 5 with ppo.ent_coef != 0), instead of one batch x length x vocab
+    tensor. 256 MiB is 1700 rows of a 40k vocabulary, 440 of a 150k one."""
 
 
 @dataclass

@@ -152,13 +152,19 @@ def _generation_bytes(arch: Arch, sh: Shapes, s: int) -> tuple[int, int]:
     return kv_cache, kv_cache + max(gb * T * kv_row * s, prefill)
 
 
+def _logits_bytes(rows: int, vocab: int, s: int) -> int:
+    """One logits chunk as rl/logprobs.py's _HeadChunk holds it: the head's output in the
+    activation dtype, reduced in place in fp32 (a copy when that dtype is narrower)."""
+    return rows * vocab * (4 + (s if s < 4 else 0))
+
+
 def _scoring_bytes(arch: Arch, sh: Shapes, s: int, chunk: int) -> int:
     """No grad, one generation batch: the trunk's output, then the widest of one layer and one
-    logits chunk (the logits and logsumexp's exp(z - max): 2 (rows, V) fp32)."""
+    logits chunk."""
     gb, T = sh.generation_batch, sh.prompt_len + sh.new_tokens
     rows = min(chunk, gb * sh.new_tokens)
     return gb * T * arch.hidden * s + max(gb * T * _nograd_layer_peak(arch) * s,
-                                          2 * rows * arch.vocab * 4)
+                                          _logits_bytes(rows, arch.vocab, s))
 
 
 def _update_bytes(cfg, arch: Arch, sh: Shapes, s: int, trainable: int) -> tuple[int, int]:
@@ -168,8 +174,10 @@ def _update_bytes(cfg, arch: Arch, sh: Shapes, s: int, trainable: int) -> tuple[
     activations, or with gradient checkpointing only each layer's input; plus the final norm's
     input and output. Autograd runs the newest graph first, so in adapter mode the critic's
     backward (a layer's input grads at a time) ends before the policy's starts; that one begins
-    at the logits chunks, recomputed with entropy (~5 (rows, V) fp32, measured in
-    tests/rl/test_logprobs.py). With checkpointing a layer is recomputed when its turn comes.
+    at the logits chunks: one buffer turned into its own gradient in place, and the gradient in
+    the activation dtype when that is narrower (with an entropy gradient, ppo.ent_coef != 0,
+    autograd's ~5 (rows, V) fp32; both measured in tests/rl/test_logprobs.py). With
+    checkpointing a layer is recomputed when its turn comes.
     """
     L, H, mb = arch.layers, arch.hidden, sh.micro_batch
     T = sh.prompt_len + sh.new_tokens
@@ -182,7 +190,9 @@ def _update_bytes(cfg, arch: Arch, sh: Shapes, s: int, trainable: int) -> tuple[
         saved_one = mb * T * (L * per_layer + 2 * H) * s
         layer_bwd = mb * T * mlp_grads * s
     rows = chunk_rows(arch.vocab, cfg.rollout.logits_chunk_mib)
-    logits_bwd = 5 * min(rows, mb * sh.new_tokens) * arch.vocab * 4
+    rows = min(rows, mb * sh.new_tokens)
+    logits_bwd = (5 * rows * arch.vocab * 4 if cfg.ppo.ent_coef
+                  else _logits_bytes(rows, arch.vocab, s) + (rows * arch.vocab * s if s < 4 else 0))
     saved = (2 if cfg.algorithm.value_mode == "adapter" else 1) * saved_one
     step_tmp = 2 * 4 * trainable  # AdamW's temporaries (denominator, update) after backward
     return saved, max(saved + layer_bwd, saved_one + max(logits_bwd, layer_bwd), step_tmp)

@@ -174,10 +174,15 @@ def test_estimate_memory_by_hand(small_dir):
     resident = 7888 * 2 + trainable * 2 + trainable * 18
     # generation: KV 3072 + prefill layer 4 * 8 * (2*16 + 5*32) * 2 = 12288
     assert e.phases["generation"] == resident + 3072 + 12288
-    # scoring: trunk output 4*12*16*2 = 1536 + no-grad layer 4*12*192*2 = 18432 (> logits 12800)
+    # scoring: trunk output 4*12*16*2 = 1536 + no-grad layer 4*12*192*2 = 18432 (> logits 16*100*(4+2) = 9600)
     assert e.phases["scoring"] == resident + 1536 + 18432
-    # update: saved 26112 + logits backward 5 * 8 rows * 100 * 4 B = 16000
-    assert e.phases["update"] == resident + 26112 + 16000
+    # update: saved 26112 + logits backward (8 rows * 100: the bf16 logits 2 B, their fp32
+    # buffer 4 B, the bf16 gradient 2 B) = 6400, above a layer's input grads 2*12*128*2 = 6144
+    assert e.phases["update"] == resident + 26112 + 6400
+    # with an entropy gradient autograd holds ~5 fp32 buffers: 5 * 8 * 100 * 4 = 16000
+    e2 = est.estimate_memory(small_cfg(small_dir, "ppo.ent_coef=0.01"), read_arch(str(small_dir)),
+                             "gpu")
+    assert e2.phases["update"] == resident + 26112 + 16000
     assert e.peak == e.phases["update"]
 
 
