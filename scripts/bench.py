@@ -227,6 +227,13 @@ def one_update(run, meters) -> dict:
                                                      rm.sum(1).long().tolist()))}
 
 
+def _forwards(run) -> tuple[bool, bool]:
+    """(policy, reference): which scoring forwards the rollout runs."""
+    from lora_ppo.ppo.loop import sampler_scores
+
+    return not sampler_scores(run), run.cfg.algorithm.uses_reference
+
+
 def phase_flops(run, arch, shapes: dict) -> dict:
     """Model FLOPs per phase (generation per chunk of generation_batch_size, summed)."""
     from lora_ppo.sizing import flops
@@ -242,7 +249,8 @@ def phase_flops(run, arch, shapes: dict) -> dict:
                                          cfg.model.gradient_checkpointing)
     return {"generation": sum(flops.generation_flops(arch, c, q, r, lora) for c in chunks),
             "scoring": sum(flops.scoring_flops(arch, c, q, r, lora, adapter,
-                                               bool(cfg.model.init_adapter)) for c in chunks),
+                                               bool(cfg.model.init_adapter), *_forwards(run))
+                           for c in chunks),
             "update": model, "update_executed": executed}
 
 
@@ -259,7 +267,7 @@ def useful_flops(run, arch, shapes: dict) -> dict:
     for q, r in shapes["lengths"]:
         out["generation"] += flops.generation_flops(arch, 1, q, r, lora)
         out["scoring"] += flops.scoring_flops(arch, 1, q, r, lora, adapter,
-                                              bool(cfg.model.init_adapter))
+                                              bool(cfg.model.init_adapter), *_forwards(run))
         out["update"] += flops.update_flops(arch, 1, q, r, lora, adapter, cfg.ppo.epochs,
                                             cfg.model.gradient_checkpointing)[0]
     return out
@@ -380,7 +388,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         w.add_argument(f"--{flag}", type=int, default=default)
     w.add_argument("--gen-batch", type=int, default=0, help="generation batch (0: --batch)")
     w.add_argument("--quant", choices=["none", "8bit", "4bit"], default="none")
-    w.add_argument("--value-mode", choices=["shared", "adapter"], default="shared")
+    w.add_argument("--value-mode", choices=["shared", "adapter", "none"], default="shared")
     w.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on")
     w.add_argument("--ds-config", default="zero2")
     w.add_argument("--config", help="a training YAML to start from (bench flags override it)")

@@ -126,16 +126,20 @@ def sample_responses(run: Run, prompts: list[str], greedy: bool = False) -> Samp
     return sample_ids(run, prompt_ids, greedy)
 
 
+def sampler_scores(run: Run, greedy: bool = False) -> bool:
+    """Whether the sampler's own log-probs (and shared-head values) stand in for the policy's
+    scoring forward: only where the two agree to fp32 round-off (docs/ppo.md, "Doing less work")."""
+    return (run.cfg.rollout.sampler_logprobs and not greedy
+            and run.ac.value_mode in ("shared", "none") and run.ac.decodes_in_fp32())
+
+
 def sample_ids(run: Run, prompt_ids: list[list[int]], greedy: bool = False) -> Samples:
     """The policy's responses to prompts given as token ids. Under ZeRO-3 each layer's weights
     are gathered around its own forward, one layer at a time (the whole model never is: that is
     what ZeRO-3 is for), and every rank decodes the same number of steps."""
     synced = run.dist.world_size > 1 and zero_stage(run.engine.config) == 3
-    rc = run.cfg.rollout
-    score = (rc.sampler_logprobs and not greedy and run.ac.value_mode in ("shared", "none")
-             and run.ac.decodes_in_fp32())
-    return generate(run.ac, run.tokenizer, prompt_ids, rc, greedy=greedy, synced=synced,
-                    score=score)
+    return generate(run.ac, run.tokenizer, prompt_ids, run.cfg.rollout, greedy=greedy,
+                    synced=synced, score=sampler_scores(run, greedy))
 
 
 def rollout_of(run: Run, samples: Samples) -> Rollout:

@@ -36,13 +36,18 @@ def generation_flops(arch: Arch, batch: int, prompt_len: int, new_tokens: int,
 
 
 def scoring_flops(arch: Arch, batch: int, prompt_len: int, resp_len: int, lora_params: int,
-                  value_adapter: bool, reference_adapter: bool) -> float:
+                  value_adapter: bool, reference_adapter: bool, policy: bool = True,
+                  reference: bool = True) -> float:
     """Policy and reference forwards over prompt+response with logits on the response; in
-    value.mode=adapter one more critic forward (no logits)."""
+    value.mode=adapter one more critic forward (no logits). `policy=False`: the sampler's own
+    log-probs stood in for the policy's forward (ppo/loop.py::sampler_scores); `reference=False`:
+    no KL needs the reference."""
     seq, rows = prompt_len + resp_len, batch * resp_len
-    total = forward_flops(arch, batch, seq, lora_params=lora_params, logit_rows=rows)
-    total += forward_flops(arch, batch, seq, lora_params=lora_params if reference_adapter else 0,
-                           logit_rows=rows)
+    total = forward_flops(arch, batch, seq, lora_params=lora_params, logit_rows=rows) * policy
+    if reference:
+        total += forward_flops(arch, batch, seq,
+                               lora_params=lora_params if reference_adapter else 0,
+                               logit_rows=rows)
     if value_adapter:
         total += forward_flops(arch, batch, seq, lora_params=lora_params, logit_rows=0)
     return total
