@@ -28,6 +28,9 @@ Workloads (as in the issue that asked for them):
               (mean ~20 tokens, cap 64)
     memory    20M params (hidden 256, 4 layers, vocab 32000), 64-token prompts + 512 new tokens,
               batch 8
+
+`--malloc-mmap-threshold 65536` runs both sides with glibc's MALLOC_MMAP_THRESHOLD_ fixed, so that
+peak RSS counts live memory rather than freed blocks glibc kept (see `_malloc_env`).
 """
 
 from __future__ import annotations
@@ -164,15 +167,47 @@ def summarize(side: str, res: dict) -> dict:
     return out
 
 
+# The peer's make_tiny_model.py trains its BPE tokenizer up to the full vocabulary; at 32 000 ids
+# that took over 15 minutes on one core here. Both sides prompt with random token ids, so the
+# tokenizer's merges never matter: train at most TOKENIZER_MERGES_CAP ids and add the rest as
+# plain tokens (the script's own padding path). The model and its shapes are unchanged.
+TOKENIZER_MERGES_CAP = 8192
+_BUILD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import make_tiny_model as m
+cap, full = int(sys.argv[2]), m.build_tokenizer
+def capped(vocab, seed):
+    tok = full(min(vocab, cap), seed)
+    tok.add_tokens([f"<extra_{i}>" for i in range(vocab - len(tok))])
+    assert len(tok) == vocab, (len(tok), vocab)
+    return tok
+m.build_tokenizer = capped
+sys.argv = ["make_tiny_model.py", *sys.argv[3:]]
+m.main()
+"""
+
+
 def build_model(name: str, peer_py: str, cache: Path) -> Path:
     out = cache / name
     if not (out / "config.json").is_file():
-        subprocess.run([peer_py, str(PEER / "make_tiny_model.py"), *MODELS[name], "--out",
-                        str(out)], check=True)
+        print(f"building {name} into {out} (once)", file=sys.stderr, flush=True)
+        subprocess.run([peer_py, "-c", _BUILD, str(PEER), str(TOKENIZER_MERGES_CAP),
+                        *MODELS[name], "--out", str(out)], check=True)
     return out
 
 
-def run_trl(peer_py: str, model: Path, w: dict, out: Path, seed: int) -> dict:
+def _malloc_env(mmap_threshold: int | None) -> dict:
+    """glibc settings for both sides' processes. By default glibc keeps freed blocks below its
+    dynamic mmap threshold (up to 32 MiB) in the heap, so peak RSS also counts memory that was
+    already freed, in amounts that depend on the order of allocations. MALLOC_MMAP_THRESHOLD_
+    fixes the threshold: every larger block gets its own mapping, unmapped on free, so RSS
+    follows the live tensors (what a GPU's caching allocator can reuse)."""
+    return {} if mmap_threshold is None else {"MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)}
+
+
+def run_trl(peer_py: str, model: Path, w: dict, out: Path, seed: int,
+            malloc: dict | None = None) -> dict:
     cmd = [peer_py, str(PEER / "trl_ppo.py"), "--model-dir", str(model), "--steps",
            str(w["steps"]), "--batch-size", str(w["batch"]), "--mini-batch-size", str(w["mini"]),
            "--ppo-epochs", "4", "--prompt-len", str(w["prompt_len"]), "--gen-len",
@@ -181,17 +216,18 @@ def run_trl(peer_py: str, model: Path, w: dict, out: Path, seed: int) -> dict:
         cmd += ["--prompt-len-min", str(w["prompt_min"])]
     if w["stop_ids"]:
         cmd += ["--stop-ids", str(w["stop_ids"])]
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(malloc or {})})
     return json.loads(out.read_text())
 
 
 def run_lora_ppo(model: Path, w: dict, out: Path, seed: int, grad_ckpt: bool,
-                 extra: list[str]) -> dict:
+                 extra: list[str], malloc: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--side", "lora_ppo", "--model-dir", str(model),
            "--workload-json", json.dumps(w), "--seed", str(seed), "--grad-ckpt", str(grad_ckpt),
            "--out", str(out)] + [f"--set={s}" for s in extra]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    subprocess.run(cmd, check=True, env={**env, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
+    subprocess.run(cmd, check=True, env={**env, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+                                         **(malloc or {})})
     return json.loads(out.read_text())
 
 
@@ -214,15 +250,17 @@ def compare(a) -> dict:
         for r in range(a.repeats):
             work = cache / "runs" / f"{a.workload}-{gen_len}-{r}"
             work.mkdir(parents=True, exist_ok=True)
+            malloc = _malloc_env(a.malloc_mmap_threshold)
             runs["trl"].append(summarize("trl", run_trl(peer_py, model, w, work / "trl.json",
-                                                        a.seed)))
+                                                        a.seed, malloc)))
             runs["lora_ppo"].append(summarize("lora_ppo", run_lora_ppo(
-                model, w, work / "lora_ppo.json", a.seed, grad_ckpt, a.set)))
+                model, w, work / "lora_ppo.json", a.seed, grad_ckpt, a.set, malloc)))
         pairs = [(t["tokens_per_s"], lp["tokens_per_s"])
                  for t, lp in zip(runs["trl"], runs["lora_ppo"])]
         mem = [(t["peak_above_load_mib"], lp["peak_above_load_mib"])
                for t, lp in zip(runs["trl"], runs["lora_ppo"])]
         point = {"workload": a.workload, "gen_len": gen_len, "settings": w,
+                 "malloc_mmap_threshold": a.malloc_mmap_threshold,
                  "gradient_checkpointing": grad_ckpt, "runs": runs,
                  "tokens_per_s": {s: _stats([x["tokens_per_s"] for x in runs[s]]) for s in runs},
                  "peak_above_load_mib": {s: _stats([x["peak_above_load_mib"] for x in runs[s]])
@@ -253,6 +291,9 @@ def main() -> None:
                    "by ../shared/peer/setup.sh)")
     p.add_argument("--cache", default="/tmp/lora_ppo_vs_trl")
     p.add_argument("--set", action="append", default=[], help="extra lora_ppo override")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                   help="MALLOC_MMAP_THRESHOLD_ for both sides (e.g. 65536: peak RSS follows "
+                   "live tensors, not glibc's retained free blocks); default: glibc's own")
     p.add_argument("--out", required=True)
     # the lora_ppo side, run by the driver in a fresh process
     p.add_argument("--side", choices=["lora_ppo"], help=argparse.SUPPRESS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 from helpers import REPO, clean_env
@@ -62,3 +63,27 @@ def test_rlhf_script_runs_every_stage_on_two_ranks(tiny_model_dir, tmp_path):
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").open()]
     assert [r["step"] for r in rows] == [1, 2]
     assert AutoModelForCausalLM.from_pretrained(out / "merged") is not None
+
+
+def test_curves_bins_runs_by_generated_tokens(tmp_path):
+    # Run a: 2 updates of 4 responses of length 10 (40 tokens each); run b: 1 update of 8
+    # responses of length 10 (80 tokens). An eval row (no raw score) is skipped.
+    def write(name, rows):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    a = write("a", [{"objective/raw_scores": 1.0, "objective/kl": 0.1, "response/length": 10.0,
+                     "episode": 4},
+                    {"eval/score": 9.0},
+                    {"objective/raw_scores": 3.0, "objective/kl": 0.3, "response/length": 10.0,
+                     "episode": 8}])
+    b = write("b", [{"objective/raw_scores": 5.0, "objective/kl": 0.5, "response/length": 10.0,
+                     "episode": 8}])
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "curves.py"), f"a={a}", f"b={b}",
+                          "--bins", "2"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == "| generated tokens | a score | a KL | b score | b KL |"
+    assert lines[2] == "| 0-40 | 1.000 | 0.100 | - | - |"
+    assert lines[3] == "| 40-80 | 3.000 | 0.300 | 5.000 | 0.500 |"
