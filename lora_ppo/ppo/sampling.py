@@ -95,14 +95,14 @@ def sample(ac: ActorCritic, query_ids: torch.Tensor, query_mask: torch.Tensor, *
             cache = getattr(out, cache_kw)
             h = out.last_hidden_state[:, -1]
             z = head(h).float()  # (B, V), as rl/logprobs casts it
+            zt = z / temperature if temperature != 1.0 else z  # the distribution drawn from
             if greedy:
                 tok = z.argmax(-1)
             else:
-                tok = torch.multinomial(torch.softmax(z / temperature, dim=-1), 1).squeeze(-1)
+                tok = torch.multinomial(torch.softmax(zt, dim=-1), 1).squeeze(-1)
             tok = tok.masked_fill(done, pad_id)
             tokens.append(tok)
             if score:  # rl/logprobs.py's formula: z[token] - logsumexp(z), z = logits / T
-                zt = z / temperature if temperature != 1.0 else z
                 logprobs.append(zt.gather(-1, tok[:, None]).squeeze(-1)
                                 - torch.logsumexp(zt, dim=-1))
             if with_values:

@@ -122,10 +122,10 @@ def ppo_update(engine, ac, rollout: Rollout, cfg, generator: torch.Generator,
     ac.train()  # dropout is off (build_actor_critic); train mode enables checkpointing
     all_stats: list[MicroStats] = []
     epochs_run, steps = 0, 0
+    lengths = rollout.query_mask.sum(1) + rollout.response_mask.sum(1)  # each sample's tokens
     for _ in range(pc.epochs):
         epoch_stats: list[MicroStats] = []
         perm = torch.randperm(n, generator=generator).to(rollout.query_ids.device)
-        lengths = rollout.query_mask.sum(1) + rollout.response_mask.sum(1)
         for start in range(0, n, mb_size):
             mb_idx = perm[start:start + mb_size]
             # Micro-batches of similar lengths pack (or pad) tightly; the minibatch's gradient

@@ -90,7 +90,7 @@ class _HeadChunk(torch.autograd.Function):
         z = logits.detach().float()  # the logits' own buffer when they are float32
         logprobs, lse = _softmax_in_place(z, tokens, temperature)
         entropy = _entropy_of(z) if with_entropy else torch.empty(0)
-        ctx.head, ctx.temperature, ctx.n_params = head, temperature, len(params)
+        ctx.head, ctx.temperature, ctx.params = head, temperature, params
         ctx.kept = (logits, h_in, z) if keep else None
         ctx.save_for_backward(h, tokens, lse)
         ctx.mark_non_differentiable(entropy)
@@ -114,9 +114,7 @@ class _HeadChunk(torch.autograd.Function):
         p.mul_(-g).scatter_add_(-1, tokens.unsqueeze(-1), g)  # g * (onehot - softmax)
         if ctx.temperature != 1.0:
             p.div_(ctx.temperature)
-        params = ([q for q in ctx.head.parameters() if q.requires_grad][: ctx.n_params]
-                  if ctx.n_params else [])
-        inputs = ([h_in] if ctx.needs_input_grad[0] else []) + params
+        inputs = ([h_in] if ctx.needs_input_grad[0] else []) + list(ctx.params)
         grads = list(torch.autograd.grad(logits, inputs, p.to(logits.dtype), allow_unused=True))
         grad_h = grads.pop(0) if ctx.needs_input_grad[0] else None
         return (grad_h, None, None, None, None, None, *grads)
