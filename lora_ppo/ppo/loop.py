@@ -280,6 +280,7 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
     """Run PPO and return the finished run. `resume`: "latest" or a checkpoint path;
     `overwrite`: replace an earlier run in output_dir (else it is refused, io/run_dir.py)."""
     from lora_ppo.io import checkpoint as ckpt
+    from lora_ppo.io import resume as restore
 
     # Check the output_dir and find the checkpoint before loading anything, so a bad --resume
     # or a used output_dir fails at once, and nothing is written before every check passed.
@@ -288,7 +289,7 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
     run = setup(cfg)
     rank0 = run.dist.rank == 0
     if start_from is not None:
-        ckpt.load(run, start_from)  # refuses a checkpoint this config cannot continue
+        restore.load(run, start_from)  # refuses a checkpoint this config cannot continue
     if rank0:
         clear(earlier)
         run.output_dir.mkdir(parents=True, exist_ok=True)

@@ -248,12 +248,14 @@ def save_checkpoint(st: Stage, write_output: Callable[[Path], None]) -> Path:
 def load_checkpoint(st: Stage, resume: str) -> None:
     """Restore LoRA weights, head, optimizer, LR schedule, RNG and step from a stage checkpoint."""
     from lora_ppo.io import checkpoint as ck
+    from lora_ppo.io import resume as restore
 
     c = ck.open_checkpoint(ck.find(st.run_dir, resume))
     if c.state.get("stage") != st.name:
         raise UserError(f"checkpoint {c.path} is from stage {c.state.get('stage', 'train')!r}, not "
                         f"{st.name!r}; resume it with its own command")
-    ck.check_fit(c, st.cfg, st.model_path, STAGE_MUST_MATCH, ck.run_facts(st.dist, st.engine))
-    ck.load_engine_state(c, st.engine)
+    restore.check_fit(c, st.cfg, st.model_path, STAGE_MUST_MATCH,
+                      ck.run_facts(st.dist, st.engine))
+    restore.load_engine_state(c, st.engine)
     st.step = int(c.state["step"])
     torch.set_rng_state(torch.load(c.path / f"rank-{st.dist.rank}.pt")["torch"])

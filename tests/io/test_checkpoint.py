@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from lora_ppo.config.load import config_to_dict
 from lora_ppo.errors import UserError
 from lora_ppo.io import checkpoint as ckpt
+from lora_ppo.io import resume as restore
 from lora_ppo.io.atomic import atomic_output_dir
 
 VOLATILE = ("time/", "memory/", "tokens_per_s")  # wall-clock and RSS differ between runs
@@ -119,7 +120,7 @@ def test_load_restores_the_run(trained, tiny_model_dir, low_ids_reward):
     out, cfg = trained
     step = out / "checkpoints" / "step-3"
     run = setup(cfg)
-    ckpt.load(run, step)
+    restore.load(run, step)
     assert (run.step, run.episode) == (3, 24)
     assert run.sampler.state_dict() == {"epoch": 0, "position": 24}
     state = json.loads((step / "state.json").read_text())
@@ -129,7 +130,7 @@ def test_load_restores_the_run(trained, tiny_model_dir, low_ids_reward):
     assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])
     assert torch.equal(run.generator.get_state(), saved["rng"]["generator"])
     policy = load_file(step / "policy/adapter_model.safetensors")
-    live = ckpt.live_weights(run.ac)["policy/adapter_model.safetensors"]
+    live = restore.live_weights(run.ac)["policy/adapter_model.safetensors"]
     assert any(v.abs().max() > 0 for k, v in policy.items() if "lora_B" in k)  # trained
     for k, v in policy.items():
         assert torch.equal(live[k], v), k
@@ -176,7 +177,7 @@ def test_incompatible_checkpoints_are_refused(trained, tmp_path):
                             "value.mode=adapter"))
     with pytest.raises(UserError, match=r"lora\.r: 4 in the checkpoint, 8 now; value_mode: "
                                         r"'shared' in the checkpoint, 'adapter' now"):
-        ckpt.load(run, step)
+        restore.load(run, step)
     other = _other_base(Path(cfg.model.path), tmp_path / "other")
     with pytest.raises(UserError, match="trained on another base: the weight files"):
         ckpt.check_base(ckpt.open_checkpoint(step), str(other))
