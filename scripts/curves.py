@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -36,6 +37,12 @@ def binned(rows: list[dict], edges: list[float], key: str) -> list[float | None]
     return out
 
 
+def fail(msg: str) -> None:
+    """Bad input: one line on stderr, exit code 2."""
+    print(f"curves.py: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="label=path/to/metrics.jsonl")
@@ -45,8 +52,13 @@ def main(argv: list[str] | None = None) -> None:
     for spec in a.runs:
         label, _, path = spec.partition("=")
         if not path:
-            p.error(f"{spec!r}: give label=path/to/metrics.jsonl")
-        runs[label] = load(path)
+            fail(f"{spec!r}: give label=path/to/metrics.jsonl")
+        try:
+            runs[label] = load(path)
+        except (OSError, ValueError, KeyError) as e:  # missing file, bad JSON, not a metrics file
+            fail(f"{path}: cannot read training rows ({type(e).__name__}: {e})")
+        if not runs[label]:
+            fail(f"{path}: no training rows (objective/raw_scores) in it")
     top = min(rows[-1]["tokens_so_far"] for rows in runs.values())  # the shortest run's total
     edges = [top * i / a.bins for i in range(a.bins + 1)]
     head = " | ".join(f"{lab} score | {lab} KL" for lab in runs)

@@ -87,3 +87,13 @@ def test_curves_bins_runs_by_generated_tokens(tmp_path):
     assert lines[0] == "| generated tokens | a score | a KL | b score | b KL |"
     assert lines[2] == "| 0-40 | 1.000 | 0.100 | - | - |"
     assert lines[3] == "| 40-80 | 3.000 | 0.300 | 5.000 | 0.500 |"
+
+
+def test_curves_bad_input_is_one_line_and_exit_2(tmp_path):
+    empty = tmp_path / "eval_only.jsonl"
+    empty.write_text(json.dumps({"eval/score": 1.0}) + "\n")
+    for arg in ("no-label", f"a={tmp_path / 'missing.jsonl'}", f"a={empty}"):
+        res = subprocess.run([sys.executable, str(REPO / "scripts" / "curves.py"), arg],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "Traceback" not in res.stderr
