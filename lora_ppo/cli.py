@@ -36,9 +36,10 @@ def _quiet() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # bitsandbytes 0.50 warns on every CPU start that an optional kernel package is missing;
-    # datasets logs its own lines before the error that lora_ppo turns into one line.
-    for name in ("bitsandbytes", "datasets"):
+    # bitsandbytes 0.50 warns on every CPU start that its optional hub kernel cannot be loaded,
+    # and `kernels` 0.19 (which bitsandbytes asks for it) that it skips the publisher trust check
+    # offline; datasets logs its own lines before the error that lora_ppo turns into one line.
+    for name in ("bitsandbytes", "kernels", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
