@@ -71,8 +71,14 @@ def _softmax_in_place(z: Tensor, tokens: Tensor, temperature: float) -> tuple[Te
     return picked - lse, lse
 
 
-def _entropy_of(p: Tensor, block: int = 256) -> Tensor:
-    """-sum(p log p) per row of p (N, V), `block` rows at a time (bounded temporaries)."""
+ENTROPY_BLOCKS = 8  # the entropy's temporaries: 1/8 of the chunk's buffer
+
+
+def _entropy_of(p: Tensor) -> Tensor:
+    """-sum(p log p) per row of p (N, V), in blocks of N / ENTROPY_BLOCKS rows: the (rows, V)
+    temporary of xlogy is an eighth of the chunk's buffer whatever the chunk size (a fixed 256
+    rows was half the buffer of a 512-row chunk)."""
+    block = max(1, -(-p.shape[0] // ENTROPY_BLOCKS))
     return torch.cat([-torch.special.xlogy(b, b).sum(-1) for b in p.split(block)])
 
 

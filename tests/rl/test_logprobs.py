@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_ppo.rl.logprobs import logprobs_and_entropy_from_hidden, logprobs_from_logits
+from lora_ppo.rl.logprobs import (
+    ENTROPY_BLOCKS,
+    logprobs_and_entropy_from_hidden,
+    logprobs_from_logits,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -183,11 +187,16 @@ def test_chunked_scoring_memory_stays_far_below_full_logits():
 def test_scoring_without_entropy_grad_holds_one_logits_buffer(chunk):
     # The update's path when ent_coef=0: the logits are reduced and, in backward, turned into
     # their own gradient in place. One chunk of all 2048 rows (kept for the backward) or four
-    # of 512 (made again in backward): about one (chunk, V) float32 buffer at the peak, where
-    # autograd's log_softmax + gather (entropy_grad=True) holds about five.
+    # of 512 (made again in backward): one (chunk, V) float32 buffer at the peak, plus the
+    # entropy metric's temporary (an eighth of it, rl/logprobs.py::_entropy_of), the head's
+    # weight gradient (V, H) and the hidden states' (N, H); autograd's log_softmax + gather
+    # (entropy_grad=True) holds about five buffers.
     N, H, V = 2048, 16, 32000
     buffer = chunk * V * 4
+    ours = buffer * (1 + 1 / ENTROPY_BLOCKS) + (V * H + 2 * N * H) * 4
     one_buffer = _peak_extra_bytes("metric_entropy", N, H, V, chunk)
     autograd = _peak_extra_bytes("chunked", N, H, V, chunk)
     assert autograd > 3 * buffer, (autograd, buffer)  # the measurement sees the temporaries
-    assert one_buffer < 1.5 * buffer, (one_buffer, buffer)
+    # What the process holds beyond our buffers (allocator pages, thread stacks) is bounded by
+    # a 4 MiB slack, not by a share of the buffer that a library release can cross.
+    assert one_buffer < ours + 4 * 2**20, (one_buffer, ours)
