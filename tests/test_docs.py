@@ -28,3 +28,16 @@ def test_ci_runs_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text()
     test_cmd = "bash scripts/setup.sh && .venv/bin/python -m pytest -q"
     assert test_cmd in readme and test_cmd in ci
+
+
+def test_readme_names_the_tested_versions_of_constraints_txt():
+    """The README's "Tested versions" line says what scripts/setup.sh installs."""
+    readme = (REPO / "README.md").read_text()
+    block = readme[readme.index("**Tested versions.**"):]
+    block = " ".join(block[:block.index("\n\n")].split())
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    named = re.findall(r"([a-z_]+) (\d+\.\d+\.\d+)", block)
+    assert len(named) >= 10, named
+    for name, version in named:
+        assert pins.get(name) == version, (name, version, pins.get(name))

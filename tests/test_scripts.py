@@ -11,7 +11,7 @@ import pytest
 from helpers import REPO, clean_env
 from test_pipeline import _pipeline_yaml
 
-SCRIPTS = ("setup.sh", "launch.sh", "rlhf.sh", "gpu_check.sh")
+SCRIPTS = ("setup.sh", "launch.sh", "rlhf.sh", "gpu_check.sh", "update_constraints.sh")
 
 
 def _bash(*args: str, env: dict | None = None, timeout: int = 60):
