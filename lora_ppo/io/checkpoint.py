@@ -38,7 +38,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -133,20 +133,19 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def find(output_dir: str | Path, resume: str) -> Path:
-    """`resume="latest"`: the newest complete checkpoint under output_dir/checkpoints;
-    anything else is a checkpoint directory, which must be complete."""
+def find(run_dir: str | Path, resume: str) -> Optional[Path]:
+    """`resume="latest"`: the newest complete checkpoint under run_dir/checkpoints, or None when
+    the run never completed one (it was killed before or while writing its first: `--resume
+    latest` then starts it again from step 0, io/run_dir.py::earlier_run). Anything else is a
+    checkpoint directory, which must be complete."""
     if resume == "latest":
-        root = Path(output_dir) / "checkpoints"
-        found = complete_checkpoints(root)
-        if not found:
-            raise UserError(f"--resume: no complete checkpoint in {root}; start without --resume "
-                            "or give --resume PATH to a checkpoint directory")
-        return found[-1][1]
+        found = complete_checkpoints(Path(run_dir) / "checkpoints")
+        return found[-1][1] if found else None
     path = Path(resume)
     if not (path / COMPLETE).is_file():
         raise UserError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE} marker); "
-                        "give a checkpoints/step-<N> directory, or --resume alone for the latest")
+                        "give a checkpoints/step-<N> directory, or --resume latest for the newest "
+                        "complete one (or a fresh start when there is none)")
     return path
 
 

@@ -20,9 +20,11 @@ _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "c
             ".txt": "text"}
 
 
-def read_rows(spec: str, columns: list[str], field: str, text: bool = False) -> list[dict]:
+def read_rows(spec: str, columns: dict[str, str], field: str, text: bool = False) -> list[dict]:
     """Rows {column: value} of a JSONL/JSON/Parquet/CSV file (with `text`, also a .txt file:
-    one row per line, its column named "text"). Every column must exist and hold a value."""
+    one row per line, its column named "text"). `columns` maps each column to the config field
+    that names it (a missing column's message names that field). Every column must exist and
+    hold a value."""
     path = Path(spec)
     kinds = ".jsonl, .json, .parquet, .csv" + (" or .txt" if text else "")
     if not path.is_file():
@@ -42,11 +44,12 @@ def read_rows(spec: str, columns: list[str], field: str, text: bool = False) -> 
     except Exception as e:
         raise UserError(f"{field}={spec} could not be read as {fmt}: {first_line(e)}")
     if fmt == "text":
-        columns = ["text"]
+        columns = {"text": ""}
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise UserError(f"{field}={spec} has no column {missing[0]!r} (columns: "
-                        f"{', '.join(table.column_names)}); set the matching *_column field")
+                        f"{', '.join(table.column_names)}); set {columns[missing[0]]} to one of "
+                        "them")
     rows = [dict(zip(columns, values)) for values in zip(*(table[c] for c in columns))]
     if not rows:
         raise UserError(f"{field}={spec} holds no rows")
@@ -85,7 +88,8 @@ def _check_jsonl(path: Path, field: str) -> None:
                                 "object with named columns; write one object per line")
 
 
-def load_prompts(spec: str, column: str, field: str = "data.prompts") -> list[str]:
+def load_prompts(spec: str, column: str, field: str = "data.prompts",
+                 column_field: str = "data.prompt_column") -> list[str]:
     """Prompt strings from a table file (column `column`) or a text file (one per line);
     `builtin:reviews` generates openings of product and movie reviews, `builtin:arithmetic`
     additions "a + b =" (builtin/arithmetic.py). Blank prompts are dropped."""
@@ -97,7 +101,7 @@ def load_prompts(spec: str, column: str, field: str = "data.prompts") -> list[st
         from lora_ppo.builtin import arithmetic
 
         return arithmetic.prompts(512, seed=1234)
-    rows = read_rows(spec, [column], field, text=True)
+    rows = read_rows(spec, {column: column_field}, field, text=True)
     prompts = [p for row in rows for p in row.values() if isinstance(p, str) and p.strip()]
     if not prompts:
         raise UserError(f"{field}={spec} holds no non-empty prompt in column {column!r}")

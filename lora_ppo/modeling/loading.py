@@ -136,7 +136,7 @@ def keep_4bit_differentiable_on_cpu(model: torch.nn.Module) -> None:
     next training forward then backpropagates nothing through the frozen base weight: LoRA
     weights below it get wrong gradients, silently (torch only warns). A rollout (eval, no grad)
     is always followed by an update, so the fast path is switched off; compute stays fp32 either
-    way. Checked by tests/modeling/test_loading.py.
+    way. Checked by tests/modeling/test_actor_critic.py.
     """
     import bitsandbytes as bnb
 

@@ -284,18 +284,19 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
 
     # Check the output_dir and find the checkpoint before loading anything, so a bad --resume
     # or a used output_dir fails at once, and nothing is written before every check passed.
-    earlier = earlier_run(cfg.output_dir, "train", resume, overwrite)
-    start_from = ckpt.find(cfg.output_dir, resume) if resume is not None else None
+    start = earlier_run(cfg.output_dir, "train", resume, overwrite, cfg.output_dir)
     run = setup(cfg)
     rank0 = run.dist.rank == 0
-    if start_from is not None:
-        restore.load(run, start_from)  # refuses a checkpoint this config cannot continue
+    if start.checkpoint is not None:
+        restore.load(run, start.checkpoint)  # refuses a checkpoint this config cannot continue
     if rank0:
-        clear(earlier)
+        clear(start.replaces)
         run.output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.output_dir / "config.yaml")
-        if start_from is not None:
-            print(f"resumed from {start_from} at update {run.step}", flush=True)
+        if start.checkpoint is not None:
+            print(f"resumed from {start.checkpoint} at update {run.step}", flush=True)
+        elif start.note:
+            print(start.note, flush=True)
     logger = MetricsLogger(run.output_dir, cfg, cfg.ppo.total_updates, run.step, enabled=rank0,
                            bar_keys=PPO_BAR)
     logger.truncate_after(run.step)

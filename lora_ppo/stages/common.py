@@ -29,7 +29,7 @@ from lora_ppo.config.load import save_config
 from lora_ppo.errors import UserError
 from lora_ppo.io.data import encode_prompts, hold_out, render_prompt
 from lora_ppo.io.metrics import MetricsLogger, peak_memory_mib
-from lora_ppo.io.run_dir import clear, earlier_run
+from lora_ppo.io.run_dir import Start, clear, earlier_run
 from lora_ppo.runtime.dist import DistInfo, seed_everything, setup_distributed
 from lora_ppo.runtime.ds_config import run_ds_config
 from lora_ppo.runtime.engine import create_engine, gathered_trainable
@@ -78,7 +78,7 @@ class Stage:
     model_path: str
     ds_config: dict
     run_dir: Path
-    earlier: list = dataclasses.field(default_factory=list)  # to clear once all checks passed
+    start: Optional[Start] = None  # the checkpoint to continue, the earlier files it replaces
     engine: Any = None
     step: int = 0
     total_steps: int = 0
@@ -98,7 +98,8 @@ def setup_stage(cfg: Config, name: str, read_rows: Callable[[str, str], list[dic
     from lora_ppo.modeling.loading import load_tokenizer, resolve_model_path
 
     sec = getattr(cfg, name)
-    earlier = earlier_run(cfg.output_dir, name, resume, overwrite)
+    run_dir = Path(cfg.output_dir) / name
+    start = earlier_run(cfg.output_dir, name, resume, overwrite, run_dir)
     model_path = resolve_model_path(cfg.model.path)  # fail on a bad path before anything starts
     dist = setup_distributed()
     seed_everything(cfg.seed + dist.rank)
@@ -108,7 +109,7 @@ def setup_stage(cfg: Config, name: str, read_rows: Callable[[str, str], list[dic
     train_rows, eval_rows = hold_out(read_rows(sec.data, f"{name}.data"), eval_rows,
                                      sec.eval.size, cfg.seed, f"{name}.eval.size")
     st = Stage(cfg=cfg, name=name, dist=dist, tokenizer=tokenizer, model_path=model_path,
-               ds_config=ds_config, run_dir=Path(cfg.output_dir) / name, earlier=earlier)
+               ds_config=ds_config, run_dir=run_dir, start=start)
     return st, train_rows, eval_rows
 
 
@@ -130,8 +131,7 @@ def load_stage_model(st: Stage, init_adapter: Optional[str] = None, field: str =
     return get_peft_model(base, _lora_config(st.cfg))
 
 
-def start_training(st: Stage, module: torch.nn.Module, n_train: int,
-                   resume: Optional[str]) -> None:
+def start_training(st: Stage, module: torch.nn.Module, n_train: int) -> None:
     """Count the steps, wrap `module` in the DeepSpeed engine, restore a checkpoint if asked,
     and write the run's config.yaml."""
     train, optim = st.section.train, st.section.optim
@@ -147,12 +147,14 @@ def start_training(st: Stage, module: torch.nn.Module, n_train: int,
     optim = dataclasses.replace(optim, warmup_steps=min(optim.warmup_steps, st.total_steps))
     st.engine = create_engine(module, ds_config=st.ds_config, optim=optim,
                               total_steps=st.total_steps)
-    if resume is not None:
-        load_checkpoint(st, resume)  # refuses a checkpoint this config cannot continue
+    if st.start.checkpoint is not None:
+        load_checkpoint(st, st.start.checkpoint)  # refuses one this config cannot continue
     if st.dist.rank == 0:  # every check has passed: from here on the stage writes
-        clear(st.earlier)
+        clear(st.start.replaces)
         st.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(st.cfg, st.run_dir / "config.yaml")
+        if st.start.note:
+            print(st.start.note, flush=True)
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -245,12 +247,12 @@ def save_checkpoint(st: Stage, write_output: Callable[[Path], None]) -> Path:
                                state)
 
 
-def load_checkpoint(st: Stage, resume: str) -> None:
+def load_checkpoint(st: Stage, path: Path) -> None:
     """Restore LoRA weights, head, optimizer, LR schedule, RNG and step from a stage checkpoint."""
     from lora_ppo.io import checkpoint as ck
     from lora_ppo.io import resume as restore
 
-    c = ck.open_checkpoint(ck.find(st.run_dir, resume))
+    c = ck.open_checkpoint(path)
     if c.state.get("stage") != st.name:
         raise UserError(f"checkpoint {c.path} is from stage {c.state.get('stage', 'train')!r}, not "
                         f"{st.name!r}; resume it with its own command")

@@ -82,15 +82,18 @@ def read_pairs(spec: str, sec, field: str) -> list[dict]:
         from lora_ppo.builtin.corpus import preference_pairs
 
         return [{**r, "margin": sec.margin} for r in preference_pairs(2000, seed=7, broken=0.25)]
-    cols = [sec.prompt_column, sec.chosen_column, sec.rejected_column]
-    rows = read_rows(spec, cols + ([sec.margin_column] if sec.margin_column else []), field)
+    names = ["prompt_column", "chosen_column", "rejected_column"] + (
+        ["margin_column"] if sec.margin_column else [])
+    section = field.split(".")[0]  # reward_model
+    rows = read_rows(spec, {getattr(sec, n): f"{section}.{n}" for n in names}, field)
     out = []
     for r in rows:
         m = float(r[sec.margin_column]) if sec.margin_column else sec.margin
         if not math.isfinite(m):
             raise UserError(f"{field}={spec}: margin {m} in column {sec.margin_column!r} is not "
                             "finite; fix the data")
-        out.append({"prompt": r[cols[0]], "chosen": r[cols[1]], "rejected": r[cols[2]],
+        out.append({"prompt": r[sec.prompt_column], "chosen": r[sec.chosen_column],
+                    "rejected": r[sec.rejected_column],
                     "margin": m})
     return out
 
@@ -170,7 +173,7 @@ def train_reward(cfg: Config, resume: Optional[str] = None, overwrite: bool = Fa
     hidden = peft_model.get_base_model().config.hidden_size
     head = ScalarHead(hidden, sec.head_init_std).to(st.dist.device)
     model = RewardModel(peft_model, head)
-    start_training(st, model, len(train), resume)
+    start_training(st, model, len(train))
     micro = sec.train.micro_batch_size
 
     def train_step(idx: list[int]) -> dict:

@@ -71,7 +71,9 @@ def builtin_pairs(n: int = 2000, seed: int = 7) -> list[dict]:
 def read_pairs(spec: str, sec, field: str) -> list[dict]:
     if spec == BUILTIN:
         return builtin_pairs()
-    rows = read_rows(spec, [sec.prompt_column, sec.response_column], field)
+    section = field.split(".")[0]  # sft
+    rows = read_rows(spec, {sec.prompt_column: f"{section}.prompt_column",
+                            sec.response_column: f"{section}.response_column"}, field)
     return [{"prompt": r[sec.prompt_column], "response": r[sec.response_column]} for r in rows]
 
 
@@ -215,7 +217,7 @@ def train_sft(cfg: Config, resume: Optional[str] = None, overwrite: bool = False
     eager, dtype = attn == "eager", lm.get_input_embeddings().weight.dtype
     chunk = chunk_rows(peft_model.get_base_model().get_output_embeddings().out_features,
                        cfg.rollout.logits_chunk_mib)
-    start_training(st, SFTModel(peft_model, chunk), len(train), resume)
+    start_training(st, SFTModel(peft_model, chunk), len(train))
     micro, accum = sec.train.micro_batch_size, sec.train.batch_size // sec.train.micro_batch_size
 
     def batches(rows: list[list[Example]]):

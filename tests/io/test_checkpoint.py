@@ -66,8 +66,9 @@ def test_find_picks_the_newest_complete_checkpoint(tmp_path):
     assert ckpt.find(tmp_path, str(root / "step-2")) == root / "step-2"
     with pytest.raises(UserError, match="not a complete checkpoint"):
         ckpt.find(tmp_path, str(root / "step-13"))
-    with pytest.raises(UserError, match="no complete checkpoint"):
-        ckpt.find(tmp_path / "elsewhere", "latest")
+    # A run killed before (or while writing) its first checkpoint: none to continue, so
+    # `--resume latest` starts it again (io/run_dir.py::earlier_run).
+    assert ckpt.find(tmp_path / "elsewhere", "latest") is None
 
 
 def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
@@ -249,6 +250,68 @@ def test_sigkill_and_resume_equals_uninterrupted(tiny_model_dir, low_ids_reward,
         tmp_path / "killed" / "metrics.jsonl")
     assert [r["step"] for r in mb] == [1, 2, 3, 4, 5]
     assert ma == mb
+
+
+def _kill_when(cmd: list[str], marker, timeout: float = 300) -> None:
+    """Start `cmd` and SIGKILL it as soon as `marker()` is true (polled every 5 ms)."""
+    proc = subprocess.Popen(cmd, env=clean_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not marker() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+
+
+@pytest.mark.slow
+def test_kill_before_and_during_the_first_checkpoint_then_the_named_command(
+        tiny_model_dir, low_ids_reward, tmp_path):
+    """A run killed before its first complete checkpoint (after update 1 of 3, the first
+    checkpoint due at 2) or while writing it: the plain command is refused with a message that
+    names `--resume latest`; that command starts the run again from update 0 in the same
+    directory and ends bit for bit where a run that was never stopped ends."""
+    def config(name):
+        return write_yaml(tmp_path / f"{name}.yaml", {
+            "output_dir": str(tmp_path / name), "seed": 3,
+            "model": {"path": str(tiny_model_dir), "gradient_checkpointing": False,
+                      "max_prompt_length": 16},
+            "quantization": {"mode": "none"}, "lora": {"r": 4, "alpha": 8},
+            "reward": {"function": low_ids_reward, "normalize": True},
+            "rollout": {"batch_size": 8, "generation_batch_size": 8, "max_new_tokens": 6},
+            "ppo": {"total_updates": 3, "epochs": 1, "minibatch_size": 4, "micro_batch_size": 2,
+                    "optim": {"learning_rate": 0.01}, "adaptive_kl": True, "target_kl": 0.01,
+                    "kl_horizon": 100},
+            "deepspeed": {"config": "zero2"},
+            "logging": {"progress": False, "tensorboard": False},
+            "checkpoint": {"every": 2, "keep": 2}})
+
+    cmd = [sys.executable, "-m", "lora_ppo", "train", "--config"]
+    full = run_cli("train", "--config", str(config("full")))
+    assert full.returncode == 0, full.stderr[-3000:]
+    metrics = tmp_path / "before" / "metrics.jsonl"
+    _kill_when(cmd + [str(config("before"))],
+               lambda: metrics.exists() and metrics.read_text().count("\n") >= 1)
+    partial = tmp_path / "during" / "checkpoints" / ".step-2.tmp"
+    _kill_when(cmd + [str(config("during"))], partial.exists)
+    for name in ("before", "during"):
+        out = tmp_path / name
+        assert ckpt.find(out, "latest") is None and (out / "config.yaml").is_file()
+        refused = run_cli("train", "--config", str(tmp_path / f"{name}.yaml"))
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        named = refused.stderr.split("`")[1]  # the command the message names
+        assert named == "lora-ppo train --resume latest", refused.stderr
+        res = run_cli("train", "--config", str(tmp_path / f"{name}.yaml"),
+                      *named.split()[2:])
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "no complete checkpoint" in res.stdout and "from step 0" in res.stdout
+        step = out / "checkpoints" / "step-3"
+        for weights in ("policy/adapter_model.safetensors", "value/value_head.safetensors"):
+            a, b = load_file(tmp_path / "full" / "checkpoints" / "step-3" / weights), \
+                load_file(step / weights)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        assert _metrics(out / "metrics.jsonl") == _metrics(tmp_path / "full" / "metrics.jsonl")
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]
 
 
 @pytest.mark.slow

@@ -30,7 +30,8 @@ def test_formats(files, name):
 
 
 @pytest.mark.parametrize("spec, column, match", [
-    ("p.jsonl", "prompt", "data.prompts=.*p.jsonl has no column 'prompt' \\(columns: q, n\\)"),
+    ("p.jsonl", "prompt", "data.prompts=.*p.jsonl has no column 'prompt' \\(columns: q, n\\); "
+                          "set data.prompt_column to one of them"),
     ("missing.jsonl", "q", "does not exist"),
     ("p.xml", "q", "unknown extension '.xml'"),
 ])

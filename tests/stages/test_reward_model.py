@@ -161,3 +161,24 @@ def test_reward_adapter_can_start_from_the_sft_adapter(tiny_model_dir, tmp_path)
     # One step of AdamW (lr 0.003) moves each weight by about lr, from the SFT weights.
     assert all((end[k] - start[k]).abs().max() < 0.01 for k in start)
     assert any(not torch.equal(end[k], start[k]) for k in start)
+
+
+def test_pairs_from_a_file_and_a_missing_column_names_its_field(tmp_path):
+    from lora_ppo.config.load import load_config
+    from lora_ppo.errors import UserError
+    from lora_ppo.stages.reward_model import read_pairs
+
+    rows = [{"q": "p1", "good": "a", "bad": "b", "m": 0.5}, {"q": "p2", "good": "c", "bad": "d",
+                                                             "m": 1.0}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sec = load_config(None, ["reward_model.prompt_column=q", "reward_model.chosen_column=good",
+                             "reward_model.rejected_column=bad",
+                             "reward_model.margin_column=m"]).reward_model
+    assert read_pairs(str(path), sec, "reward_model.data") == [
+        {"prompt": "p1", "chosen": "a", "rejected": "b", "margin": 0.5},
+        {"prompt": "p2", "chosen": "c", "rejected": "d", "margin": 1.0}]
+    sec.rejected_column = "worse"
+    with pytest.raises(UserError, match=r"has no column 'worse' .*; set "
+                                        r"reward_model.rejected_column to one of them"):
+        read_pairs(str(path), sec, "reward_model.data")

@@ -184,6 +184,46 @@ def test_resume_from_a_checkpoint_reproduces_the_adapter(tiny_model_dir, tmp_pat
     assert steps == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("command", ["sft", "train-reward"])
+def test_resume_latest_restarts_a_run_killed_before_its_first_checkpoint(tiny_model_dir,
+                                                                          tmp_path, command):
+    """What a kill before the first complete checkpoint leaves (the stage's config.yaml, some
+    metrics lines, a checkpoint cut off mid-write): the plain command is refused with a message
+    naming `--resume latest`, and that command starts the run again from step 0 and ends with
+    the adapter of a run that was never stopped, bit for bit."""
+    from helpers import run_cli
+    from safetensors.torch import load_file
+
+    section, adapter = {"sft": ("sft", "adapter"),
+                        "train-reward": ("reward_model", "reward_adapter")}[command]
+    args = [f"model.path={tiny_model_dir}", "quantization.mode=none",
+            "model.max_prompt_length=16", "lora.r=4", "lora.alpha=8", "checkpoint.every=2",
+            "logging.progress=false", "logging.tensorboard=false",
+            *(f"{section}.{k}" for k in ("train.max_steps=3", "train.batch_size=4",
+                                         "train.micro_batch_size=4", "eval.size=4",
+                                         "train.max_length=48"))]
+    a, b = tmp_path / "a", tmp_path / "b"
+    res = run_cli(command, *args, f"output_dir={a}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    # b: a's run as a kill during its first checkpoint write would have left it.
+    run_dir = b / section
+    shutil.copytree(a / section, run_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    (run_dir / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text()
+                                           .splitlines(keepends=True)[0])
+    partial = run_dir / "checkpoints" / ".step-2.tmp"
+    shutil.copytree(a / section / "checkpoints" / "step-2", partial)
+    (partial / "COMPLETE").unlink()
+    refused = run_cli(command, *args, f"output_dir={b}")
+    assert refused.returncode == 2 and f"lora-ppo {command} --resume latest" in refused.stderr
+    res = run_cli(command, *args, f"output_dir={b}", "--resume", "latest")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "no complete checkpoint" in res.stdout and "from step 0" in res.stdout
+    wa, wb = (load_file(str(d / adapter / "adapter_model.safetensors")) for d in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    steps = [json.loads(ln)["step"] for ln in (run_dir / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3]
+
+
 def test_sft_on_a_4bit_base_lowers_the_loss(tok, tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", builtin_pairs(16))
     cfg = _sft_config(tiny_model_dir, tmp_path / "out", data, "quantization.mode=4bit",
@@ -214,7 +254,8 @@ def test_bad_stage_config_fails_at_load_time(overrides, expected):
 
 @pytest.mark.parametrize("args, expected", [
     (["sft.response_column=answer"], "has no column 'answer'"),
-    (["sft.eval.size=0", "--resume"], "no complete checkpoint in"),
+    (["sft.response_column=answer"], "set sft.response_column to one of them"),
+    (["sft.eval.size=0", "--resume", "{out}/sft/checkpoints/step-3"], "not a complete checkpoint"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, args, expected):
     from helpers import run_cli
@@ -222,7 +263,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, args, ex
     data = write_jsonl(tmp_path / "pairs.jsonl", builtin_pairs(16))
     out = tmp_path / "out"
     res = run_cli("sft", f"model.path={tiny_model_dir}", f"output_dir={out}", f"sft.data={data}",
-                  "quantization.mode=none", "model.max_prompt_length=16", *args)
+                  "quantization.mode=none", "model.max_prompt_length=16",
+                  *(a.format(out=out) for a in args))
     assert res.returncode == 2, res.stderr[-2000:]
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("lora-ppo: error:") and expected in lines[-1], lines[-1]
