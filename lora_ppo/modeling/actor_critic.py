@@ -25,43 +25,14 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from lora_ppo.errors import UserError, first_line
-from lora_ppo.modeling.packing import Packed, pack
+from lora_ppo.errors import UserError
+from lora_ppo.modeling.heads import REWARD_HEAD_FILE, ScalarHead, load_scalar_head, logits_transform
+from lora_ppo.modeling.packing import PADDED, Layout, Packed, pack
 from lora_ppo.rl.logprobs import logprobs_and_entropy_from_hidden
 
 POLICY, REFERENCE, CRITIC, REWARD = "policy", "reference", "critic", "reward"
-REWARD_HEAD_FILE = "score_head.safetensors"
-
-
-class _FP32Linear(nn.Linear):
-    """nn.Linear that computes in fp32 whatever dtype its weights and input are in.
-
-    Under bf16/fp16 DeepSpeed casts every module parameter to the training dtype, the heads'
-    too (`DeepSpeedEngine._cast_module_mixed_precision`; their fp32 master copy lives in the
-    optimizer). The head still multiplies in fp32, so values and scores keep fp32 precision in
-    the sum over the hidden size. A Linear subclass, not a function of the weights in the parent's
-    forward, so ZeRO-3 gathers its partitioned weights around its own `__call__`.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.float()
-        return nn.functional.linear(x.float(), self.weight.float(), bias)
-
-
-class ScalarHead(nn.Module):
-    """hidden (B, T, H) -> (B, T) float32, computed in fp32 whatever the trunk's dtype."""
-
-    def __init__(self, hidden_size: int, init_std: float = 0.0):
-        super().__init__()
-        self.linear = _FP32Linear(hidden_size, 1, dtype=torch.float32)
-        if init_std > 0:
-            nn.init.normal_(self.linear.weight, std=init_std)
-        else:
-            nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden).squeeze(-1)
+__all__ = ["POLICY", "REFERENCE", "CRITIC", "REWARD", "REWARD_HEAD_FILE", "ActorCritic",
+           "PolicyOutputs", "ScalarHead", "build_actor_critic", "position_ids_from_mask"]
 
 
 class PolicyOutputs(NamedTuple):
@@ -98,6 +69,10 @@ class ActorCritic(nn.Module):
         # what is trainable and restore it after each switch, so DeepSpeed's view never changes.
         self._trainable = {id(p): p.requires_grad for p in self.parameters()}
         self._role = POLICY  # the role forwards run under now (see checkpoint_contexts)
+        # What the model's own forward does after the LM head (modeling/heads.py), and how the
+        # scoring and update forwards lay out a batch (modeling/seams.py decides it at setup).
+        self.logits_transform = logits_transform(self.causal_lm.config)
+        self.layout: Layout = PADDED
 
     # -- structure ---------------------------------------------------------------------------
     @property
@@ -107,33 +82,6 @@ class ActorCritic(nn.Module):
     @property
     def lm_head(self) -> nn.Module:
         return self.causal_lm.get_output_embeddings()
-
-    @contextlib.contextmanager
-    def output_head(self) -> Iterator:
-        """The LM head as a callable (N, H) -> (N, V) for chunked scoring.
-
-        Under ZeRO-3 the head's weight is partitioned and gathered around each call of the
-        module (its forward hooks), which serves sampling and scoring (no grad) chunk by chunk.
-        With grad, the per-chunk recomputation in backward does not go through those hooks; the
-        head is frozen, so one gathered, detached copy per forward serves forward and backward.
-        """
-        head = self.lm_head
-        if not hasattr(head.weight, "ds_id") or not torch.is_grad_enabled():
-            yield head
-            return
-        import deepspeed
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-        if head.weight.ds_status == ZeroParamStatus.AVAILABLE:  # inside an outer gather
-            yield lambda h: torch.nn.functional.linear(h, head.weight.detach(), None if getattr(
-                head, "bias", None) is None else head.bias.detach())
-            return
-
-        params = [p for p in (head.weight, getattr(head, "bias", None)) if p is not None]
-        with deepspeed.zero.GatheredParameters(params):
-            weight = head.weight.detach().clone()
-            bias = head.bias.detach().clone() if getattr(head, "bias", None) is not None else None
-        yield lambda h: torch.nn.functional.linear(h, weight, bias)
 
     @property
     def vocab(self) -> int:
@@ -196,55 +144,6 @@ class ActorCritic(nn.Module):
         finally:
             self.train(prev_training)
 
-    def _policy_layers(self) -> list:
-        """peft's LoRA Linear layers that hold the policy adapter, with float32 base weights."""
-        from peft.tuners.lora import Linear as LoraLinear
-
-        return [m for m in self.peft_model.modules()
-                if isinstance(m, LoraLinear) and POLICY in m.lora_A
-                and m.get_base_layer().weight.dtype == torch.float32]
-
-    def decodes_in_fp32(self) -> bool:
-        """True for an unquantized fp32 policy: there a token decoded with the KV cache gets the
-        logits of a full forward over the finished sequence to fp32 round-off (~1e-6), so the
-        sampler's log-probs can serve as the rollout's. In bf16 the two differ by ~1e-2 (other
-        matmul shapes, other rounding), and the scoring forward must be rerun."""
-        layers = self._policy_layers()
-        every = [m for m in self.peft_model.modules() if hasattr(m, "lora_A") and POLICY in
-                 getattr(m, "lora_A", {})]
-        return bool(layers) and len(layers) == len(every)  # every policy linear is fp32
-
-    def can_merge_for_generation(self) -> bool:
-        """Folding the policy into the weights is exact enough only for an unquantized fp32
-        base (fp32 rounds W + BA at ~1e-7 relative; in bf16 the rounding, 2^-9 of W, is as large
-        as the LoRA update itself, and a 4-bit weight cannot hold it at all), and only where the
-        weights are whole on this device (not ZeRO-3)."""
-        return self.decodes_in_fp32() and not any(
-            hasattr(m.get_base_layer().weight, "ds_id") for m in self._policy_layers())
-
-    @contextlib.contextmanager
-    def merged_policy(self) -> Iterator[None]:
-        """The body runs with W + scale * B @ A in place of each policy layer's base weight, so a
-        decoded token costs one matmul per linear instead of three (peft runs LoRA unmerged).
-        The merged weights are new tensors and the originals are put back afterwards, untouched:
-        peft's own merge()/unmerge() adds and subtracts in place, which does not give W back
-        bit for bit. Costs one copy of the adapted weights while it lasts."""
-        swapped = []
-        try:
-            with torch.no_grad():
-                for m in self._policy_layers():
-                    base = m.get_base_layer()
-                    weight = base.weight
-                    delta = m.get_delta_weight(POLICY).to(weight.dtype)  # peft's own update
-                    base.weight = nn.Parameter(weight + delta, requires_grad=False)
-                    swapped.append((m, base, weight, list(m.merged_adapters)))
-                    m.merged_adapters = [POLICY]  # peft's LoRA forward: base layer only
-            yield
-        finally:
-            for m, base, weight, merged in swapped:
-                base.weight = weight
-                m.merged_adapters = merged
-
     def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, ...]:
         """`context_fn` of torch.utils.checkpoint: recompute a block under the role it ran in.
 
@@ -273,15 +172,25 @@ class ActorCritic(nn.Module):
             q, r = query_ids.shape[1], response_ids.shape[1]
             return self.hidden(ids, mask)[:, q - 1:q - 1 + r]
         out = self.causal_lm.get_decoder()(input_ids=packed.input_ids,
-                                           position_ids=packed.position_ids, use_cache=False)
+                                           position_ids=packed.position_ids,
+                                           attention_mask=packed.attention_mask, use_cache=False)
         h = out.last_hidden_state
         return h.reshape(-1, h.shape[-1])[packed.predicting]
+
+    def pack(self, query_ids, query_mask, response_ids, response_mask,
+             layout: Optional[Layout] = None) -> Optional[Packed]:
+        """The packed rows of a batch under `layout` (default: the run's), or None for padded."""
+        layout = self.layout if layout is None else layout
+        if not layout.packed:
+            return None
+        return pack(query_ids, query_mask, response_ids, response_mask, group=layout.group,
+                    attention=layout.attention)
 
     def forward(self, query_ids: torch.Tensor, query_mask: torch.Tensor,
                 response_ids: torch.Tensor, response_mask: torch.Tensor, *, temperature: float,
                 chunk_size: int, role: str = POLICY, with_values: bool = True,
                 with_entropy: bool = False, entropy_grad: bool = True,
-                packed: bool = False) -> PolicyOutputs:
+                layout: Optional[Layout] = None) -> PolicyOutputs:
         """Log-probs, entropy and values of the response tokens; query (B, Q), response (B, R).
 
         The hidden state at position Q-1+t predicts response token t, so logits and values are
@@ -290,21 +199,25 @@ class ActorCritic(nn.Module):
         DeepSpeed sees every training forward), so with no update in between the PPO ratio is
         1 (to fp32 round-off when the sampler's own log-probs are used). `role=REFERENCE` gives
         the reference log-probs (no values). Values come from the policy trunk (value.mode=shared,
-        same forward) or the critic adapter (adapter).
+        same forward) or the critic adapter (adapter). `layout`: padded, packed or grouped rows
+        (default: the run's, `self.layout`); every layout gives the same numbers.
         """
         batch = (query_ids, query_mask, response_ids, response_mask)
-        layout = pack(*batch) if packed else None
+        packed = self.pack(*batch, layout=layout)
         values = None
-        with self._adapters_as(role), self.output_head() as head:
-            h = self._predicting_states(*batch, layout)  # (B, R, H): states predicting tokens
+        with self._adapters_as(role):
+            h = self._predicting_states(*batch, packed)  # (B, R, H): states predicting tokens
+            # The head is called as a module, chunk by chunk: a LoRA on it runs, and ZeRO-3
+            # gathers its weights around each call (also when the backward makes a chunk again).
             logprobs, entropy = logprobs_and_entropy_from_hidden(
-                h, head, response_ids, temperature=temperature, chunk_size=chunk_size,
-                with_entropy=with_entropy, entropy_grad=entropy_grad)
+                h, self.lm_head, response_ids, temperature=temperature, chunk_size=chunk_size,
+                with_entropy=with_entropy, entropy_grad=entropy_grad,
+                transform=self.logits_transform)
             if with_values and role == POLICY and self.value_mode == "shared":
                 values = self.value_head(h)
         if with_values and role == POLICY and self.value_mode == "adapter":
             with self._adapters_as(CRITIC):
-                values = self.value_head(self._predicting_states(*batch, layout))
+                values = self.value_head(self._predicting_states(*batch, packed))
         return PolicyOutputs(logprobs, entropy, values)
 
     def reward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -358,18 +271,6 @@ def adapter_fits(path: str, field: str, model_path: str) -> Iterator[None]:
                         f"{saved.replace('torch.Size', '')} in the adapter, "
                         f"{live.replace('torch.Size', '')} in model.path={model_path}; use an "
                         "adapter trained on this base") from None
-
-
-def load_scalar_head(path: Path, hidden_size: int, device: torch.device) -> ScalarHead:
-    from safetensors.torch import load_file
-
-    head = ScalarHead(hidden_size)
-    try:
-        state = load_file(str(path))
-        head.linear.load_state_dict(state)
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise UserError(f"cannot load head {path}: {first_line(e)}; re-export it")
-    return head.to(device)
 
 
 def build_actor_critic(cfg, base: nn.Module) -> ActorCritic:

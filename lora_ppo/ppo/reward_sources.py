@@ -219,7 +219,8 @@ def check_reward_sources(cfg) -> Callable | None:
     """Fail before the base model loads: import the reward function (a missing file or name or a
     syntax error is found now, not after the model and engine are set up) and check that the
     reward adapter and model directories are there. Returns the function, or None."""
-    from lora_ppo.modeling.actor_critic import REWARD_HEAD_FILE, check_adapter_dir
+    from lora_ppo.modeling.actor_critic import check_adapter_dir
+    from lora_ppo.modeling.heads import REWARD_HEAD_FILE
 
     r = cfg.reward
     if "adapter" in r.kinds:

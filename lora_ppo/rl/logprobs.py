@@ -5,28 +5,61 @@ tokens -> 9.8 GB in float32, and log_softmax plus its backward double or triple 
 are processed in chunks of `chunk_size`, so at most one chunk's (rows, V) float32 copy (and its
 temporaries) exists at a time.
 
-From hidden states without an entropy gradient (PPO's default, ent_coef=0, and SFT) one chunk is
-one (rows, V) float32 buffer, forward and backward: `_HeadChunk` reduces the logits in place and,
-in backward, makes them again and turns them into their own gradient in place,
+The logits the model samples from are not always the LM head's output: some `*ForCausalLM`
+forwards post-process them (Cohere multiplies by `logit_scale`, Granite divides by
+`logits_scaling`, Gemma 2 and 3 soft-cap them with `final_logit_softcapping`). `LogitsTransform`
+carries that, so the distribution scored here is the one the model's own `forward` gives:
+
+    z = softcap * tanh(scale * head(h) / softcap) / temperature    (softcap None: no tanh)
+    log p(token) = z[token] - logsumexp(z)
+    entropy      = logsumexp(z) - sum(softmax(z) * z) = -sum(p log p)
+
+Without an entropy gradient (PPO's default, ent_coef=0, and SFT) one chunk is one (rows, V)
+float32 buffer, forward and backward: `_PickLogProb` takes the head's logits, reduces them to
+softmax(z) in place and, in backward, turns that buffer into its own gradient in place,
 
     d log p(token) / dz = onehot(token) - softmax(z),
 
-(autograd's log_softmax + gather holds about five such buffers at its backward's peak). With an
-entropy gradient each chunk runs inside a non-reentrant torch.utils.checkpoint instead. Either
-way only the chunk's inputs are kept for the backward and the logits are recomputed there, unless
-one chunk holds all the rows; otherwise the kept per-chunk logits would add up to B*T*V again.
-
-    log p(token) = z[token] - logsumexp(z),      z = logits / temperature
-    entropy      = logsumexp(z) - sum(softmax(z) * z) = -sum(p log p)
+(autograd's log_softmax + gather holds about five such buffers at its backward's peak; a
+soft-cap adds one buffer, its tanh). The head itself runs under ordinary autograd, so a LoRA on
+the head, or ZeRO-3's gathering of its weights around each call, work as in any forward. Each
+chunk runs inside a non-reentrant torch.utils.checkpoint, so only the chunk's inputs are kept for
+the backward and the logits are made again there, unless one chunk holds all the rows (then its
+buffer is kept); otherwise the kept per-chunk logits would add up to B*T*V again. With an entropy
+gradient each chunk runs under plain autograd in a checkpoint.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+
+class LogitsTransform(NamedTuple):
+    """What a model does to its LM head's output before the softmax (modeling/heads.py reads it
+    from the model's config): logits = softcap * tanh(scale * head(h) / softcap)."""
+
+    scale: float = 1.0               # Cohere logit_scale; Granite 1 / logits_scaling
+    softcap: Optional[float] = None  # Gemma 2/3 final_logit_softcapping
+
+
+IDENTITY = LogitsTransform()
+
+
+def transform_logits(logits: Tensor, temperature: float = 1.0,
+                     transform: LogitsTransform = IDENTITY) -> Tensor:
+    """z = the model's logits over the temperature, in float32; (..., V) -> (..., V). The one
+    formula of the distribution that sampling draws from and scoring scores."""
+    z = logits.float()
+    if transform.softcap is not None:
+        z = torch.tanh(z * (transform.scale / transform.softcap)) * transform.softcap
+    elif transform.scale != 1.0:
+        z = z * transform.scale
+    return z / temperature if temperature != 1.0 else z
 
 
 def chunk_rows(vocab: int, mib: float) -> int:
@@ -35,21 +68,11 @@ def chunk_rows(vocab: int, mib: float) -> int:
     return max(1, int(mib * 2**20) // (4 * vocab))
 
 
-def _chunk_logprobs(logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
-    """logits: (N, V) any dtype, tokens: (N,) -> float32 (N,)."""
-    z = logits.float()
-    if temperature != 1.0:
-        z = z / temperature
-    return z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
-
-
-def _chunk_logprobs_entropy(
-    logits: Tensor, tokens: Tensor, temperature: float
-) -> tuple[Tensor, Tensor]:
-    """logits: (N, V) any dtype, tokens: (N,) -> float32 logprobs (N,), entropy (N,)."""
-    z = logits.float()
-    if temperature != 1.0:
-        z = z / temperature
+def _chunk_logprobs_entropy(logits: Tensor, tokens: Tensor, temperature: float,
+                            transform: LogitsTransform) -> tuple[Tensor, Tensor]:
+    """Under autograd: logits (N, V) any dtype, tokens (N,) -> float32 logprobs (N,), entropy
+    (N,)."""
+    z = transform_logits(logits, temperature, transform)
     lse = torch.logsumexp(z, dim=-1)  # (N,)
     logprobs = z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
     probs = torch.exp(z - lse.unsqueeze(-1))  # (N, V), softmax(z)
@@ -57,18 +80,15 @@ def _chunk_logprobs_entropy(
     return logprobs, entropy
 
 
-def _softmax_in_place(z: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """z: (N, V) float32 logits, overwritten with softmax(z / T); returns log p(tokens) (N,) and
-    logsumexp(z / T) (N,). Only (N,)-sized temporaries."""
-    if temperature != 1.0:
-        z.div_(temperature)
+def _softmax_in_place(z: Tensor, tokens: Tensor) -> Tensor:
+    """z: (N, V) float32, overwritten with softmax(z); returns log p(tokens) (N,). Only
+    (N,)-sized temporaries."""
     picked = z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     top = z.amax(-1, keepdim=True)
     z.sub_(top).exp_()
     total = z.sum(-1, keepdim=True)
     z.div_(total)
-    lse = (top + total.log()).squeeze(-1)
-    return picked - lse, lse
+    return picked - (top + total.log()).squeeze(-1)
 
 
 ENTROPY_BLOCKS = 8  # the entropy's temporaries: 1/8 of the chunk's buffer
@@ -82,48 +102,67 @@ def _entropy_of(p: Tensor) -> Tensor:
     return torch.cat([-torch.special.xlogy(b, b).sum(-1) for b in p.split(block)])
 
 
-class _HeadChunk(torch.autograd.Function):
-    """log p(tokens) (and the entropy, as a metric without gradient) of one chunk of rows through
-    `head`, in one (N, V) float32 buffer. `keep`: hold the softmax for the backward instead of
-    making the logits again (when one chunk holds every row). `params`: the head's trainable
-    parameters, so that autograd sees their gradients."""
+class _PickLogProb(torch.autograd.Function):
+    """log p(tokens) (and the entropy, a metric without gradient) from one chunk's logits (N, V),
+    in one float32 buffer: z = transform_logits(logits) is made in the logits' own buffer (when
+    they are float32), reduced to softmax(z) in place and kept; the backward turns it into the
+    gradient in place. A soft-cap keeps its tanh (N, V) too, for its derivative."""
 
     @staticmethod
-    def forward(ctx, h, tokens, head, temperature, keep, with_entropy, *params):
-        with torch.set_grad_enabled(keep):  # autograd of the head only to keep it for backward
-            h_in = h.detach().requires_grad_(ctx.needs_input_grad[0] and keep)
-            logits = head(h_in)
-        z = logits.detach().float()  # the logits' own buffer when they are float32
-        logprobs, lse = _softmax_in_place(z, tokens, temperature)
+    def forward(ctx, logits, tokens, temperature, transform, with_entropy):
+        z = logits.detach()
+        z = z if z.dtype == torch.float32 else z.float()  # the logits' own buffer when fp32
+        cap = transform.softcap
+        tanh = None
+        if cap is not None:  # z = cap * tanh(scale * x / cap) / T
+            tanh = torch.tanh(z.mul_(transform.scale / cap))
+            z.copy_(tanh).mul_(cap / temperature)
+        elif transform.scale != 1.0:  # rl/logprobs.py::transform_logits' order and rounding
+            z.mul_(transform.scale)
+            if temperature != 1.0:
+                z.div_(temperature)
+        elif temperature != 1.0:
+            z.div_(temperature)
+        logprobs = _softmax_in_place(z, tokens)
         entropy = _entropy_of(z) if with_entropy else torch.empty(0)
-        ctx.head, ctx.temperature, ctx.params = head, temperature, params
-        ctx.kept = (logits, h_in, z) if keep else None
-        ctx.save_for_backward(h, tokens, lse)
+        ctx.temperature, ctx.transform, ctx.dtype = temperature, transform, logits.dtype
+        ctx.save_for_backward(z, tokens, *([] if tanh is None else [tanh]))
         ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, _grad_entropy):
-        h, tokens, lse = ctx.saved_tensors
-        if ctx.kept is not None:
-            logits, h_in, p = ctx.kept
-            ctx.kept = None
-        else:
-            with torch.enable_grad():
-                h_in = h.detach().requires_grad_(ctx.needs_input_grad[0])
-                logits = ctx.head(h_in)
-            p = logits.detach().float()
-            if ctx.temperature != 1.0:
-                p.div_(ctx.temperature)
-            p.sub_(lse.unsqueeze(-1)).exp_()
+        p, tokens, *tanh = ctx.saved_tensors
         g = grad_logprobs.unsqueeze(-1).float()
-        p.mul_(-g).scatter_add_(-1, tokens.unsqueeze(-1), g)  # g * (onehot - softmax)
-        if ctx.temperature != 1.0:
-            p.div_(ctx.temperature)
-        inputs = ([h_in] if ctx.needs_input_grad[0] else []) + list(ctx.params)
-        grads = list(torch.autograd.grad(logits, inputs, p.to(logits.dtype), allow_unused=True))
-        grad_h = grads.pop(0) if ctx.needs_input_grad[0] else None
-        return (grad_h, None, None, None, None, None, *grads)
+        p.mul_(-g).scatter_add_(-1, tokens.unsqueeze(-1), g)  # g * (onehot - softmax): dL/dz
+        t, scale = ctx.temperature, ctx.transform.scale
+        if tanh:  # dz/dx = (scale / T) * (1 - tanh^2)
+            p.mul_(tanh[0].square_().neg_().add_(1.0))
+        if scale != 1.0 or t != 1.0:
+            p.mul_(scale / t)
+        return p.to(ctx.dtype), None, None, None, None
+
+
+def logprobs_from_logits(
+    logits: Tensor, tokens: Tensor, temperature: float = 1.0, chunk_size: int = 1024,
+    transform: LogitsTransform = IDENTITY,
+) -> Tensor:
+    """log softmax(z) at tokens, z = transform_logits(logits, temperature); logits: (B, T, V),
+    tokens: (B, T) -> (B, T) float32. Never calls log_softmax over the whole (B, T, V)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    B, T, V = logits.shape
+    flat_logits, flat_tokens = logits.reshape(B * T, V), tokens.reshape(B * T).long()
+
+    def fn(lg: Tensor, tok: Tensor) -> Tensor:
+        z = transform_logits(lg, temperature, transform)
+        return z.gather(-1, tok.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+    out = [
+        _run(fn, flat_logits[i : i + chunk_size], flat_tokens[i : i + chunk_size])
+        for i in range(0, B * T, chunk_size)
+    ]
+    return torch.cat(out).view(B, T)
 
 
 def _run(fn: Callable, *args: Tensor) -> tuple[Tensor, ...] | Tensor:
@@ -131,28 +170,6 @@ def _run(fn: Callable, *args: Tensor) -> tuple[Tensor, ...] | Tensor:
     if torch.is_grad_enabled():
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
-
-
-def logprobs_from_logits(
-    logits: Tensor, tokens: Tensor, temperature: float = 1.0, chunk_size: int = 1024
-) -> Tensor:
-    """log softmax(logits / temperature) at tokens; logits: (B, T, V), tokens: (B, T) -> (B, T).
-
-    float32 result. Never calls log_softmax over the whole (B, T, V).
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    B, T, V = logits.shape
-    flat_logits, flat_tokens = logits.reshape(B * T, V), tokens.reshape(B * T).long()
-
-    def fn(lg: Tensor, tok: Tensor) -> Tensor:
-        return _chunk_logprobs(lg, tok, temperature)
-
-    out = [
-        _run(fn, flat_logits[i : i + chunk_size], flat_tokens[i : i + chunk_size])
-        for i in range(0, B * T, chunk_size)
-    ]
-    return torch.cat(out).view(B, T)
 
 
 def logprobs_and_entropy_from_hidden(
@@ -163,54 +180,36 @@ def logprobs_and_entropy_from_hidden(
     chunk_size: int = 1024,
     with_entropy: bool = True,
     entropy_grad: bool = True,
+    transform: LogitsTransform = IDENTITY,
 ) -> tuple[Tensor, Tensor | None]:
     """Apply the LM head chunk by chunk and score tokens; the (B, T, V) logits never exist.
 
     hidden: (B, T, H) final hidden states at the positions that predict `tokens`;
-    head: maps (N, H) -> (N, V) logits, e.g. the model's lm_head module;
+    head: maps (N, H) -> (N, V) logits, e.g. the model's lm_head module (called as a module, so
+    its hooks and adapters run); `transform`: the model's own post-processing of those logits;
     tokens: (B, T) -> logprobs (B, T) float32, entropy (B, T) float32 or None (without
     `entropy_grad` it is computed outside autograd: a metric, no backward through it).
     Peak extra memory, forward and backward, is about one (chunk_size, V) float32 tensor without
-    `entropy_grad` and about 5 with it, plus the head's weight grad if it has one (measured in
-    tests/rl/test_logprobs.py): 1024 rows x 150k vocab x 4 B = 0.6 GB per tensor.
+    `entropy_grad` (two with a soft-cap) and about 5 with it, plus the head's weight grad if it
+    has one (measured in tests/rl/test_logprobs.py): 1024 rows x 150k vocab x 4 B = 0.6 GB per
+    tensor.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     B, T, H = hidden.shape
     flat_hidden, flat_tokens = hidden.reshape(B * T, H), tokens.reshape(B * T).long()
-    if not (with_entropy and entropy_grad):
-        grad = torch.is_grad_enabled()
-        params = ([q for q in head.parameters() if q.requires_grad]
-                  if grad and isinstance(head, torch.nn.Module) else [])
-        keep = grad and B * T <= chunk_size
-        out = [_HeadChunk.apply(flat_hidden[i : i + chunk_size], flat_tokens[i : i + chunk_size],
-                                head, temperature, keep, with_entropy, *params)
-               for i in range(0, B * T, chunk_size)]
-        logprobs = torch.cat([lp for lp, _ in out]).view(B, T)
-        entropy = torch.cat([e for _, e in out]).view(B, T) if with_entropy else None
-        return logprobs, entropy
+    one_buffer = not (with_entropy and entropy_grad)
 
     def fn(h: Tensor, tok: Tensor):
-        if with_entropy and entropy_grad:
-            return _chunk_logprobs_entropy(head(h), tok, temperature)
-        logits = head(h)
-        logprobs = _chunk_logprobs(logits, tok, temperature)
-        if not with_entropy:
-            return logprobs
-        with torch.no_grad():  # a metric only: no backward runs through its (N, V) ops
-            _, entropy = _chunk_logprobs_entropy(logits.detach(), tok, temperature)
-        return logprobs, entropy
+        if one_buffer:
+            return _PickLogProb.apply(head(h), tok, temperature, transform, with_entropy)
+        return _chunk_logprobs_entropy(head(h), tok, temperature, transform)
 
-    logprobs, entropies = [], []
     # One chunk holds everything: autograd may keep its logits (within the same budget), and
-    # the backward need not recompute them.
+    # the backward need not make them again.
     run = _run if B * T > chunk_size else (lambda f, *a: f(*a))
-    for i in range(0, B * T, chunk_size):
-        res = run(fn, flat_hidden[i : i + chunk_size], flat_tokens[i : i + chunk_size])
-        if with_entropy:
-            logprobs.append(res[0])
-            entropies.append(res[1])
-        else:
-            logprobs.append(res)
-    entropy = torch.cat(entropies).view(B, T) if with_entropy else None
-    return torch.cat(logprobs).view(B, T), entropy
+    out = [run(fn, flat_hidden[i : i + chunk_size], flat_tokens[i : i + chunk_size])
+           for i in range(0, B * T, chunk_size)]
+    logprobs = torch.cat([lp for lp, _ in out]).view(B, T)
+    entropy = torch.cat([e for _, e in out]).view(B, T) if with_entropy else None
+    return logprobs, entropy

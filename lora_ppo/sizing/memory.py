@@ -234,7 +234,7 @@ def estimate_memory(cfg, arch: Arch, device: str = "gpu",
     generation, scoring, update = generation + dequant, scoring + dequant, update + dequant
     if q.mode == "none" and s == 4 and cfg.rollout.merge_for_generation and stage != 3:
         # An fp32 base generates with the policy merged into new copies of the adapted
-        # weights (ActorCritic.merged_policy): one more copy of the decoder linears meanwhile.
+        # weights (modeling/generation.py::merged_policy): one more copy of the decoder linears meanwhile.
         targeted = (param_counts(arch).linear if cfg.lora.target_modules == ["all-linear"] else
                     arch.layers * sum(i * o for n, (i, o) in arch.linears().items()
                                       if n in cfg.lora.target_modules))
