@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -120,6 +121,7 @@ def load_base_model(cfg: Config, model_path: str, device: torch.device):
             warnings.filterwarnings("ignore", category=FutureWarning)
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         keep_4bit_differentiable_on_cpu(model)
+        one_8bit_kernel(model)
     model.requires_grad_(False)
     if cfg.model.gradient_checkpointing:
         set_gradient_checkpointing(model, True)
@@ -143,6 +145,27 @@ def keep_4bit_differentiable_on_cpu(model: torch.nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear4bit) and hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
+
+
+def one_8bit_kernel(model: torch.nn.Module) -> None:
+    """8-bit layers run the kernel of training mode in eval mode too (bitsandbytes 0.50).
+
+    `Linear8bitLt.forward` sets `state.is_training = self.training`, and on a CPU (or XPU)
+    `bnb.matmul` then takes `MatMul8bitFp` in training (the int8 weight dequantized, an fp32
+    matmul) but `MatMul8bitLt` in eval (activations quantized to int8 through fp16, outliers
+    above the threshold apart): the rollout, scored in eval mode, and the update, in train mode,
+    ran different kernels (first-minibatch max |log ratio| 0.058). On CUDA both modes take
+    `MatMul8bitLt` (`bitsandbytes/autograd/_functions.py::matmul`), so pinning the training
+    path changes nothing there. A forward pre-hook sets the layer to training mode before each
+    call; dropout is off everywhere, so nothing else depends on it."""
+    import bitsandbytes as bnb
+
+    def training_kernel(module, _args):
+        module.training = True
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear8bitLt):
+            m.register_forward_pre_hook(training_kernel)
 
 
 def set_gradient_checkpointing(model: torch.nn.Module, on: bool, context_fn=None) -> None:
@@ -175,16 +198,31 @@ def is_gradient_checkpointing(model: torch.nn.Module) -> bool:
         return bool(model.is_gradient_checkpointing)
 
 
+_DROPOUT = re.compile(r"dropout|pdrop|layerdrop")  # attention_dropout, resid_pdrop, layerdrop...
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """PPO runs without dropout (lm-human-preferences; TRL's `disable_dropout_in_model`): with it
-    the update's log-probs differ from the rollout's and the first ratio is not 1."""
+    the update's log-probs differ from the rollout's and the first ratio is not 1.
+
+    Three places hold a dropout probability: nn.Dropout modules; float attributes that a module
+    copied from its config at init and passes to functional dropout (OPT's `decoder.dropout` and
+    `layers[i].dropout` = 0.1 as released, attention modules' `attention_dropout`, Bloom's and
+    Falcon's `hidden_dropout`, OPT's `layerdrop`, which skips whole layers in training); and the
+    config itself, read by modules built later. Zeroing only the config after the model was
+    built missed the second kind (OPT trained with dropout 0.1). modeling/seams.py checks that a
+    train-mode forward equals an eval-mode one, for whatever a new architecture adds."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop",
-                "attn_pdrop"):
-        if hasattr(model.config, key):
-            setattr(model.config, key, 0.0)
+        for key, value in vars(m).items():
+            if type(value) is float and value != 0.0 and _DROPOUT.search(key):
+                setattr(m, key, 0.0)
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key, value in config.to_dict().items():
+            if type(value) is float and value != 0.0 and _DROPOUT.search(key):
+                setattr(config, key, 0.0)
 
 
 def is_quantized(model: torch.nn.Module) -> bool:
