@@ -34,6 +34,18 @@ class ModelConfig:
     block-diagonal causal mask; flash-attention into varlen boundaries). The log-probs equal the
     padded forward's to float round-off (tested). Off: each micro-batch is padded to its own
     widest sequence instead."""
+    shared_prompt: bool = True
+    """With rollout.samples_per_prompt > 1, the scoring and update forwards encode a group's
+    prompt once: a packed row holds the prompt followed by its n responses, each attending to
+    the prompt and to itself only (an explicit attention mask). The numbers equal n separate
+    sequences' to float round-off (tested). Needs model.padding_free; a model whose attention
+    cannot take the mask falls back to ordinary packing (modeling/seams.py)."""
+    seam_check: Literal["auto", "always", "off"] = "auto"
+    """Check at setup, on a few probe tokens, that lora_ppo's logits, packed rows and decode loop
+    give what the model's own forward gives, and that train and eval modes agree; fall back to
+    an exact path (one line each) or refuse (modeling/seams.py). `auto`: once per model,
+    settings and library versions (the outcome is cached under $LORA_PPO_CACHE/seams); `always`:
+    every run; `off`: trust the fastest layout unchecked."""
     max_prompt_length: int = 256
     """Prompts longer than this many tokens are cut from the left (the end of a prompt matters most)."""
 
@@ -125,7 +137,8 @@ class RolloutConfig:
     batch_size: int = 64
     """Prompts per PPO update (rollout size)."""
     generation_batch_size: int = 16
-    """Prompts generated at once; lower it if generation runs out of memory."""
+    """Rows decoded at once (the decode batch, and the sequences per scoring forward); lower it
+    if generation runs out of memory."""
     max_new_tokens: int = 128
     """Most tokens generated per response."""
     temperature: float = 1.0
@@ -151,6 +164,12 @@ class RolloutConfig:
     instead of a second policy forward over the finished sequences, where the two agree to fp32
     round-off: an fp32 unquantized policy with value.mode shared or none. Elsewhere (bf16,
     4-bit, a critic adapter) they are always recomputed."""
+    continuous_batching: bool = True
+    """A row that stops leaves the decode batch and the next prompt of the rollout takes its
+    slot, so the batch stays full until the prompts run out (then finished rows are dropped).
+    Each row draws from its own uniforms, so the tokens do not depend on it. Not used with a
+    sliding-window KV cache or ZeRO-3 over several ranks (docs/ppo.md, "Doing less work");
+    off: rows decode in batches of generation_batch_size, finished rows dropped."""
     static_kv_cache: bool = True
     """Decode into one preallocated key/value buffer (transformers' StaticCache) instead of a
     cache that is concatenated at every token; the sampled tokens are the same. Turn off for a

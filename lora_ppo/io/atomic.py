@@ -93,6 +93,15 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small file whole or not at all: a temp file beside it (named after this process,
+    so concurrent writers never share one), fsynced, renamed over `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    fsync_path(tmp)
+    os.replace(tmp, path)
+
+
 def fsync_tree(root: Path) -> None:
     """fsync every file and directory under `root`, `root` itself last."""
     for dirpath, _, filenames in os.walk(root, topdown=False):

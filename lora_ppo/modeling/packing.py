@@ -1,38 +1,73 @@
-"""Padding-free forwards: a batch's real tokens packed into rows, positions restarting per sequence.
+"""Padding-free forwards: a batch's real tokens laid end to end in rows, each sequence seeing only
+itself, and a group's shared prompt encoded once.
 
 A rollout holds left-padded prompts (B, Q) and right-padded responses (B, R), padded to the widest
-of the whole rollout. Packing lays each sequence's real tokens (prompt, then response) end to end
-into rows of at most `capacity` tokens (first-fit decreasing), with position ids that restart at 0
-for every sequence: transformers 5 turns position ids that restart into a block-diagonal causal
-mask when no attention mask is given (`masking_utils.find_packed_sequence_indices`; flash-attention
-uses them as varlen boundaries), so each sequence attends only to itself, at the positions the
-padded forward gives it (`position_ids_from_mask`). The capacity is the longest sequence, so a
-row's attention is no wider than the padded batch's and a batch of equal lengths packs one
-sequence per row: packing never costs more than padding, and with varied lengths it drops the
-padding tokens from every linear layer.
+of the whole rollout. Packing lays the real tokens of the batch into rows of at most `capacity`
+tokens (first-fit decreasing) as *units*:
 
-`predicting` maps each response token back to the flat index of the hidden state that predicts
-it (position Q_i - 1 + t of sequence i), so the rest of the forward keeps the (B, R) layout.
-Pure tensor code: no model, no rank.
+    ungrouped  a unit is one sequence, prompt then response, positions 0 .. Q_i + R_i - 1;
+    grouped    a unit is one distinct prompt followed by the responses of every sample that
+               shares it (the n samples of a GRPO/RLOO group): prompt at positions 0 .. Q - 1,
+               then each response at positions Q .. Q + R_j - 1, so the prompt is encoded once.
+
+Which key a query token may attend to is given by `Attention`, an explicit 4-D mask built here
+(`mask_for`): the same unit, a position not later than its own, and either the unit's prompt or
+its own branch (a response never sees another response of its group); with a sliding window, a
+position less than `window` behind. Per token that is the set of keys, at the same positions,
+that the token attends to in its own padded sequence, so every hidden state equals the padded
+forward's up to float round-off (tested per architecture): the mask replaces transformers'
+detection of packed sequences from restarting position ids, which some models never receive
+(OPT's mask builder takes no position ids). Models whose attention cannot take such a mask
+(ALiBi built from a 2-D mask in Bloom; flash-attention kernels) are found by the setup check
+(modeling/seams.py) and fall back to position-id packing or to padded micro-batches.
+
+The capacity is the longest unit, so a row's attention is never wider than the padded batch's and
+a batch of equal lengths packs one unit per row. `predicting` maps each response token back to the
+flat index of the hidden state that predicts it: response token 0 of every member of a group is
+predicted by the prompt's last state (shared, so its gradient sums over the group, as n separate
+forwards' would), token t > 0 by the member's own token t - 1. Pure tensor code: no model, no
+rank.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 
+class Attention(NamedTuple):
+    """How the packed rows' attention mask is given to the model (modeling/seams.py picks it)."""
+
+    implementation: str            # "sdpa" (bool mask, True = attend) or "eager" (additive)
+    window: Optional[int] = None   # sliding window of every layer (Mistral), or None
+    layer_types: tuple[str, ...] = ()  # a dict of masks by layer type (Gemma 2/3, Qwen 2)
+    dtype: torch.dtype = torch.float32  # of the additive mask
+
+
+class Layout(NamedTuple):
+    """How scoring and update forwards lay out a batch (modeling/seams.py decides it per model)."""
+
+    packed: bool = False                   # padding-free rows; False: padded micro-batches
+    group: bool = False                    # a group's shared prompt encoded once
+    attention: Optional[Attention] = None  # the explicit mask; None: restarting position ids
+
+
+PADDED = Layout()
+
+
 class Packed(NamedTuple):
     input_ids: Tensor     # (P, C) long: P rows of capacity C; unused slots hold `pad_id`
-    position_ids: Tensor  # (P, C) long: 0, 1, ... within each sequence (and each unused tail)
+    position_ids: Tensor  # (P, C) long: positions within each sequence (0 in unused slots)
+    attention_mask: Optional[Tensor | dict]  # (P, 1, C, C) or {layer type: mask}; None: the
+    #                                          model infers the blocks from restarting positions
     predicting: Tensor    # (B, R) long: flat index into P*C of the state predicting token (i, t)
     real_tokens: int      # tokens packed (the rest of P*C is padding)
 
 
 def _rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: sequence indices per row, each row's lengths summing to <= capacity."""
+    """First-fit decreasing: unit indices per row, each row's lengths summing to <= capacity."""
     rows: list[list[int]] = []
     room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
@@ -47,40 +82,106 @@ def _rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def pack(query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
-         pad_id: int = 0) -> Packed:
-    """Pack query (B, Q) left-padded + response (B, R) right-padded into rows (see module doc).
+def _units(prompts: list[tuple[int, ...]], group: bool) -> list[list[int]]:
+    """Sample indices per unit: the samples sharing a prompt when `group`, else one each."""
+    if not group:
+        return [[i] for i in range(len(prompts))]
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_prompt.setdefault(p, []).append(i)
+    return list(by_prompt.values())
 
-    Response tokens past a sequence's end (mask 0) point at the sequence's last real state;
-    their results are masked out downstream like any padding.
+
+def pack(query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+         pad_id: int = 0, *, group: bool = False, attention: Optional[Attention] = None
+         ) -> Packed:
+    """Pack query (B, Q) left-padded + response (B, R) right-padded into rows (module doc).
+
+    `group`: samples with the same prompt share one copy of it (needs `attention`, since
+    restarting positions cannot express a shared prefix). `attention`: build the explicit mask;
+    None leaves the blocks to the model's own detection of restarting position ids. Response
+    tokens past a sequence's end (mask 0) point at the sequence's last real state; their results
+    are masked out downstream like any padding.
     """
+    if group and attention is None:
+        raise ValueError("a shared prompt needs an explicit attention mask (attention=...)")
     device = query_ids.device
-    q_len = query_mask.sum(1).long()                  # (B,) real prompt tokens
-    r_len = response_mask.sum(1).long()               # (B,) real response tokens
-    lengths = (q_len + r_len).tolist()
+    q_real, r_real = query_mask.bool().cpu(), response_mask.bool().cpu()
+    q_ids, r_ids = query_ids.cpu(), response_ids.cpu()
+    prompts = [tuple(q_ids[i][q_real[i]].tolist()) for i in range(len(q_ids))]
+    responses = [r_ids[i][r_real[i]].tolist() for i in range(len(r_ids))]
+    units = _units(prompts, group)
+    lengths = [len(prompts[u[0]]) + sum(len(responses[i]) for i in u) for u in units]
     capacity = max(max(lengths), 1)
     rows = _rows(lengths, capacity)
     B, R = response_ids.shape
-    ids = torch.full((len(rows), capacity), pad_id, dtype=torch.long, device=device)
-    pos = torch.zeros((len(rows), capacity), dtype=torch.long, device=device)
-    start = torch.zeros(B, dtype=torch.long)          # flat offset of each sequence
-    real_q, real_r = query_mask.bool(), response_mask.bool()
+    n_slots = len(rows) * capacity
+    ids = torch.full((n_slots,), pad_id, dtype=torch.long)
+    pos = torch.zeros(n_slots, dtype=torch.long)
+    unit_of = -1 - torch.arange(n_slots)   # unused slots: a unit of their own, seen by none
+    branch = torch.zeros(n_slots, dtype=torch.long)
+    predicting = torch.zeros(B, R, dtype=torch.long)
+    t = torch.arange(R)
     for r, members in enumerate(rows):
-        at = 0
-        for i in members:
-            n = lengths[i]
-            ids[r, at:at + n] = torch.cat([query_ids[i][real_q[i]], response_ids[i][real_r[i]]])
-            pos[r, at:at + n] = torch.arange(n, device=device)
-            start[i] = r * capacity + at
-            at += n
-        if at < capacity:  # the unused tail: a "sequence" of its own, never read
-            pos[r, at:] = torch.arange(capacity - at, device=device)
-    # State predicting response token t of sequence i: its (q_len_i - 1 + t)-th token, clamped
-    # to the sequence's last real token for the padding past its end.
-    t = torch.arange(R).expand(B, R)
-    offset = (q_len.cpu()[:, None] - 1 + t).clamp(max=torch.tensor(lengths)[:, None] - 1)
-    predicting = (start[:, None] + offset.clamp(min=0)).to(device)
-    return Packed(ids, pos, predicting, int(sum(lengths)))
+        at = r * capacity
+        for u in members:
+            prompt = prompts[units[u][0]]
+            n_q = len(prompt)
+            ids[at:at + n_q] = torch.tensor(prompt, dtype=torch.long)
+            pos[at:at + n_q] = torch.arange(n_q)
+            unit_of[at:at + n_q] = u
+            last_prompt = at + n_q - 1  # predicts response token 0 of every member
+            at += n_q
+            for j, i in enumerate(units[u]):
+                n_r = len(responses[i])
+                ids[at:at + n_r] = torch.tensor(responses[i], dtype=torch.long)
+                pos[at:at + n_r] = n_q + torch.arange(n_r)
+                unit_of[at:at + n_r] = u
+                branch[at:at + n_r] = j + 1
+                # token t: the prompt's last state for t = 0, else own token t - 1; the padding
+                # past the member's end points at its last real token
+                k = t.clamp(max=n_r)
+                predicting[i] = torch.where(k == 0, last_prompt, at - 1 + k)
+                at += n_r
+    shape = (len(rows), capacity)
+    mask = None if attention is None else mask_for(
+        unit_of.view(shape), branch.view(shape), pos.view(shape), attention)
+    return Packed(ids.view(shape).to(device), pos.view(shape).to(device),
+                  _to(mask, device), predicting.to(device), int(sum(lengths)))
+
+
+def _to(mask, device):
+    if mask is None:
+        return None
+    if isinstance(mask, dict):
+        return {k: v.to(device) for k, v in mask.items()}
+    return mask.to(device)
+
+
+def mask_for(unit: Tensor, branch: Tensor, pos: Tensor, attention: Attention) -> Tensor | dict:
+    """The (P, 1, C, C) mask of rows whose tokens carry unit, branch and position ids (P, C):
+    query q sees key k when both are in the same unit, pos_k <= pos_q, k is in the prompt
+    (branch 0) or in q's own branch, and, with a window W, pos_q - pos_k < W (transformers'
+    sliding_window_overlay, kv > q - W). Every query sees at least itself, so no row of the
+    softmax is empty. A dict by layer type when the model takes one."""
+    def one(window: Optional[int]) -> Tensor:
+        uq, uk = unit[:, :, None], unit[:, None, :]
+        bq, bk = branch[:, :, None], branch[:, None, :]
+        pq, pk = pos[:, :, None], pos[:, None, :]
+        allowed = (uq == uk) & ((bk == 0) | (bk == bq)) & (pk <= pq)
+        if window is not None:
+            allowed &= pq - pk < window
+        allowed = allowed[:, None]  # (P, 1, C, C)
+        if attention.implementation == "sdpa":
+            return allowed
+        zero = torch.zeros((), dtype=attention.dtype)
+        return torch.where(allowed, zero, torch.finfo(attention.dtype).min)
+
+    if attention.layer_types:
+        full = one(None)
+        return {kind: one(attention.window) if kind == "sliding_attention" else full
+                for kind in set(attention.layer_types)}
+    return one(attention.window)
 
 
 def padding_share(query_mask: Tensor, response_mask: Tensor) -> float:

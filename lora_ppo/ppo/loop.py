@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +24,15 @@ from lora_ppo.io.data import PromptSampler, encode_prompts, hold_out, load_promp
 from lora_ppo.io.metrics import MetricsLogger, peak_memory_mib
 from lora_ppo.io.run_dir import clear, earlier_run
 from lora_ppo.modeling.actor_critic import ActorCritic, build_actor_critic, check_adapter_dir
+from lora_ppo.modeling.generation import decodes_in_fp32
 from lora_ppo.modeling.loading import (
     load_base_model,
     load_tokenizer,
     resolve_model_path,
 )
+from lora_ppo.modeling.seams import seams_for
 from lora_ppo.ppo.reward_sources import RewardSource, check_reward_sources, make_reward_source
-from lora_ppo.ppo.rollout import Rollout, Samples, generate, logprobs_and_values
+from lora_ppo.ppo.rollout import Rollout, Samples, generate, logprobs_and_values, stop_ids_of
 from lora_ppo.ppo.update import PPOStats, ppo_update
 from lora_ppo.rl.advantages import (
     group_advantages,
@@ -43,7 +46,14 @@ from lora_ppo.rl.logprobs import chunk_rows
 from lora_ppo.rl.losses import explained_variance
 from lora_ppo.rl.masked import masked_mean, masked_whiten
 from lora_ppo.rl.rewards import RunningMoments, compute_rewards, shape_scores
-from lora_ppo.runtime.dist import DistInfo, all_gather_cat, all_mean, seed_everything, setup_distributed
+from lora_ppo.runtime.dist import (
+    DistInfo,
+    all_gather_cat,
+    all_mean,
+    broadcast_object,
+    seed_everything,
+    setup_distributed,
+)
 from lora_ppo.runtime.ds_config import run_ds_config, zero_stage
 from lora_ppo.runtime.engine import create_engine
 
@@ -69,6 +79,7 @@ class Run:
     generator: torch.Generator  # minibatch shuffling
     output_dir: Path
     model_path: str
+    stop_ids: list[int]         # the ids that end a response (rollout.py::stop_ids_of)
     step: int = 0
     episode: int = 0
 
@@ -85,7 +96,20 @@ def setup(cfg: Config) -> Run:
         check_adapter_dir(cfg.model.init_adapter, "model.init_adapter")
     reward_fn = check_reward_sources(cfg)
     train_prompts, eval_prompts = read_prompts(cfg, tokenizer)
-    ac = build_actor_critic(cfg, load_base_model(cfg, model_path, dist.device))
+    base = load_base_model(cfg, model_path, dist.device)
+    stop_ids = stop_ids_of(tokenizer, base.generation_config, cfg.rollout.stop_token_ids)
+    ac = build_actor_critic(cfg, base)
+    # Every rank checks its own copy; all take rank 0's decisions, so they decode and lay out
+    # batches alike.
+    seams, checked = broadcast_object(seams_for(ac, cfg, tokenizer.pad_token_id, model_path))
+    ac.layout = seams.layout
+    cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(
+        cfg.rollout, continuous_batching=seams.continuous_batching,
+        static_kv_cache=seams.static_kv_cache))
+    if dist.rank == 0:
+        for line in (checked, *seams.notes):
+            if line:
+                print(line, flush=True)
     samples = cfg.rollout.batch_size * cfg.rollout.samples_per_prompt
     steps_per_update = cfg.ppo.epochs * samples // cfg.ppo.minibatch_size
     engine = create_engine(ac, ds_config=ds_config, optim=cfg.ppo.optim,
@@ -97,7 +121,7 @@ def setup(cfg: Config) -> Run:
                moments=RunningMoments(),
                sampler=PromptSampler(train_prompts, cfg.seed), eval_prompts=eval_prompts,
                generator=torch.Generator().manual_seed(cfg.seed),
-               output_dir=Path(cfg.output_dir), model_path=model_path)
+               output_dir=Path(cfg.output_dir), model_path=model_path, stop_ids=stop_ids)
 
 
 def read_prompts(cfg: Config, tokenizer) -> tuple[list[str], list[str]]:
@@ -111,6 +135,12 @@ def read_prompts(cfg: Config, tokenizer) -> tuple[list[str], list[str]]:
     held = read(d.eval_prompts, "data.eval_prompts") if d.eval_prompts and d.eval_every else None
     return hold_out(read(d.prompts, "data.prompts"), held, d.eval_size if d.eval_every else 0,
                     cfg.seed, "data.eval_size")
+
+
+def describe_stops(tokenizer, stop_ids: list[int]) -> str:
+    """The run log's line naming the ids a response stops at."""
+    names = ", ".join(f"{i} {tokenizer.convert_ids_to_tokens(i)!r}" for i in stop_ids)
+    return f"responses stop at token ids: {names}"
 
 
 def decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
@@ -130,7 +160,7 @@ def sampler_scores(run: Run, greedy: bool = False) -> bool:
     """Whether the sampler's own log-probs (and shared-head values) stand in for the policy's
     scoring forward: only where the two agree to fp32 round-off (docs/ppo.md, "Doing less work")."""
     return (run.cfg.rollout.sampler_logprobs and not greedy
-            and run.ac.value_mode in ("shared", "none") and run.ac.decodes_in_fp32())
+            and run.ac.value_mode in ("shared", "none") and decodes_in_fp32(run.ac.peft_model))
 
 
 def sample_ids(run: Run, prompt_ids: list[list[int]], greedy: bool = False) -> Samples:
@@ -138,8 +168,9 @@ def sample_ids(run: Run, prompt_ids: list[list[int]], greedy: bool = False) -> S
     are gathered around its own forward, one layer at a time (the whole model never is: that is
     what ZeRO-3 is for), and every rank decodes the same number of steps."""
     synced = run.dist.world_size > 1 and zero_stage(run.engine.config) == 3
-    return generate(run.ac, run.tokenizer, prompt_ids, run.cfg.rollout, greedy=greedy,
-                    synced=synced, score=sampler_scores(run, greedy))
+    return generate(run.ac, prompt_ids, run.cfg.rollout, run.stop_ids,
+                    run.tokenizer.pad_token_id, greedy=greedy, synced=synced,
+                    score=sampler_scores(run, greedy))
 
 
 def rollout_of(run: Run, samples: Samples) -> Rollout:
@@ -148,8 +179,7 @@ def rollout_of(run: Run, samples: Samples) -> Rollout:
     return logprobs_and_values(run.ac, samples, temperature=rc.temperature,
                                chunk_size=chunk_rows(run.ac.vocab, rc.logits_chunk_mib),
                                batch_size=rc.generation_batch_size,
-                               with_reference=run.cfg.algorithm.uses_reference,
-                               packed=run.cfg.model.padding_free)
+                               with_reference=run.cfg.algorithm.uses_reference)
 
 
 def collect_rollout(run: Run, prompts: list[str], greedy: bool = False) -> Rollout:
@@ -297,6 +327,7 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
             print(f"resumed from {start.checkpoint} at update {run.step}", flush=True)
         elif start.note:
             print(start.note, flush=True)
+        print(describe_stops(run.tokenizer, run.stop_ids), flush=True)
     logger = MetricsLogger(run.output_dir, cfg, cfg.ppo.total_updates, run.step, enabled=rank0,
                            bar_keys=PPO_BAR)
     logger.truncate_after(run.step)

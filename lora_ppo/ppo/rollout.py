@@ -22,10 +22,10 @@ from dataclasses import dataclass, fields
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
 from lora_ppo.modeling.actor_critic import POLICY, REFERENCE, ActorCritic
-from lora_ppo.ppo.sampling import sample
+from lora_ppo.modeling.generation import can_merge_for_generation, merged_policy
+from lora_ppo.ppo.sampling import left_pad, sample
 
 
 @dataclass
@@ -72,18 +72,6 @@ class Rollout:
         return Rollout(**out)
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lists of ids -> (ids (B, L), mask (B, L)) padded on the left."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
-    return ids, mask
-
-
 def truncate_after_stop(response_ids: torch.Tensor, stop_ids: Sequence[int], pad_id: int
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cut each response after its first stop token. (B, R) -> ids, mask (float), has_eos (B,).
@@ -111,45 +99,44 @@ class Samples(NamedTuple):
     values: Optional[torch.Tensor] = None    # (B, R) shared-head values on the same states
 
 
-def generate(ac: ActorCritic, tokenizer, prompt_ids: Sequence[Sequence[int]], rc, *,
-             greedy: bool = False, synced: bool = False, score: bool = False) -> Samples:
-    """Sample responses with the policy in chunks of `rc.generation_batch_size`, every chunk
-    padded to the same Q and R. `synced`: every rank runs the same number of decoding steps
-    (ZeRO-3 gathers weights collectively in each forward). `score`: keep the sampler's
-    log-probs (and shared-head values) of the drawn tokens, for `logprobs_and_values`."""
-    stop_ids = [tokenizer.eos_token_id, *rc.stop_token_ids]
-    query_ids, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
-    device = ac.device
-    drawn = []
-    merge = rc.merge_for_generation and ac.can_merge_for_generation()
-    with ac.role(POLICY, train=False), (ac.merged_policy() if merge else contextlib.nullcontext()):
-        for start in range(0, len(prompt_ids), rc.generation_batch_size):
-            q = query_ids[start:start + rc.generation_batch_size].to(device)
-            m = query_mask[start:start + rc.generation_batch_size].to(device)
-            drawn.append(sample(ac, q, m, max_new_tokens=rc.max_new_tokens,
-                                temperature=rc.temperature, greedy=greedy, stop_ids=stop_ids,
-                                pad_id=tokenizer.pad_token_id, synced=synced,
-                                static_cache=rc.static_kv_cache, score=score))
-    width = max(max(d.tokens.shape[1] for d in drawn), 1)
+def stop_ids_of(tokenizer, generation_config, extra: Sequence[int]) -> list[int]:
+    """The ids that end a response: the tokenizer's EOS, every id of the checkpoint's
+    `generation_config.json` `eos_token_id` (an int or a list: Llama 3 and Qwen 2.5 instruct
+    checkpoints list `<|eot_id|>` and `<|end_of_text|>`, `<|im_end|>` and `<|endoftext|>`), and
+    `rollout.stop_token_ids`; in that order, each once."""
+    listed = getattr(generation_config, "eos_token_id", None) if generation_config else None
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    return list(dict.fromkeys([tokenizer.eos_token_id, *listed, *extra]))
 
-    def columns(parts: list[Optional[torch.Tensor]], pad) -> Optional[torch.Tensor]:
-        if parts[0] is None:
-            return None
-        return torch.cat([F.pad(p.cpu(), (0, width - p.shape[1]), value=pad) for p in parts])
 
-    response_ids, response_mask, has_eos = truncate_after_stop(
-        columns([d.tokens for d in drawn], tokenizer.pad_token_id), stop_ids,
-        tokenizer.pad_token_id)
-    logprobs, values = (columns([getattr(d, k) for d in drawn], 0.0) for k in ("logprobs", "values"))
+def generate(ac: ActorCritic, prompt_ids: Sequence[Sequence[int]], rc, stop_ids: list[int],
+             pad_id: int, *, greedy: bool = False, synced: bool = False,
+             score: bool = False) -> Samples:
+    """Sample responses with the policy (ppo/sampling.py: at most `rc.generation_batch_size`
+    rows at once, continuous batching unless `rc.continuous_batching` is off). `synced`: every
+    rank runs the same forwards (ZeRO-3 gathers weights collectively in each one). `score`:
+    keep the sampler's log-probs (and shared-head values) of the drawn tokens, for
+    `logprobs_and_values`. The uniforms behind every draw come from torch's global generator,
+    one row per prompt, so a seeded run draws the same tokens whatever the batching."""
+    query_ids, query_mask = left_pad(prompt_ids, pad_id)
+    uniforms = None if greedy else torch.rand(len(prompt_ids), rc.max_new_tokens)
+    merge = rc.merge_for_generation and can_merge_for_generation(ac.peft_model)
+    with ac.role(POLICY, train=False), (merged_policy(ac.peft_model) if merge
+                                        else contextlib.nullcontext()):
+        drawn = sample(ac, [list(p) for p in prompt_ids], max_new_tokens=rc.max_new_tokens,
+                       temperature=rc.temperature, greedy=greedy, stop_ids=stop_ids,
+                       pad_id=pad_id, slots=rc.generation_batch_size, uniforms=uniforms,
+                       continuous=rc.continuous_batching, synced=synced,
+                       static_cache=rc.static_kv_cache, score=score)
+    response_ids, response_mask, has_eos = truncate_after_stop(drawn.tokens, stop_ids, pad_id)
     return Samples(query_ids, query_mask, response_ids, response_mask, has_eos,
-                   None if logprobs is None else logprobs * response_mask,
-                   None if values is None else values * response_mask)
+                   None if drawn.logprobs is None else drawn.logprobs * response_mask,
+                   None if drawn.values is None else drawn.values * response_mask)
 
 
 @torch.no_grad()
 def logprobs_and_values(ac: ActorCritic, samples: Samples, *, temperature: float,
-                        chunk_size: int, batch_size: int, with_reference: bool = True,
-                        packed: bool = True) -> Rollout:
+                        chunk_size: int, batch_size: int, with_reference: bool = True) -> Rollout:
     """The rollout: `samples` with their old log-probs, values (with a value function) and
     reference log-probs (`with_reference`; without it the reference forward is skipped),
     computed in chunks of `batch_size` sequences."""
@@ -167,14 +154,13 @@ def logprobs_and_values(ac: ActorCritic, samples: Samples, *, temperature: float
                      for t in (query_ids, query_mask, response_ids, response_mask)]
             mask = batch[3]
             if not from_sampler:
-                lp, _, v = ac(*batch, temperature=temperature, chunk_size=chunk_size,
-                              packed=packed)
+                lp, _, v = ac(*batch, temperature=temperature, chunk_size=chunk_size)
                 parts["logprobs"].append(lp * mask)
                 if v is not None:
                     parts["values"].append(v * mask)
             if with_reference:
                 ref, _, _ = ac(*batch, temperature=temperature, chunk_size=chunk_size,
-                               with_values=False, role=REFERENCE, packed=packed)
+                               with_values=False, role=REFERENCE)
                 parts["ref_logprobs"].append(ref * mask)
     finally:
         ac.train(was_training)

@@ -1,21 +1,38 @@
-"""Autoregressive sampling from exactly the distribution PPO scores.
+"""Autoregressive sampling from exactly the distribution PPO scores, without wasted work.
 
-PPO's ratio pi/pi_old and the KL to the reference are computed from log softmax(z / T) of the
-LM head's logits z (`rl/logprobs.py`, through `ActorCritic.forward`). The responses must be drawn
-from that same distribution. `transformers`' `generate` builds its logits processors from the
-merged generation config, where every field left None is filled from the checkpoint's
-`generation_config.json` and then the library defaults (`GenerationMixin.
-_prepare_generation_config`, "only update values that are None"): a plain call samples from the
-top 50 tokens, and a checkpoint's own top_p, min_p, repetition_penalty, no_repeat_ngram_size...
-leak in too. Rather than neutralise a list of fields that grows with each release, the decode
-loop here calls the trunk and the LM head that scoring calls, and samples from
-softmax(float32 logits / T) with nothing in between.
+What is drawn. PPO's ratio pi/pi_old and the KL to the reference are computed from log softmax(z)
+of the model's own logits over the temperature (`rl/logprobs.py::transform_logits`, through
+`ActorCritic.forward`). The responses must be drawn from that same distribution. `transformers`'
+`generate` builds its logits processors from the merged generation config, where every field left
+None is filled from the checkpoint's `generation_config.json` and then the library defaults: a
+plain call samples from the top 50 tokens, and a checkpoint's own top_p, min_p,
+repetition_penalty... leak in too. So the decode loop here calls the trunk and the LM head that
+scoring calls and samples from softmax(z) with nothing in between.
 
-Positions skip left padding (`position_ids_from_mask`), as in scoring. The KV cache is
-transformers' `StaticCache`, allocated once at prompt + max_new_tokens and written in place
-(`static_cache`): the default `DynamicCache` concatenates every layer's keys and values at every
-token, a fresh allocation and an O(length) copy per layer per step, which profiled at more than
-half of CPU decoding time (docs/ppo.md, "Doing less work").
+Each row's randomness is its own: row i's token t is drawn by inverse CDF from one uniform
+`uniforms[i, t]`, drawn for the whole rollout up front (`draw`). What row i samples therefore
+depends only on its prompt, its own earlier tokens and its uniforms, not on which rows share its
+decode batch, when it entered it, or the batch size: dropping finished rows or refilling their
+slots changes no row's tokens (up to the float round-off of a matmul of another shape).
+
+No wasted work (docs/ppo.md, "Doing less work"):
+
+- A prompt is encoded once: the distinct prompts of the rows entering the batch are prefilled
+  once each and their keys and values copied to every row that answers them (the n samples of a
+  group), and the prompt's last hidden state gives every such row its first token.
+- Continuous batching (`continuous`): a row that stops leaves the decode batch and the next
+  pending row takes its slot, so the batch stays full until the prompts run out; then finished
+  rows are dropped (the batch and its KV cache compacted). Every row writes its next token at the
+  same cache column c; a new row's prompt is placed right-aligned to end at c, and the 2-D mask
+  marks each row's columns (positions come from the row itself, not the column). When c reaches
+  the cache's width, every row's columns move left by the span no live row uses.
+- Otherwise (a sliding-window cache, whose ring layout cannot take a row placed mid-way; ZeRO-3
+  over several ranks, where every rank must run the same forwards; a dynamic cache) rows are
+  decoded in batches of `slots`, finished rows dropped from the batch (except in lockstep).
+
+The KV cache is transformers' `StaticCache`, written in place (`static_cache`): the default
+`DynamicCache` concatenates every layer's keys and values at every token, which profiled at more
+than half of CPU decoding time.
 """
 
 from __future__ import annotations
@@ -25,9 +42,11 @@ import inspect
 from typing import NamedTuple, Optional
 
 import torch
-from transformers import StaticCache
+from torch import Tensor
+from transformers import DynamicCache, StaticCache
 
-from lora_ppo.modeling.actor_critic import ActorCritic, position_ids_from_mask
+from lora_ppo.modeling.actor_critic import ActorCritic
+from lora_ppo.rl.logprobs import transform_logits
 
 
 @functools.cache
@@ -37,7 +56,7 @@ def _cache_keyword(forward_cls: type) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _all_done(done: torch.Tensor, synced: bool) -> bool:
+def _all_done(done: Tensor, synced: bool) -> bool:
     """True when every row has stopped, on every rank when `synced` (they decode in lockstep)."""
     finished = bool(done.all())
     if not synced:
@@ -50,76 +69,289 @@ def _all_done(done: torch.Tensor, synced: bool) -> bool:
 class Drawn(NamedTuple):
     """What one call of `sample` gives: the tokens and, when asked, their scores."""
 
-    tokens: torch.Tensor                # (B, R) long
-    logprobs: Optional[torch.Tensor]    # (B, R) log softmax(z / T)[token], float32, or None
-    values: Optional[torch.Tensor]      # (B, R) V(state before token) of the shared head, or None
+    tokens: Tensor                # (B, R) long, `pad_id` after a row's stop token
+    logprobs: Optional[Tensor]    # (B, R) log softmax(z)[token], float32, or None
+    values: Optional[Tensor]      # (B, R) V(state before token) of the shared head, or None
+
+
+def draw(z: Tensor, u: Optional[Tensor]) -> Tensor:
+    """Tokens (k,) from z (k, V) float32 (the transformed logits): argmax when `u` is None, else
+    by inverse CDF of softmax(z) at the uniforms u (k,) in [0, 1). The CDF is summed in float64,
+    so the draw follows softmax(z) to float64 round-off; a zero-probability token is never drawn
+    (searchsorted right: the first index whose CDF exceeds u * total)."""
+    if u is None:
+        return z.argmax(-1)
+    cdf = torch.softmax(z, dim=-1).double().cumsum_(-1)
+    target = (u.to(cdf) * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=z.shape[-1] - 1)
+
+
+def left_pad(seqs, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Lists of ids -> (ids (B, L), mask (B, L)) padded on the left."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def _select_rows(cache, index: Tensor) -> None:
+    """Keep (or repeat) the batch rows `index` of every cache layer."""
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False):
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+            if hasattr(layer, "batch_size"):
+                layer.batch_size = len(index)
+
+
+def continuous_batching_fits(cache) -> bool:
+    """A row can be placed mid-way only in plain static layers (not a sliding window's ring)."""
+    return all(type(layer).__name__ == "StaticLayer" for layer in cache.layers)
+
+
+class _Out:
+    """Per-row results, written as rows advance (CPU)."""
+
+    def __init__(self, rows: int, width: int, pad_id: int, score: bool, values: bool):
+        self.tokens = torch.full((rows, width), pad_id, dtype=torch.long)
+        self.logprobs = torch.zeros(rows, width) if score else None
+        self.values = torch.zeros(rows, width) if values else None
+        self.length = torch.zeros(rows, dtype=torch.long)
+
+    def write(self, rows: Tensor, tok: Tensor, lp: Optional[Tensor], v: Optional[Tensor]) -> None:
+        rows, t = rows.cpu(), self.length[rows.cpu()]
+        self.tokens[rows, t] = tok.cpu()
+        if self.logprobs is not None:
+            self.logprobs[rows, t] = lp.cpu()
+        if self.values is not None:
+            self.values[rows, t] = v.float().cpu()
+        self.length[rows] += 1
+
+    def drawn(self) -> Drawn:
+        r = max(int(self.length.max()), 1)
+        cut = (lambda x: None if x is None else x[:, :r])
+        return Drawn(self.tokens[:, :r], cut(self.logprobs), cut(self.values))
+
+
+class _Sampler:
+    """One `sample` call's state: the model pieces, what each row has drawn, the stop rule."""
+
+    def __init__(self, ac: ActorCritic, prompts, *, max_new_tokens, temperature, greedy,
+                 stop_ids, pad_id, uniforms, score, forced=None):
+        self.ac, self.prompts, self.pad_id = ac, [tuple(p) for p in prompts], pad_id
+        self.decoder = ac.causal_lm.get_decoder()
+        self.cache_kw = _cache_keyword(type(self.decoder))
+        self.device = ac.device
+        self.max_new, self.temperature = max_new_tokens, temperature
+        self.uniforms = None if greedy else uniforms.to(self.device)
+        self.forced = None if forced is None else forced.to(self.device)
+        self.stops = torch.tensor(stop_ids, device=self.device)
+        self.with_values = score and ac.value_mode == "shared"
+        self.out = _Out(len(prompts), max_new_tokens, pad_id, score, self.with_values)
+
+    def forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache) -> Tensor:
+        """The trunk's last hidden state (k, H) of each row, its cache updated in place."""
+        out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
+                           use_cache=True, **{self.cache_kw: cache})
+        return out.last_hidden_state[:, -1]
+
+    def prefill(self, prompts: list[tuple[int, ...]], cache, static_width: int = 0) -> Tensor:
+        """Encode left-padded `prompts` into `cache`; their last hidden states (k, H). A static
+        cache takes a 2-D mask as wide as the cache (`static_width`), zero past the prompts."""
+        ids, mask = (t.to(self.device) for t in left_pad(prompts, self.pad_id))
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+        if static_width:
+            mask = torch.cat([mask, mask.new_zeros(len(prompts), static_width - mask.shape[1])], 1)
+        return self.forward(ids, mask, positions, cache)
+
+    def advance(self, rows: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Draw the next token of `rows` (k,) from their states h (k, H) and record it; the
+        tokens (k,) and whether each row stopped (a stop id, or max_new_tokens reached)."""
+        if len(rows) == 0:  # a rank in lockstep whose rows have all stopped
+            empty = torch.zeros(0, dtype=torch.long, device=self.device)
+            return empty.bool(), empty
+        z = transform_logits(self.ac.lm_head(h), self.temperature, self.ac.logits_transform)
+        t = self.out.length[rows.cpu()].to(self.device)
+        tok = (draw(z, None if self.uniforms is None else self.uniforms[rows, t])
+               if self.forced is None else self.forced[rows, t])
+        lp = (z.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(z, -1)
+              if self.out.logprobs is not None else None)
+        v = self.ac.value_head(h) if self.with_values else None
+        self.out.write(rows, tok, lp, v)
+        return torch.isin(tok, self.stops) | (t + 1 >= self.max_new), tok
 
 
 @torch.no_grad()
-def sample(ac: ActorCritic, query_ids: torch.Tensor, query_mask: torch.Tensor, *,
-           max_new_tokens: int, temperature: float, greedy: bool, stop_ids: list[int],
-           pad_id: int, synced: bool = False, static_cache: bool = True,
-           score: bool = False) -> Drawn:
-    """Response ids (B, R), R <= max_new_tokens, for left-padded prompts (B, Q) (mask (B, Q)).
-
-    Each token is drawn from softmax(logits / temperature) in float32 (argmax when `greedy`);
-    after a row's first stop id it holds `pad_id`. Runs under the active role and mode; the
-    caller puts the model in eval mode under the policy. Stops early once every row has
-    stopped (on every rank when `synced`). `static_cache`: keys and values in one buffer of
-    Q + max_new_tokens positions, the 2-D mask kept at that width (unwritten slots are 0).
-    `score`: also the log-prob of each drawn token under the distribution it was drawn from, and
-    the shared value head on the same hidden state (value.mode=shared), the quantities the
-    rollout's scoring forward computes; the caller asks only where the two forwards agree to
-    fp32 round-off (`ActorCritic.decodes_in_fp32`).
+def sample(ac: ActorCritic, prompts: list[list[int]], *, max_new_tokens: int,
+           temperature: float, greedy: bool, stop_ids: list[int], pad_id: int, slots: int,
+           uniforms: Optional[Tensor] = None, continuous: bool = True, synced: bool = False,
+           static_cache: bool = True, score: bool = False,
+           forced: Optional[Tensor] = None) -> Drawn:
+    """Responses (B, R), R <= max_new_tokens, to `prompts` (B lists of ids; rows answering the
+    same prompt share its encoding). Each token is drawn from softmax(model logits / T) in
+    float32 by inverse CDF at `uniforms` (B, max_new_tokens) (argmax when `greedy`); after a
+    row's first stop id it holds `pad_id`. At most `slots` rows decode at once. Runs under the
+    active role and mode (the caller: eval mode under the policy). `score`: also the log-prob of
+    each drawn token and the shared value head on the same state (value.mode=shared), what the
+    rollout's scoring forward computes; asked only where the two agree to fp32 round-off.
+    `synced`: every rank runs the same forwards (ZeRO-3 gathers weights collectively).
+    `forced` (B, max_new_tokens): take these tokens instead of drawing (teacher forcing: the
+    setup's check of the decode loop, modeling/seams.py).
     """
-    decoder = ac.causal_lm.get_decoder()
-    cache_kw = _cache_keyword(type(decoder))
-    stops = torch.tensor(stop_ids, device=query_ids.device)
-    batch = query_ids.shape[0]
-    width = query_ids.shape[1]
-    positions = position_ids_from_mask(query_mask)
-    if static_cache:
-        cache = StaticCache(config=ac.causal_lm.config, max_cache_len=width + max_new_tokens)
-        full = query_mask.new_zeros(batch, width + max_new_tokens)
-        full[:, :width] = query_mask
+    if not greedy and uniforms is None:
+        raise ValueError("sampling needs uniforms (B, max_new_tokens); greedy does not")
+    s = _Sampler(ac, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                 greedy=greedy, stop_ids=stop_ids, pad_id=pad_id, uniforms=uniforms, score=score,
+                 forced=forced)
+    config = ac.causal_lm.config
+    if continuous and static_cache and not synced and continuous_batching_fits(
+            StaticCache(config=config, max_cache_len=1)):
+        _continuous(s, slots)
     else:
-        cache, full = None, query_mask
-    ids, mask = query_ids, full
-    done = torch.zeros(batch, dtype=torch.bool, device=query_ids.device)
-    tokens, logprobs, values = [], [], []
-    with_values = score and ac.value_mode == "shared"
-    with ac.output_head() as head:
-        for _ in range(max_new_tokens):
-            out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
-                          use_cache=True, **{cache_kw: cache})
-            cache = getattr(out, cache_kw)
-            h = out.last_hidden_state[:, -1]
-            z = head(h).float()  # (B, V), as rl/logprobs casts it
-            zt = z / temperature if temperature != 1.0 else z  # the distribution drawn from
-            if greedy:
-                tok = z.argmax(-1)
-            else:
-                tok = torch.multinomial(torch.softmax(zt, dim=-1), 1).squeeze(-1)
-            tok = tok.masked_fill(done, pad_id)
-            tokens.append(tok)
-            if score:  # rl/logprobs.py's formula: z[token] - logsumexp(z), z = logits / T
-                logprobs.append(zt.gather(-1, tok[:, None]).squeeze(-1)
-                                - torch.logsumexp(zt, dim=-1))
-            if with_values:
-                values.append(ac.value_head(h))
-            done |= torch.isin(tok, stops)
-            if _all_done(done, synced):
-                break
-            ids = tok[:, None]
-            if static_cache:
-                mask[:, width] = 1
-            else:
-                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-            width += 1
-            positions = positions[:, -1:] + 1
-    return Drawn(torch.stack(tokens, dim=1), _columns(logprobs), _columns(values))
+        for start in range(0, len(prompts), slots):
+            _one_batch(s, torch.arange(start, min(start + slots, len(prompts))),
+                       static_cache, synced)
+    return s.out.drawn()
 
 
-def _columns(steps: list[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Per-step (B,) tensors -> (B, steps), or None when nothing was recorded."""
-    return torch.stack(steps, dim=1) if steps else None
+def _one_batch(s: _Sampler, rows: Tensor, static_cache: bool, synced: bool) -> None:
+    """Decode `rows` to the end in one batch: each distinct prompt prefilled once and its cache
+    rows repeated for the rows answering it; finished rows dropped (kept in lockstep, where
+    every rank runs a forward per step until all are done)."""
+    distinct = list(dict.fromkeys(s.prompts[i] for i in rows.tolist()))
+    which = torch.tensor([distinct.index(s.prompts[i]) for i in rows.tolist()], device=s.device)
+    col = max(len(p) for p in distinct)  # the next cache column
+    static_width = col + s.max_new if static_cache else 0
+    cache = (StaticCache(config=s.ac.causal_lm.config, max_cache_len=static_width)
+             if static_cache else DynamicCache(config=s.ac.causal_lm.config))
+    h = s.prefill(distinct, cache, static_width).index_select(0, which)
+    _select_rows(cache, which)
+    mask = left_pad([s.prompts[i] for i in rows.tolist()], s.pad_id)[1].to(s.device)
+    if static_cache:
+        mask = torch.cat([mask, mask.new_zeros(len(rows), s.max_new)], 1)
+    positions = mask.sum(1, keepdim=True) - 1
+    rows = rows.to(s.device)
+    live = torch.ones(len(rows), dtype=torch.bool, device=s.device)
+    last = torch.full((len(rows),), s.pad_id, dtype=torch.long, device=s.device)
+    while True:
+        idx = live.nonzero().squeeze(-1)
+        stopped, last[idx] = s.advance(rows[idx], h[idx])
+        live[idx[stopped]] = False
+        if _all_done(~live, synced):
+            return
+        if not synced and (~live).sum() * 4 >= len(live):  # drop the finished rows
+            keep = live.nonzero().squeeze(-1)
+            _select_rows(cache, keep)
+            rows, mask, positions, live, last = (x[keep] for x in (rows, mask, positions,
+                                                                    live, last))
+        if static_cache:
+            mask[:, col] = 1
+        else:
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+        positions = torch.where(live[:, None], positions + 1, 0)  # stopped rows: any position
+        h = s.forward(last[:, None], mask, positions, cache)
+        col += 1
+
+
+def _continuous(s: _Sampler, slots: int) -> None:
+    """Continuous batching over `slots` rows (module doc); needs plain static cache layers."""
+    n_rows = len(s.prompts)
+    p_max = max(len(p) for p in s.prompts)
+    slack = max(16, s.max_new // 4)  # columns freed at each shift: a copy every >= slack steps
+    width = p_max + s.max_new + slack
+    slots = min(slots, n_rows)
+    cache = StaticCache(config=s.ac.causal_lm.config, max_cache_len=width)
+    mask = torch.zeros(slots, width, dtype=torch.long, device=s.device)
+    positions = torch.zeros(slots, 1, dtype=torch.long, device=s.device)
+    row = torch.full((slots,), -1, dtype=torch.long, device=s.device)  # -1: a free slot
+    start = torch.zeros(slots, dtype=torch.long, device=s.device)     # first live column
+    last = torch.full((slots,), s.pad_id, dtype=torch.long, device=s.device)
+    remaining: dict[tuple[int, ...], int] = {}
+    for p in s.prompts:
+        remaining[p] = remaining.get(p, 0) + 1
+    encoded: dict = {}  # prompt -> (per-layer keys and values, last hidden state)
+    pending, col = 0, p_max
+    while True:
+        free = (row < 0).nonzero().squeeze(-1)
+        if pending < n_rows and len(free):  # the next rows take the free slots
+            new = torch.arange(pending, min(pending + len(free), n_rows), device=s.device)
+            free, pending = free[:len(new)], pending + len(new)
+            kv, h = _encode(s, [s.prompts[i] for i in new.tolist()], encoded, remaining)
+            if not cache.layers[0].is_initialized:
+                first = kv[0]
+                cache.early_initialization(slots, [k.shape[1] for k, _ in first],
+                                           [k.shape[3] for k, _ in first], first[0][0].dtype,
+                                           s.device)
+            for slot, i, layers in zip(free.tolist(), new.tolist(), kv):
+                n = len(s.prompts[i])  # the prompt ends at the current column
+                for layer, (k, v) in zip(cache.layers, layers):
+                    layer.keys[slot, :, col - n:col] = k[0]
+                    layer.values[slot, :, col - n:col] = v[0]
+                mask[slot] = 0
+                mask[slot, col - n:col] = 1
+                positions[slot, 0], start[slot], row[slot] = n - 1, col - n, i
+            stopped, last[free] = s.advance(new, h)
+            row[free[stopped]] = -1
+            continue  # rows that stopped at once free their slots again
+        live = row >= 0
+        if not live.any():
+            return
+        if pending >= n_rows and (~live).sum() * 4 >= len(live):  # no rows left: compact
+            keep = live.nonzero().squeeze(-1)
+            _select_rows(cache, keep)
+            mask, positions, row, start, last = (x[keep] for x in (mask, positions, row,
+                                                                    start, last))
+            continue
+        if col == width:  # move every row left by the columns no live row uses
+            k = int(start[live].min())
+            k = min(k, col - p_max) if pending < n_rows else k
+            _shift(cache, k)
+            mask[:, :width - k] = mask[:, k:].clone()
+            mask[:, width - k:] = 0
+            start, col = start - k, col - k
+        for layer in cache.layers:  # every row writes its token at column col
+            layer.cumulative_length.fill_(col)
+        mask[:, col] = 1
+        positions = torch.where(live[:, None], positions + 1, 0)  # free slots: any position
+        h = s.forward(last[:, None], mask, positions, cache)
+        col += 1
+        idx = live.nonzero().squeeze(-1)
+        stopped, last[idx] = s.advance(row[idx], h[idx])
+        row[idx[stopped]] = -1
+
+
+def _encode(s: _Sampler, prompts: list[tuple[int, ...]], encoded: dict, remaining: dict
+            ) -> tuple[list[list[tuple[Tensor, Tensor]]], Tensor]:
+    """Per row of `prompts`: its prompt's per-layer keys and values (1, heads, len, dim) and its
+    last hidden state (k, H). A prompt is prefilled once (a dynamic cache, positions from 0) and
+    kept until every row that answers it has been placed."""
+    new = [p for p in dict.fromkeys(prompts) if p not in encoded]
+    if new:
+        cache = DynamicCache(config=s.ac.causal_lm.config)
+        h = s.prefill(new, cache)
+        width = max(len(p) for p in new)
+        for j, p in enumerate(new):
+            layers = [(layer.keys[j:j + 1, :, width - len(p):],
+                       layer.values[j:j + 1, :, width - len(p):]) for layer in cache.layers]
+            encoded[p] = (layers, h[j])
+    kv, hs = [], []
+    for p in prompts:
+        layers, h = encoded[p]
+        kv.append(layers)
+        hs.append(h)
+        remaining[p] -= 1
+        if remaining[p] == 0:
+            del encoded[p]
+    return kv, torch.stack(hs)
+
+
+def _shift(cache, k: int) -> None:
+    """Move every layer's columns k to the left (the first k are no live row's)."""
+    for layer in cache.layers:
+        w = layer.keys.shape[2]
+        layer.keys[:, :, :w - k] = layer.keys[:, :, k:].clone()
+        layer.values[:, :, :w - k] = layer.values[:, :, k:].clone()

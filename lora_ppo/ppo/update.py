@@ -79,7 +79,7 @@ def micro_batch_loss(engine, mb: Rollout, cfg, normalizer: torch.Tensor, kl_coef
     logprobs, entropy, values = engine(
         mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
         temperature=rc.temperature, chunk_size=rows, with_entropy=True,
-        entropy_grad=pc.ent_coef > 0, packed=cfg.model.padding_free)
+        entropy_grad=pc.ent_coef > 0)
     mask = mb.response_mask
     pl = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, pc.cliprange, normalizer)
     # PPO objective (Schulman et al. 2017 eq. 9): L_clip - c1 L_vf + c2 S, as a loss to minimise;
@@ -112,6 +112,28 @@ def _or_none(x: float) -> Optional[float]:
     return None if math.isnan(x) else x
 
 
+def minibatches(n: int, size: int, lengths: torch.Tensor, generator: torch.Generator,
+                group: int = 1) -> list[torch.Tensor]:
+    """One epoch's minibatches of `size` sample indices, shuffled by `generator`.
+
+    Within a minibatch the samples are ordered by length (descending), so the micro-batches cut
+    from it pack (or pad) tightly; the minibatch's gradient is the same sum whatever its order.
+    `group` > 1 (a shared-prompt layout, `size` a multiple of it): whole groups of `group`
+    consecutive samples are shuffled and ordered by their total length, members kept together,
+    so a micro-batch holds whole groups whose prompt one packed row encodes once.
+    """
+    device = lengths.device
+    if group == 1:
+        perm = torch.randperm(n, generator=generator).to(device)
+        return [idx[lengths[idx].argsort(descending=True, stable=True)]
+                for idx in perm.split(size)]
+    members = torch.arange(n, device=device).view(-1, group)
+    totals = lengths.view(-1, group).sum(1)
+    perm = torch.randperm(n // group, generator=generator).to(device)
+    return [members[g[totals[g].argsort(descending=True, stable=True)]].reshape(-1)
+            for g in perm.split(size // group)]
+
+
 def ppo_update(engine, ac, rollout: Rollout, cfg, generator: torch.Generator,
                kl_coef: float = 0.0) -> PPOStats:
     """Run the PPO epochs over `rollout` (advantages, and returns with a value function,
@@ -123,14 +145,10 @@ def ppo_update(engine, ac, rollout: Rollout, cfg, generator: torch.Generator,
     all_stats: list[MicroStats] = []
     epochs_run, steps = 0, 0
     lengths = rollout.query_mask.sum(1) + rollout.response_mask.sum(1)  # each sample's tokens
+    group = alg.group_size if ac.layout.group and mb_size % alg.group_size == 0 else 1
     for _ in range(pc.epochs):
         epoch_stats: list[MicroStats] = []
-        perm = torch.randperm(n, generator=generator).to(rollout.query_ids.device)
-        for start in range(0, n, mb_size):
-            mb_idx = perm[start:start + mb_size]
-            # Micro-batches of similar lengths pack (or pad) tightly; the minibatch's gradient
-            # is the same sum whatever its order.
-            mb_idx = mb_idx[lengths[mb_idx].argsort(descending=True, stable=True)]
+        for mb_idx in minibatches(n, mb_size, lengths, generator, group):
             norms = loss_normalizers(rollout.response_mask[mb_idx], alg.loss_aggregation, accum,
                                      cfg.rollout.max_new_tokens)
             for m in range(0, mb_size, micro):

@@ -148,3 +148,13 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(world_size())]
     torch.distributed.all_gather(parts, t.contiguous())
     return torch.cat(parts)
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (the object itself with one rank): a decision every rank
+    must take alike, e.g. the layout the setup's seam check chose."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

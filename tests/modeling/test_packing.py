@@ -8,7 +8,8 @@ import dataclasses
 import torch
 from helpers import make_adapter_dir, tiny_config
 
-from lora_ppo.modeling.packing import pack
+from lora_ppo.modeling.generation import can_merge_for_generation, decodes_in_fp32, merged_policy
+from lora_ppo.modeling.packing import Layout, pack
 from lora_ppo.ppo.loop import collect_rollout, rollout_of, sample_responses, setup
 from lora_ppo.ppo.rollout import generate
 
@@ -33,7 +34,7 @@ def test_pack_by_hand():
     p = pack(q, qm, r, rm)
     # capacity = the longest sequence (5); first-fit decreasing puts them in two rows
     assert p.input_ids.tolist() == [[5, 6, 7, 8, 9], [4, 3, 0, 0, 0]]
-    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 0, 1, 2]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 0, 0, 0]]
     # token t of sequence i is predicted by its (prompt length - 1 + t)-th state
     assert p.predicting.tolist() == [[1, 2, 3], [5, 6, 6]] and p.real_tokens == 7
     # short sequences share a row
@@ -56,7 +57,8 @@ def test_packed_forward_equals_the_padded_one(tiny_model_dir, tmp_path):
         batch = (s.query_ids, s.query_mask, s.response_ids, s.response_mask)
         run.ac.train()
         padded = run.ac(*batch, temperature=0.8, chunk_size=7, with_entropy=True)
-        packed = run.ac(*batch, temperature=0.8, chunk_size=7, with_entropy=True, packed=True)
+        packed = run.ac(*batch, temperature=0.8, chunk_size=7, with_entropy=True,
+                        layout=Layout(packed=True))
         m = s.response_mask
         for a, b in zip(padded, packed):
             torch.testing.assert_close(a * m, b * m, rtol=0, atol=1e-5)
@@ -93,14 +95,14 @@ def test_generation_with_the_merged_policy_is_exact_and_restores_the_weights(tin
     sft = make_adapter_dir(tiny_model_dir, tmp_path / "sft", seed=1, dropout=0.1)
     run = _run(tiny_model_dir, tmp_path / "run", f"model.init_adapter={sft}")
     ac, cfg = run.ac, run.cfg
-    assert ac.can_merge_for_generation()
+    assert can_merge_for_generation(ac.peft_model)
     base = {n: (p, p.detach().clone()) for n, p in ac.named_parameters() if "lora_" not in n}
     ids = [run.tokenizer(p)["input_ids"] for p in run.sampler.take(6)]
     draws = {}
     for merge in (False, True):
         rc = dataclasses.replace(cfg.rollout, merge_for_generation=merge)
         torch.manual_seed(11)
-        draws[merge] = generate(ac, run.tokenizer, ids, rc)
+        draws[merge] = generate(ac, ids, rc, run.stop_ids, run.tokenizer.pad_token_id)
     assert torch.equal(draws[False].response_ids, draws[True].response_ids)
     for n, p in ac.named_parameters():
         if "lora_" not in n:
@@ -109,7 +111,7 @@ def test_generation_with_the_merged_policy_is_exact_and_restores_the_weights(tin
     q = torch.tensor([ids[0]])
     with torch.no_grad():
         want = ac.causal_lm(input_ids=q).logits
-        with ac.merged_policy():
+        with merged_policy(ac.peft_model):
             got = ac.causal_lm(input_ids=q).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert (want - ac.causal_lm(input_ids=q).logits).abs().max() == 0
@@ -152,13 +154,13 @@ def test_the_samplers_logprobs_and_values_are_the_scoring_forwards(tiny_model_di
     run = _run(tiny_model_dir, tmp_path / "run", "rollout.temperature=0.7",
                "rollout.generation_batch_size=3")
     ac, rc = run.ac, run.cfg.rollout
-    assert ac.decodes_in_fp32()
+    assert decodes_in_fp32(ac.peft_model)
     ids = [run.tokenizer(p)["input_ids"] for p in run.sampler.take(7)]
     drawn = {}
     for static in (True, False):
         torch.manual_seed(4)
-        drawn[static] = generate(ac, run.tokenizer, ids, dataclasses.replace(
-            rc, static_kv_cache=static), score=True)
+        drawn[static] = generate(ac, ids, dataclasses.replace(
+            rc, static_kv_cache=static), run.stop_ids, run.tokenizer.pad_token_id, score=True)
     s = drawn[True]
     assert torch.equal(s.response_ids, drawn[False].response_ids)
     assert s.response_mask.sum(1).unique().numel() > 1 and s.values.abs().max() > 0.1

@@ -1,0 +1,107 @@
+"""The setup's seam checks (modeling/seams.py) catch each class of defect they exist for, on the
+architecture that has it, and fall back or refuse with one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from families import build_family_model
+from helpers import tiny_config
+
+from lora_ppo.errors import UserError
+from lora_ppo.modeling.actor_critic import build_actor_critic
+from lora_ppo.modeling.loading import load_base_model, load_tokenizer
+from lora_ppo.modeling.packing import PADDED
+from lora_ppo.modeling.seams import check_seams, seams_for
+from lora_ppo.rl.logprobs import IDENTITY
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {f: build_family_model(f, root / f, tiny_model_dir)
+            for f in ("llama", "cohere", "opt", "bloom")}
+
+
+def _ac(model_dir, out, *overrides):
+    cfg = tiny_config(model_dir, out, *overrides)
+    tok = load_tokenizer(cfg.model, str(model_dir))
+    return build_actor_critic(cfg, load_base_model(cfg, str(model_dir), CPU)), cfg, tok
+
+
+def test_every_check_passes_on_llama_with_the_fastest_layout(family_dirs, tmp_path):
+    ac, cfg, tok = _ac(family_dirs["llama"], tmp_path, "rollout.samples_per_prompt=4",
+                       "ppo.advantage_estimator=grpo", "rollout.batch_size=2")
+    before = {n: p.detach().clone() for n, p in ac.named_parameters()}
+    seams = check_seams(ac, cfg, tok.pad_token_id)
+    assert seams.layout.packed and seams.layout.group and seams.layout.attention is not None
+    assert seams.continuous_batching and seams.static_kv_cache and seams.notes == ()
+    # the random adapter of the check is gone again, bit for bit
+    assert all(torch.equal(p, before[n]) for n, p in ac.named_parameters())
+
+
+def test_an_unknown_logit_post_processing_is_refused(family_dirs, tmp_path):
+    """Cohere multiplies the head's logits by logit_scale; without it (as lora_ppo did) the
+    scored distribution is not the model's."""
+    ac, cfg, tok = _ac(family_dirs["cohere"], tmp_path)
+    check_seams(ac, cfg, tok.pad_token_id)  # with modeling/heads.py's transform: fine
+    ac.logits_transform = IDENTITY
+    with pytest.raises(UserError, match=r"model type cohere: lora_ppo's logits differ from the "
+                                        r"model's own forward") as e:
+        check_seams(ac, cfg, tok.pad_token_id)
+    assert "\n" not in str(e.value)
+
+
+def test_dropout_left_in_a_module_is_refused(family_dirs, tmp_path):
+    """OPT keeps dropout probabilities as floats on its layers (0.1 as released);
+    disable_dropout zeroes them, and one put back is caught by the train/eval check."""
+    ac, cfg, tok = _ac(family_dirs["opt"], tmp_path)
+    layer = ac.causal_lm.model.decoder.layers[0]
+    assert layer.dropout == 0.0 and ac.causal_lm.model.decoder.dropout == 0.0
+    check_seams(ac, cfg, tok.pad_token_id)
+    layer.dropout = 0.1
+    with pytest.raises(UserError, match=r"model type opt with quantization.mode=none: a "
+                                        r"train-mode forward differs from an eval-mode one"):
+        check_seams(ac, cfg, tok.pad_token_id)
+
+
+def test_8bit_runs_one_kernel_in_both_modes(family_dirs, tmp_path):
+    """bitsandbytes picks MatMul8bitFp in train mode and MatMul8bitLt in eval mode on a CPU;
+    loading.one_8bit_kernel pins the first. Without it the check refuses the run."""
+    ac, cfg, tok = _ac(family_dirs["llama"], tmp_path, "quantization.mode=8bit")
+    check_seams(ac, cfg, tok.pad_token_id)
+    import bitsandbytes as bnb
+
+    for m in ac.modules():
+        if isinstance(m, bnb.nn.Linear8bitLt):
+            m._forward_pre_hooks.clear()
+    with pytest.raises(UserError, match="quantization.mode=8bit: a train-mode forward"):
+        check_seams(ac, cfg, tok.pad_token_id)
+
+
+def test_bloom_falls_back_to_padded_rows_with_one_line(family_dirs, tmp_path):
+    """ALiBi is built from the 2-D mask: neither an explicit mask nor restarting position ids
+    isolate packed sequences, so scoring and updates run padded, said in one line."""
+    ac, cfg, tok = _ac(family_dirs["bloom"], tmp_path)
+    seams = check_seams(ac, cfg, tok.pad_token_id)
+    assert seams.layout == PADDED
+    assert seams.notes == ("model type bloom: packed rows do not give the padded forward's "
+                           "log-probs; scoring and updates use padded rows",)
+
+
+def test_the_outcome_is_cached_per_model_and_settings(family_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_PPO_CACHE", str(tmp_path / "cache"))
+    model = family_dirs["bloom"]
+    ac, cfg, tok = _ac(model, tmp_path)
+    first, line = seams_for(ac, cfg, tok.pad_token_id, str(model))
+    assert line is not None and line.startswith("seam check (")
+    assert len(list((tmp_path / "cache" / "seams").iterdir())) == 1
+    again, line = seams_for(ac, cfg, tok.pad_token_id, str(model))
+    assert line is None and again == first  # read back, not checked again
+    cfg2 = tiny_config(model, tmp_path, "model.padding_free=false")
+    _, line = seams_for(ac, cfg2, tok.pad_token_id, str(model))  # other settings: checked
+    assert line is not None and len(list((tmp_path / "cache" / "seams").iterdir())) == 2
+    cfg3 = tiny_config(model, tmp_path, "model.seam_check=always")
+    assert seams_for(ac, cfg3, tok.pad_token_id, str(model))[1] is not None
