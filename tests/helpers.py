@@ -45,7 +45,7 @@ def write_yaml(path: Path, data: dict) -> Path:
 
 
 def make_adapter_dir(model_dir: Path, out: Path, seed: int, head: bool = False,
-                     dropout: float = 0.0) -> Path:
+                     dropout: float = 0.0, targets="all-linear") -> Path:
     """A real PEFT LoRA adapter (random B, so it changes the model) saved with save_pretrained,
     plus a score head when `head` (the layout of a reward adapter). `dropout` is the
     lora_dropout written into its adapter_config.json, as SFT recipes often leave it."""
@@ -57,7 +57,7 @@ def make_adapter_dir(model_dir: Path, out: Path, seed: int, head: bool = False,
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
-                                                 target_modules="all-linear"))
+                                                 target_modules=targets))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:

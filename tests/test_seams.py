@@ -248,3 +248,73 @@ def test_two_ranks_with_early_stop_kl_run_to_the_end(tiny_model_dir, tmp_path, l
 
 
 EARLY_STOP_KL = 0.0025  # rank 0 stops after epoch 1 of update 1 (0.0031), rank 1 not (0.0021)
+
+
+# -- 6. what the model's own settings say: a LoRA on lm_head, 8-bit kernels, EOS lists ---------
+
+@pytest.mark.parametrize("ds_config", ["zero2", "zero3"])
+def test_a_lora_on_lm_head_is_scored_and_trained_under_zero3(tiny_model_dir, tmp_path,
+                                                              low_ids_reward, ds_config):
+    """An init adapter that targets lm_head (merge and export support it): under ZeRO-3 the
+    update's head was a detached, gathered base weight without the LoRA, so the first ratio
+    was not 1 and the head's lora_B never moved. Now the head runs as a module everywhere."""
+    from lora_ppo.runtime.engine import gathered_trainable
+
+    sft = make_adapter_dir(tiny_model_dir, tmp_path / "sft", seed=1, dropout=0.1,
+                           targets=["q_proj", "v_proj", "down_proj", "lm_head"])
+    run = setup(tiny_config(tiny_model_dir, tmp_path / "run", f"model.init_adapter={sft}",
+                            f"deepspeed.config={ds_config}", "ppo.optim.learning_rate=0.01",
+                            "rollout.max_new_tokens=8", f"reward.function={low_ids_reward}",
+                            STOPS))
+
+    def head_b():
+        with gathered_trainable(run.engine):
+            return {n: p.detach().clone() for n, p in run.ac.named_parameters()
+                    if "lm_head" in n and "lora_B" in n and p.requires_grad}
+
+    before = head_b()
+    assert before and all(v.abs().max() > 0.05 for v in before.values())
+    ro = _rollout(run, 8)
+    stats = ppo_update(run.engine, run.ac, ro, run.cfg, torch.Generator().manual_seed(0))
+    assert stats.optimizer_steps == 1 and abs(stats.ratio - 1.0) < 1e-6, stats
+    assert abs(stats.approx_kl) < 1e-8, stats
+    after = head_b()
+    assert all((after[n] - before[n]).abs().max() > 1e-4 for n in before), ds_config
+
+
+def test_8bit_first_minibatch_ratio_is_one(tiny_model_dir, tmp_path, low_ids_reward):
+    """bitsandbytes 8-bit on a CPU ran MatMul8bitLt for the rollout (eval mode) and
+    MatMul8bitFp in the update (train mode): first-minibatch max |log ratio| 0.058."""
+    sft = make_adapter_dir(tiny_model_dir, tmp_path / "sft", seed=1)
+    run = setup(tiny_config(tiny_model_dir, tmp_path / "run", "quantization.mode=8bit",
+                            f"model.init_adapter={sft}", "value.head_init_std=0.5",
+                            "model.gradient_checkpointing=true", "rollout.max_new_tokens=8",
+                            f"reward.function={low_ids_reward}", STOPS))
+    ro = _rollout(run, 8)
+    stats = ppo_update(run.engine, run.ac, ro, run.cfg, torch.Generator().manual_seed(0))
+    assert stats.optimizer_steps == 1 and abs(stats.ratio - 1.0) < 1e-6, stats
+    assert abs(stats.approx_kl) < 1e-8 and stats.clipfrac == 0.0, stats
+
+
+def test_every_eos_id_of_generation_config_ends_a_response(tiny_model_dir, tmp_path, capsys):
+    """Llama 3 and Qwen 2.5 instruct checkpoints list several EOS ids in generation_config.json;
+    the sampler stopped at the tokenizer's EOS only, so responses ran past the others and
+    has_eos was 0. The run's log names the ids it stops at."""
+    from transformers import GenerationConfig
+
+    from lora_ppo.ppo.loop import describe_stops, sample_responses
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    listed = [2, *range(300, 340)]  # the tokenizer's </s> and 40 ordinary ids
+    GenerationConfig(eos_token_id=listed, bos_token_id=1).save_pretrained(model)
+    run = setup(tiny_config(model, tmp_path / "run", "rollout.max_new_tokens=12"))
+    assert run.stop_ids == listed
+    torch.manual_seed(0)
+    s = sample_responses(run, run.sampler.take(8))
+    lengths = s.response_mask.sum(1).long()
+    assert s.has_eos.any() and lengths.min() < 12
+    for row, n, eos in zip(s.response_ids, lengths, s.has_eos):
+        tokens = row[:n].tolist()
+        assert not set(tokens[:-1]) & set(listed)  # nothing after the first stop id
+        assert eos == (tokens[-1] in listed)
+    assert "300 " in describe_stops(run.tokenizer, run.stop_ids)

@@ -30,6 +30,7 @@ from lora_ppo.config import Config
 from lora_ppo.errors import UserError
 from lora_ppo.io.data import read_rows
 from lora_ppo.modeling.actor_critic import position_ids_from_mask
+from lora_ppo.modeling.heads import logits_transform
 from lora_ppo.rl.logprobs import chunk_rows, logprobs_and_entropy_from_hidden
 from lora_ppo.runtime.dist import all_sum
 from lora_ppo.stages.common import (
@@ -149,9 +150,10 @@ def sft_loss_sums(peft_model, batch: Batch, chunk_size: int) -> tuple[torch.Tens
     b = Batch(*(t.to(device) for t in batch))
     h = lm.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask,
                          position_ids=b.position_ids, use_cache=False).last_hidden_state
+    # the model's own distribution: what its forward does after the head (modeling/heads.py)
     logprobs, _ = logprobs_and_entropy_from_hidden(
         h[:, :-1], lm.get_output_embeddings(), b.input_ids[:, 1:], chunk_size=chunk_size,
-        with_entropy=False)
+        with_entropy=False, transform=logits_transform(lm.config))
     m = b.loss_mask[:, 1:]
     return -(logprobs * m).sum(), m.sum()
 

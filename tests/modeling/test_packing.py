@@ -9,7 +9,7 @@ import torch
 from helpers import make_adapter_dir, tiny_config
 
 from lora_ppo.modeling.generation import can_merge_for_generation, decodes_in_fp32, merged_policy
-from lora_ppo.modeling.packing import Layout, pack
+from lora_ppo.modeling.packing import PADDED, Attention, Layout, pack
 from lora_ppo.ppo.loop import collect_rollout, rollout_of, sample_responses, setup
 from lora_ppo.ppo.rollout import generate
 
@@ -174,3 +174,129 @@ def test_the_samplers_logprobs_and_values_are_the_scoring_forwards(tiny_model_di
     # the rollout takes them as they are, and still runs the reference forward
     ro = rollout_of(run, s)
     assert torch.equal(ro.logprobs, s.logprobs) and ro.ref_logprobs is not None
+
+
+# -- a group's prompt encoded once (issue 22) -------------------------------------------------
+
+def test_shared_prompt_pack_by_hand():
+    # samples 0 and 1 answer prompt [5, 6]; sample 2 answers [4]
+    q = torch.tensor([[5, 6], [5, 6], [0, 4]])
+    qm = torch.tensor([[1, 1], [1, 1], [0, 1]])
+    r = torch.tensor([[7, 8, 9], [3, 2, 0], [1, 0, 0]])
+    rm = torch.tensor([[1.0, 1, 1], [1, 1, 0], [1, 0, 0]])
+    p = pack(q, qm, r, rm, group=True, attention=Attention("sdpa"))
+    # the group: the prompt once, then each response at the positions after it
+    assert p.input_ids.tolist() == [[5, 6, 7, 8, 9, 3, 2], [4, 1, 0, 0, 0, 0, 0]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3], [0, 1, 0, 0, 0, 0, 0]]
+    # token 0 of both members is predicted by the prompt's last state (flat index 1)
+    assert p.predicting.tolist() == [[1, 2, 3], [1, 5, 6], [7, 8, 8]] and p.real_tokens == 9
+    allowed = p.attention_mask[0, 0].int().tolist()
+    assert allowed[5] == [1, 1, 0, 0, 0, 1, 0]  # member 2's first token: the prompt and itself
+    assert allowed[6] == [1, 1, 0, 0, 0, 1, 1]
+    assert allowed[4] == [1, 1, 1, 1, 1, 0, 0]  # member 1 never sees member 2
+    # a sliding window of 2: position 4 sees positions 3 and 4 only
+    w = pack(q, qm, r, rm, group=True, attention=Attention("sdpa", window=2))
+    assert w.attention_mask[0, 0].int().tolist()[4] == [0, 0, 0, 1, 1, 0, 0]
+
+
+def _grouped_run(model_dir, out, *extra):
+    run = _run(model_dir, out, "rollout.samples_per_prompt=4", "rollout.batch_size=2",
+               "rollout.generation_batch_size=3", "rollout.temperature=0.8", *extra)
+    assert run.ac.layout.group and run.ac.layout.attention is not None  # the seam check's pick
+    return run
+
+
+def test_a_shared_prompt_row_equals_separate_sequences(tiny_model_dir, tmp_path):
+    """Log-probs, entropy, values and the gradients of a loss through them, with random non-zero
+    adapters and value head: the grouped rows (each prompt once) give what padded separate
+    sequences give, to fp32 round-off, with far fewer tokens."""
+    run = _grouped_run(tiny_model_dir, tmp_path / "run")
+    torch.manual_seed(2)
+    prompts = [p for p in run.sampler.take(2) for _ in range(4)]
+    s = sample_responses(run, prompts)
+    batch = (s.query_ids, s.query_mask, s.response_ids, s.response_mask)
+    m = s.response_mask
+    assert m.sum(1).unique().numel() > 1
+    grouped = pack(*batch, group=True, attention=run.ac.layout.attention)
+    assert grouped.real_tokens < pack(*batch).real_tokens - 4 * s.query_mask[0].sum()
+    run.ac.train()
+    outs, grads = {}, {}
+    for name, layout in (("padded", PADDED), ("grouped", run.ac.layout)):
+        run.ac.zero_grad(set_to_none=True)
+        out = run.ac(*batch, temperature=0.8, chunk_size=7, with_entropy=True, layout=layout)
+        ((out.logprobs + out.values) * m).sum().backward()
+        outs[name] = [x.detach() * m for x in out]
+        grads[name] = {n: p.grad.clone() for n, p in run.ac.named_parameters()
+                       if p.grad is not None}
+    for a, b in zip(outs["padded"], outs["grouped"]):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    assert grads["padded"].keys() == grads["grouped"].keys() and grads["padded"]
+    for n in grads["padded"]:
+        torch.testing.assert_close(grads["grouped"][n], grads["padded"][n], rtol=1e-4,
+                                   atol=1e-5, msg=n)
+
+
+def test_an_update_trains_the_same_adapter_grouped_or_not(tiny_model_dir, tmp_path,
+                                                           low_ids_reward):
+    """One update on one rollout (one minibatch of 2 micro-batches, so both lay out the same
+    samples): grouped rows and padded ones move the weights the same way (compared as a whole:
+    Adam turns round-off in near-zero gradient components into lr-sized steps)."""
+    from lora_ppo.ppo.loop import add_advantages, add_rewards, compute_scores
+    from lora_ppo.ppo.update import ppo_update
+
+    moves, ro = {}, None
+    for name in ("grouped", "padded"):
+        run = _grouped_run(tiny_model_dir, tmp_path / name, "ppo.minibatch_size=8",
+                           "ppo.micro_batch_size=4", "ppo.optim.learning_rate=1e-3",
+                           f"reward.function={low_ids_reward}")
+        if ro is None:
+            torch.manual_seed(5)
+            prompts = [p for p in run.sampler.take(2) for _ in range(4)]
+            ro = collect_rollout(run, prompts)
+            raw, _ = compute_scores(run, prompts, ro)
+            ro = add_advantages(run, add_rewards(run, ro, raw))
+        if name == "padded":
+            run.ac.layout = PADDED
+        before = {n: p.detach().clone() for n, p in run.ac.named_parameters() if p.requires_grad}
+        ppo_update(run.engine, run.ac, ro, run.cfg, torch.Generator().manual_seed(0))
+        moves[name] = torch.cat([(p.detach() - before[n]).flatten()
+                                 for n, p in run.ac.named_parameters() if p.requires_grad])
+    assert moves["padded"].norm() > 0
+    rel = ((moves["grouped"] - moves["padded"]).norm() / moves["padded"].norm()).item()
+    assert rel < 1e-3, rel
+
+
+def test_minibatches_of_whole_groups_by_hand():
+    from lora_ppo.ppo.update import minibatches
+
+    lengths = torch.tensor([3, 1, 2, 2, 9, 9, 1, 1])  # groups of 2: totals 4, 4, 18, 2
+    g = torch.Generator().manual_seed(0)
+    batches = minibatches(8, 4, lengths, g, group=2)
+    assert len(batches) == 2 and sorted(torch.cat(batches).tolist()) == list(range(8))
+    for b in batches:
+        pairs = b.view(-1, 2)
+        assert ((pairs[:, 0] % 2 == 0) & (pairs[:, 1] == pairs[:, 0] + 1)).all()  # kept whole
+        totals = lengths[pairs].sum(1)
+        assert (totals[:-1] >= totals[1:]).all()  # longest group first
+
+
+def test_continuous_batching_and_batch_size_do_not_change_a_rows_tokens(tiny_model_dir,
+                                                                        tmp_path):
+    """Each row draws from its own uniforms: continuous batching with 3 slots, batches of 3,
+    and one batch of all rows give every row the same tokens and log-probs (groups of 4 sharing
+    a prompt, varied lengths)."""
+    run = _grouped_run(tiny_model_dir, tmp_path / "run")
+    rc = run.cfg.rollout
+    ids = [run.tokenizer(p)["input_ids"] for p in run.sampler.take(3) for _ in range(4)]
+    drawn = {}
+    for continuous, slots in ((True, 3), (False, 3), (False, 12), (True, 5)):
+        torch.manual_seed(9)
+        drawn[continuous, slots] = generate(
+            run.ac, ids, dataclasses.replace(rc, continuous_batching=continuous,
+                                             generation_batch_size=slots),
+            run.stop_ids, run.tokenizer.pad_token_id, score=True)
+    first = drawn[True, 3]
+    assert first.response_mask.sum(1).unique().numel() > 2
+    for other in drawn.values():
+        assert torch.equal(other.response_ids, first.response_ids)
+        torch.testing.assert_close(other.logprobs, first.logprobs, rtol=0, atol=1e-5)

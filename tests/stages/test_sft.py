@@ -122,6 +122,29 @@ def test_packed_loss_equals_unpacked_loss(tok, tiny_model_dir, attn):
     torch.testing.assert_close(s_packed, s_plain, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["cohere", "granite"])
+def test_sft_loss_is_the_models_own_loss(tok, tiny_model_dir, tmp_path, family):
+    """Cohere and Granite scale the head's logits in their forward; the SFT loss is the model's
+    own cross-entropy (transformers' loss with labels), not the raw head's."""
+    from families import build_family_model
+    from peft import LoraConfig, get_peft_model
+
+    model_dir = build_family_model(family, tmp_path / family, tiny_model_dir)
+    cfg = tiny_config(model_dir, "x")
+    torch.manual_seed(0)
+    model = get_peft_model(load_base_model(cfg, str(model_dir), CPU),
+                           LoraConfig(r=4, target_modules="all-linear")).eval()
+    examples = encode_examples(tok, builtin_pairs(3), cfg.sft, 16)
+    with torch.no_grad():
+        for ex in examples:
+            batch = collate([[ex]], tok.pad_token_id, False)
+            total, n = sft_loss_sums(model, batch, 64)
+            labels = torch.tensor([ex.ids]).masked_fill(
+                torch.tensor([ex.loss_mask]) == 0, -100)
+            own = model(input_ids=torch.tensor([ex.ids]), labels=labels).loss
+            torch.testing.assert_close(total / n, own, rtol=1e-5, atol=1e-5)
+
+
 def _response_loss(model_dir, adapter, cfg, examples, tok):
     """Mean response-token loss of `examples` under base (+ adapter), loaded the plain-peft way."""
     from peft import LoraConfig, PeftModel, get_peft_model
