@@ -209,7 +209,9 @@ def one_update(run, meters) -> dict:
     from lora_ppo.ppo.update import ppo_update
 
     cfg, bs, rank = run.cfg, run.cfg.rollout.batch_size, run.dist.rank
-    prompts = run.sampler.take(bs * run.dist.world_size)[rank * bs:(rank + 1) * bs]
+    n = cfg.rollout.samples_per_prompt  # a group: each prompt n times in a row, as train does
+    prompts = [p for p in run.sampler.take(bs * run.dist.world_size)[rank * bs:(rank + 1) * bs]
+               for _ in range(n)]
     with meters["generation"]:
         samples = loop.sample_responses(run, prompts)
     with meters["scoring"]:
@@ -241,8 +243,8 @@ def phase_flops(run, arch, shapes: dict) -> dict:
 
     cfg = run.cfg
     lora = lora_param_count(arch, cfg.lora.r, cfg.lora.target_modules)
-    b, gb, q, r = cfg.rollout.batch_size, cfg.rollout.generation_batch_size, \
-        shapes["prompt_len"], shapes["resp_len"]
+    b, gb, q, r = cfg.rollout.batch_size * cfg.rollout.samples_per_prompt, \
+        cfg.rollout.generation_batch_size, shapes["prompt_len"], shapes["resp_len"]
     chunks = [min(gb, b - s) for s in range(0, b, gb)]
     adapter = cfg.algorithm.value_mode == "adapter"
     model, executed = flops.update_flops(arch, b, q, r, lora, adapter, cfg.ppo.epochs,

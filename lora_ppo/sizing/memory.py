@@ -20,6 +20,7 @@ LlamaDecoderLayer under autograd; they are written out next to each formula belo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -115,18 +116,45 @@ class MemoryEstimate(NamedTuple):
 
 @dataclass(frozen=True)
 class Shapes:
-    """The batch shapes an estimate is for (defaults: from the config, worst case)."""
+    """The batch shapes an estimate is for (defaults: from the config, worst case).
+
+    `group`: samples that share one encoded prompt (rollout.samples_per_prompt with
+    model.shared_prompt, else 1); `cache_slack`: KV-cache columns beyond prompt + new tokens
+    (continuous batching shifts its rows left when they fill up: ppo/sampling.py)."""
 
     micro_batch: int
     generation_batch: int
     prompt_len: int
     new_tokens: int
+    group: int = 1
+    cache_slack: int = 0
+
+    def tokens(self, samples: int) -> int:
+        """Tokens a forward over `samples` consecutive samples holds at most: each distinct
+        prompt once, every response. Within one group: one prompt; whole groups: one each;
+        otherwise the batch may start and end inside a group: one more."""
+        n = self.group
+        if n == 1:
+            prompts = samples
+        elif n % samples == 0:
+            prompts = 1
+        elif samples % n == 0:
+            prompts = samples // n
+        else:
+            prompts = min(samples, -(-samples // n) + 1)
+        return prompts * self.prompt_len + samples * self.new_tokens
 
 
 def shapes_from_config(cfg) -> Shapes:
-    samples = cfg.rollout.batch_size * cfg.rollout.samples_per_prompt
+    n = cfg.rollout.samples_per_prompt
+    samples = cfg.rollout.batch_size * n
+    # the update keeps groups together only when minibatches hold whole groups (update.py)
+    group = (n if cfg.model.shared_prompt and cfg.model.padding_free
+             and cfg.ppo.minibatch_size % n == 0 else 1)
+    new = cfg.rollout.max_new_tokens
     return Shapes(cfg.ppo.micro_batch_size, min(cfg.rollout.generation_batch_size, samples),
-                  cfg.model.max_prompt_length, cfg.rollout.max_new_tokens)
+                  cfg.model.max_prompt_length, new, group,
+                  max(16, new // 4) if cfg.rollout.continuous_batching else 0)
 
 
 def _ds_settings(cfg) -> tuple[int, int, bool]:
@@ -142,18 +170,20 @@ def _ds_settings(cfg) -> tuple[int, int, bool]:
 
 
 def _generation_bytes(arch: Arch, sh: Shapes, s: int) -> tuple[int, int]:
-    """(KV cache, generation transient): the whole KV cache of one generation batch, plus one
-    layer's cache being re-concatenated each step (DynamicCache uses torch.cat) or the
-    prefill's widest layer."""
-    gb, T = sh.generation_batch, sh.prompt_len + sh.new_tokens
+    """(KV cache, generation transient): the static KV cache of one decode batch (prompt + new
+    tokens + the continuous batching's slack per row), plus the prefill of the distinct prompts
+    entering it: their own (dynamic) cache, copied to the rows that answer them, and the
+    prefill's widest layer; or one layer's columns being shifted."""
+    gb, T = sh.generation_batch, sh.prompt_len + sh.new_tokens + sh.cache_slack
     kv_row = 2 * arch.kv_heads * arch.head_dim  # K and V elements per token and layer
     kv_cache = arch.layers * gb * T * kv_row * s
-    prefill = gb * sh.prompt_len * _nograd_layer_peak(arch) * s
+    prompts = sh.tokens(gb) - gb * sh.new_tokens  # the distinct prompts' tokens
+    prefill = prompts * (arch.layers * kv_row + _nograd_layer_peak(arch)) * s
     return kv_cache, kv_cache + max(gb * T * kv_row * s, prefill)
 
 
 def _logits_bytes(rows: int, vocab: int, s: int) -> int:
-    """One logits chunk as rl/logprobs.py's _HeadChunk holds it: the head's output in the
+    """One logits chunk as rl/logprobs.py's _PickLogProb holds it: the head's output in the
     activation dtype, reduced in place in fp32 (a copy when that dtype is narrower)."""
     return rows * vocab * (4 + (s if s < 4 else 0))
 
@@ -161,9 +191,9 @@ def _logits_bytes(rows: int, vocab: int, s: int) -> int:
 def _scoring_bytes(arch: Arch, sh: Shapes, s: int, chunk: int) -> int:
     """No grad, one generation batch: the trunk's output, then the widest of one layer and one
     logits chunk."""
-    gb, T = sh.generation_batch, sh.prompt_len + sh.new_tokens
-    rows = min(chunk, gb * sh.new_tokens)
-    return gb * T * arch.hidden * s + max(gb * T * _nograd_layer_peak(arch) * s,
+    tokens = sh.tokens(sh.generation_batch)
+    rows = min(chunk, sh.generation_batch * sh.new_tokens)
+    return tokens * arch.hidden * s + max(tokens * _nograd_layer_peak(arch) * s,
                                           _logits_bytes(rows, arch.vocab, s))
 
 
@@ -180,15 +210,15 @@ def _update_bytes(cfg, arch: Arch, sh: Shapes, s: int, trainable: int) -> tuple[
     checkpointing a layer is recomputed when its turn comes.
     """
     L, H, mb = arch.layers, arch.hidden, sh.micro_batch
-    T = sh.prompt_len + sh.new_tokens
+    tokens = sh.tokens(mb)  # a shared prompt is encoded once per micro-batch
     per_layer = _saved_per_token_layer(arch)
     mlp_grads = 3 * arch.intermediate + 2 * H  # a layer's input grads at the widest point
     if cfg.model.gradient_checkpointing:
-        saved_one = mb * T * (L * H + 2 * H) * s
-        layer_bwd = mb * T * (per_layer + mlp_grads) * s
+        saved_one = tokens * (L * H + 2 * H) * s
+        layer_bwd = tokens * (per_layer + mlp_grads) * s
     else:
-        saved_one = mb * T * (L * per_layer + 2 * H) * s
-        layer_bwd = mb * T * mlp_grads * s
+        saved_one = tokens * (L * per_layer + 2 * H) * s
+        layer_bwd = tokens * mlp_grads * s
     rows = chunk_rows(arch.vocab, cfg.rollout.logits_chunk_mib)
     rows = min(rows, mb * sh.new_tokens)
     logits_bwd = (5 * rows * arch.vocab * 4 if cfg.ppo.ent_coef
@@ -226,7 +256,7 @@ def estimate_memory(cfg, arch: Arch, device: str = "gpu",
     kv_cache, generation = _generation_bytes(arch, sh, s)
     scoring = _scoring_bytes(arch, sh, s, chunk_rows(arch.vocab, cfg.rollout.logits_chunk_mib))
     saved, update = _update_bytes(cfg, arch, sh, s, trainable)
-    gb, T = sh.generation_batch, sh.prompt_len + sh.new_tokens
+    gb = sh.generation_batch
 
     # bitsandbytes dequantizes one linear's weight to the compute dtype for each matmul with
     # more than one row (bitsandbytes/autograd/_functions.py, matmul_4bit / MatMul8bitLt).
@@ -244,7 +274,7 @@ def estimate_memory(cfg, arch: Arch, device: str = "gpu",
         # its trunk (no LM head) plus a one-layer widest no-grad activation of a scoring batch.
         rm = read_arch(cfg.reward.model)
         weights += (param_counts(rm).total - (0 if rm.tied else rm.vocab * rm.hidden)) * s
-        scoring += gb * T * _nograd_layer_peak(rm) * s
+        scoring += gb * (sh.prompt_len + sh.new_tokens) * _nograd_layer_peak(rm) * s
     mapped = 0
     if device == "cpu" and q.mode != "none":
         # transformers maps model.safetensors privately (mmap) and keeps the unquantized weights
@@ -285,7 +315,8 @@ def suggest_batch_sizes(cfg, arch: Arch, gpu_mib: float, device: str = "gpu",
     base = shapes_from_config(cfg)
 
     def est(mb: int, gb: int) -> MemoryEstimate:
-        return estimate_memory(cfg, arch, device, Shapes(mb, gb, base.prompt_len, base.new_tokens))
+        return estimate_memory(cfg, arch, device, dataclasses.replace(
+            base, micro_batch=mb, generation_batch=gb))
 
     micro = next((m for m in _divisors_desc(cfg.ppo.minibatch_size)
                   if est(m, 1).phases["update"] <= budget), None)

@@ -167,13 +167,15 @@ def test_estimate_memory_by_hand(small_dir):
     assert e.components["weights"] == 7888 * 2
     assert e.components["adapters"] == trainable * 2
     assert e.components["optimizer"] == trainable * (8 + 4 + 4 + 2)  # Adam + bf16 optimizer
-    # KV cache: layers 2 * gen batch 4 * T 12 * (K+V: 2 * 2 heads * 4) * 2 B
-    assert e.components["kv_cache"] == 2 * 4 * 12 * 16 * 2
+    # KV cache: layers 2 * gen batch 4 * (T 12 + continuous batching's slack 16) *
+    # (K+V: 2 * 2 heads * 4) * 2 B
+    assert e.components["kv_cache"] == 2 * 4 * 28 * 16 * 2
     # saved: micro 2 * T 12 * (2 layers * (4*16 + 4*16 + 4*32) + 2*16) * 2 B
     assert e.components["activations"] == 2 * 12 * (2 * 256 + 32) * 2
     resident = 7888 * 2 + trainable * 2 + trainable * 18
-    # generation: KV 3072 + prefill layer 4 * 8 * (2*16 + 5*32) * 2 = 12288
-    assert e.phases["generation"] == resident + 3072 + 12288
+    # generation: KV 7168 + the prefill of 4 prompts of 8: their own cache and the widest layer,
+    # 4 * 8 * (2 layers * 16 + 2*16 + 5*32) * 2 = 14336
+    assert e.phases["generation"] == resident + 7168 + 14336
     # scoring: trunk output 4*12*16*2 = 1536 + no-grad layer 4*12*192*2 = 18432 (> logits 16*100*(4+2) = 9600)
     assert e.phases["scoring"] == resident + 1536 + 18432
     # update: saved 26112 + logits backward (8 rows * 100: the bf16 logits 2 B, their fp32
@@ -186,10 +188,30 @@ def test_estimate_memory_by_hand(small_dir):
     assert e.peak == e.phases["update"]
 
 
+def test_a_shared_prompt_is_counted_once(small_dir):
+    """GRPO, 4 samples per prompt sharing its encoding: a micro-batch of 2 holds the prompt once
+    (8 + 2 * 4 = 16 tokens, not 2 * 12 = 24), a generation batch of 4 one prompt, and without
+    model.shared_prompt every sample carries its own copy."""
+    arch = read_arch(str(small_dir))
+    grpo = ("ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4",
+            "rollout.batch_size=2", "value.mode=none")
+    sh = est.shapes_from_config(small_cfg(small_dir, *grpo))
+    assert sh.group == 4 and sh.tokens(2) == 16 and sh.tokens(4) == 24
+    assert sh.tokens(6) == 3 * 8 + 6 * 4  # 6 consecutive rows can touch 3 groups
+    e = est.estimate_memory(small_cfg(small_dir, *grpo), arch, "gpu")
+    # saved: 16 tokens * (2 layers * 256 + 32) * 2 B
+    assert e.components["activations"] == 16 * (2 * 256 + 32) * 2
+    plain = est.estimate_memory(small_cfg(small_dir, *grpo, "model.shared_prompt=false"), arch,
+                                "gpu")
+    assert plain.components["activations"] == 24 * (2 * 256 + 32) * 2
+    assert e.phases["scoring"] < plain.phases["scoring"]
+    assert e.phases["generation"] < plain.phases["generation"]  # one prompt prefilled, not 4
+
+
 def test_checkpointing_adapter_mode_and_cpu_mode_change_the_right_terms(small_dir):
     arch = read_arch(str(small_dir))
     base = est.estimate_memory(small_cfg(small_dir), arch, "gpu")
-    resident = base.phases["generation"] - 3072 - 12288  # as in test_estimate_memory_by_hand
+    resident = base.phases["generation"] - 7168 - 14336  # as in test_estimate_memory_by_hand
     ckpt = est.estimate_memory(small_cfg(small_dir, "model.gradient_checkpointing=true"), arch)
     # only layer inputs saved: 2 * 12 * (2*16 + 2*16) * 2 = 3072; then one recomputed layer
     # with its input grads 2 * 12 * (256 + 3*32 + 2*16) * 2 = 18432 beats the logits' 16000
