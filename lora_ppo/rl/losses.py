@@ -133,8 +133,15 @@ def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: str
             normalizer: Normalizer = None) -> Tensor:
     """The KL penalty as a loss term (GRPO, Shao et al. 2024, eq. 3-4: beta * D_KL with the k3
     estimator r - log r - 1, r = pi_ref / pi_theta, which is >= 0 per token and unbiased);
-    all inputs (B, T), gradients through `logprobs` only. Caller scales by kl_coef."""
-    return _token_mean(kl_penalty(logprobs, ref_logprobs.detach(), estimator), mask, normalizer)
+    all inputs (B, T), gradients through `logprobs` only. Caller scales by kl_coef.
+
+    Padding is neutralised before the estimator, as in `policy_loss`: k3's expm1(-log ratio)
+    overflows to inf where a padded log-prob is below about -88, and `where`'s backward then
+    multiplies its zero gradient by inf (NaN) even though the forward dropped the slot."""
+    real = mask > 0
+    logprobs = torch.where(real, logprobs, 0.0)
+    ref_logprobs = torch.where(real, ref_logprobs.detach(), 0.0)
+    return _token_mean(kl_penalty(logprobs, ref_logprobs, estimator), mask, normalizer)
 
 
 @torch.no_grad()

@@ -3,7 +3,13 @@ import math
 import pytest
 import torch
 
-from lora_ppo.rl.losses import entropy_loss, explained_variance, policy_loss, value_loss
+from lora_ppo.rl.losses import (
+    entropy_loss,
+    explained_variance,
+    kl_loss,
+    policy_loss,
+    value_loss,
+)
 
 E05, EM05, E01 = math.exp(0.5), math.exp(-0.5), math.exp(0.1)  # 1.648721, 0.606531, 1.105171
 
@@ -151,3 +157,21 @@ def test_normalizer_makes_micro_batches_add_up():
     # without a normalizer the mean of per-micro-batch means (7 vs 5 tokens) is a different number
     naive = (total(slice(0, 2)) + total(slice(2, 4))) / 2
     assert abs(naive.item() - full.item()) > 1e-3
+
+
+def test_kl_loss_k3_by_hand_and_a_padded_slot_gives_a_finite_gradient():
+    # Two real tokens with log ratio logp - logp_ref = 0.5 and -0.5, then a padded slot whose
+    # log-prob holds -1000 (a real value seen in padded rows: far below the ~-88 where exp
+    # overflows in fp32).
+    # k3 = exp(-lr) - 1 + lr: lr = 0.5 -> 0.606531 - 0.5 = 0.106531; lr = -0.5 -> 1.648721 - 1.5
+    # = 0.148721; mean 0.127626. d k3 / d logp = 1 - exp(-lr): 0.393469 and -0.648721, over 2.
+    logprobs = torch.tensor([[-1.0, -2.0, -1000.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.5, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss = kl_loss(logprobs, ref, mask, "k3")
+    loss.backward()
+    assert loss.item() == pytest.approx((0.106531 + 0.148721) / 2, abs=1e-6)
+    assert torch.isfinite(logprobs.grad).all(), logprobs.grad  # NaN before issue 20 item 10
+    torch.testing.assert_close(logprobs.grad,
+                               torch.tensor([[0.393469 / 2, -0.648721 / 2, 0.0]]),
+                               atol=1e-6, rtol=0)
