@@ -12,7 +12,10 @@ Losses are aggregated over the whole minibatch, not per micro-batch (ppo.loss_ag
 default the token mean): each micro-batch divides its token sums by the minibatch's normalizers
 divided by the accumulation steps (rl/losses.py::loss_normalizers), and DeepSpeed divides by the
 accumulation steps again in `engine.backward`, so micro 2 x accumulation 4 gives the gradient of
-micro 8 x accumulation 1 exactly, even when micro-batches hold different numbers of tokens. The
+micro 8 x accumulation 1 exactly, even when micro-batches hold different numbers of tokens. With
+several ranks the minibatch is the union of the ranks' k-th minibatches (DeepSpeed averages
+their gradients at each step), and the token mean counts the tokens of all of them, so 2 ranks
+give the gradient of 1 rank holding the same global minibatch. The
 statistics (approx_kl, clipfrac, ratio, entropy, value clipfrac) are token-weighted over the
 update, so they do not depend on the split either.
 """
@@ -28,7 +31,7 @@ from lora_ppo.ppo.rollout import Rollout
 from lora_ppo.rl.logprobs import chunk_rows
 from lora_ppo.rl.losses import entropy_loss, kl_loss, loss_normalizers, policy_loss, value_loss
 from lora_ppo.rl.masked import masked_sum
-from lora_ppo.runtime.dist import all_sum
+from lora_ppo.runtime.dist import all_sum, world_size
 
 # Token-weighted statistics, summed as stat * tokens over micro-batches (see MicroStats).
 _WEIGHTED = ("entropy", "approx_kl", "clipfrac", "value_clipfrac", "ratio")
@@ -123,16 +126,20 @@ def ppo_update(engine, ac, rollout: Rollout, cfg, generator: torch.Generator,
     all_stats: list[MicroStats] = []
     epochs_run, steps = 0, 0
     lengths = rollout.query_mask.sum(1) + rollout.response_mask.sum(1)  # each sample's tokens
+    world = world_size()
     for _ in range(pc.epochs):
         epoch_stats: list[MicroStats] = []
         perm = torch.randperm(n, generator=generator).to(rollout.query_ids.device)
-        for start in range(0, n, mb_size):
-            mb_idx = perm[start:start + mb_size]
-            # Micro-batches of similar lengths pack (or pad) tightly; the minibatch's gradient
-            # is the same sum whatever its order.
-            mb_idx = mb_idx[lengths[mb_idx].argsort(descending=True, stable=True)]
+        # Micro-batches of similar lengths pack (or pad) tightly; the minibatch's gradient is the
+        # same sum whatever its order.
+        minibatches = [idx[lengths[idx].argsort(descending=True, stable=True)]
+                       for idx in perm.split(mb_size)]
+        # The token count of each minibatch over all ranks, for the global token mean: one
+        # all-reduce per epoch for all its minibatches (rl/losses.py::loss_normalizers).
+        global_tokens = all_sum([rollout.response_mask[idx].sum().item() for idx in minibatches])
+        for mb_idx, mb_tokens in zip(minibatches, global_tokens):
             norms = loss_normalizers(rollout.response_mask[mb_idx], alg.loss_aggregation, accum,
-                                     cfg.rollout.max_new_tokens)
+                                     cfg.rollout.max_new_tokens, mb_tokens, world)
             for m in range(0, mb_size, micro):
                 mb = rollout.index(mb_idx[m:m + micro])
                 loss, stats = micro_batch_loss(engine, mb, cfg, norms[m:m + micro], kl_coef)

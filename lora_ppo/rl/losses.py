@@ -6,7 +6,8 @@ gives it for the aggregations lora_ppo offers, computed over the whole minibatch
 micro-batches' losses add up to the minibatch's exactly whatever the split (a per-micro-batch
 mean would weight short micro-batches more):
 
-    token_mean            1 / (tokens of the minibatch)          every token weighs the same
+    token_mean            1 / (tokens of the minibatch,          every token weighs the same
+                          all ranks)                             (DAPO's token-level loss)
     seq_mean_token_mean   1 / (sequences * own length)           every sequence weighs the same
                                                                  (GRPO, Shao et al. 2024, eq. 3)
     constant              1 / (sequences * max_new_tokens)       Dr. GRPO (Liu et al. 2025, §3.2):
@@ -42,14 +43,27 @@ Normalizer = float | Tensor | None
 
 @torch.no_grad()
 def loss_normalizers(mask: Tensor, aggregation: str, accum_steps: int = 1,
-                     max_len: int | None = None) -> Tensor:
+                     max_len: int | None = None, global_tokens: float | None = None,
+                     world_size: int = 1) -> Tensor:
     """Per-row normalizers (B,) of a whole minibatch whose response mask is `mask` (B, T).
 
     Divided by `accum_steps`, because DeepSpeed divides every micro-batch loss by the
     accumulation steps again in `engine.backward`; slice the result like the micro-batches.
+
+    `global_tokens`: the tokens of this minibatch on all `world_size` ranks together (token_mean
+    only; None: `mask.sum()`, one rank). DeepSpeed averages the ranks' gradients, so each rank
+    divides its token sum by global_tokens / world_size, and the step is the gradient of the
+    token mean over the whole global minibatch, however the tokens fall on the ranks (issue 20
+    item 7; TRL's `dapo` loss and verl's `agg_loss` count the global tokens too). Dividing by
+    the rank's own count instead minimised the mean of per-rank token means. The other two
+    aggregations are exact on several ranks as they are: every rank holds the same number of
+    sequences, so the average over ranks of per-rank sequence means is the global one.
     """
     n_seqs, lengths = mask.shape[0], mask.sum(1).clamp(min=1.0)
-    if aggregation == "token_mean":
+    if aggregation == "token_mean" and global_tokens is not None:
+        norm = torch.full((n_seqs,), max(float(global_tokens), 1.0) / world_size,
+                          device=mask.device)
+    elif aggregation == "token_mean":
         norm = mask.sum().clamp(min=1.0).expand(n_seqs)
     elif aggregation == "seq_mean_token_mean":
         norm = lengths * n_seqs

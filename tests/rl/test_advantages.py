@@ -109,3 +109,36 @@ def test_micro_batches_add_up_to_the_minibatch_for_every_aggregation(aggregation
         per_seq = [policy_loss(logprobs[i:i + 1], old[i:i + 1], adv[i:i + 1], mask[i:i + 1],
                                0.2).loss for i in range(4)]
         torch.testing.assert_close(whole, sum(per_seq) / 4)
+
+
+def test_token_mean_over_two_ranks_is_the_global_token_mean():
+    """Issue 20 item 7: responses of 1, 2, 2, 3 tokens on rank 0 and 6, 6, 6, 6 on rank 1. The
+    global minibatch holds 8 + 24 = 32 tokens, so every token's loss weighs 1/32. DeepSpeed
+    averages the ranks' gradients (x 1/2), so each rank divides by 32 / 2 = 16: 1/16 x 1/2 =
+    1/32. Each rank's own count gave rank 0's tokens 1/8 x 1/2 = 1/16 and rank 1's 1/24 x 1/2 =
+    1/48, three times less."""
+    mask0 = (torch.arange(6)[None] < torch.tensor([1, 2, 2, 3])[:, None]).float()
+    mask1 = torch.ones(4, 6)
+    adv = torch.ones(4, 6)  # ratio 1 and A = 1: d loss / d logp = -weight of the token
+
+    def grad(mask, norm):
+        logp = torch.zeros(4, 6, requires_grad=True)
+        policy_loss(logp, logp.detach(), adv, mask, 0.2, norm).loss.backward()
+        return logp.grad
+
+    def averaged_over_ranks(**kw):  # what DeepSpeed's gradient all-reduce makes of two ranks
+        g0 = grad(mask0, loss_normalizers(mask0, "token_mean", **kw))
+        g1 = grad(mask1, loss_normalizers(mask1, "token_mean", **kw))
+        return torch.cat([g0, g1]) / 2
+
+    whole = torch.cat([mask0, mask1])
+    torch.testing.assert_close(averaged_over_ranks(global_tokens=32.0, world_size=2),
+                               -whole / 32)
+    per_rank = averaged_over_ranks()  # each rank's own token count, as before the fix
+    torch.testing.assert_close(per_rank[:4], -mask0 / 16)
+    torch.testing.assert_close(per_rank[4:], -mask1 / 48)
+    # seq_mean_token_mean and constant need no global count: each rank holds 4 of the 8
+    # sequences, so the average of the ranks' sequence means is the mean over all 8
+    for agg, per_seq in (("seq_mean_token_mean", whole.sum(1)), ("constant", torch.full((8,), 6.))):
+        g = torch.cat([grad(m, loss_normalizers(m, agg, max_len=6)) for m in (mask0, mask1)]) / 2
+        torch.testing.assert_close(g, -whole / (8 * per_seq[:, None]))
