@@ -43,7 +43,14 @@ from lora_ppo.rl.logprobs import chunk_rows
 from lora_ppo.rl.losses import explained_variance
 from lora_ppo.rl.masked import masked_mean, masked_whiten
 from lora_ppo.rl.rewards import RunningMoments, compute_rewards, shape_scores
-from lora_ppo.runtime.dist import DistInfo, all_gather_cat, all_mean, seed_everything, setup_distributed
+from lora_ppo.runtime.dist import (
+    DistInfo,
+    all_gather_cat,
+    all_mean,
+    all_sum_tensor,
+    seed_everything,
+    setup_distributed,
+)
 from lora_ppo.runtime.ds_config import run_ds_config, zero_stage
 from lora_ppo.runtime.engine import create_engine
 
@@ -195,17 +202,20 @@ def add_rewards(run: Run, ro: Rollout, raw_scores: torch.Tensor) -> Rollout:
 def add_advantages(run: Run, ro: Rollout) -> Rollout:
     """Step 3: the advantages of ppo.advantage_estimator (formulas and sources: docs/ppo.md).
 
-    gae: GAE over the value function, whitened over the valid tokens of the whole rollout;
+    gae: GAE over the value function, whitened over the valid tokens of the whole rollout (all
+    ranks);
     grpo, dr_grpo, rloo: each sequence's reward (its token rewards' sum) against its group's;
     reinforce_pp: the reward-to-go, whitened over the batch.
     """
     pc, alg, mask = run.cfg.ppo, run.cfg.algorithm, ro.response_mask
+    # Whitening takes its mean and std over the rollout of every rank (issue 20 item 8).
     if alg.estimator == "gae":
         ro.advantages, ro.returns = compute_gae(ro.rewards, ro.values, mask, pc.gamma, pc.lam)
         if pc.whiten_advantages:
-            ro.advantages = masked_whiten(ro.advantages, mask, shift_mean=True)
+            ro.advantages = masked_whiten(ro.advantages, mask, shift_mean=True,
+                                          all_sum=all_sum_tensor)
     elif alg.estimator == "reinforce_pp":
-        ro.advantages = reinforce_pp_advantages(ro.rewards, mask, pc.gamma)
+        ro.advantages = reinforce_pp_advantages(ro.rewards, mask, pc.gamma, all_sum_tensor)
     else:
         seq_rewards = (ro.rewards * mask).sum(1)  # the score, minus beta * KL if in the reward
         ro.advantages = token_advantages(

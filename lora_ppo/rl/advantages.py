@@ -24,10 +24,12 @@ Every function imports only torch.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-from lora_ppo.rl.masked import masked_whiten
+from lora_ppo.rl.masked import AllSum, masked_whiten
 
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 CRITIC_FREE = (*GROUP_ESTIMATORS, "reinforce_pp")
@@ -71,12 +73,14 @@ def zero_std_groups(scores: Tensor, group_size: int) -> Tensor:
 
 
 @torch.no_grad()
-def reinforce_pp_advantages(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+def reinforce_pp_advantages(rewards: Tensor, mask: Tensor, gamma: float = 1.0,
+                            all_sum: Optional[AllSum] = None) -> Tensor:
     """REINFORCE++: rewards (B, T) -> advantages (B, T), 0 on padding.
 
     A_t = sum_{k >= t, real} gamma^(k - t) r_k (the reward-to-go over real tokens, no critic),
     then whitened over every real token of the batch (Hu 2025, eq. 9-10: global advantage
-    normalisation in place of a per-prompt baseline).
+    normalisation in place of a per-prompt baseline); `all_sum` (rl/masked.py) makes the batch
+    that of every rank.
     """
     real = mask > 0
     returns = torch.zeros_like(rewards)
@@ -85,7 +89,7 @@ def reinforce_pp_advantages(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -
         step = torch.where(real[:, t], rewards[:, t] + gamma * running, running)
         returns[:, t] = torch.where(real[:, t], step, 0.0)
         running = step
-    return masked_whiten(returns, mask, shift_mean=True)
+    return masked_whiten(returns, mask, shift_mean=True, all_sum=all_sum)
 
 
 def token_advantages(seq_advantages: Tensor, mask: Tensor) -> Tensor:
