@@ -85,6 +85,9 @@ def _token_mean(per_token: Tensor, mask: Tensor, normalizer: Normalizer) -> Tens
     return masked_sum(per_token, mask) / normalizer
 
 
+IMPORTANCE_LEVELS = ("token", "sequence")
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -92,24 +95,40 @@ def policy_loss(
     mask: Tensor,
     cliprange: float,
     normalizer: Normalizer = None,
+    cliprange_high: float | None = None,
+    level: str = "token",
 ) -> PolicyLossOut:
     """PPO clipped surrogate (Schulman et al. 2017, arXiv:1707.06347, eq. 7), as a loss.
 
-    All inputs (B, T). Per token: max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)), with
-    ratio = exp(logprobs - old_logprobs). Stats are detached scalars.
+    All inputs (B, T). Per token: max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps_high)), with
+    ratio = exp(logprobs - old_logprobs) and eps_high = `cliprange_high` or `cliprange` (DAPO's
+    clip-higher, Yu et al. 2025 eq. 10: eps_low 0.2, eps_high 0.28). `level="sequence"`: every
+    token of response i takes the response's ratio s_i = exp(mean_t log ratio_t), the geometric
+    mean of its token ratios, clipped once per response (GSPO, Zheng et al. 2025,
+    arXiv:2507.18071, eq. 7; its gradient flows to every token, eq. 10). Stats are detached
+    scalars; `approx_kl` is of the token ratios, `ratio_mean` of the ratios the loss used.
     """
     real = mask > 0
     # Zero the log-ratio on padding first so exp() of garbage there can't give inf * 0 = NaN grads.
     log_ratio = torch.where(real, logprobs - old_logprobs, 0.0)
-    ratio = torch.exp(log_ratio)
+    if level == "sequence":
+        seq = log_ratio.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1.0)
+        ratio = torch.exp(seq).expand_as(log_ratio)
+    elif level == "token":
+        ratio = torch.exp(log_ratio)
+    else:
+        raise ValueError(f"unknown importance sampling level {level!r}; use one of "
+                         f"{', '.join(IMPORTANCE_LEVELS)}")
+    high = cliprange if cliprange_high is None else cliprange_high
     pg_losses = -advantages * ratio
-    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + high)
     loss = _token_mean(torch.maximum(pg_losses, pg_losses_clipped), mask, normalizer)
     with torch.no_grad():
         # clipfrac as in baselines ppo2 / lm-human-preferences: the clipped branch is the max.
         clipfrac = masked_mean((pg_losses_clipped > pg_losses).to(ratio.dtype), mask)
         # approx_kl, k3 estimator of KL(old || new): http://joschu.net/blog/kl-approx.html
-        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
+        token_ratio = ratio if level == "token" else torch.exp(log_ratio)
+        approx_kl = masked_mean((token_ratio - 1) - log_ratio, mask)
         ratio_mean = masked_mean(ratio, mask)
     return PolicyLossOut(loss, clipfrac, approx_kl, ratio_mean)
 
