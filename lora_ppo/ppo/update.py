@@ -83,8 +83,9 @@ def micro_batch_loss(engine, mb: Rollout, cfg, normalizer: torch.Tensor, kl_coef
         mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
         temperature=rc.temperature, chunk_size=rows, with_entropy=True,
         entropy_grad=pc.ent_coef > 0, packed=cfg.model.padding_free)
-    mask = mb.response_mask
-    pl = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, pc.cliprange, normalizer)
+    mask = loss_mask(mb, pc.mask_truncated_completions)
+    pl = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, pc.cliprange, normalizer,
+                     pc.cliprange_high, pc.importance_sampling_level)
     # PPO objective (Schulman et al. 2017 eq. 9): L_clip - c1 L_vf + c2 S, as a loss to minimise;
     # GRPO adds beta * KL to the reference (Shao et al. 2024, eq. 3) when the KL is in the loss.
     loss = pl.loss
@@ -107,6 +108,16 @@ def micro_batch_loss(engine, mb: Rollout, cfg, normalizer: torch.Tensor, kl_coef
     return loss, MicroStats(*stats.tolist())
 
 
+def loss_mask(ro: Rollout, mask_truncated: bool) -> torch.Tensor:
+    """(B, R): the response tokens that enter the losses and their normalisers: every one, or
+    with ppo.mask_truncated_completions only those of responses that ended with EOS (DAPO's
+    overlong filtering, Yu et al. 2025 §3.4; TRL's mask_truncated_completions). The forward still
+    sees every token."""
+    if not mask_truncated:
+        return ro.response_mask
+    return ro.response_mask * ro.has_eos[:, None].to(ro.response_mask.dtype)
+
+
 def _token_mean(stats: list[MicroStats], key: str) -> float:
     return sum(getattr(s, key) for s in stats) / max(sum(s.tokens for s in stats), 1.0)
 
@@ -126,6 +137,7 @@ def ppo_update(engine, ac, rollout: Rollout, cfg, generator: torch.Generator,
     all_stats: list[MicroStats] = []
     epochs_run, steps = 0, 0
     lengths = rollout.query_mask.sum(1) + rollout.response_mask.sum(1)  # each sample's tokens
+    in_loss = loss_mask(rollout, pc.mask_truncated_completions)
     world = world_size()
     for _ in range(pc.epochs):
         epoch_stats: list[MicroStats] = []
@@ -136,9 +148,9 @@ def ppo_update(engine, ac, rollout: Rollout, cfg, generator: torch.Generator,
                        for idx in perm.split(mb_size)]
         # The token count of each minibatch over all ranks, for the global token mean: one
         # all-reduce per epoch for all its minibatches (rl/losses.py::loss_normalizers).
-        global_tokens = all_sum([rollout.response_mask[idx].sum().item() for idx in minibatches])
+        global_tokens = all_sum([in_loss[idx].sum().item() for idx in minibatches])
         for mb_idx, mb_tokens in zip(minibatches, global_tokens):
-            norms = loss_normalizers(rollout.response_mask[mb_idx], alg.loss_aggregation, accum,
+            norms = loss_normalizers(in_loss[mb_idx], alg.loss_aggregation, accum,
                                      cfg.rollout.max_new_tokens, mb_tokens, world)
             for m in range(0, mb_size, micro):
                 mb = rollout.index(mb_idx[m:m + micro])
