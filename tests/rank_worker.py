@@ -40,8 +40,8 @@ def global_batch(pad_id: int, width: int) -> tuple[Samples, torch.Tensor]:
     response_mask = (torch.arange(width)[None] < lengths[:, None]).float()
     response_ids = response_ids.masked_fill(response_mask == 0, pad_id)
     scores = torch.randn(ROWS, generator=g)
-    return Samples(query_ids, query_mask, response_ids, response_mask,
-                   torch.ones(ROWS, dtype=torch.bool)), scores
+    has_eos = lengths < width  # the responses that reached the length cap are truncated
+    return Samples(query_ids, query_mask, response_ids, response_mask, has_eos), scores
 
 
 def one_update(cfg_path: str) -> dict:

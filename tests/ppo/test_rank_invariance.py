@@ -16,14 +16,26 @@ import pytest
 import torch
 from helpers import REPO, clean_env, make_adapter_dir, run_two_ranks, write_yaml
 
-# estimator -> samples per prompt. gae (value loss too), rloo and reinforce_pp use token_mean by
-# default; grpo (seq_mean_token_mean) and dr_grpo (constant) were already exact and must stay so.
-CASES = {"gae": 1, "rloo": 4, "reinforce_pp": 4, "grpo": 4, "dr_grpo": 4}
+# name -> (estimator, samples per prompt, more ppo fields). gae (value loss too), rloo and
+# reinforce_pp use token_mean by default; grpo (seq_mean_token_mean) and dr_grpo (constant) were
+# already exact and must stay so. The rest are issue 21's options that aggregate over ranks:
+# REINFORCE++-baseline's whitening, grpo's batch std, DAPO's token mean without the truncated
+# responses (rows of 6 tokens, rollout.max_new_tokens, have no EOS), GSPO's sequence ratio.
+CASES = {
+    "gae": ("gae", 1, {}), "rloo": ("rloo", 4, {}), "reinforce_pp": ("reinforce_pp", 4, {}),
+    "grpo": ("grpo", 4, {}), "dr_grpo": ("dr_grpo", 4, {}),
+    "reinforce_pp_baseline": ("reinforce_pp_baseline", 4, {}),
+    "grpo_batch_std": ("grpo", 4, {"scale_rewards": "batch"}),
+    "dapo": ("grpo", 4, {"loss_aggregation": "token_mean", "cliprange_high": 0.28,
+                         "mask_truncated_completions": True, "kl_coef": 0.0}),
+    "gspo": ("grpo", 4, {"importance_sampling_level": "sequence", "cliprange": 3e-4,
+                         "cliprange_high": 4e-4}),
+}
 ROWS = 16  # tests/rank_worker.py ROWS
 
 
-def _yaml(path, model_dir, adapter, out, estimator, world):
-    n = CASES[estimator]
+def _yaml(path, model_dir, adapter, out, case, world):
+    estimator, n, extra = CASES[case]
     rows = ROWS // world
     return write_yaml(path, {
         "output_dir": str(out),
@@ -34,14 +46,14 @@ def _yaml(path, model_dir, adapter, out, estimator, world):
                     "generation_batch_size": 16, "max_new_tokens": 6},
         "ppo": {"advantage_estimator": estimator, "total_updates": 1, "epochs": 1,
                 "minibatch_size": rows, "micro_batch_size": 4,
-                "optim": {"learning_rate": 0.05}},
+                "optim": {"learning_rate": 0.05}, **extra},
         "deepspeed": {"config": "zero2"}, "logging": {"progress": False, "tensorboard": False},
         "checkpoint": {"every": 0}})
 
 
 @pytest.fixture(scope="module")
 def updates(tiny_model_dir, tmp_path_factory):
-    """{estimator: (weights of the 1-rank run, of rank 0, of rank 1, of the adapter before)}."""
+    """{case: (weights of the 1-rank run, of rank 0, of rank 1, of the adapter before)}."""
     import subprocess
     import sys
 
@@ -66,9 +78,9 @@ def updates(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", list(CASES))
-def test_two_ranks_train_what_one_rank_trains(updates, estimator):
-    one, rank0, rank1, before = updates[estimator]
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_train_what_one_rank_trains(updates, case):
+    one, rank0, rank1, before = updates[case]
     assert one.keys() == rank0.keys() == rank1.keys()
     for k in one:
         torch.testing.assert_close(rank0[k], rank1[k], atol=0, rtol=0)  # DeepSpeed kept them equal
@@ -81,6 +93,6 @@ def test_two_ranks_train_what_one_rank_trains(updates, estimator):
     assert moved.median() > 0.04, moved.median()
     diff = torch.cat([(one[k] - rank0[k]).abs().flatten() for k in one])
     assert (diff > 1e-6).sum() <= diff.numel() // 1000, (
-        f"{estimator}: {(diff > 1e-6).sum()} weights differ from 1 rank by more than 1e-6, "
+        f"{case}: {(diff > 1e-6).sum()} weights differ from 1 rank by more than 1e-6, "
         f"at most {diff.max():.3g}")
-    assert diff.max() < 1e-4, f"{estimator}: 2 ranks differ from 1 rank by {diff.max():.3g}"
+    assert diff.max() < 1e-4, f"{case}: 2 ranks differ from 1 rank by {diff.max():.3g}"
