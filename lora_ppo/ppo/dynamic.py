@@ -43,6 +43,7 @@ class SamplingStats(NamedTuple):
     dropped: float          # groups whose scores did not vary, set aside
     filled: float           # groups set aside and taken back to fill a rollout the cap left short
     response_tokens: float  # response tokens generated, all rounds, all ranks
+    score_sum: float        # raw scores of every response sampled, all rounds, all ranks
 
 
 def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -83,11 +84,12 @@ def sample_until_full(collect: Callable[[], tuple[Rollout, torch.Tensor]], n_gro
     kept: list[tuple[Rollout, torch.Tensor]] = []
     aside: list[tuple[Rollout, torch.Tensor]] = []
     have = rounds = sampled = dropped = 0
-    tokens = 0.0
+    tokens = score_sum = 0.0
     while True:
         ro, raw = collect()
         rounds, sampled = rounds + 1, sampled + len(raw) // group_size
         tokens += ro.response_mask.sum().item()
+        score_sum += raw.sum().item()
         flat = zero_std_groups(raw, group_size)
         dropped += int(flat.sum())
         varied = (~flat).nonzero().flatten()[:n_groups - have]
@@ -105,7 +107,7 @@ def sample_until_full(collect: Callable[[], tuple[Rollout, torch.Tensor]], n_gro
     kept += _take_groups(aside, filled, group_size)
     rollout = concat_rollouts([ro for ro, _ in kept], pad_id)
     raw_scores = torch.cat([raw for _, raw in kept])
-    stats = all_sum([float(sampled), float(dropped), float(filled), tokens])
+    stats = all_sum([float(sampled), float(dropped), float(filled), tokens, score_sum])
     return rollout, raw_scores, SamplingStats(rounds, *stats)
 
 
@@ -123,13 +125,18 @@ def _take_groups(parts: list[tuple[Rollout, torch.Tensor]], n: int, group_size: 
     return out
 
 
-def sampling_metrics(stats: SamplingStats | None, rollout_groups: int) -> dict:
+METRICS = ("sampling/rounds", "sampling/frac_dropped_groups", "sampling/frac_filled_groups",
+           "sampling/response_tokens", "sampling/raw_scores")
+
+
+def sampling_metrics(stats: SamplingStats | None, rollout_groups: int, group_size: int) -> dict:
     """The sampling/* metrics (docs/metrics.md); None without dynamic sampling.
-    `rollout_groups`: the groups of one rollout over all ranks (batch_size x world)."""
+    `rollout_groups`: the groups of one rollout over all ranks (batch_size x world).
+    `sampling/raw_scores` is the mean over every response sampled, kept or dropped: the rollout's
+    own `objective/raw_scores` leaves out the tied groups, so it is no estimate of the policy's
+    score."""
     if stats is None:
-        return dict.fromkeys(("sampling/rounds", "sampling/frac_dropped_groups",
-                              "sampling/frac_filled_groups", "sampling/response_tokens"))
-    return {"sampling/rounds": stats.rounds,
-            "sampling/frac_dropped_groups": stats.dropped / max(stats.groups, 1.0),
-            "sampling/frac_filled_groups": stats.filled / rollout_groups,
-            "sampling/response_tokens": stats.response_tokens}
+        return dict.fromkeys(METRICS)
+    return dict(zip(METRICS, (
+        stats.rounds, stats.dropped / max(stats.groups, 1.0), stats.filled / rollout_groups,
+        stats.response_tokens, stats.score_sum / max(stats.groups * group_size, 1.0))))

@@ -375,7 +375,7 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
         run.step += 1
         run.episode += n * (bs * world if sampling is None else int(sampling.groups))
         row = update_metrics(run, ro, stats, t_rollout, t_update)
-        row.update(sampling_metrics(sampling, bs * world))
+        row.update(sampling_metrics(sampling, bs * world, n))
         # step 5. KL controller, with the KL observed before this update (Ziegler et al. 2019)
         run.kl_ctl.update(row["objective/kl"], bs * world * n)
         # step 6. log, evaluate, checkpoint

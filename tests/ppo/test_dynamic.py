@@ -32,13 +32,13 @@ def _rounds(*rounds):
 
 
 ROUND1 = (_rollout([2, 2, 1, 1], [3, 1, 2, 2], tag=1), torch.tensor([1.0, 1.0, 0.0, 1.0]))
-ROUND2 = (_rollout([4, 4, 3, 3], [5, 5, 1, 4], tag=2), torch.tensor([0.0, 0.0, 1.0, 0.0]))
+ROUND2 = (_rollout([4, 4, 3, 3], [5, 5, 1, 4], tag=2), torch.tensor([1.0, 1.0, 1.0, 0.0]))
 SAME = lambda values: values  # noqa: E731 (one rank: the sum over ranks is the value itself)
 
 
 def test_groups_whose_scores_tie_are_dropped_until_the_rollout_is_full():
     # Groups of 2. Round 1: group 0 scores 1, 1 (tied: dropped), group 1 scores 0, 1 (kept).
-    # Round 2: group 0 ties again, group 1 (1, 0) is kept: two varied groups, so it stops.
+    # Round 2: group 0 (1, 1) ties again, group 1 (1, 0) is kept: two varied groups, it stops.
     ro, raw, stats = sample_until_full(_rounds(ROUND1, ROUND2), n_groups=2, group_size=2,
                                        max_extra_rounds=3, pad_id=PAD, all_sum=SAME)
     assert ro.query_ids[:, -1].tolist() == [12, 13, 22, 23]  # round 1 rows 2-3, round 2 rows 2-3
@@ -48,10 +48,12 @@ def test_groups_whose_scores_tie_are_dropped_until_the_rollout_is_full():
     assert ro.response_mask.sum(1).tolist() == [2, 2, 1, 4] and ro.response_ids.shape == (4, 4)
     assert ro.response_ids[0].tolist() == [12, 12, PAD, PAD]
     torch.testing.assert_close(ro.logprobs, -ro.response_mask)
-    # 4 groups sampled, 2 dropped, none filled; 8 + 15 response tokens generated
-    assert stats == (2, 4.0, 2.0, 0.0, 23.0)
-    m = sampling_metrics(stats, rollout_groups=2)
+    # 4 groups sampled, 2 dropped, none filled; 8 + 15 response tokens generated; scores 3 + 3
+    assert stats == (2, 4.0, 2.0, 0.0, 23.0, 6.0)
+    m = sampling_metrics(stats, rollout_groups=2, group_size=2)
     assert m["sampling/frac_dropped_groups"] == 0.5 and m["sampling/frac_filled_groups"] == 0.0
+    # the mean score of all 8 responses sampled (6 / 8), not of the 4 kept (2 / 4)
+    assert m["sampling/raw_scores"] == 0.75 and raw.mean() == 0.5
 
 
 def test_at_the_cap_the_rollout_is_filled_with_dropped_groups():
@@ -61,8 +63,8 @@ def test_at_the_cap_the_rollout_is_filled_with_dropped_groups():
                                        max_extra_rounds=0, pad_id=PAD, all_sum=SAME)
     assert ro.query_ids[:, -1].tolist() == [12, 13, 10, 11]
     assert raw.tolist() == [0.0, 1.0, 1.0, 1.0]
-    assert stats == (1, 2.0, 1.0, 1.0, 8.0)
-    assert sampling_metrics(stats, 2)["sampling/frac_filled_groups"] == 0.5
+    assert stats == (1, 2.0, 1.0, 1.0, 8.0, 3.0)
+    assert sampling_metrics(stats, 2, 2)["sampling/frac_filled_groups"] == 0.5
 
 
 def test_the_rounds_go_on_while_any_rank_is_short():
@@ -70,7 +72,7 @@ def test_the_rounds_go_on_while_any_rank_is_short():
     # rank (its shortfall arrives through all_sum) still lacks one: both sample round 2, and this
     # rank keeps nothing more from it.
     varied = (_rollout([1, 1, 1, 1], [1, 1, 1, 1], tag=3), torch.tensor([0.0, 1.0, 1.0, 0.0]))
-    other_rank_short = iter([[1.0], [0.0], [8.0, 2.0, 0.0, 8.0]])
+    other_rank_short = iter([[1.0], [0.0], [8.0, 2.0, 0.0, 8.0, 4.0]])
     ro, raw, stats = sample_until_full(_rounds(varied, ROUND2), n_groups=2, group_size=2,
                                        max_extra_rounds=3, pad_id=PAD,
                                        all_sum=lambda v: [a + b for a, b in

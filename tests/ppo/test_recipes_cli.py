@@ -67,6 +67,7 @@ def test_dapo_through_the_cli(tiny_model_dir, tmp_path, rewards):
         assert r["sampling/rounds"] == 3
         assert r["sampling/frac_dropped_groups"] == 1.0 and r["sampling/frac_filled_groups"] == 1.0
         assert r["sampling/response_tokens"] > 0 and r["objective/overlong_penalty"] <= 0
+        assert r["sampling/raw_scores"] == 1.0
         assert r["objective/kl"] is None  # kl_coef 0: no reference forward
     assert rows[-1]["episode"] == 2 * 3 * 4 * 4  # updates x rounds x prompts x samples
     assert any(r["objective/overlong_penalty"] < 0 for r in rows)
