@@ -131,7 +131,7 @@ class Config:
         if a.estimator == "gae" and a.value_mode == "none":
             raise UserError("value.mode=none leaves ppo.advantage_estimator=gae without the value "
                             "function GAE needs; use value.mode=shared or adapter, or a critic-free "
-                            "estimator (grpo, dr_grpo, rloo, reinforce_pp)")
+                            "estimator (grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline)")
         if a.estimator != "gae" and a.value_mode != "none":
             raise UserError(f"value.mode={a.value_mode} trains a value function that ppo."
                             f"advantage_estimator={a.estimator} never uses; leave value.mode out "
