@@ -83,7 +83,7 @@ def sample_until_full(collect: Callable[[], tuple[Rollout, torch.Tensor]], n_gro
     `all_sum` sums a list of floats over ranks (runtime/dist.py::all_sum)."""
     kept: list[tuple[Rollout, torch.Tensor]] = []
     aside: list[tuple[Rollout, torch.Tensor]] = []
-    have = rounds = sampled = dropped = 0
+    have = spare = rounds = sampled = dropped = 0
     tokens = score_sum = 0.0
     while True:
         ro, raw = collect()
@@ -97,9 +97,11 @@ def sample_until_full(collect: Callable[[], tuple[Rollout, torch.Tensor]], n_gro
             rows = _group_rows(varied, group_size).to(ro.query_ids.device)
             kept.append((ro.index(rows), raw[rows.to(raw.device)]))
             have += len(varied)
-        if flat.any():
-            rows = _group_rows(flat.nonzero().flatten(), group_size).to(ro.query_ids.device)
+        tied = flat.nonzero().flatten()[:n_groups - spare]  # never more than a fill can use
+        if len(tied):
+            rows = _group_rows(tied, group_size).to(ro.query_ids.device)
             aside.append((ro.index(rows), raw[rows.to(raw.device)]))
+            spare += len(tied)
         (short,) = all_sum([float(n_groups - have)])
         if short == 0 or rounds > max_extra_rounds:
             break
