@@ -216,9 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the built-in end-to-end run on a small local model: reward "
                        "adapter -> PPO (4-bit, ZeRO-2) -> merged export; --preset grpo: GRPO "
                        "with a verifiable reward (arithmetic), no reward model, no critic")
-    d.add_argument("--preset", choices=["demo", "grpo"], default="demo",
+    d.add_argument("--preset", choices=["demo", "grpo", "trl_grpo"], default="demo",
                    help="demo: RLHF on reviews with a learned reward; grpo: critic-free GRPO on "
-                        "additions checked by a function")
+                        "additions checked by a function; trl_grpo: the same task with TRL "
+                        "1.16 GRPOTrainer's defaults")
     d.add_argument("overrides", nargs="*", metavar="section.key=value")
     d.add_argument("--overwrite", action="store_true",
                    help="replace what is in output_dir even if an earlier demo did not write it")

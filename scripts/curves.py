@@ -5,7 +5,11 @@
 Runs that sample different numbers of responses per update (GRPO's groups against PPO's one
 response per prompt) are compared per generated token, not per update: each row of
 `metrics.jsonl` has the mean response length and the running count of sampled responses
-(`episode`), so tokens so far = sum over updates of length x responses in that update. Prints a
+(`episode`), so tokens so far = sum over updates of length x responses in that update. With
+dynamic sampling (rollout.dynamic_sampling) an update also generated responses it dropped; its
+row's `sampling/response_tokens` counts them all and is used instead, and its score is
+`sampling/raw_scores`, the mean over every response sampled (the rollout it kept leaves out the
+groups whose scores tied, so its own mean overstates or understates the policy's). Prints a
 Markdown table: for each run, the mean raw score and KL of the updates in each bin of generated
 tokens.
 """
@@ -23,9 +27,12 @@ def load(path: str) -> list[dict]:
     rows = [r for r in rows if "objective/raw_scores" in r]  # training rows, not eval
     seen, tokens = 0, 0.0
     for r in rows:
-        tokens += r["response/length"] * (r["episode"] - seen)
+        generated = r.get("sampling/response_tokens")
+        tokens += generated if generated is not None else r["response/length"] * (r["episode"] - seen)
         seen = r["episode"]
         r["tokens_so_far"] = tokens
+        if r.get("sampling/raw_scores") is not None:
+            r["objective/raw_scores"] = r["sampling/raw_scores"]
     return rows
 
 

@@ -41,3 +41,58 @@ def test_readme_names_the_tested_versions_of_constraints_txt():
     assert len(named) >= 10, named
     for name, version in named:
         assert pins.get(name) == version, (name, version, pins.get(name))
+
+
+def _sections(text: str) -> dict[str, list[list[str]]]:
+    """Table rows (cells, stripped) under each `## ` heading of a Markdown page."""
+    out, heading = {}, ""
+    for line in text.splitlines():
+        if line.startswith("## "):
+            heading = line[3:]
+        elif line.startswith("| `"):
+            out.setdefault(heading, []).append([c.strip() for c in line.strip().strip("|").split("|")])
+    return out
+
+
+def _same_default(written: str, value) -> bool:
+    import yaml
+
+    if value is None:
+        return written == "null"
+    if isinstance(value, bool):
+        return written == str(value).lower()
+    if isinstance(value, (int, float)):
+        return float(written) == float(value)
+    if isinstance(value, list):
+        return yaml.safe_load(written) == value
+    return written == value
+
+
+def test_coming_from_trl_maps_to_fields_that_exist_with_their_defaults():
+    """Every lora_ppo field named in docs/coming_from_trl.md's three mapping tables exists in the
+    config tree, and where a row names one field and its default, the default is the code's.
+    Every lora_ppo metric in its metrics table is one docs/metrics.md documents."""
+    from lora_ppo.config import Config
+
+    sections = _sections((REPO / "docs" / "coming_from_trl.md").read_text())
+    tables = [rows for heading, rows in sections.items() if "Config" in heading]
+    assert len(tables) == 3 and all(len(rows) > 20 for rows in tables)
+    checked = 0
+    for rows in tables:
+        for cells in rows:
+            paths = re.findall(r"`([a-z_][a-z_.]*)`", cells[2])
+            for path in paths:
+                obj = Config()
+                for part in path.split("."):
+                    assert hasattr(obj, part), f"{cells[0]} maps to {path}, not in the config"
+                    obj = getattr(obj, part)
+            default = re.fullmatch(r"`([^`]*)`", cells[3])
+            if len(paths) == 1 and default:
+                assert _same_default(default.group(1), obj), (cells[0], path, obj)
+                checked += 1
+    assert checked > 50
+    documented = set(re.findall(r"^\| `([^`]+)`", (REPO / "docs" / "metrics.md").read_text(),
+                                flags=re.M))
+    metrics = [m for cells in sections["Metrics side by side"]
+               for m in re.findall(r"`([^`]+)`", cells[0])]
+    assert metrics and not [m for m in metrics if m not in documented]

@@ -89,6 +89,32 @@ def test_curves_bins_runs_by_generated_tokens(tmp_path):
     assert lines[3] == "| 40-80 | 3.000 | 0.300 | 5.000 | 0.500 |"
 
 
+def test_curves_counts_what_dynamic_sampling_dropped(tmp_path):
+    # With dynamic sampling an update generated more than its rollout holds: 4 kept responses of
+    # length 10, but 100 response tokens over its rounds (sampling/response_tokens), and its
+    # score is that of every response sampled (sampling/raw_scores 1.0, not the rollout's 9.0);
+    # a null (no dynamic sampling) falls back to length x responses and the rollout's score.
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"objective/raw_scores": 9.0, "objective/kl": 0.1, "response/length": 10.0, "episode": 12,
+         "sampling/response_tokens": 100.0, "sampling/raw_scores": 1.0},
+        {"objective/raw_scores": 2.0, "objective/kl": 0.2, "response/length": 10.0, "episode": 16,
+         "sampling/response_tokens": None, "sampling/raw_scores": None}]))
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "curves.py"), f"d={path}",
+                          "--bins", "2"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    # tokens so far: 100, then 100 + 10 x 4 = 140; bins of 70
+    assert res.stdout.splitlines()[2:] == ["| 0-70 | - | - |", "| 70-140 | 1.500 | 0.150 |"]
+
+
+def test_dapo_vs_grpo_usage_error_is_one_line_and_exit_2(tmp_path):
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "dapo_vs_grpo.py"), "--out",
+                          str(tmp_path), "--updates", "0"], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 2 and res.stderr.strip() == (
+        "dapo_vs_grpo.py: --updates 0: must be >= 1"), res.stderr
+
+
 def test_curves_bad_input_is_one_line_and_exit_2(tmp_path):
     empty = tmp_path / "eval_only.jsonl"
     empty.write_text(json.dumps({"eval/score": 1.0}) + "\n")

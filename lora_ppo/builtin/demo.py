@@ -16,6 +16,9 @@ local model. Nothing is downloaded: the model, tokenizer and data are generated 
 model (additions "a + b = c"), stage 1 is not needed (the reward is a function that checks the
 sum), stage 2 runs GRPO with 4 samples per prompt and no value function, stage 3 merges and
 compares the greedy answers' accuracy of the base and the merged model.
+
+`trl_grpo` (presets/trl_grpo.yaml): the `grpo` task with TRL 1.16 GRPOTrainer's defaults
+(token-level loss, no KL, one optimizer step per rollout; docs/coming_from_trl.md).
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ def _arithmetic_check() -> Check:
 
 
 # preset -> (trains a reward adapter first, the export check)
-PRESETS = {"demo": (True, _review_check), "grpo": (False, _arithmetic_check)}
+PRESETS = {"demo": (True, _review_check), "grpo": (False, _arithmetic_check),
+           "trl_grpo": (False, _arithmetic_check)}
 
 
 def _say(msg: str) -> None:

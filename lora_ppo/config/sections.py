@@ -104,6 +104,14 @@ class RewardConfig:
     """Normalise scores by a running mean and std over all scores seen so far."""
     missing_eos_penalty: Optional[float] = None
     """Subtracted from the score of a response that never emitted EOS (TRL's missing_eos_penalty)."""
+    overlong_buffer: Optional[int] = None
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), the interval L_cache in tokens: a
+    response longer than rollout.max_new_tokens - overlong_buffer loses overlong_penalty x
+    (excess / overlong_buffer) of its score, linearly up to the whole overlong_penalty at
+    rollout.max_new_tokens. Added before the EOS penalty, clipping and normalisation. None: off."""
+    overlong_penalty: float = 1.0
+    """The penalty at rollout.max_new_tokens when overlong_buffer is set (DAPO: 1, half the
+    distance between a right answer's reward of +1 and a wrong one's -1)."""
     # -- the SFT / reward-model stages (lora_ppo.stages) added these ------------------------------
     model: Optional[str] = None
     """Directory of a separate reward model loaded with AutoModelForSequenceClassification (source
@@ -176,6 +184,15 @@ class RolloutConfig:
     model whose cache layout StaticCache does not know."""
     stop_token_ids: list[int] = field(default_factory=list)
     """Token ids that end a response besides the tokenizer's EOS."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (Yu et al. 2025, §3.2): groups whose scores, as the reward source
+    gave them, are all equal (no score signal) are dropped, and further rounds of fresh prompts
+    are sampled until every rank holds `batch_size` groups whose scores vary, at most
+    `max_extra_rounds` more. Needs samples_per_prompt >= 2. Metrics: sampling/* (docs/metrics.md)."""
+    max_extra_rounds: int = 3
+    """With dynamic_sampling: the most sampling rounds per update after the first. A rollout still
+    not full after them is filled with dropped groups, so every update has the same size (they
+    carry no score signal, as in a run without dynamic sampling)."""
     logits_chunk_mib: float = 256.0
     """MiB of fp32 logits made at a time when scoring and in the update: the LM head runs over
     rows of (batch*length) in chunks of this size whatever the vocabulary (one such chunk at a
@@ -211,29 +228,45 @@ class PPOConfig:
     """Samples per forward/backward; minibatch_size / micro_batch_size is the gradient
     accumulation."""
     optim: OptimConfig = field(default_factory=OptimConfig)
-    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "gae"
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp",
+                                 "reinforce_pp_baseline"] = "gae"
     """`gae`: a learned value function and GAE (Schulman et al. 2015); the critic-free ones need
     no value model: `grpo` (sequence score minus its group's mean, over the group's std; Shao et
     al. 2024), `dr_grpo` (no std division, constant loss normaliser; Liu et al. 2025), `rloo`
     (leave-one-out group baseline; Ahmadian et al. 2024), `reinforce_pp` (per-token KL-penalised
-    reward-to-go, whitened over the batch; Hu 2025). Formulas: docs/ppo.md."""
+    reward-to-go, whitened over the batch; Hu 2025), `reinforce_pp_baseline` (each score minus
+    its group's mean, then reinforce_pp's reward-to-go whitened over the batch; Hu et al. 2025
+    v2, OpenRLHF's reinforce_baseline). Formulas: docs/ppo.md. TRL 1.16's GRPOTrainer differs
+    from lora_ppo's grpo in two defaults: loss_type=dapo (here loss_aggregation=token_mean) and
+    beta=0 (kl_coef=0); the preset `trl_grpo` has TRL's (docs/coming_from_trl.md)."""
     kl_in: Literal["auto", "reward", "loss"] = "auto"
     """Where the KL penalty to the reference goes: `reward` (-kl_coef * KL_t in every token's
     reward, Ziegler et al. 2019) or `loss` (kl_coef * KL as a loss term, GRPO). `auto`: `loss` for
-    grpo and dr_grpo, `reward` for the others. With kl_coef 0 (not adaptive) the reference
-    forward is skipped entirely."""
+    grpo, dr_grpo and reinforce_pp_baseline, `reward` for the others. With kl_coef 0 (not
+    adaptive) the reference forward is skipped entirely."""
     loss_aggregation: Literal["auto", "token_mean", "seq_mean_token_mean", "constant"] = "auto"
     """How per-token losses are averaged over a minibatch: `token_mean` (every token weighs the
     same), `seq_mean_token_mean` (each sequence's token mean, then the mean over sequences: a
     short response's tokens weigh more, GRPO), `constant` (the token sum over sequences x
     rollout.max_new_tokens: no length normalisation, Dr. GRPO). `auto`: seq_mean_token_mean for
-    grpo, constant for dr_grpo, token_mean for the others."""
+    grpo, constant for dr_grpo, token_mean for the others (TRL 1.16's GRPO default,
+    loss_type=dapo, is token_mean). token_mean counts the tokens of every rank's minibatch."""
     gamma: float = 1.0
     """Discount factor of GAE (and of the REINFORCE++ reward-to-go)."""
     lam: float = 0.95
     """GAE lambda."""
     cliprange: float = 0.2
-    """Policy ratio clip epsilon."""
+    """Policy ratio clip epsilon (the lower one when cliprange_high is set)."""
+    cliprange_high: Optional[float] = None
+    """Upper clip epsilon of the policy ratio, clip(ratio, 1 - cliprange, 1 + cliprange_high):
+    DAPO's clip-higher (Yu et al. 2025, §3.1, eps_low 0.2 / eps_high 0.28) leaves more room to
+    raise the probability of unlikely tokens. None: cliprange (symmetric)."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """`token`: PPO's ratio pi / pi_old per token. `sequence`: one ratio per response, the
+    geometric mean of its token ratios exp(mean_t log(pi / pi_old)), clipped per response (GSPO,
+    Zheng et al. 2025, eq. 7; TRL's importance_sampling_level). GSPO clips much tighter
+    (cliprange 3e-4, cliprange_high 4e-4) and averages per response
+    (loss_aggregation=seq_mean_token_mean)."""
     cliprange_value: float = 0.2
     """Value clip around the rollout's values."""
     vf_coef: float = 0.1
@@ -241,11 +274,22 @@ class PPOConfig:
     ent_coef: float = 0.0
     """Weight of the entropy bonus."""
     whiten_advantages: bool = True
-    """Whiten GAE's advantages over the valid tokens of the rollout (the group estimators
-    normalise within groups instead; reinforce_pp always whitens over the batch)."""
+    """Whiten GAE's advantages over the valid tokens of the rollout of every rank (the group
+    estimators normalise within groups instead; reinforce_pp and reinforce_pp_baseline always
+    whiten over the batch)."""
+    scale_rewards: Literal["auto", "group", "batch", "none"] = "auto"
+    """grpo only: what each reward minus its group's mean is divided by: `group` (the group's std,
+    GRPO), `batch` (the std of every sequence reward of the rollout on all ranks; TRL's
+    scale_rewards=batch), `none` (nothing: Dr. GRPO's advantage). `auto`: group. The other
+    estimators define their own scaling."""
+    mask_truncated_completions: bool = False
+    """Leave responses that reached rollout.max_new_tokens without EOS out of every loss term
+    and its normaliser (DAPO's overlong filtering, Yu et al. 2025 §3.4; TRL's
+    mask_truncated_completions). Their scores still count in their group's baseline."""
     kl_estimator: Literal["auto", "k1", "k2", "k3"] = "auto"
     """Per-token KL estimator (k1 = logp - logp_ref, k2, k3; joschu.net/blog/kl-approx.html).
-    `auto`: k1 in the reward, k3 in the loss (GRPO's choice: >= 0 per token)."""
+    `auto`: k1 in the reward, k3 in the loss (GRPO's choice: >= 0 per token), but k2 in the loss
+    for reinforce_pp_baseline (Hu et al. 2025 v2; OpenRLHF's `--kl_estimator k2`)."""
     kl_coef: float = 0.05
     """Initial (or fixed) coefficient of the KL penalty."""
     adaptive_kl: bool = False

@@ -36,16 +36,18 @@ from lora_ppo.errors import UserError
 class Algorithm(NamedTuple):
     """The PPO variant a config asks for, with every `auto` resolved (Config.algorithm)."""
 
-    estimator: str         # gae, grpo, dr_grpo, rloo, reinforce_pp
+    estimator: str         # gae, grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline
     value_mode: str        # shared, adapter, none
     kl_in: str             # reward, loss
     kl_estimator: str      # k1, k2, k3
     loss_aggregation: str  # token_mean, seq_mean_token_mean, constant
     group_size: int        # samples per prompt
     uses_reference: bool   # False with kl_coef 0 (not adaptive): no reference forward at all
+    scale_rewards: str     # group, batch, none: grpo's divisor (none for the other estimators)
 
 
-_LOSS_KL = ("grpo", "dr_grpo")  # the estimators whose papers put the KL in the loss
+# the estimators whose papers put the KL in the loss (REINFORCE++-baseline: Hu et al. 2025 v2)
+_LOSS_KL = ("grpo", "dr_grpo", "reinforce_pp_baseline")
 _AGGREGATION = {"grpo": "seq_mean_token_mean", "dr_grpo": "constant"}  # else token_mean
 
 
@@ -115,26 +117,56 @@ class Config:
                         else "shared" if estimator == "gae" else "none"),
             kl_in=kl_in,
             kl_estimator=(p.kl_estimator if p.kl_estimator != "auto"
-                          else "k3" if kl_in == "loss" else "k1"),
+                          else "k1" if kl_in == "reward"
+                          else "k2" if estimator == "reinforce_pp_baseline" else "k3"),
             loss_aggregation=(p.loss_aggregation if p.loss_aggregation != "auto"
                               else _AGGREGATION.get(estimator, "token_mean")),
             group_size=self.rollout.samples_per_prompt,
-            uses_reference=p.kl_coef > 0 or p.adaptive_kl)
+            uses_reference=p.kl_coef > 0 or p.adaptive_kl,
+            scale_rewards=(p.scale_rewards if p.scale_rewards != "auto"
+                           else "group" if estimator == "grpo" else "none"))
 
     def _check_algorithm(self) -> None:
         a, n = self.algorithm, self.rollout.samples_per_prompt
         if a.estimator == "gae" and a.value_mode == "none":
             raise UserError("value.mode=none leaves ppo.advantage_estimator=gae without the value "
                             "function GAE needs; use value.mode=shared or adapter, or a critic-free "
-                            "estimator (grpo, dr_grpo, rloo, reinforce_pp)")
+                            "estimator (grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline)")
         if a.estimator != "gae" and a.value_mode != "none":
             raise UserError(f"value.mode={a.value_mode} trains a value function that ppo."
                             f"advantage_estimator={a.estimator} never uses; leave value.mode out "
                             "(auto) or set it to none")
-        if a.estimator in ("grpo", "dr_grpo", "rloo") and n < 2:
+        if a.estimator in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline") and n < 2:
             raise UserError(f"ppo.advantage_estimator={a.estimator} compares the samples of a "
                             f"prompt, but rollout.samples_per_prompt={n}; set it to 2 or more "
                             "(GRPO papers use 4 to 64)")
+        self._check_recipes()
+
+    def _check_recipes(self) -> None:
+        """The DAPO / GSPO / TRL-style options: each where its estimator defines it."""
+        a, p, r = self.algorithm, self.ppo, self.rollout
+        if p.scale_rewards != "auto" and a.estimator != "grpo":
+            raise UserError(f"ppo.scale_rewards={p.scale_rewards} applies to ppo.advantage_estimator"
+                            f"=grpo only; {a.estimator} defines its own scaling: leave "
+                            "ppo.scale_rewards out (auto)")
+        if (a.estimator == "grpo" and a.kl_in == "reward" and a.uses_reference
+                and a.scale_rewards != "none"):
+            # Issue 20 item 9: a tied group's rewards differ only by the KL noise, and dividing
+            # by their std blew that noise up to advantages of +-1.
+            raise UserError(f"ppo.advantage_estimator=grpo with ppo.kl_in=reward divides each "
+                            f"sample's KL penalty by its group's std (ppo.scale_rewards="
+                            f"{a.scale_rewards}), near 0 when the scores tie (scores 1,1,1,1 gave "
+                            "advantages up to +-1): use ppo.kl_in=loss, or ppo.advantage_estimator="
+                            "dr_grpo or rloo (or ppo.scale_rewards=none)")
+        if r.dynamic_sampling and r.samples_per_prompt < 2:
+            raise UserError("rollout.dynamic_sampling=true drops groups of samples whose scores "
+                            f"tie, but rollout.samples_per_prompt={r.samples_per_prompt}; set it "
+                            "to 2 or more")
+        buffer = self.reward.overlong_buffer
+        if buffer is not None and buffer >= r.max_new_tokens:
+            raise UserError(f"reward.overlong_buffer={buffer} must be below rollout."
+                            f"max_new_tokens={r.max_new_tokens}: the penalty starts "
+                            "overlong_buffer tokens before the cap (DAPO: 4096 of 20480)")
 
     def _check_reward_sources(self) -> None:
         r = self.reward

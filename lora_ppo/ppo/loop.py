@@ -31,12 +31,14 @@ from lora_ppo.modeling.loading import (
     resolve_model_path,
 )
 from lora_ppo.modeling.seams import seams_for
+from lora_ppo.ppo.dynamic import SamplingStats, sample_until_full, sampling_metrics
 from lora_ppo.ppo.reward_sources import RewardSource, check_reward_sources, make_reward_source
 from lora_ppo.ppo.rollout import Rollout, Samples, generate, logprobs_and_values, stop_ids_of
 from lora_ppo.ppo.update import PPOStats, ppo_update
 from lora_ppo.rl.advantages import (
     group_advantages,
     reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
     token_advantages,
     zero_std_groups,
 )
@@ -45,11 +47,18 @@ from lora_ppo.rl.kl import AdaptiveKLController, FixedKLController
 from lora_ppo.rl.logprobs import chunk_rows
 from lora_ppo.rl.losses import explained_variance
 from lora_ppo.rl.masked import masked_mean, masked_whiten
-from lora_ppo.rl.rewards import RunningMoments, compute_rewards, shape_scores
+from lora_ppo.rl.rewards import (
+    RunningMoments,
+    compute_rewards,
+    overlong_penalty,
+    shape_scores,
+)
 from lora_ppo.runtime.dist import (
     DistInfo,
     all_gather_cat,
     all_mean,
+    all_sum,
+    all_sum_tensor,
     broadcast_object,
     seed_everything,
     setup_distributed,
@@ -202,11 +211,36 @@ def compute_scores(run: Run, prompts: list[str], samples: Samples | Rollout
     return scores.to(samples.response_mask.device), completions
 
 
+def collect_round(run: Run) -> tuple[Rollout, torch.Tensor]:
+    """One round of step 1: this rank's share of the next prompts, each n times in a row (a
+    group, never split across ranks), sampled and scored; the rollout and its raw scores."""
+    bs, n = run.cfg.rollout.batch_size, run.cfg.rollout.samples_per_prompt
+    mine = run.sampler.take(bs * run.dist.world_size)[run.dist.rank * bs:(run.dist.rank + 1) * bs]
+    prompts = [p for p in mine for _ in range(n)]
+    ro = collect_rollout(run, prompts)
+    raw_scores, _ = compute_scores(run, prompts, ro)
+    return ro, raw_scores
+
+
+def rollout_step(run: Run) -> tuple[Rollout, torch.Tensor, Optional[SamplingStats]]:
+    """Step 1: one round, or with rollout.dynamic_sampling as many as it takes for every group's
+    scores to vary (ppo/dynamic.py, DAPO)."""
+    rc = run.cfg.rollout
+    if not rc.dynamic_sampling:
+        return (*collect_round(run), None)
+    return sample_until_full(lambda: collect_round(run), rc.batch_size, rc.samples_per_prompt,
+                             rc.max_extra_rounds, run.tokenizer.pad_token_id, all_sum)
+
+
 def add_rewards(run: Run, ro: Rollout, raw_scores: torch.Tensor) -> Rollout:
-    """Step 2: shape scores (EOS penalty, clip, running normalisation); per-token rewards are
-    the score on the last real token and, when the KL lives in the reward, -kl_coef * KL_t."""
+    """Step 2: shape scores (overlong and EOS penalties, clip, running normalisation); per-token
+    rewards are the score on the last real token and, when the KL lives in the reward,
+    -kl_coef * KL_t."""
     rc, alg = run.cfg.reward, run.cfg.algorithm
-    scores = shape_scores(raw_scores, ro.has_eos, missing_eos_penalty=rc.missing_eos_penalty,
+    scores = raw_scores
+    if rc.overlong_buffer is not None:  # DAPO's soft overlong punishment (eq. 13)
+        scores = scores + overlong_of(run, ro)
+    scores = shape_scores(scores, ro.has_eos, missing_eos_penalty=rc.missing_eos_penalty,
                           clip=rc.clip)
     if rc.normalize:
         # Every rank updates its moments with the scores of all ranks, so they stay identical.
@@ -222,24 +256,38 @@ def add_rewards(run: Run, ro: Rollout, raw_scores: torch.Tensor) -> Rollout:
     return ro
 
 
+def overlong_of(run: Run, ro: Rollout) -> torch.Tensor:
+    """(B,) DAPO's soft overlong penalty of each response (0 below the buffer)."""
+    rc = run.cfg.reward
+    return overlong_penalty(ro.response_mask.sum(1), run.cfg.rollout.max_new_tokens,
+                            rc.overlong_buffer, rc.overlong_penalty)
+
+
 def add_advantages(run: Run, ro: Rollout) -> Rollout:
     """Step 3: the advantages of ppo.advantage_estimator (formulas and sources: docs/ppo.md).
 
-    gae: GAE over the value function, whitened over the valid tokens of the whole rollout;
+    gae: GAE over the value function, whitened over the valid tokens of the whole rollout (all
+    ranks);
     grpo, dr_grpo, rloo: each sequence's reward (its token rewards' sum) against its group's;
-    reinforce_pp: the reward-to-go, whitened over the batch.
+    reinforce_pp: the reward-to-go, whitened over the batch; reinforce_pp_baseline: the same
+    after each score's group mean is taken off.
     """
     pc, alg, mask = run.cfg.ppo, run.cfg.algorithm, ro.response_mask
+    # Whitening takes its mean and std over the rollout of every rank (issue 20 item 8).
     if alg.estimator == "gae":
         ro.advantages, ro.returns = compute_gae(ro.rewards, ro.values, mask, pc.gamma, pc.lam)
         if pc.whiten_advantages:
-            ro.advantages = masked_whiten(ro.advantages, mask, shift_mean=True)
+            ro.advantages = masked_whiten(ro.advantages, mask, shift_mean=True,
+                                          all_sum=all_sum_tensor)
     elif alg.estimator == "reinforce_pp":
-        ro.advantages = reinforce_pp_advantages(ro.rewards, mask, pc.gamma)
+        ro.advantages = reinforce_pp_advantages(ro.rewards, mask, pc.gamma, all_sum_tensor)
+    elif alg.estimator == "reinforce_pp_baseline":
+        ro.advantages = reinforce_pp_baseline_advantages(ro.rewards, ro.scores, mask,
+                                                         alg.group_size, pc.gamma, all_sum_tensor)
     else:
         seq_rewards = (ro.rewards * mask).sum(1)  # the score, minus beta * KL if in the reward
-        ro.advantages = token_advantages(
-            group_advantages(seq_rewards, alg.group_size, alg.estimator), mask)
+        ro.advantages = token_advantages(group_advantages(
+            seq_rewards, alg.group_size, alg.estimator, alg.scale_rewards, all_sum_tensor), mask)
     return ro
 
 
@@ -273,6 +321,8 @@ def update_metrics(run: Run, ro: Rollout, stats: PPOStats, t_rollout: float, t_u
         "val/explained_variance": None if ro.values is None
         else explained_variance(ro.values, ro.returns, mask),
         "val/mean": _mean_or_none(ro.values, mask),
+        "objective/overlong_penalty": None if run.cfg.reward.overlong_buffer is None
+        else overlong_of(run, ro).mean().item(),
         "response/length": mask.sum(1).mean().item(),
         "response/eos_frac": ro.has_eos.float().mean().item(),
     }
@@ -336,12 +386,9 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
     world, bs, n = run.dist.world_size, cfg.rollout.batch_size, cfg.rollout.samples_per_prompt
     while run.step < cfg.ppo.total_updates:
         # step 1. rollout: this rank's share of the prompts, each n times in a row (a group,
-        # never split across ranks), sampled and scored
+        # never split across ranks), sampled and scored (more rounds: rollout.dynamic_sampling)
         t0 = time.perf_counter()
-        mine = run.sampler.take(bs * world)[run.dist.rank * bs:(run.dist.rank + 1) * bs]
-        prompts = [p for p in mine for _ in range(n)]
-        ro = collect_rollout(run, prompts)
-        raw_scores, _ = compute_scores(run, prompts, ro)
+        ro, raw_scores, sampling = rollout_step(run)
         t_rollout = time.perf_counter() - t0
         # step 2. rewards: score on the last real token, -kl_coef * KL on every token
         ro = add_rewards(run, ro, raw_scores)
@@ -352,8 +399,9 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
         stats = ppo_update(run.engine, run.ac, ro, cfg, run.generator, run.kl_ctl.value)
         t_update = time.perf_counter() - t1
         run.step += 1
-        run.episode += bs * world * n
+        run.episode += n * (bs * world if sampling is None else int(sampling.groups))
         row = update_metrics(run, ro, stats, t_rollout, t_update)
+        row.update(sampling_metrics(sampling, bs * world, n))
         # step 5. KL controller, with the KL observed before this update (Ziegler et al. 2019)
         run.kl_ctl.update(row["objective/kl"], bs * world * n)
         # step 6. log, evaluate, checkpoint

@@ -12,7 +12,10 @@ Losses are aggregated over the whole minibatch, not per micro-batch (ppo.loss_ag
 default the token mean): each micro-batch divides its token sums by the minibatch's normalizers
 divided by the accumulation steps (rl/losses.py::loss_normalizers), and DeepSpeed divides by the
 accumulation steps again in `engine.backward`, so micro 2 x accumulation 4 gives the gradient of
-micro 8 x accumulation 1 exactly, even when micro-batches hold different numbers of tokens. The
+micro 8 x accumulation 1 exactly, even when micro-batches hold different numbers of tokens. With
+several ranks the minibatch is the union of the ranks' k-th minibatches (DeepSpeed averages
+their gradients at each step), and the token mean counts the tokens of all of them, so 2 ranks
+give the gradient of 1 rank holding the same global minibatch. The
 statistics (approx_kl, clipfrac, ratio, entropy, value clipfrac) are token-weighted over the
 update, so they do not depend on the split either.
 """
@@ -28,7 +31,7 @@ from lora_ppo.ppo.rollout import Rollout
 from lora_ppo.rl.logprobs import chunk_rows
 from lora_ppo.rl.losses import entropy_loss, kl_loss, loss_normalizers, policy_loss, value_loss
 from lora_ppo.rl.masked import masked_sum
-from lora_ppo.runtime.dist import all_sum
+from lora_ppo.runtime.dist import all_sum, world_size
 
 # Token-weighted statistics, summed as stat * tokens over micro-batches (see MicroStats).
 _WEIGHTED = ("entropy", "approx_kl", "clipfrac", "value_clipfrac", "ratio")
@@ -80,8 +83,9 @@ def micro_batch_loss(engine, mb: Rollout, cfg, normalizer: torch.Tensor, kl_coef
         mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
         temperature=rc.temperature, chunk_size=rows, with_entropy=True,
         entropy_grad=pc.ent_coef > 0)
-    mask = mb.response_mask
-    pl = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, pc.cliprange, normalizer)
+    mask = loss_mask(mb, pc.mask_truncated_completions)
+    pl = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, pc.cliprange, normalizer,
+                     pc.cliprange_high, pc.importance_sampling_level)
     # PPO objective (Schulman et al. 2017 eq. 9): L_clip - c1 L_vf + c2 S, as a loss to minimise;
     # GRPO adds beta * KL to the reference (Shao et al. 2024, eq. 3) when the KL is in the loss.
     loss = pl.loss
@@ -102,6 +106,16 @@ def micro_batch_loss(engine, mb: Rollout, cfg, normalizer: torch.Tensor, kl_coef
         pl.loss.detach(), v_loss, kl_term, n, masked_sum(entropy.detach(), mask),
         pl.approx_kl * n, pl.clipfrac * n, v_clip * n, pl.ratio_mean * n]).float()
     return loss, MicroStats(*stats.tolist())
+
+
+def loss_mask(ro: Rollout, mask_truncated: bool) -> torch.Tensor:
+    """(B, R): the response tokens that enter the losses and their normalisers: every one, or
+    with ppo.mask_truncated_completions only those of responses that ended with EOS (DAPO's
+    overlong filtering, Yu et al. 2025 §3.4; TRL's mask_truncated_completions). The forward still
+    sees every token."""
+    if not mask_truncated:
+        return ro.response_mask
+    return ro.response_mask * ro.has_eos[:, None].to(ro.response_mask.dtype)
 
 
 def _token_mean(stats: list[MicroStats], key: str) -> float:
@@ -145,12 +159,18 @@ def ppo_update(engine, ac, rollout: Rollout, cfg, generator: torch.Generator,
     all_stats: list[MicroStats] = []
     epochs_run, steps = 0, 0
     lengths = rollout.query_mask.sum(1) + rollout.response_mask.sum(1)  # each sample's tokens
+    in_loss = loss_mask(rollout, pc.mask_truncated_completions)
+    world = world_size()
     group = alg.group_size if ac.layout.group and mb_size % alg.group_size == 0 else 1
     for _ in range(pc.epochs):
         epoch_stats: list[MicroStats] = []
-        for mb_idx in minibatches(n, mb_size, lengths, generator, group):
-            norms = loss_normalizers(rollout.response_mask[mb_idx], alg.loss_aggregation, accum,
-                                     cfg.rollout.max_new_tokens)
+        batches = minibatches(n, mb_size, lengths, generator, group)
+        # The token count of each minibatch over all ranks, for the global token mean: one
+        # all-reduce per epoch for all its minibatches (rl/losses.py::loss_normalizers).
+        global_tokens = all_sum([in_loss[idx].sum().item() for idx in batches])
+        for mb_idx, mb_tokens in zip(batches, global_tokens):
+            norms = loss_normalizers(in_loss[mb_idx], alg.loss_aggregation, accum,
+                                     cfg.rollout.max_new_tokens, mb_tokens, world)
             for m in range(0, mb_size, micro):
                 mb = rollout.index(mb_idx[m:m + micro])
                 loss, stats = micro_batch_loss(engine, mb, cfg, norms[m:m + micro], kl_coef)

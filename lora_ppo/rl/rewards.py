@@ -87,6 +87,23 @@ def shape_scores(
     return out
 
 
+def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, penalty: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv:2503.14476, eq. 13), scaled by
+    `penalty`; lengths (B,) in tokens -> (B,), to be added to the scores:
+
+        0                                        |y| <= max_len - buffer
+        -penalty * (|y| - (max_len - buffer)) / buffer    up to -penalty at |y| = max_len
+
+    (the paper's ((L_max - L_cache) - |y|) / L_cache with L_max = max_len, L_cache = buffer;
+    responses never exceed max_len here, so its -1 beyond L_max never applies). As OpenRLHF's
+    `overlong_buffer_len` / `overlong_penalty_factor` (experience_maker.py).
+    """
+    if not 0 < buffer < max_len:
+        raise UserError(f"overlong buffer must be in (0, {max_len}), got {buffer}")
+    excess = (lengths.float() - (max_len - buffer)).clamp(min=0.0, max=float(buffer))
+    return -penalty * excess / buffer
+
+
 class RunningMoments:
     """Running mean and std of every score seen so far (for score normalisation).
 

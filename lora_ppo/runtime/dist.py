@@ -136,6 +136,16 @@ def all_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_sum_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over ranks, reduced in float64 and returned in t's dtype on t's device
+    (t itself with one rank): the `all_sum` that rl/masked.py takes to whiten over all ranks."""
+    if world_size() == 1:
+        return t
+    total = t.detach().to(_collective_device(), torch.float64)
+    torch.distributed.all_reduce(total)
+    return total.to(t.device, t.dtype)
+
+
 def all_mean(values: list[float]) -> list[float]:
     """Mean of each value over ranks (the values themselves with one rank)."""
     return [v / world_size() for v in all_sum(values)]

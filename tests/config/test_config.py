@@ -82,3 +82,20 @@ def test_cli_bad_config_is_one_line_and_exit_2(args, expected, tmp_path):
 def test_cli_missing_config_file(tmp_path):
     res = run_cli("train", "--config", str(tmp_path / "nope.yaml"))
     assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_the_trl_grpo_preset_has_trl_1_16s_grpo_defaults():
+    """presets/trl_grpo.yaml: TRL 1.16 GRPOConfig's loss_type=dapo (the global token mean),
+    beta=0 (no reference forward), epsilon 0.2 with no epsilon_high, scale_rewards=group,
+    num_iterations 1, num_generations 8, linear lr decay, one optimizer step per generation."""
+    from lora_ppo.cli import PRESETS
+    from lora_ppo.config.load import load_config
+
+    cfg = load_config(PRESETS / "trl_grpo.yaml", [])
+    alg, p, r = cfg.algorithm, cfg.ppo, cfg.rollout
+    assert (alg.estimator, alg.loss_aggregation, alg.scale_rewards) == ("grpo", "token_mean", "group")
+    assert not alg.uses_reference and p.kl_coef == 0
+    assert (p.cliprange, p.cliprange_high, p.importance_sampling_level) == (0.2, None, "token")
+    assert p.epochs == 1 and r.samples_per_prompt == 8 and r.temperature == 1.0
+    assert p.minibatch_size == r.batch_size * r.samples_per_prompt  # steps_per_generation = 1
+    assert p.optim.lr_schedule == "linear" and not p.mask_truncated_completions

@@ -102,10 +102,35 @@ def test_kl_coef_zero_skips_the_reference_forward(tiny_model_dir, tmp_path, low_
      "value.mode=shared trains a value function that ppo.advantage_estimator=rloo never uses"),
     (["rollout.samples_per_prompt=3", "rollout.batch_size=8", "ppo.minibatch_size=16"],
      "rollout.batch_size=8 x rollout.samples_per_prompt=3 = 24 samples is not a multiple"),
+    # issue 20 item 9: the KL noise of a tied group divided by its near-zero std
+    (["ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4", "ppo.kl_in=reward"],
+     "ppo.advantage_estimator=grpo with ppo.kl_in=reward divides each sample's KL penalty by "
+     "its group's std (ppo.scale_rewards=group), near 0 when the scores tie"),
+    (["ppo.advantage_estimator=rloo", "rollout.samples_per_prompt=4", "ppo.scale_rewards=batch"],
+     "ppo.scale_rewards=batch applies to ppo.advantage_estimator=grpo only; rloo defines"),
+    (["rollout.dynamic_sampling=true"],
+     "rollout.dynamic_sampling=true drops groups of samples whose scores tie, but "
+     "rollout.samples_per_prompt=1"),
+    (["reward.overlong_buffer=6"],
+     "reward.overlong_buffer=6 must be below rollout.max_new_tokens=6"),
+    (["ppo.advantage_estimator=reinforce_pp_baseline"],
+     "ppo.advantage_estimator=reinforce_pp_baseline compares the samples of a prompt"),
 ])
 def test_impossible_combinations_are_refused(tiny_model_dir, tmp_path, overrides, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         tiny_config(tiny_model_dir, tmp_path, *overrides)
+
+
+def test_grpo_with_the_kl_in_the_reward_is_allowed_where_no_std_divides_it(tiny_model_dir,
+                                                                          tmp_path):
+    for extra in (["ppo.scale_rewards=none"], ["ppo.kl_coef=0"]):
+        cfg = tiny_config(tiny_model_dir, tmp_path, "ppo.advantage_estimator=grpo",
+                          "rollout.samples_per_prompt=4", "ppo.kl_in=reward", *extra)
+        assert cfg.algorithm.kl_in == "reward"
+    rf = tiny_config(tiny_model_dir, tmp_path, "ppo.advantage_estimator=reinforce_pp_baseline",
+                     "rollout.samples_per_prompt=4").algorithm
+    # REINFORCE++-baseline's own defaults: KL in the loss with k2 (Hu et al. 2025 v2, OpenRLHF)
+    assert (rf.kl_in, rf.kl_estimator, rf.loss_aggregation) == ("loss", "k2", "token_mean")
 
 
 def test_value_mode_none_predicts_less_memory_than_a_value_head():

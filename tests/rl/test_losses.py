@@ -3,7 +3,13 @@ import math
 import pytest
 import torch
 
-from lora_ppo.rl.losses import entropy_loss, explained_variance, policy_loss, value_loss
+from lora_ppo.rl.losses import (
+    entropy_loss,
+    explained_variance,
+    kl_loss,
+    policy_loss,
+    value_loss,
+)
 
 E05, EM05, E01 = math.exp(0.5), math.exp(-0.5), math.exp(0.1)  # 1.648721, 0.606531, 1.105171
 
@@ -151,3 +157,68 @@ def test_normalizer_makes_micro_batches_add_up():
     # without a normalizer the mean of per-micro-batch means (7 vs 5 tokens) is a different number
     naive = (total(slice(0, 2)) + total(slice(2, 4))) / 2
     assert abs(naive.item() - full.item()) > 1e-3
+
+
+def test_kl_loss_k3_by_hand_and_a_padded_slot_gives_a_finite_gradient():
+    # Two real tokens with log ratio logp - logp_ref = 0.5 and -0.5, then a padded slot whose
+    # log-prob holds -1000 (a real value seen in padded rows: far below the ~-88 where exp
+    # overflows in fp32).
+    # k3 = exp(-lr) - 1 + lr: lr = 0.5 -> 0.606531 - 0.5 = 0.106531; lr = -0.5 -> 1.648721 - 1.5
+    # = 0.148721; mean 0.127626. d k3 / d logp = 1 - exp(-lr): 0.393469 and -0.648721, over 2.
+    logprobs = torch.tensor([[-1.0, -2.0, -1000.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.5, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss = kl_loss(logprobs, ref, mask, "k3")
+    loss.backward()
+    assert loss.item() == pytest.approx((0.106531 + 0.148721) / 2, abs=1e-6)
+    assert torch.isfinite(logprobs.grad).all(), logprobs.grad  # NaN before issue 20 item 10
+    torch.testing.assert_close(logprobs.grad,
+                               torch.tensor([[0.393469 / 2, -0.648721 / 2, 0.0]]),
+                               atol=1e-6, rtol=0)
+
+
+def test_clip_higher_by_hand():
+    # DAPO's clip-higher, eps_low 0.2, eps_high 0.28. Ratio e^0.22 = 1.246077, A = +1: the
+    # symmetric clip caps it at 1.2 (loss -1.2, no gradient); with eps_high 0.28 it is inside
+    # (loss -1.246077, d loss / d logp = -1.246077). Ratio e^-0.5 = 0.606531, A = -1: clipped at
+    # 1 - 0.2 = 0.8 either way (loss 0.8, no gradient).
+    old = torch.zeros(1, 2)
+    for high, loss0, grad0 in ((None, -1.2, 0.0), (0.28, -math.exp(0.22), -math.exp(0.22))):
+        logp = torch.tensor([[0.22, -0.5]], requires_grad=True)
+        out = policy_loss(logp, old, torch.tensor([[1.0, -1.0]]), torch.ones(1, 2), 0.2,
+                          normalizer=1.0, cliprange_high=high)
+        out.loss.backward()
+        assert out.loss.item() == pytest.approx(loss0 + 0.8, abs=1e-6)
+        torch.testing.assert_close(logp.grad, torch.tensor([[grad0, 0.0]]))
+        assert out.clipfrac.item() == (1.0 if high is None else 0.5)
+
+
+def test_sequence_level_ratio_by_hand():
+    # GSPO: one response of log ratios 0.1 and 0.3 (and a padded slot holding garbage): the
+    # sequence ratio is exp(mean) = e^0.2 = 1.221403 on both tokens. A = -1, cliprange 0.2:
+    # max(1.221403, 1.2) = 1.221403, unclipped; token mean 1.221403. d loss / d logp_t =
+    # -A s / |y| = 1.221403 / 2 = 0.610701 on both tokens (GSPO eq. 10), 0 on padding.
+    old = torch.zeros(1, 3)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    logp = torch.tensor([[0.1, 0.3, -1000.0]], requires_grad=True)
+    out = policy_loss(logp, old, -torch.ones(1, 3), mask, 0.2, level="sequence")
+    out.loss.backward()
+    s = math.exp(0.2)
+    assert out.loss.item() == pytest.approx(s, abs=1e-6)
+    torch.testing.assert_close(logp.grad, torch.tensor([[s / 2, s / 2, 0.0]]))
+    assert out.ratio_mean.item() == pytest.approx(s, abs=1e-6)
+    # approx_kl stays per token: (e^0.1 - 1 - 0.1 + e^0.3 - 1 - 0.3) / 2 = (0.005171 +
+    # 0.049859) / 2 = 0.027515
+    assert out.approx_kl.item() == pytest.approx(0.027515, abs=1e-6)
+    # A = +1 with GSPO's ranges 3e-4 / 4e-4: s = e^0.2 is far above 1 + 4e-4 -> clipped, no
+    # gradient; a response of mean log ratio 2e-4 (s = 1.0002) is inside -> gradient -s / 2
+    logp = torch.tensor([[0.1, 0.3, 0.0], [1e-4, 3e-4, 0.0]], requires_grad=True)
+    out = policy_loss(logp, torch.zeros(2, 3), torch.ones(2, 3), torch.cat([mask, mask]), 3e-4,
+                      cliprange_high=4e-4, level="sequence")
+    out.loss.backward()
+    s2 = math.exp(2e-4)
+    # per token losses: -(1 + 4e-4) twice, -s2 twice, mean over 4 tokens
+    assert out.loss.item() == pytest.approx(-(2 * (1 + 4e-4) + 2 * s2) / 4, abs=1e-6)
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.0, 0.0],
+                                                        [-s2 / 4, -s2 / 4, 0.0]]))
+    assert out.clipfrac.item() == pytest.approx(0.5)

@@ -64,3 +64,45 @@ def test_masked_whiten_stats_over_valid_entries():
     assert masked_mean(kept, mask).item() == pytest.approx(masked_mean(x, mask).item(), abs=1e-5)
     assert masked_var(kept, mask).item() == pytest.approx(1.0, abs=1e-5)
     assert (kept[mask == 0] == 0).all()
+
+
+def _on_two_ranks(fn, parts):
+    """fn(part, all_sum) run on two threads standing in for two ranks, with an all_sum that
+    adds the two threads' tensors (an all-reduce: both wait for each other at every call)."""
+    import threading
+
+    barrier, slots, out = threading.Barrier(2), [None, None], [None, None]
+
+    def rank(r):
+        def all_sum(t):
+            slots[r] = t.clone()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()  # neither overwrites its slot before the other has read it
+            return total
+
+        out[r] = fn(parts[r], all_sum)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_masked_whiten_over_two_ranks_uses_the_whole_batch():
+    # rank 0 holds 1, 2 (and padding), rank 1 holds 4, 5. The whole batch: mean 3, squared
+    # deviations 4 + 1 + 1 + 4 = 10, unbiased var 10/3, std 1.825742 -> -1.095445, -0.547723,
+    # 0.547723, 1.095445. Each rank on its own would give -0.707107, 0.707107 on both.
+    x0, m0 = torch.tensor([[1.0, 2.0, 99.0]]), torch.tensor([[1.0, 1.0, 0.0]])
+    x1, m1 = torch.tensor([[4.0, 5.0, 0.0]]), torch.tensor([[1.0, 1.0, 0.0]])
+    w0, w1 = _on_two_ranks(lambda p, s: masked_whiten(p[0], p[1], all_sum=s), [(x0, m0), (x1, m1)])
+    s = (10 / 3) ** 0.5
+    torch.testing.assert_close(w0, torch.tensor([[-2 / s, -1 / s, 0.0]]))
+    torch.testing.assert_close(w1, torch.tensor([[1 / s, 2 / s, 0.0]]))
+    torch.testing.assert_close(masked_whiten(x0, m0), torch.tensor([[-0.707107, 0.707107, 0.0]]))
+    v0, v1 = _on_two_ranks(lambda p, s: masked_var(p[0], p[1], all_sum=s), [(x0, m0), (x1, m1)])
+    assert v0.item() == pytest.approx(10 / 3) and v1.item() == pytest.approx(10 / 3)
+    # the identity all_sum (one rank) gives what no all_sum gives
+    torch.testing.assert_close(masked_whiten(x0, m0, all_sum=lambda t: t), masked_whiten(x0, m0))

@@ -3,8 +3,15 @@ import json
 import pytest
 import torch
 
+from lora_ppo.errors import UserError
 from lora_ppo.rl.kl import kl_penalty
-from lora_ppo.rl.rewards import RunningMoments, compute_rewards, last_token_index, shape_scores
+from lora_ppo.rl.rewards import (
+    RunningMoments,
+    compute_rewards,
+    last_token_index,
+    overlong_penalty,
+    shape_scores,
+)
 
 
 def test_last_token_index():
@@ -116,3 +123,15 @@ def test_running_moments_normalize_guards_zero_std():
     rm.update(torch.tensor([2.0, 2.0]))
     assert rm.std == 0.0
     torch.testing.assert_close(rm.normalize(torch.tensor([2.0, 3.0])), torch.tensor([0.0, 1.0]))
+
+
+def test_overlong_penalty_by_hand():
+    # DAPO eq. 13 with L_max = 10, L_cache = 4: no penalty up to 10 - 4 = 6 tokens, then
+    # (6 - |y|) / 4: 7 -> -0.25, 8 -> -0.5, 10 -> -1; scaled by the penalty 0.5: half of it
+    lengths = torch.tensor([3.0, 6.0, 7.0, 8.0, 10.0])
+    torch.testing.assert_close(overlong_penalty(lengths, 10, 4),
+                               torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0]))
+    torch.testing.assert_close(overlong_penalty(lengths, 10, 4, penalty=0.5),
+                               torch.tensor([0.0, 0.0, -0.125, -0.25, -0.5]))
+    with pytest.raises(UserError, match="overlong buffer must be in"):
+        overlong_penalty(lengths, 10, 10)
