@@ -99,13 +99,40 @@ def left_pad(seqs, pad_id: int) -> tuple[Tensor, Tensor]:
 
 
 def _select_rows(cache, index: Tensor) -> None:
-    """Keep (or repeat) the batch rows `index` of every cache layer."""
+    """Repeat the batch rows `index` of every cache layer (a new tensor: a group's prompt
+    encoded once, copied to the rows that answer it)."""
     for layer in cache.layers:
         if getattr(layer, "is_initialized", False):
             layer.keys = layer.keys.index_select(0, index)
             layer.values = layer.values.index_select(0, index)
             if hasattr(layer, "batch_size"):
                 layer.batch_size = len(index)
+
+
+def _keep_rows(cache, keep: Tensor) -> None:
+    """Keep the batch rows `keep` (increasing) of every cache layer, moved to the front in
+    place: compacting never allocates a second cache (a copy of the kept rows would, for a
+    moment, hold both)."""
+    kept = keep.tolist()
+    for layer in cache.layers:
+        if not getattr(layer, "is_initialized", False):
+            continue
+        for tensor in (layer.keys, layer.values):
+            for j, i in enumerate(kept):  # j <= i: a row moves onto one already moved or dropped
+                if i != j:
+                    tensor[j].copy_(tensor[i])
+        layer.keys, layer.values = layer.keys[:len(kept)], layer.values[:len(kept)]
+        if hasattr(layer, "batch_size"):
+            layer.batch_size = len(kept)
+
+
+PREFILL_SHARE = 4  # rows entering the continuous batch per prefill: at most slots / 4
+
+
+def continuous_slack(max_new_tokens: int) -> int:
+    """Columns beyond prompt + new tokens in the continuous batch's cache: every row moves left
+    when the write column reaches the end, a copy of the cache at most every `slack` steps."""
+    return max(8, max_new_tokens // 16)
 
 
 def continuous_batching_fits(cache) -> bool:
@@ -228,8 +255,10 @@ def _one_batch(s: _Sampler, rows: Tensor, static_cache: bool, synced: bool) -> N
     static_width = col + s.max_new if static_cache else 0
     cache = (StaticCache(config=s.ac.causal_lm.config, max_cache_len=static_width)
              if static_cache else DynamicCache(config=s.ac.causal_lm.config))
-    h = s.prefill(distinct, cache, static_width).index_select(0, which)
-    _select_rows(cache, which)
+    h = s.prefill(distinct, cache, static_width)
+    if len(distinct) < len(rows):  # copy each prompt's cache rows to the rows answering it
+        h = h.index_select(0, which)
+        _select_rows(cache, which)
     mask = left_pad([s.prompts[i] for i in rows.tolist()], s.pad_id)[1].to(s.device)
     if static_cache:
         mask = torch.cat([mask, mask.new_zeros(len(rows), s.max_new)], 1)
@@ -245,7 +274,7 @@ def _one_batch(s: _Sampler, rows: Tensor, static_cache: bool, synced: bool) -> N
             return
         if not synced and (~live).sum() * 4 >= len(live):  # drop the finished rows
             keep = live.nonzero().squeeze(-1)
-            _select_rows(cache, keep)
+            _keep_rows(cache, keep)
             rows, mask, positions, live, last = (x[keep] for x in (rows, mask, positions,
                                                                     live, last))
         if static_cache:
@@ -261,7 +290,7 @@ def _continuous(s: _Sampler, slots: int) -> None:
     """Continuous batching over `slots` rows (module doc); needs plain static cache layers."""
     n_rows = len(s.prompts)
     p_max = max(len(p) for p in s.prompts)
-    slack = max(16, s.max_new // 4)  # columns freed at each shift: a copy every >= slack steps
+    slack = continuous_slack(s.max_new)
     width = p_max + s.max_new + slack
     slots = min(slots, n_rows)
     cache = StaticCache(config=s.ac.causal_lm.config, max_cache_len=width)
@@ -278,7 +307,10 @@ def _continuous(s: _Sampler, slots: int) -> None:
     while True:
         free = (row < 0).nonzero().squeeze(-1)
         if pending < n_rows and len(free):  # the next rows take the free slots
-            new = torch.arange(pending, min(pending + len(free), n_rows), device=s.device)
+            # at most a quarter of the slots per prefill: its own cache, copied into the
+            # decode batch's, is a transient that stays a fraction of it
+            take = min(len(free), max(1, -(-slots // PREFILL_SHARE)))
+            new = torch.arange(pending, min(pending + take, n_rows), device=s.device)
             free, pending = free[:len(new)], pending + len(new)
             kv, h = _encode(s, [s.prompts[i] for i in new.tolist()], encoded, remaining)
             if not cache.layers[0].is_initialized:
@@ -302,7 +334,7 @@ def _continuous(s: _Sampler, slots: int) -> None:
             return
         if pending >= n_rows and (~live).sum() * 4 >= len(live):  # no rows left: compact
             keep = live.nonzero().squeeze(-1)
-            _select_rows(cache, keep)
+            _keep_rows(cache, keep)
             mask, positions, row, start, last = (x[keep] for x in (mask, positions, row,
                                                                     start, last))
             continue

@@ -146,6 +146,8 @@ class Shapes:
 
 
 def shapes_from_config(cfg) -> Shapes:
+    from lora_ppo.ppo.sampling import continuous_slack  # the sampler's own cache width
+
     n = cfg.rollout.samples_per_prompt
     samples = cfg.rollout.batch_size * n
     # the update keeps groups together only when minibatches hold whole groups (update.py)
@@ -154,7 +156,7 @@ def shapes_from_config(cfg) -> Shapes:
     new = cfg.rollout.max_new_tokens
     return Shapes(cfg.ppo.micro_batch_size, min(cfg.rollout.generation_batch_size, samples),
                   cfg.model.max_prompt_length, new, group,
-                  max(16, new // 4) if cfg.rollout.continuous_batching else 0)
+                  continuous_slack(new) if cfg.rollout.continuous_batching else 0)
 
 
 def _ds_settings(cfg) -> tuple[int, int, bool]:
@@ -171,15 +173,26 @@ def _ds_settings(cfg) -> tuple[int, int, bool]:
 
 def _generation_bytes(arch: Arch, sh: Shapes, s: int) -> tuple[int, int]:
     """(KV cache, generation transient): the static KV cache of one decode batch (prompt + new
-    tokens + the continuous batching's slack per row), plus the prefill of the distinct prompts
-    entering it: their own (dynamic) cache, copied to the rows that answer them, and the
-    prefill's widest layer; or one layer's columns being shifted."""
+    tokens + the continuous batching's slack per row), plus the largest of: one layer's columns
+    being shifted; a prefill's widest layer and the cache it writes besides the decode batch's
+    (ppo/sampling.py). Continuous batching prefills at most a quarter of the slots' prompts at
+    a time into their own cache, copied in; batched decoding prefills the batch's distinct
+    prompts into the decode cache itself, and a group's rows are copies of its prompt's."""
+    from lora_ppo.ppo.sampling import PREFILL_SHARE  # the sampler's own bound
+
     gb, T = sh.generation_batch, sh.prompt_len + sh.new_tokens + sh.cache_slack
     kv_row = 2 * arch.kv_heads * arch.head_dim  # K and V elements per token and layer
     kv_cache = arch.layers * gb * T * kv_row * s
-    prompts = sh.tokens(gb) - gb * sh.new_tokens  # the distinct prompts' tokens
-    prefill = prompts * (arch.layers * kv_row + _nograd_layer_peak(arch)) * s
-    return kv_cache, kv_cache + max(gb * T * kv_row * s, prefill)
+    prompt_tokens = sh.tokens(gb) - gb * sh.new_tokens  # the distinct prompts of a batch
+    if sh.cache_slack:  # continuous: at most ceil(gb / 4) prompts per prefill
+        prefill_tokens = min(prompt_tokens, -(-gb // PREFILL_SHARE) * sh.prompt_len)
+        extra_cache = prefill_tokens
+    else:
+        prefill_tokens = prompt_tokens
+        extra_cache = prompt_tokens if prompt_tokens < gb * sh.prompt_len else 0
+    prefill = (prefill_tokens * _nograd_layer_peak(arch)
+               + extra_cache * arch.layers * kv_row) * s
+    return kv_cache, kv_cache + max(gb * T * kv_row * s // arch.layers, prefill)
 
 
 def _logits_bytes(rows: int, vocab: int, s: int) -> int:
