@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check (scripts/gpu_check.py): the 4-bit bf16 demo, the bench at a ~1B Llama
-# shape against the estimator, the GRPO demo; one JSON. Under 8 minutes on one H100/H200.
+# shape against the estimator, the GRPO demo, bench_vs_trl.py's grpo-long workload (lora_ppo's side,
+# bf16); one JSON. About 8-9 minutes on one H100/H200.
 #   scripts/gpu_check.sh [OUT.json]
 # Without an NVIDIA GPU (or a torch that sees it) it refuses with one line and exit code 2.
 set -euo pipefail
