@@ -184,8 +184,9 @@ def _generation_bytes(arch: Arch, sh: Shapes, s: int) -> tuple[int, int]:
     kv_row = 2 * arch.kv_heads * arch.head_dim  # K and V elements per token and layer
     kv_cache = arch.layers * gb * T * kv_row * s
     prompt_tokens = sh.tokens(gb) - gb * sh.new_tokens  # the distinct prompts of a batch
-    if sh.cache_slack:  # continuous: at most ceil(gb / 4) prompts per prefill
-        prefill_tokens = min(prompt_tokens, -(-gb // PREFILL_SHARE) * sh.prompt_len)
+    if sh.cache_slack:  # continuous: the distinct prompts of at most ceil(gb / 4) rows
+        rows = -(-gb // PREFILL_SHARE)
+        prefill_tokens = sh.tokens(rows) - rows * sh.new_tokens
         extra_cache = prefill_tokens
     else:
         prefill_tokens = prompt_tokens

@@ -195,25 +195,33 @@ def _final_weights(out: Path) -> dict[str, torch.Tensor]:
             **load_file(step / "value/value_head.safetensors")}
 
 
+def _crash_config(tmp_path, name, model_dir, reward, *, seed, checkpoint_every, **ppo):
+    """The crash tests' run: ZeRO-2, fp32, adaptive KL and score normalisation, so every piece
+    of a checkpoint's state matters; `ppo` sets total_updates, epochs and optim."""
+    return write_yaml(tmp_path / f"{name}.yaml", {
+        "output_dir": str(tmp_path / name), "seed": seed,
+        "model": {"path": str(model_dir), "gradient_checkpointing": False,
+                  "max_prompt_length": 16},
+        "quantization": {"mode": "none"}, "lora": {"r": 4, "alpha": 8},
+        "reward": {"function": reward, "normalize": True},
+        "rollout": {"batch_size": 8, "generation_batch_size": 8, "max_new_tokens": 6},
+        "ppo": {"minibatch_size": 4, "micro_batch_size": 2, "adaptive_kl": True,
+                "target_kl": 0.01, "kl_horizon": 100, **ppo},
+        "deepspeed": {"config": "zero2"},
+        "logging": {"progress": False, "tensorboard": False},
+        "checkpoint": {"every": checkpoint_every, "keep": 2}})
+
+
 @pytest.mark.slow
 def test_sigkill_and_resume_equals_uninterrupted(tiny_model_dir, low_ids_reward, tmp_path):
     """Kill a run with SIGKILL once step 2's checkpoint exists; --resume finishes it with the
     same weights and metrics, bit for bit, as a run that was never stopped (CPU, fp32, ZeRO-2).
     Adaptive KL, score normalisation and warmup make every piece of state matter."""
     def config(name):
-        return write_yaml(tmp_path / f"{name}.yaml", {
-            "output_dir": str(tmp_path / name), "seed": 7,
-            "model": {"path": str(tiny_model_dir), "gradient_checkpointing": False,
-                      "max_prompt_length": 16},
-            "quantization": {"mode": "none"}, "lora": {"r": 4, "alpha": 8},
-            "reward": {"function": low_ids_reward, "normalize": True},
-            "rollout": {"batch_size": 8, "generation_batch_size": 8, "max_new_tokens": 6},
-            "ppo": {"total_updates": 5, "epochs": 2, "minibatch_size": 4, "micro_batch_size": 2,
-                    "optim": {"learning_rate": 0.01, "lr_schedule": "cosine", "warmup_steps": 2},
-                    "adaptive_kl": True, "target_kl": 0.01, "kl_horizon": 100},
-            "deepspeed": {"config": "zero2"},
-            "logging": {"progress": False, "tensorboard": False},
-            "checkpoint": {"every": 1, "keep": 2}})
+        return _crash_config(tmp_path, name, tiny_model_dir, low_ids_reward, seed=7,
+                             checkpoint_every=1, total_updates=5, epochs=2,
+                             optim={"learning_rate": 0.01, "lr_schedule": "cosine",
+                                    "warmup_steps": 2})
 
     cmd = [sys.executable, "-m", "lora_ppo", "train", "--config"]
     env = clean_env()
@@ -272,19 +280,9 @@ def test_kill_before_and_during_the_first_checkpoint_then_the_named_command(
     names `--resume latest`; that command starts the run again from update 0 in the same
     directory and ends bit for bit where a run that was never stopped ends."""
     def config(name):
-        return write_yaml(tmp_path / f"{name}.yaml", {
-            "output_dir": str(tmp_path / name), "seed": 3,
-            "model": {"path": str(tiny_model_dir), "gradient_checkpointing": False,
-                      "max_prompt_length": 16},
-            "quantization": {"mode": "none"}, "lora": {"r": 4, "alpha": 8},
-            "reward": {"function": low_ids_reward, "normalize": True},
-            "rollout": {"batch_size": 8, "generation_batch_size": 8, "max_new_tokens": 6},
-            "ppo": {"total_updates": 3, "epochs": 1, "minibatch_size": 4, "micro_batch_size": 2,
-                    "optim": {"learning_rate": 0.01}, "adaptive_kl": True, "target_kl": 0.01,
-                    "kl_horizon": 100},
-            "deepspeed": {"config": "zero2"},
-            "logging": {"progress": False, "tensorboard": False},
-            "checkpoint": {"every": 2, "keep": 2}})
+        return _crash_config(tmp_path, name, tiny_model_dir, low_ids_reward, seed=3,
+                             checkpoint_every=2, total_updates=3, epochs=1,
+                             optim={"learning_rate": 0.01})
 
     cmd = [sys.executable, "-m", "lora_ppo", "train", "--config"]
     full = run_cli("train", "--config", str(config("full")))
