@@ -318,3 +318,35 @@ def test_every_eos_id_of_generation_config_ends_a_response(tiny_model_dir, tmp_p
         assert not set(tokens[:-1]) & set(listed)  # nothing after the first stop id
         assert eos == (tokens[-1] in listed)
     assert "300 " in describe_stops(run.tokenizer, run.stop_ids)
+
+
+@pytest.mark.slow
+def test_two_ranks_under_zero3_decode_in_lockstep(tiny_model_dir, tmp_path, low_ids_reward):
+    """ZeRO-3 over two ranks gathers weights collectively in every forward and head call: the
+    ranks decode in batches in lockstep (no continuous batching, no compaction), a rank whose
+    rows have all stopped keeps running the forwards and heads with the other, and what the
+    sampler drew is what the update's first forward scores (ratio 1), with rows stopping at
+    varied steps and every parameter partitioned."""
+    import yaml
+    from helpers import run_two_ranks
+
+    cfg = two_rank_yaml(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "run", low_ids_reward,
+                        total_updates=2, minibatch_size=8, micro_batch_size=4)
+    # zero3.json, with every parameter partitioned: below DeepSpeed's persistence threshold
+    # (1e5 elements) the tiny model's head would stay whole and need no gathering
+    ds = json.loads((DS_CONFIG_DIR / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3_all.json").write_text(json.dumps(ds))
+    raw = yaml.safe_load(cfg.read_text())
+    raw["deepspeed"]["config"] = str(tmp_path / "zero3_all.json")
+    raw["rollout"].update({"max_new_tokens": 12, "stop_token_ids": list(range(300, 360)),
+                           "generation_batch_size": 4})
+    cfg.write_text(yaml.safe_dump(raw))
+    run_two_ranks("--module", "lora_ppo", "train", "--config", str(cfg), timeout=900)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(0 < r["response/length"] < 12 for r in rows)  # rows stopped at varied steps
+    # one minibatch per update: the update's first forward scores what the sampler drew
+    # (a head gathered out of step would have given the sampler other weights)
+    for r in rows:
+        assert abs(r["policy/ratio"] - 1) < 1e-5 and r["policy/approx_kl"] < 1e-8, r

@@ -195,19 +195,33 @@ class _Sampler:
             mask = torch.cat([mask, mask.new_zeros(len(prompts), static_width - mask.shape[1])], 1)
         return self.forward(ids, mask, positions, cache)
 
-    def advance(self, rows: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    def advance(self, rows: Tensor, h: Tensor, live: Optional[Tensor] = None
+                ) -> tuple[Tensor, Tensor]:
         """Draw the next token of `rows` (k,) from their states h (k, H) and record it; the
-        tokens (k,) and whether each row stopped (a stop id, or max_new_tokens reached)."""
-        if len(rows) == 0:  # a rank in lockstep whose rows have all stopped
-            empty = torch.zeros(0, dtype=torch.long, device=self.device)
-            return empty.bool(), empty
-        z = transform_logits(self.ac.lm_head(h), self.temperature, self.ac.logits_transform)
+        tokens (k,) and whether each row stopped (a stop id, or max_new_tokens reached).
+        `live` (k,) bool: the heads still run over every row (ranks in lockstep must call
+        ZeRO-3's gathering heads alike, also a rank whose rows have all stopped), but only the
+        live rows draw and are recorded; the others return pad and stopped."""
+        if live is not None:
+            z_all = self.ac.lm_head(h)
+            v_all = self.ac.value_head(h) if self.with_values else None
+            stopped = torch.ones(len(rows), dtype=torch.bool, device=self.device)
+            tok = torch.full((len(rows),), self.pad_id, dtype=torch.long, device=self.device)
+            idx = live.nonzero().squeeze(-1)
+            if len(idx):
+                stopped[idx], tok[idx] = self._draw(rows[idx], z_all[idx],
+                                                    None if v_all is None else v_all[idx])
+            return stopped, tok
+        return self._draw(rows, self.ac.lm_head(h),
+                          self.ac.value_head(h) if self.with_values else None)
+
+    def _draw(self, rows: Tensor, logits: Tensor, v: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        z = transform_logits(logits, self.temperature, self.ac.logits_transform)
         t = self.out.length[rows.cpu()].to(self.device)
         tok = (draw(z, None if self.uniforms is None else self.uniforms[rows, t])
                if self.forced is None else self.forced[rows, t])
         lp = (z.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(z, -1)
               if self.out.logprobs is not None else None)
-        v = self.ac.value_head(h) if self.with_values else None
         self.out.write(rows, tok, lp, v)
         return torch.isin(tok, self.stops) | (t + 1 >= self.max_new), tok
 
@@ -267,9 +281,13 @@ def _one_batch(s: _Sampler, rows: Tensor, static_cache: bool, synced: bool) -> N
     live = torch.ones(len(rows), dtype=torch.bool, device=s.device)
     last = torch.full((len(rows),), s.pad_id, dtype=torch.long, device=s.device)
     while True:
-        idx = live.nonzero().squeeze(-1)
-        stopped, last[idx] = s.advance(rows[idx], h[idx])
-        live[idx[stopped]] = False
+        if synced:  # every row through the heads, the live ones drawn
+            stopped, last = s.advance(rows, h, live)
+            live &= ~stopped
+        else:
+            idx = live.nonzero().squeeze(-1)
+            stopped, last[idx] = s.advance(rows[idx], h[idx])
+            live[idx[stopped]] = False
         if _all_done(~live, synced):
             return
         if not synced and (~live).sum() * 4 >= len(live):  # drop the finished rows
