@@ -18,6 +18,17 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _unpatched_linear():
+    """A ZeRO-3 engine replaces torch.nn.functional.linear for the rest of the process
+    (DeepSpeed's memory-efficient linear, "persists unless manually reset"); put it back after
+    each test, so a later test does not run DeepSpeed's linear (bf16 results then depended on
+    whether a ZeRO-3 test ran earlier)."""
+    linear = torch.nn.functional.linear
+    yield
+    torch.nn.functional.linear = linear
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer random Llama (vocab 512, hidden 64) and its locally trained tokenizer."""
