@@ -209,10 +209,17 @@ class ActorCritic(nn.Module):
             h = self._predicting_states(*batch, packed)  # (B, R, H): states predicting tokens
             # The head is called as a module, chunk by chunk: a LoRA on it runs, and ZeRO-3
             # gathers its weights around each call (also when the backward makes a chunk again).
-            logprobs, entropy = logprobs_and_entropy_from_hidden(
-                h, self.lm_head, response_ids, temperature=temperature, chunk_size=chunk_size,
-                with_entropy=with_entropy, entropy_grad=entropy_grad,
+            # Only at real response tokens: the (B, R) grid is padded to the longest response,
+            # and the head is the widest matmul of a forward (0 at the padding, masked anyway).
+            real = response_mask.bool()
+            if not real.any():  # still call the head: under ZeRO-3 the ranks gather it together
+                real = torch.ones_like(real)
+            lp, ent = logprobs_and_entropy_from_hidden(
+                h[real][None], self.lm_head, response_ids[real][None], temperature=temperature,
+                chunk_size=chunk_size, with_entropy=with_entropy, entropy_grad=entropy_grad,
                 transform=self.logits_transform)
+            logprobs = _scatter(lp[0], real)
+            entropy = None if ent is None else _scatter(ent[0], real)
             if with_values and role == POLICY and self.value_mode == "shared":
                 values = self.value_head(h)
         if with_values and role == POLICY and self.value_mode == "adapter":
@@ -232,6 +239,11 @@ class ActorCritic(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+
+def _scatter(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """(N,) values at the N True places of `where` (B, R), zeros elsewhere; differentiable."""
+    return values.new_zeros(where.shape).masked_scatter(where, values)
 
 
 def _lora_config(cfg, inference: bool = False):
