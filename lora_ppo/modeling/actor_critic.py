@@ -73,6 +73,9 @@ class ActorCritic(nn.Module):
         # scoring and update forwards lay out a batch (modeling/seams.py decides it at setup).
         self.logits_transform = logits_transform(self.causal_lm.config)
         self.layout: Layout = PADDED
+        # Attention's cost per key relative to a token's linear work, which sets how wide packed
+        # rows are made (modeling/packing.py::_capacity): ~1 / (6 hidden) for a decoder layer.
+        self.width_cost = 1.0 / (6 * self.causal_lm.config.get_text_config().hidden_size)
 
     # -- structure ---------------------------------------------------------------------------
     @property
@@ -184,7 +187,7 @@ class ActorCritic(nn.Module):
         if not layout.packed:
             return None
         return pack(query_ids, query_mask, response_ids, response_mask, group=layout.group,
-                    attention=layout.attention)
+                    attention=layout.attention, width_cost=self.width_cost)
 
     def forward(self, query_ids: torch.Tensor, query_mask: torch.Tensor,
                 response_ids: torch.Tensor, response_mask: torch.Tensor, *, temperature: float,

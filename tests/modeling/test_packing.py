@@ -46,6 +46,29 @@ def test_pack_by_hand():
     assert p2.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 0, 1]]
 
 
+def _seqs(lengths):
+    """Prompts of 1 token and responses making up sequences of these lengths."""
+    q, qm = torch.ones(len(lengths), 1, dtype=torch.long), torch.ones(len(lengths), 1)
+    r = torch.full((len(lengths), max(lengths) - 1), 7)
+    rm = (torch.arange(max(lengths) - 1) < torch.tensor(lengths)[:, None] - 1).float()
+    return q, qm.long(), r, rm
+
+
+def test_rows_are_as_wide_as_their_attention_is_worth():
+    # 100, 70, 60, 40 tokens: rows of the longest (100) take three rows, 300 slots for 270
+    # tokens; attention of hidden 768 (width cost 1 / 4608) makes one row of 270 cheaper
+    wc = 1 / (6 * 768)
+    assert pack(*_seqs([100, 70, 60, 40])).input_ids.shape == (3, 100)
+    assert pack(*_seqs([100, 70, 60, 40]), width_cost=wc).input_ids.shape == (1, 270)
+    # equal lengths: wider rows would only add attention
+    assert pack(*_seqs([50] * 4), width_cost=wc).input_ids.shape == (4, 50)
+    # a tiny hidden size makes width dear: back to rows of the longest
+    assert pack(*_seqs([100, 70, 60, 40]), width_cost=1 / 6).input_ids.shape == (3, 100)
+    # never wider than max_width, unless one unit is
+    assert pack(*_seqs([100, 70, 60, 40]), width_cost=wc, max_width=160).input_ids.shape[1] <= 160
+    assert pack(*_seqs([100, 70]), width_cost=wc, max_width=50).input_ids.shape == (2, 100)
+
+
 def test_packed_forward_equals_the_padded_one(tiny_model_dir, tmp_path):
     """Log-probs, entropy and values of varied-length sequences, shared value head and critic
     adapter, with gradient flowing (the update's path): the same to fp32 round-off."""
@@ -55,6 +78,9 @@ def test_packed_forward_equals_the_padded_one(tiny_model_dir, tmp_path):
         lengths = s.response_mask.sum(1)
         assert lengths.min() < lengths.max() and s.query_mask.sum(1).unique().numel() > 1
         batch = (s.query_ids, s.query_mask, s.response_ids, s.response_mask)
+        # rows wider than the longest sequence, holding several (packing.py::_capacity)
+        rows = run.ac.pack(*batch, layout=Layout(packed=True)).input_ids
+        assert rows.shape[1] > int((s.query_mask.sum(1) + lengths).max()) and len(rows) < 8
         run.ac.train()
         padded = run.ac(*batch, temperature=0.8, chunk_size=7, with_entropy=True)
         packed = run.ac(*batch, temperature=0.8, chunk_size=7, with_entropy=True,
