@@ -293,6 +293,7 @@ def build_actor_critic(cfg, base: nn.Module) -> ActorCritic:
     from peft import PeftModel, get_peft_model
 
     from lora_ppo.modeling.loading import disable_dropout, set_gradient_checkpointing
+    from lora_ppo.modeling.lora_grad import lora_b_grads_in_fast_order
 
     hidden_size = base.config.hidden_size
     device = next(base.parameters()).device
@@ -325,6 +326,7 @@ def build_actor_critic(cfg, base: nn.Module) -> ActorCritic:
     # adapters that were saved with lora_dropout > 0 (SFT recipes often are): the base's dropout
     # was turned off at load time, before these adapters brought their own.
     disable_dropout(peft_model)
+    lora_b_grads_in_fast_order(peft_model, (POLICY, CRITIC))
     # value.mode=none (the critic-free estimators): no head, nothing of a value function at all.
     value_head = (None if value_mode == "none"
                   else ScalarHead(hidden_size, cfg.value.head_init_std).to(device))

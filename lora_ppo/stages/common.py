@@ -121,14 +121,18 @@ def load_stage_model(st: Stage, init_adapter: Optional[str] = None, field: str =
 
     from lora_ppo.modeling.actor_critic import _lora_config, adapter_fits, check_adapter_dir
     from lora_ppo.modeling.loading import load_base_model
+    from lora_ppo.modeling.lora_grad import lora_b_grads_in_fast_order
 
     if init_adapter:
         check_adapter_dir(init_adapter, field)
     base = load_base_model(st.cfg, st.model_path, st.dist.device)
     if init_adapter:
         with adapter_fits(init_adapter, field, st.model_path):
-            return PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
-    return get_peft_model(base, _lora_config(st.cfg))
+            model = PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
+    else:
+        model = get_peft_model(base, _lora_config(st.cfg))
+    lora_b_grads_in_fast_order(model, ["default"])
+    return model
 
 
 def start_training(st: Stage, module: torch.nn.Module, n_train: int) -> None:
