@@ -321,6 +321,11 @@ def _continuous(s: _Sampler, slots: int) -> None:
     for p in s.prompts:
         remaining[p] = remaining.get(p, 0) + 1
     encoded: dict = {}  # prompt -> (per-layer keys and values, last hidden state)
+    # Rows enter longest prompt first, so the rows prefilled together have prompts of about the
+    # same length (a prefill is left-padded to its longest); their tokens do not depend on when
+    # they enter. The sort is stable: the rows of a group stay together.
+    order = torch.tensor(sorted(range(n_rows), key=lambda i: -len(s.prompts[i])),
+                         device=s.device)
     pending, col = 0, p_max
     while True:
         free = (row < 0).nonzero().squeeze(-1)
@@ -328,7 +333,7 @@ def _continuous(s: _Sampler, slots: int) -> None:
             # at most a quarter of the slots per prefill: its own cache, copied into the
             # decode batch's, is a transient that stays a fraction of it
             take = min(len(free), max(1, -(-slots // PREFILL_SHARE)))
-            new = torch.arange(pending, min(pending + take, n_rows), device=s.device)
+            new = order[pending:pending + take]
             free, pending = free[:len(new)], pending + len(new)
             kv, h = _encode(s, [s.prompts[i] for i in new.tolist()], encoded, remaining)
             if not cache.layers[0].is_initialized:
