@@ -343,6 +343,7 @@ def lora_ppo_grpo_side(a) -> dict:
 
     from lora_ppo.config.load import load_config
     from lora_ppo.ppo import loop
+    from lora_ppo.ppo import run as run_module
     from lora_ppo.ppo.update import ppo_update
 
     w = a.w
@@ -373,7 +374,7 @@ def lora_ppo_grpo_side(a) -> dict:
 
     # RSS after the base model's load, its weights made resident (safetensors are mmap-backed),
     # as trl_grpo.py measures it: the adapters, engine and optimizer come after, on both sides
-    orig_load = loop.load_base_model
+    orig_load = run_module.load_base_model
     cuda = torch.cuda.is_available()
 
     def load_resident(*args, **kw):
@@ -388,11 +389,11 @@ def lora_ppo_grpo_side(a) -> dict:
             rss["gpu_after_model_load_mib"] = torch.cuda.memory_allocated() / 2**20
         return base
 
-    loop.load_base_model = load_resident
+    run_module.load_base_model = load_resident  # the name ppo/run.py::setup calls
     try:
         run = loop.setup(cfg)
     finally:
-        loop.load_base_model = orig_load
+        run_module.load_base_model = orig_load
     rss["after_setup_mib"] = gc.maxrss_mib()
     if cuda:
         torch.cuda.reset_peak_memory_stats()

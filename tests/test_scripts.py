@@ -123,3 +123,25 @@ def test_curves_bad_input_is_one_line_and_exit_2(tmp_path):
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
         assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("side", ["lora_ppo", "lora_ppo_grpo"])
+def test_bench_vs_trl_runs_its_lora_ppo_side(side, tiny_model_dir, tmp_path):
+    """The side the driver (and scripts/gpu_check.py) runs in its own process: it reaches into
+    lora_ppo's setup, so a move of a name there must break this test, not the benchmark."""
+    if side == "lora_ppo":
+        w = {"model": "tiny", "batch": 4, "mini": 2, "prompt_len": 8, "prompt_min": 4,
+             "gen_len": 6, "stop_ids": 20, "steps": 2}
+    else:
+        w = {"model": "tiny", "prompts": 2, "n": 2, "micro": 2, "prompt_len": 8, "gen_len": 6,
+             "stop_ids": 20, "grad_ckpt": False, "steps": 2}
+    out = tmp_path / "side.json"
+    res = subprocess.run(
+        [sys.executable, "scripts/bench_vs_trl.py", "--side", side, "--model-dir",
+         str(tiny_model_dir), "--workload-json", json.dumps(w), "--random-prompts",
+         "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+        env={**clean_env(), "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    steps = json.loads(out.read_text())["steps"]
+    assert len(steps) == 2 and all(s["gen_tokens"] > 0 for s in steps)
