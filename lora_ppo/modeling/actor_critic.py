@@ -43,6 +43,16 @@ class PolicyOutputs(NamedTuple):
     values: Optional[torch.Tensor]    # (B, R) float32 V(state before token), or None
 
 
+def width_cost(config) -> Optional[float]:
+    """Attention's cost per key relative to a token's linear work, which sets how wide packed
+    rows are made (modeling/packing.py::_capacity): ~1 / (6 hidden) for a decoder layer. None
+    for eager attention, which materialises (rows, heads, C, C) weights: its rows stay as wide
+    as the longest unit, so its memory does not grow with the width."""
+    if getattr(config, "_attn_implementation", None) in (None, "eager"):
+        return None
+    return 1.0 / (6 * config.get_text_config().hidden_size)
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as `generate` computes them, so scoring sees the same
     positions the sampler saw. (B, L) -> (B, L)."""
@@ -73,9 +83,7 @@ class ActorCritic(nn.Module):
         # scoring and update forwards lay out a batch (modeling/seams.py decides it at setup).
         self.logits_transform = logits_transform(self.causal_lm.config)
         self.layout: Layout = PADDED
-        # Attention's cost per key relative to a token's linear work, which sets how wide packed
-        # rows are made (modeling/packing.py::_capacity): ~1 / (6 hidden) for a decoder layer.
-        self.width_cost = 1.0 / (6 * self.causal_lm.config.get_text_config().hidden_size)
+        self.width_cost = width_cost(self.causal_lm.config)  # of packed rows
 
     # -- structure ---------------------------------------------------------------------------
     @property

@@ -326,3 +326,16 @@ def test_continuous_batching_and_batch_size_do_not_change_a_rows_tokens(tiny_mod
     for other in drawn.values():
         assert torch.equal(other.response_ids, first.response_ids)
         torch.testing.assert_close(other.logprobs, first.logprobs, rtol=0, atol=1e-5)
+
+
+def test_eager_attention_keeps_rows_of_the_longest_unit():
+    from transformers import LlamaConfig
+
+    from lora_ppo.modeling.actor_critic import width_cost
+
+    config = LlamaConfig(hidden_size=768)
+    config._attn_implementation = "sdpa"
+    assert width_cost(config) == 1 / (6 * 768)
+    config._attn_implementation = "eager"  # (rows, heads, C, C) weights: no wider rows
+    assert width_cost(config) is None
+    assert pack(*_seqs([100, 70, 60, 40]), width_cost=None).input_ids.shape == (3, 100)
