@@ -28,11 +28,12 @@ The capacity C minimises slots x (1 + C x width_cost) over widths from the longe
 a token's linear work, about 1 / (6 x hidden) for a transformer layer (its linears hold ~12
 hidden^2 weights, 2 FLOPs each per token; attention 4 x hidden FLOPs per query and key). A batch
 of equal lengths packs one unit per row (wider rows only add attention); four sequences of 100,
-70, 60 and 40 tokens now take one row of 270 slots instead of three of 100. `predicting` maps each response token back to the
-flat index of the hidden state that predicts it: response token 0 of every member of a group is
-predicted by the prompt's last state (shared, so its gradient sums over the group, as n separate
-forwards' would), token t > 0 by the member's own token t - 1. Pure tensor code: no model, no
-rank.
+70, 60 and 40 tokens take one row of 270 slots, not three of 100.
+
+`predicting` maps each response token back to the flat index of the hidden state that predicts
+it: response token 0 of every member of a group is predicted by the prompt's last state (shared,
+so its gradient sums over the group, as n separate forwards' would), token t > 0 by the
+member's own token t - 1. Pure tensor code: no model, no rank.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ MAX_WIDTH = 4096  # widest packed row by default: its (C, C) attention mask stay
 
 def _capacity(lengths: list[int], width_cost: float, max_width: int) -> int:
     """The row capacity of least cost, slots x (1 + C x width_cost), for these unit lengths (the
-    module doc); the longest unit when width_cost is 0 ... never narrower than it."""
+    module doc): at least the longest unit, at most max_width unless that unit is longer."""
     longest, total = max(max(lengths), 1), sum(lengths)
     widest = max(longest, min(total, max_width))
     # the widths at which first-fit decreasing can lay the rows out differently: the longest
