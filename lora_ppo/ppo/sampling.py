@@ -37,8 +37,6 @@ than half of CPU decoding time.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import NamedTuple, Optional
 
 import torch
@@ -46,14 +44,14 @@ from torch import Tensor
 from transformers import DynamicCache, StaticCache
 
 from lora_ppo.modeling.actor_critic import ActorCritic
+from lora_ppo.modeling.kv_cache import (
+    cache_keyword,
+    continuous_batching_fits,
+    keep_rows,
+    select_rows,
+    shift_left,
+)
 from lora_ppo.rl.logprobs import transform_logits
-
-
-@functools.cache
-def _cache_keyword(forward_cls: type) -> str:
-    """transformers 5.x renamed the decoder's `past_key_values` argument (and output) `cache`."""
-    params = inspect.signature(forward_cls.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _all_done(done: Tensor, synced: bool) -> bool:
@@ -98,34 +96,6 @@ def left_pad(seqs, pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
-def _select_rows(cache, index: Tensor) -> None:
-    """Repeat the batch rows `index` of every cache layer (a new tensor: a group's prompt
-    encoded once, copied to the rows that answer it)."""
-    for layer in cache.layers:
-        if getattr(layer, "is_initialized", False):
-            layer.keys = layer.keys.index_select(0, index)
-            layer.values = layer.values.index_select(0, index)
-            if hasattr(layer, "batch_size"):
-                layer.batch_size = len(index)
-
-
-def _keep_rows(cache, keep: Tensor) -> None:
-    """Keep the batch rows `keep` (increasing) of every cache layer, moved to the front in
-    place: compacting never allocates a second cache (a copy of the kept rows would, for a
-    moment, hold both)."""
-    kept = keep.tolist()
-    for layer in cache.layers:
-        if not getattr(layer, "is_initialized", False):
-            continue
-        for tensor in (layer.keys, layer.values):
-            for j, i in enumerate(kept):  # j <= i: a row moves onto one already moved or dropped
-                if i != j:
-                    tensor[j].copy_(tensor[i])
-        layer.keys, layer.values = layer.keys[:len(kept)], layer.values[:len(kept)]
-        if hasattr(layer, "batch_size"):
-            layer.batch_size = len(kept)
-
-
 PREFILL_SHARE = 4  # rows entering the continuous batch per prefill: at most slots / 4
 
 
@@ -133,11 +103,6 @@ def continuous_slack(max_new_tokens: int) -> int:
     """Columns beyond prompt + new tokens in the continuous batch's cache: every row moves left
     when the write column reaches the end, a copy of the cache at most every `slack` steps."""
     return max(8, max_new_tokens // 16)
-
-
-def continuous_batching_fits(cache) -> bool:
-    """A row can be placed mid-way only in plain static layers (not a sliding window's ring)."""
-    return all(type(layer).__name__ == "StaticLayer" for layer in cache.layers)
 
 
 class _Out:
@@ -171,7 +136,7 @@ class _Sampler:
                  stop_ids, pad_id, uniforms, score, forced=None):
         self.ac, self.prompts, self.pad_id = ac, [tuple(p) for p in prompts], pad_id
         self.decoder = ac.causal_lm.get_decoder()
-        self.cache_kw = _cache_keyword(type(self.decoder))
+        self.cache_kw = cache_keyword(type(self.decoder))
         self.device = ac.device
         self.max_new, self.temperature = max_new_tokens, temperature
         self.uniforms = None if greedy else uniforms.to(self.device)
@@ -272,7 +237,7 @@ def _one_batch(s: _Sampler, rows: Tensor, static_cache: bool, synced: bool) -> N
     h = s.prefill(distinct, cache, static_width)
     if len(distinct) < len(rows):  # copy each prompt's cache rows to the rows answering it
         h = h.index_select(0, which)
-        _select_rows(cache, which)
+        select_rows(cache, which)
     mask = left_pad([s.prompts[i] for i in rows.tolist()], s.pad_id)[1].to(s.device)
     if static_cache:
         mask = torch.cat([mask, mask.new_zeros(len(rows), s.max_new)], 1)
@@ -292,7 +257,7 @@ def _one_batch(s: _Sampler, rows: Tensor, static_cache: bool, synced: bool) -> N
             return
         if not synced and (~live).sum() * 4 >= len(live):  # drop the finished rows
             keep = live.nonzero().squeeze(-1)
-            _keep_rows(cache, keep)
+            keep_rows(cache, keep)
             rows, mask, positions, live, last = (x[keep] for x in (rows, mask, positions,
                                                                     live, last))
         if static_cache:
@@ -357,14 +322,14 @@ def _continuous(s: _Sampler, slots: int) -> None:
             return
         if pending >= n_rows and (~live).sum() * 4 >= len(live):  # no rows left: compact
             keep = live.nonzero().squeeze(-1)
-            _keep_rows(cache, keep)
+            keep_rows(cache, keep)
             mask, positions, row, start, last = (x[keep] for x in (mask, positions, row,
                                                                     start, last))
             continue
         if col == width:  # move every row left by the columns no live row uses
             k = int(start[live].min())
             k = min(k, col - p_max) if pending < n_rows else k
-            _shift(cache, k)
+            shift_left(cache, k)
             mask[:, :width - k] = mask[:, k:].clone()
             mask[:, width - k:] = 0
             start, col = start - k, col - k
@@ -402,11 +367,3 @@ def _encode(s: _Sampler, prompts: list[tuple[int, ...]], encoded: dict, remainin
         if remaining[p] == 0:
             del encoded[p]
     return kv, torch.stack(hs)
-
-
-def _shift(cache, k: int) -> None:
-    """Move every layer's columns k to the left (the first k are no live row's)."""
-    for layer in cache.layers:
-        w = layer.keys.shape[2]
-        layer.keys[:, :, :w - k] = layer.keys[:, :, k:].clone()
-        layer.values[:, :, :w - k] = layer.values[:, :, k:].clone()
