@@ -92,19 +92,19 @@ def _rows(lengths: list[int], capacity: int) -> list[list[int]]:
 MAX_WIDTH = 4096  # widest packed row by default: its (C, C) attention mask stays small
 
 
-def _capacity(lengths: list[int], width_cost: float, max_width: int) -> int:
-    """The row capacity of least cost, slots x (1 + C x width_cost), for these unit lengths (the
-    module doc): at least the longest unit, at most max_width unless that unit is longer."""
+def _capacity(lengths: list[int], width_cost: Optional[float], max_width: int
+              ) -> tuple[int, list[list[int]]]:
+    """The row capacity and its rows (first-fit decreasing) of least cost, slots x (1 + C x
+    width_cost), for these unit lengths (the module doc): at least the longest unit, at most
+    max_width unless that unit is longer. width_cost None: the longest unit."""
     longest, total = max(max(lengths), 1), sum(lengths)
+    if width_cost is None:
+        return longest, _rows(lengths, longest)
     widest = max(longest, min(total, max_width))
-    # the widths at which first-fit decreasing can lay the rows out differently: the longest
-    # unit and every eighth of the way to the widest row, and the widest itself
+    # the longest unit, every eighth of the way to the widest row, and the widest itself
     widths = sorted({longest, widest, *range(longest, widest, max(1, (widest - longest) // 8))})
-
-    def cost(c: int) -> float:
-        return len(_rows(lengths, c)) * c * (1.0 + c * width_cost)
-
-    return min(widths, key=cost)
+    laid = [(c, _rows(lengths, c)) for c in widths]
+    return min(laid, key=lambda cr: len(cr[1]) * cr[0] * (1.0 + cr[0] * width_cost))
 
 
 def _units(prompts: list[tuple[int, ...]], group: bool) -> list[list[int]]:
@@ -139,9 +139,7 @@ def pack(query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_m
     responses = [r_ids[i][r_real[i]].tolist() for i in range(len(r_ids))]
     units = _units(prompts, group)
     lengths = [len(prompts[u[0]]) + sum(len(responses[i]) for i in u) for u in units]
-    capacity = (max(max(lengths), 1) if width_cost is None
-                else _capacity(lengths, width_cost, max_width))
-    rows = _rows(lengths, capacity)
+    capacity, rows = _capacity(lengths, width_cost, max_width)
     B, R = response_ids.shape
     n_slots = len(rows) * capacity
     ids = torch.full((n_slots,), pad_id, dtype=torch.long)
