@@ -1,4 +1,4 @@
-"""The setup's seam checks (modeling/seams.py) catch each class of defect they exist for, on the
+"""The setup's seam checks (ppo/seams.py) catch each class of defect they exist for, on the
 architecture that has it, and fall back or refuse with one line."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from lora_ppo.errors import UserError
 from lora_ppo.modeling.actor_critic import build_actor_critic
 from lora_ppo.modeling.loading import load_base_model, load_tokenizer
 from lora_ppo.modeling.packing import PADDED
-from lora_ppo.modeling.seams import check_seams, seams_for
+from lora_ppo.ppo.seams import check_seams, seams_for
 from lora_ppo.rl.logprobs import IDENTITY
 
 CPU = torch.device("cpu")
@@ -37,7 +37,7 @@ def test_every_check_passes_on_llama_with_the_fastest_layout(family_dirs, tmp_pa
     before = {n: p.detach().clone() for n, p in ac.named_parameters()}
     seams = check_seams(ac, cfg, tok.pad_token_id)
     assert seams.layout.packed and seams.layout.group and seams.layout.attention is not None
-    assert seams.continuous_batching and seams.static_kv_cache and seams.notes == ()
+    assert seams.decode.continuous_batching and seams.decode.static_kv_cache and seams.notes == ()
     # the random adapter of the check is gone again, bit for bit
     assert all(torch.equal(p, before[n]) for n, p in ac.named_parameters())
 

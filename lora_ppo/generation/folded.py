@@ -1,5 +1,6 @@
 """The policy folded into the base weights for generation, and when that (and the sampler's own
-log-probs) is exact.
+log-probs) is exact. ("Folded", not "merged": the weights are put back after generation; a merge
+is the export that writes W + BA out, io/merge.py.)
 
 peft runs LoRA unmerged: three matmuls per linear per decoded token. For an unquantized fp32 base
 outside ZeRO-3 the sampler runs with W + scale B A swapped in as new tensors, and the original
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from lora_ppo.modeling.actor_critic import POLICY
+from lora_ppo.modeling.roles import POLICY
 
 
 def policy_layers(peft_model: nn.Module) -> list:
@@ -39,7 +40,7 @@ def decodes_in_fp32(peft_model: nn.Module) -> bool:
     return bool(layers) and len(layers) == len(every)  # every policy linear is fp32
 
 
-def can_merge_for_generation(peft_model: nn.Module) -> bool:
+def can_fold(peft_model: nn.Module) -> bool:
     """Exact enough only for an unquantized fp32 base (fp32 rounds W + BA at ~1e-7 relative),
     and only where the weights are whole on this device (not ZeRO-3)."""
     return decodes_in_fp32(peft_model) and not any(
@@ -47,7 +48,7 @@ def can_merge_for_generation(peft_model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def merged_policy(peft_model: nn.Module) -> Iterator[None]:
+def folded_policy(peft_model: nn.Module) -> Iterator[None]:
     """The body runs with W + scale * B @ A in place of each policy layer's base weight, so a
     decoded token costs one matmul per linear instead of three. The merged weights are new
     tensors and the originals are put back afterwards, untouched. Costs one copy of the adapted

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata as md
 import json
 import os
 import time
@@ -37,8 +38,13 @@ from typing import NamedTuple, Optional
 import torch
 
 from lora_ppo.errors import UserError
-from lora_ppo.modeling.actor_critic import POLICY, ActorCritic
+from lora_ppo.generation.generate import DecodePath, sample
+from lora_ppo.generation.samples import left_pad
+from lora_ppo.io.atomic import atomic_write_text
+from lora_ppo.io.checkpoint import base_fingerprint
+from lora_ppo.modeling.actor_critic import ActorCritic
 from lora_ppo.modeling.packing import PADDED, Attention, Layout
+from lora_ppo.modeling.roles import POLICY
 from lora_ppo.rl.logprobs import transform_logits
 
 SEAM_VERSION = 1
@@ -46,11 +52,11 @@ MASKS = ("sdpa", "eager")  # attention implementations that take an explicit 4-D
 
 
 class Seams(NamedTuple):
-    """What setup decided: the layout of scoring and update forwards, and the decode path."""
+    """What setup decided: the layout of scoring and update forwards, and the decode path. The
+    run keeps it beside the user's config (`Run.seams`), which it never rewrites."""
 
     layout: Layout
-    continuous_batching: bool
-    static_kv_cache: bool
+    decode: DecodePath
     notes: tuple[str, ...] = ()  # one line per fallback taken
 
 
@@ -98,8 +104,6 @@ def _probe(ac: ActorCritic, pad_id: int, gen: torch.Generator):
 
     shared = ids(5)
     prompts, responses = [shared, shared, ids(2), ids(12)], [ids(4), ids(6), ids(3), ids(8)]
-    from lora_ppo.ppo.sampling import left_pad
-
     q_ids, q_mask = left_pad(prompts, pad_id)
     width = max(len(r) for r in responses)
     r_ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
@@ -171,13 +175,12 @@ def _decode_diff(ac: ActorCritic, batch, reference: torch.Tensor, pad_id: int,
     """The sampler's own log-probs of the probe responses (teacher-forced through the decode
     loop by drawing each probe token: uniforms are not needed, the tokens are given) against
     the padded forward's."""
-    from lora_ppo.ppo.sampling import sample
-
     q_ids, q_mask, r_ids, r_mask = batch
     prompts = [q[m.bool()].tolist() for q, m in zip(q_ids.cpu(), q_mask.cpu())]
     try:
         drawn = sample(ac, prompts, max_new_tokens=r_ids.shape[1], temperature=1.0,
-                       greedy=True, stop_ids=[-1], pad_id=pad_id, slots=2, continuous=continuous,
+                       greedy=True, stop_ids=[-1], pad_id=pad_id, generation_batch_size=2,
+                       continuous=continuous,
                        static_cache=static, score=True, forced=r_ids)
     except Exception:  # noqa: BLE001 - a cache this model cannot use fails the check
         return float("inf")
@@ -232,16 +235,12 @@ def check_seams(ac: ActorCritic, cfg, pad_id: int) -> Seams:
             else:
                 raise UserError(f"model type {kind}: the KV-cached decode differs from the "
                                 "forward it is scored by; it cannot be sampled exactly")
-    return Seams(chosen[1], continuous, static, tuple(notes))
+    return Seams(chosen[1], DecodePath(continuous, static), tuple(notes))
 
 
 # -- the cache of outcomes --------------------------------------------------------------------
 
 def _key(ac: ActorCritic, cfg, model_path: str) -> str:
-    import importlib.metadata as md
-
-    from lora_ppo.io.checkpoint import base_fingerprint
-
     versions = {}
     for name in ("torch", "transformers", "peft", "bitsandbytes"):
         try:
@@ -275,15 +274,16 @@ def _to_json(s: Seams) -> dict:
     return {"packed": s.layout.packed, "group": s.layout.group,
             "attention": None if a is None else [a.implementation, a.window, list(a.layer_types),
                                                  str(a.dtype).removeprefix("torch.")],
-            "continuous_batching": s.continuous_batching, "static_kv_cache": s.static_kv_cache,
+            "continuous_batching": s.decode.continuous_batching,
+            "static_kv_cache": s.decode.static_kv_cache,
             "notes": list(s.notes)}
 
 
 def _from_json(d: dict) -> Seams:
     a = d["attention"]
     attention = None if a is None else Attention(a[0], a[1], tuple(a[2]), getattr(torch, a[3]))
-    return Seams(Layout(d["packed"], d["group"], attention), d["continuous_batching"],
-                 d["static_kv_cache"], tuple(d["notes"]))
+    return Seams(Layout(d["packed"], d["group"], attention),
+                 DecodePath(d["continuous_batching"], d["static_kv_cache"]), tuple(d["notes"]))
 
 
 def seams_for(ac: ActorCritic, cfg, pad_id: int, model_path: str) -> tuple[Seams, Optional[str]]:
@@ -292,7 +292,8 @@ def seams_for(ac: ActorCritic, cfg, pad_id: int, model_path: str) -> tuple[Seams
     mode = cfg.model.seam_check
     if mode == "off":
         best = preferred(ac, cfg)[0][1]
-        return Seams(best, cfg.rollout.continuous_batching, cfg.rollout.static_kv_cache), None
+        return Seams(best, DecodePath(cfg.rollout.continuous_batching,
+                                      cfg.rollout.static_kv_cache)), None
     path = _cache_dir() / f"{_key(ac, cfg, model_path)}.json"
     if mode == "auto" and path.is_file():
         try:
@@ -302,8 +303,6 @@ def seams_for(ac: ActorCritic, cfg, pad_id: int, model_path: str) -> tuple[Seams
     t0 = time.perf_counter()
     seams = check_seams(ac, cfg, pad_id)
     try:
-        from lora_ppo.io.atomic import atomic_write_text
-
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(_to_json(seams), indent=1))
     except OSError:
