@@ -45,6 +45,11 @@ class ModelConfig:
     every run; `off`: trust the fastest layout unchecked."""
     max_prompt_length: int = 256
     """Prompts longer than this many tokens are cut from the left (the end of a prompt matters most)."""
+    logits_chunk_mib: float = 256.0
+    """MiB of fp32 logits made at a time when scoring, in the update and in SFT: the LM head runs over
+    rows of (batch*length) in chunks of this size whatever the vocabulary (one such chunk at a
+    time in the backward; about 5 with ppo.ent_coef != 0), instead of one batch x length x vocab
+    tensor. 256 MiB is 1700 rows of a 40k vocabulary, 440 of a 150k one."""
 
 
 @dataclass
@@ -191,13 +196,6 @@ class RolloutConfig:
     """With dynamic_sampling: the most sampling rounds per update after the first. A rollout still
     not full after them is filled with dropped groups, so every update has the same size (they
     carry no score signal, as in a run without dynamic sampling)."""
-    logits_chunk_mib: float = 256.0
-    """MiB of fp32 logits made at a time when scoring and in the update: the LM head runs over
-    rows of (batch*length) in chunks of this size whatever the vocabulary (one such chunk at a
-    time in the backward; about 5 with ppo.ent_coef != 0), instead of one batch x length x vocab
-    tensor. 256 MiB is 1700 rows of a 40k vocabulary, 440 of a 150k one."""
-
-
 @dataclass
 class OptimConfig:
     """AdamW and its learning-rate schedule (`ppo.optim`, `sft.optim`, `reward_model.optim`)."""
