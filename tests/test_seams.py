@@ -59,7 +59,7 @@ def test_sampled_first_token_follows_the_scored_distribution(tiny_model_dir, tmp
         "no_repeat_ngram_size": 1, "temperature": 0.3, "bos_token_id": 1, "eos_token_id": 2}))
     n = 4096
     run = setup(tiny_config(model_dir, tmp_path / "run", "rollout.max_new_tokens=1",
-                            f"rollout.batch_size={n}", "rollout.generation_batch_size=1024",
+                            f"rollout.prompts_per_update={n}", "rollout.generation_batch_size=1024",
                             "rollout.temperature=0.7", "ppo.minibatch_size=8",
                             "ppo.micro_batch_size=8"))
     prompt = encode(run.tokenizer, ["review of the pizza place :"], False, 16)[0]
@@ -70,7 +70,7 @@ def test_sampled_first_token_follows_the_scored_distribution(tiny_model_dir, tmp
     every = logprobs_and_values(run.ac, Samples(
         ro.query_ids[:1].expand(vocab, -1), ro.query_mask[:1].expand(vocab, -1),
         torch.arange(vocab)[:, None], torch.ones(vocab, 1), torch.zeros(vocab, dtype=torch.bool)),
-        temperature=0.7, chunk_size=1024, batch_size=512)
+        temperature=0.7, chunk_size=1024, generation_batch_size=512)
     p = every.logprobs[:, 0].double().exp()
     assert abs(p.sum().item() - 1) < 1e-4
     counts = torch.bincount(first, minlength=vocab).double()
@@ -210,7 +210,7 @@ def test_micro_batch_split_gives_the_same_adapter(tiny_model_dir, tmp_path, low_
         res = run_cli("train", f"model.path={tiny_model_dir}", f"output_dir={out}",
                       "data.prompts=builtin:reviews", "quantization.mode=none",
                       "model.max_prompt_length=16", "lora.r=4",
-                      "rollout.batch_size=8", "rollout.generation_batch_size=8",
+                      "rollout.prompts_per_update=8", "rollout.generation_batch_size=8",
                       "rollout.max_new_tokens=6", "ppo.minibatch_size=4",
                       f"ppo.micro_batch_size={micro}", "ppo.total_updates=3", "ppo.epochs=1",
                       "ppo.optim.learning_rate=0.01", "value.head_init_std=0.3",

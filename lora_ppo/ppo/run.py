@@ -83,7 +83,7 @@ def setup(cfg: Config, *, prompts: Optional[list[Prompt]] = None,
         for line in (checked, *seams.notes):
             if line:
                 print(line, flush=True)
-    samples = cfg.rollout.batch_size * cfg.rollout.samples_per_prompt
+    samples = cfg.rollout.prompts_per_update * cfg.rollout.samples_per_prompt
     steps_per_update = cfg.ppo.epochs * samples // cfg.ppo.minibatch_size
     engine = create_engine(ac, ds_config=ds_config, optim=cfg.ppo.optim,
                            total_steps=cfg.ppo.total_updates * steps_per_update)

@@ -209,8 +209,7 @@ def check_seams(ac: ActorCritic, cfg, pad_id: int) -> Seams:
         if chosen[1] != candidates[0][1]:
             notes.append(f"model type {kind}: {candidates[0][0]} rows do not give the padded "
                          f"forward's log-probs; scoring and updates use {chosen[0]} rows")
-        rc = cfg.rollout
-        continuous, static = rc.continuous_batching, rc.static_kv_cache
+        continuous, static = cfg.rollout.continuous_batching, cfg.rollout.static_kv_cache
         for _ in range(3):
             if _decode_diff(ac, batch, reference, pad_id, continuous, static) <= tol:
                 break

@@ -226,7 +226,7 @@ def test_shared_prompt_pack_by_hand():
 
 
 def _grouped_run(model_dir, out, *extra):
-    run = _run(model_dir, out, "rollout.samples_per_prompt=4", "rollout.batch_size=2",
+    run = _run(model_dir, out, "rollout.samples_per_prompt=4", "rollout.prompts_per_update=2",
                "rollout.generation_batch_size=3", "rollout.temperature=0.8", *extra)
     assert run.ac.layout.group and run.ac.layout.attention is not None  # the seam check's pick
     return run

@@ -21,7 +21,7 @@ STOPS = "rollout.stop_token_ids=[" + ",".join(str(i) for i in range(300, 340)) +
 
 def _grpo(model_dir, out, reward, *extra):
     return setup(tiny_config(model_dir, out, "ppo.advantage_estimator=grpo",
-                             "rollout.samples_per_prompt=4", "rollout.batch_size=4",
+                             "rollout.samples_per_prompt=4", "rollout.prompts_per_update=4",
                              "rollout.generation_batch_size=16", "ppo.minibatch_size=8",
                              "ppo.micro_batch_size=4", "ppo.optim.learning_rate=0.01",
                              f"reward.function={reward}", "rollout.max_new_tokens=6", STOPS,
@@ -100,8 +100,8 @@ def test_kl_coef_zero_skips_the_reference_forward(tiny_model_dir, tmp_path, low_
     (["value.mode=none"], "value.mode=none leaves ppo.advantage_estimator=gae without"),
     (["ppo.advantage_estimator=rloo", "rollout.samples_per_prompt=2", "value.mode=shared"],
      "value.mode=shared trains a value function that ppo.advantage_estimator=rloo never uses"),
-    (["rollout.samples_per_prompt=3", "rollout.batch_size=8", "ppo.minibatch_size=16"],
-     "rollout.batch_size=8 x rollout.samples_per_prompt=3 = 24 samples is not a multiple"),
+    (["rollout.samples_per_prompt=3", "rollout.prompts_per_update=8", "ppo.minibatch_size=16"],
+     "rollout.prompts_per_update=8 x rollout.samples_per_prompt=3 = 24 samples is not a multiple"),
     # issue 20 item 9: the KL noise of a tied group divided by its near-zero std
     (["ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4", "ppo.kl_in=reward"],
      "ppo.advantage_estimator=grpo with ppo.kl_in=reward divides each sample's KL penalty by "
@@ -142,7 +142,7 @@ def test_value_mode_none_predicts_less_memory_than_a_value_head():
     shared = estimate_memory(load_config(None, ["value.mode=adapter"]), arch)
     none = estimate_memory(load_config(None, ["ppo.advantage_estimator=grpo",
                                               "rollout.samples_per_prompt=4",
-                                              "rollout.batch_size=16"]), arch)
+                                              "rollout.prompts_per_update=16"]), arch)
     for phase in ("generation", "scoring", "update"):
         assert none.phases[phase] < shared.phases[phase], phase
 
@@ -155,7 +155,7 @@ def test_grpo_on_two_ranks_and_resume(tiny_model_dir, low_ids_reward, tmp_path):
     cfg = two_rank_yaml(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "run", low_ids_reward,
                         checkpoint_every=1, advantage_estimator="grpo",
                         optim={"learning_rate": 0.01})
-    grouped = ["rollout.samples_per_prompt=2", "rollout.batch_size=4"]
+    grouped = ["rollout.samples_per_prompt=2", "rollout.prompts_per_update=4"]
     run_two_ranks("--module", "lora_ppo", "train", "--config", str(cfg), *grouped)
     root = tmp_path / "run" / "checkpoints"
     final = load_file(root / "step-2" / "policy" / "adapter_model.safetensors")

@@ -140,7 +140,7 @@ def test_saved_adapter_as_ppo_reward_source_gives_the_trained_scores(trained, ti
             r_ids[i, :len(r)], r_mask[i, :len(r)] = torch.tensor(r), 1.0
         tensors = {"query_ids": q_ids, "query_mask": q_mask, "response_ids": r_ids,
                    "response_mask": r_mask}
-        scores[key] = AdapterReward(ac, batch_size=16)([""] * len(enc), [""] * len(enc), tensors)
+        scores[key] = AdapterReward(ac, generation_batch_size=16)([""] * len(enc), [""] * len(enc), tensors)
     accuracy = (scores["chosen"] > scores["rejected"]).float().mean().item()
     assert accuracy == logged["eval/accuracy"]
     assert scores["chosen"].mean().item() == pytest.approx(logged["eval/reward/chosen"], abs=1e-4)
