@@ -71,6 +71,7 @@ def test_bad_values_name_field_value_and_fix(overrides, expected):
     (["lora.r=0"], "lora.r=0 is out of range"),
     (["model.path=/no/such/model"], "model.path=/no/such/model does not exist"),
 ])
+@pytest.mark.integration
 def test_cli_bad_config_is_one_line_and_exit_2(args, expected, tmp_path):
     res = run_cli("train", f"output_dir={tmp_path / 'out'}", *args)
     assert res.returncode == 2, res.stderr
@@ -80,6 +81,7 @@ def test_cli_bad_config_is_one_line_and_exit_2(args, expected, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written on bad input
 
 
+@pytest.mark.integration
 def test_cli_missing_config_file(tmp_path):
     res = run_cli("train", "--config", str(tmp_path / "nope.yaml"))
     assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr

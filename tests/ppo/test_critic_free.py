@@ -35,6 +35,7 @@ def _rollout(run, prompts):
     return add_advantages(run, add_rewards(run, ro, raw, run.kl_ctl.value))
 
 
+@pytest.mark.integration
 def test_grpo_builds_no_value_function_and_updates_only_the_policy(tiny_model_dir, tmp_path,
                                                                   low_ids_reward):
     run = _grpo(tiny_model_dir, tmp_path / "run", low_ids_reward)
@@ -64,6 +65,7 @@ def test_grpo_builds_no_value_function_and_updates_only_the_policy(tiny_model_di
 
 @pytest.mark.parametrize("estimator, kl_in", [("dr_grpo", "loss"), ("rloo", "reward"),
                                               ("reinforce_pp", "reward")])
+@pytest.mark.integration
 def test_every_estimator_runs_an_update(tiny_model_dir, tmp_path, low_ids_reward, estimator,
                                         kl_in):
     run = _grpo(tiny_model_dir, tmp_path / "run", low_ids_reward,
@@ -76,6 +78,7 @@ def test_every_estimator_runs_an_update(tiny_model_dir, tmp_path, low_ids_reward
     assert abs(stats.ratio - 1.0) < 0.5
 
 
+@pytest.mark.integration
 def test_kl_coef_zero_skips_the_reference_forward(tiny_model_dir, tmp_path, low_ids_reward):
     run = _grpo(tiny_model_dir, tmp_path / "run", low_ids_reward, "ppo.kl_coef=0")
     entered = []
@@ -173,6 +176,7 @@ def test_grpo_on_two_ranks_and_resume(tiny_model_dir, low_ids_reward, tmp_path):
         assert torch.equal(final[k], again[k]), k
 
 
+@pytest.mark.integration
 def test_a_critic_free_checkpoint_exports_without_a_value_function(tiny_model_dir, tmp_path,
                                                                    low_ids_reward):
     from lora_ppo.io.export import export

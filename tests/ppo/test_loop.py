@@ -25,6 +25,7 @@ def _trainable(run):
     return {n: p.detach().clone() for n, p in run.ac.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.integration
 def test_gradient_accumulation_matches_one_big_micro_batch(tiny_model_dir, tmp_path, low_ids_reward):
     """micro 2 x accumulation 4 == micro 8 x accumulation 1 after one optimizer step (ZeRO-2)."""
     runs = {}

@@ -259,6 +259,7 @@ def test_suggestion_picks_largest_sizes_that_fit(small_dir):
     assert "does not fit" in est.format_table(none.estimate, none)
 
 
+@pytest.mark.integration
 def test_cli_estimate_table_json_and_bad_input(tmp_path, small_dir):
     good = write_yaml(tmp_path / "good.yaml", {"model": {"path": str(small_dir)},
                                                "quantization": {"mode": "4bit"}})

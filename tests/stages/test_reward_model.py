@@ -88,6 +88,7 @@ def trained(tiny_model_dir, tmp_path_factory):
     return cfg, train_reward(cfg)
 
 
+@pytest.mark.integration
 def test_reward_model_learns_the_preference_and_writes_the_adapter_layout(trained):
     from safetensors.torch import load_file
 
@@ -106,6 +107,7 @@ def test_reward_model_learns_the_preference_and_writes_the_adapter_layout(traine
     assert {k: tuple(v.shape) for k, v in head.items()} == {"weight": (1, 64), "bias": (1,)}
 
 
+@pytest.mark.integration
 def test_saved_adapter_as_ppo_reward_source_gives_the_trained_scores(trained, tiny_model_dir,
                                                                      tmp_path):
     cfg, out = trained
@@ -148,6 +150,7 @@ def test_saved_adapter_as_ppo_reward_source_gives_the_trained_scores(trained, ti
                                                               abs=1e-4)
 
 
+@pytest.mark.integration
 def test_reward_adapter_can_start_from_the_sft_adapter(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
