@@ -12,7 +12,6 @@ from helpers import REPO, clean_env
 from test_pipeline import _pipeline_yaml
 
 
-
 def _bash(*args: str, env: dict | None = None, timeout: int = 60):
     return subprocess.run(["bash", *args], capture_output=True, text=True, cwd=REPO,
                           timeout=timeout, env={**clean_env(), **(env or {})})
