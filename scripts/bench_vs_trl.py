@@ -72,7 +72,7 @@ grpo-memory's (8 x 256 draws of 32000) see one early stop on either side. Each r
 
 What lora_ppo does differently (its defaults; the work differs, the maths does not):
 - a group's prompt is encoded once: prefilled once in generation, its KV copied to the n rows
-  (ppo/sampling.py), and one packed row holds the prompt + its n answers in the scoring
+  (generation/continuous.py), and one packed row holds the prompt + its n answers in the scoring
   (reference) forward and the update (model.shared_prompt; each answer attends to the prompt and
   itself);
 - continuous batching in generation (a finished row's slot takes the next row), a static KV
