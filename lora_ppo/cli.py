@@ -54,26 +54,15 @@ def _quiet() -> None:
         pass
 
 
-def _config_path(value: str | None) -> str | None:
-    """A preset name (`demo`) or a YAML path."""
-    if value is None or Path(value).exists() or value.endswith((".yaml", ".yml")):
-        return value
-    preset = PRESETS / f"{value}.yaml"
-    if preset.is_file():
-        return str(preset)
-    names = ", ".join(p.stem for p in sorted(PRESETS.glob("*.yaml")))
-    raise UserError(f"--config {value}: no such file and no such preset (presets: {names})")
-
-
-# The three training commands: entry point, help, and where the result lands ({out}: output_dir).
+# The three training commands: the command of lora_ppo/api.py, help, and where the result
+# lands ({out}: output_dir).
 TRAINING = {
-    "train": ("lora_ppo.ppo.loop:train", "PPO fine-tuning of a LoRA policy",
+    "train": ("train", "PPO fine-tuning of a LoRA policy",
               "metrics in {out}/metrics.jsonl, checkpoints in {out}/checkpoints"),
-    "sft": ("lora_ppo.stages.sft:train_sft",
-            "supervised fine-tuning of a LoRA adapter (config section sft)",
+    "sft": ("sft", "supervised fine-tuning of a LoRA adapter (config section sft)",
             "adapter in {out}/adapter (use it as model.init_adapter), metrics in "
             "{out}/sft/metrics.jsonl"),
-    "train-reward": ("lora_ppo.stages.reward_model:train_reward",
+    "train-reward": ("reward_model",
                      "train a reward adapter + score head on preference pairs (section "
                      "reward_model)",
                      "reward adapter in {out}/reward_adapter (use it as reward.adapter), metrics "
@@ -82,17 +71,12 @@ TRAINING = {
 
 
 def cmd_training(args) -> int:
-    import importlib
+    from lora_ppo.api import run_command  # the code the Python entry points run
 
-    from lora_ppo.builtin.specs import resolve_builtins
-    from lora_ppo.config.load import load_config
-
-    entry, _, done = TRAINING[args.command]
-    module, _, name = entry.partition(":")
-    cfg = resolve_builtins(load_config(_config_path(args.config), args.overrides))
-    getattr(importlib.import_module(module), name)(cfg, resume=args.resume,
-                                                   overwrite=args.overwrite)
-    print("done: " + done.format(out=Path(cfg.output_dir)))
+    command, _, done = TRAINING[args.command]
+    cfg, _ = run_command(command, args.config, args.overrides, args.resume, args.overwrite)
+    if os.environ.get("RANK", "0") == "0":  # one line under a launcher, not one per rank
+        print("done: " + done.format(out=Path(cfg.output_dir)))
     return 0
 
 
@@ -135,12 +119,13 @@ def cmd_config_docs(args) -> int:
 def cmd_estimate(args) -> int:
     import json
 
+    from lora_ppo.api import config_path
     from lora_ppo.builtin.specs import builtin_arch
     from lora_ppo.config.load import load_config
     from lora_ppo.sizing import memory as est
     from lora_ppo.sizing.arch import param_counts, read_arch
 
-    cfg = load_config(_config_path(args.config), args.overrides)
+    cfg = load_config(config_path(args.config) if args.config else None, args.overrides)
     arch = builtin_arch(cfg.model.path) or read_arch(cfg.model.path)
     if args.gpu_mib <= 0:
         raise UserError(f"--gpu-mib {args.gpu_mib} must be > 0 (the card's memory in MiB)")

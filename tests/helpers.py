@@ -135,3 +135,55 @@ def update_with(run, ro, generator):
     return ppo_update(run.engine, run.ac, ro, ppo=run.cfg.ppo, algorithm=run.cfg.algorithm,
                       temperature=rollout.temperature, max_new_tokens=rollout.max_new_tokens,
                       chunk_rows=run.chunk_rows, generator=generator, kl_coef=run.kl_ctl.value)
+
+
+# -- runs that are stopped and resumed ----------------------------------------------------------
+
+VOLATILE = ("time/", "memory/", "tokens_per_s")  # wall-clock and RSS differ between runs
+
+
+def resume_yaml(path: Path, model_dir: Path, reward: str) -> Path:
+    """A tiny fp32 PPO run (ZeRO-2, adaptive KL and score normalisation, so that every piece of
+    state matters) whose file asks for 8 prompts per update and 200 updates: the command
+    line changes both."""
+    return write_yaml(path, {
+        "output_dir": str(path.parent / "unused"), "seed": 5,
+        "model": {"path": str(model_dir), "gradient_checkpointing": False,
+                  "max_prompt_length": 16},
+        "quantization": {"mode": "none"}, "lora": {"r": 4, "alpha": 8},
+        "reward": {"function": reward, "normalize": True},
+        "data": {"prompts": "builtin:reviews"},
+        "rollout": {"prompts_per_update": 8, "generation_batch_size": 8, "max_new_tokens": 6},
+        "ppo": {"epochs": 1, "minibatch_size": 2, "micro_batch_size": 2, "adaptive_kl": True,
+                "target_kl": 0.01, "optim": {"learning_rate": 0.01}},
+        "deepspeed": {"config": "zero2"},
+        "logging": {"progress": False, "tensorboard": False},
+        "checkpoint": {"every": 0, "keep": 3}})
+
+
+def metrics_of(out: Path) -> list[dict]:
+    """metrics.jsonl's rows without what differs between identical runs (time, memory)."""
+    import json
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+
+
+def weights(out: Path, step: int) -> dict:
+    """The policy adapter's and value head's tensors of a PPO run's checkpoint step-<step>."""
+    from safetensors.torch import load_file
+
+    ck = out / "checkpoints" / f"step-{step}"
+    return {**load_file(ck / "policy/adapter_model.safetensors"),
+            **load_file(ck / "value/value_head.safetensors")}
+
+
+def assert_same_run(a: Path, b: Path, step: int) -> None:
+    """Two PPO runs ended bit for bit alike: weights at `step` (torch.equal) and metrics."""
+    import torch
+
+    wa, wb = weights(a, step), weights(b, step)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert metrics_of(a) == metrics_of(b)
+
+

@@ -8,7 +8,7 @@ docs/config.md is generated from these files and cannot drift).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from lora_ppo.config.checks import NONNEG, OPEN_UNIT, POSITIVE, PROBABILITY, UNIT
 
@@ -97,9 +97,13 @@ class RewardConfig:
     source: Literal["function", "adapter", "model"] = "function"
     """Where scores come from: a Python `function`, the frozen reward `adapter` on the same base, or
     a separate sequence-classification `model`. For several at once, see `sources`."""
-    function: Optional[str] = None
+    function: Union[str, list[str], None] = None
     """`module:function` or `path/to/file.py:function`, called as
-    `fn(prompts=list[str], completions=list[str], **extra) -> list[float]` (TRL's convention)."""
+    `fn(prompts=list[str], completions=list[str], **extra) -> list[float]` (TRL's convention);
+    a list of them: their sum weighted by `function_weights` (TRL's `reward_funcs`)."""
+    function_weights: list[float] = field(default_factory=list)
+    """One weight per entry of `function` when it is a list (TRL's `reward_weights`): score =
+    sum_i function_weights[i] * f_i. Empty: all 1."""
     adapter: Optional[str] = None
     """Directory of a reward adapter with its score head (from `lora-ppo train-reward`)."""
     clip: Annotated[Optional[float], POSITIVE] = None

@@ -178,6 +178,13 @@ class Config:
         if r.sources and r.source != "function" and r.source not in r.sources:
             raise UserError(f"reward.source={r.source} is not in reward.sources={r.sources}; "
                             "with reward.sources set, leave reward.source out")
+        n = len(r.function) if isinstance(r.function, list) else 1
+        if isinstance(r.function, list) and not r.function:
+            raise UserError("reward.function=[] names no function; give 'module:function' or a "
+                            "list of them")
+        if r.function_weights and len(r.function_weights) != n:
+            raise UserError(f"reward.function_weights has {len(r.function_weights)} entries but "
+                            f"reward.function names {n} function(s); give one weight per function")
         if "adapter" in r.kinds and not r.adapter:
             raise UserError("reward source 'adapter' needs reward.adapter=<dir of a reward adapter>; "
                             "set it or drop the source")

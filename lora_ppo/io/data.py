@@ -22,7 +22,10 @@ def read_rows(spec: str, columns: dict[str, str], field: str, text: bool = False
     """Rows {column: value} of a JSONL/JSON/Parquet/CSV file (with `text`, also a .txt file:
     one row per line, its column named "text"). `columns` maps each column to the config field
     that names it (a missing column's message names that field). Every column must exist and
-    hold a value."""
+    hold a value. `spec` may also be rows in memory (in_memory_rows: lora_ppo.api)."""
+    if spec is not None and not isinstance(spec, (str, Path)):
+        rows = [{c: r[c] for c in columns} for r in in_memory_rows(spec, columns, field)]
+        return _filled(rows, field, _shown(spec))
     kinds = ".jsonl, .json, .parquet, .csv" + (" or .txt" if text else "")
     if not spec:
         raise UserError(f"{field} is not set; give a {kinds} file")
@@ -53,6 +56,10 @@ def read_rows(spec: str, columns: dict[str, str], field: str, text: bool = False
     rows = [dict(zip(columns, values)) for values in zip(*(table[c] for c in columns))]
     if not rows:
         raise UserError(f"{field}={spec} holds no rows")
+    return _filled(rows, field, spec)
+
+
+def _filled(rows: list[dict], field: str, spec) -> list[dict]:
     for i, row in enumerate(rows):
         empty = [c for c, v in row.items() if v is None]
         if empty:

@@ -67,6 +67,8 @@ def update_metrics(run: Run, ro: Rollout, stats: PPOStats, beta: float,
     }
     for kind, part in getattr(run.reward, "components", {}).items():  # several reward sources
         local[f"objective/score_{kind}"] = part.float().mean().item()
+    for name, part in getattr(run.reward, "by_function", {}).items():  # several functions
+        local[f"rewards/{name}/mean"] = part.float().mean().item()
     names = list(local)
     nan = float("nan")  # None crosses the all-reduce as NaN and is logged as null
     row = dict(zip(names, all_mean([nan if local[k] is None else local[k] for k in names])))

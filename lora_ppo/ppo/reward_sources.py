@@ -220,12 +220,47 @@ class WeightedReward:
             total += weight * scores
         return total
 
+    @property
+    def by_function(self) -> dict[str, torch.Tensor]:
+        """The last raw scores of each of several reward functions (FunctionSum) among the parts."""
+        return {k: v for _, source, _ in self.parts
+                for k, v in getattr(source, "by_function", {}).items()}
 
-def check_reward_sources(cfg, function: Callable | None = None) -> Callable | None:
+
+class FunctionSum:
+    """Several reward functions (reward.function a list; TRL's `reward_funcs` with
+    `reward_weights`): score = sum_i weight_i * f_i, as TRL sums them; `by_function` keeps each
+    function's last raw scores by its name (logged as TRL's rewards/<name>/mean)."""
+
+    name = "function"
+
+    def __init__(self, parts: list[tuple[FunctionReward, float]]):
+        self.parts, self.by_function = parts, {}
+        self.names: list[str] = []
+        for fr, _ in parts:  # the function's __name__, as TRL names it; a repeat gets _2, _3, ...
+            base = getattr(fr.fn, "__name__", type(fr.fn).__name__)
+            name, k = base, 1
+            while name in self.names:
+                k += 1
+                name = f"{base}_{k}"
+            self.names.append(name)
+
+    def __call__(self, prompts, completions, rollout_tensors) -> torch.Tensor:
+        total = torch.zeros(len(prompts))
+        for name, (fr, weight) in zip(self.names, self.parts):
+            scores = fr(prompts, completions, rollout_tensors)
+            self.by_function[name] = scores
+            total += weight * scores
+        return total
+
+
+def check_reward_sources(cfg, function: Callable | list[Callable] | None = None
+                         ) -> Callable | list[Callable] | None:
     """Fail before the base model loads: import the reward function (a missing file or name or a
     syntax error is found now, not after the model and engine are set up) and check that the
-    reward adapter and model directories are there. Returns the function, or None. `function`:
-    a callable given in Python, which stands in for reward.function."""
+    reward adapter and model directories are there. Returns the function (a list of them when
+    reward.function is a list), or None. `function`: a callable (or a list) given in Python,
+    which stands in for reward.function."""
     r = cfg.reward
     if "adapter" in r.kinds:
         check_adapter_dir(r.adapter, "reward.adapter")
@@ -237,10 +272,15 @@ def check_reward_sources(cfg, function: Callable | None = None) -> Callable | No
                         "sequence-classification model directory")
     if "function" not in r.kinds:
         return None
-    return function if function is not None else load_function(r.function)
+    if function is not None:
+        return function
+    if isinstance(r.function, list):  # several functions, summed with reward.function_weights
+        return [load_function(spec) for spec in r.function]
+    return load_function(r.function)
 
 
-def _make_one(kind: str, cfg, ac: ActorCritic, function: Callable | None) -> RewardSource:
+def _make_one(kind: str, cfg, ac: ActorCritic, function: Callable | list[Callable] | None
+              ) -> RewardSource:
     if kind == "adapter":
         return AdapterReward(ac, cfg.rollout.generation_batch_size)
     if kind == "model":
@@ -248,11 +288,18 @@ def _make_one(kind: str, cfg, ac: ActorCritic, function: Callable | None) -> Rew
                            cfg.rollout.generation_batch_size, ac.device,
                            resolve_compute_dtype(cfg.quantization.compute_dtype, ac.device),
                            cfg.model.trust_remote_code)
-    name = cfg.reward.function or getattr(function, "__qualname__", "function")
-    return FunctionReward(name, function)
+    specs, weights = cfg.reward.function, cfg.reward.function_weights
+    if not isinstance(specs, list) and not isinstance(function, list):
+        return FunctionReward(specs or getattr(function, "__qualname__", "function"), function)
+    functions = function if isinstance(function, list) else [load_function(s) for s in specs]
+    specs = specs if isinstance(specs, list) else [specs] * len(functions)
+    weights = weights or [1.0] * len(functions)
+    return FunctionSum([(FunctionReward(spec, fn), w)
+                        for spec, fn, w in zip(specs, functions, weights)])
 
 
-def make_reward_source(cfg, ac: ActorCritic, function: Callable | None = None) -> RewardSource:
+def make_reward_source(cfg, ac: ActorCritic, function: Callable | list[Callable] | None = None
+                       ) -> RewardSource:
     """One source as is; several (reward.sources) as their weighted sum. `function`: the reward
     function `check_reward_sources` already imported (else it is imported here)."""
     kinds, weights = cfg.reward.kinds, cfg.reward.kind_weights

@@ -40,11 +40,6 @@ from lora_ppo.runtime.dist import DistInfo, seed_everything, setup_distributed
 from lora_ppo.runtime.ds_config import run_ds_config
 from lora_ppo.runtime.engine import create_engine, gathered_trainable
 
-# Fields a stage checkpoint is tied to: they change saved shapes or what the weights mean.
-STAGE_MUST_MATCH = ("quantization.mode", "lora.r", "lora.alpha", "lora.target_modules",
-                    "reward_model.init_adapter", "reward_model.margin_column")
-
-
 # -- data -------------------------------------------------------------------------------------
 
 def encode_pair(tokenizer, prompt: str, response: str, *, chat_template: bool, append_eos: bool,
@@ -95,12 +90,14 @@ class Stage:
         return getattr(self.cfg, self.name)
 
 
-def setup_stage(cfg: Config, name: str, read_rows: Callable[[str, str], list[dict]],
-                resume: Optional[str], overwrite: bool) -> tuple[Stage, list[dict], list[dict]]:
+def setup_stage(cfg: Config, name: str, read_rows: Callable[[Any, str], list[dict]],
+                resume: Optional[str], overwrite: bool, dataset=None, eval_dataset=None
+                ) -> tuple[Stage, list[dict], list[dict]]:
     """Distributed init, seeds, tokenizer, the filled DeepSpeed config, and the stage's rows as
-    `read_rows(spec, field)` reads them, split into training and held-out rows (no model yet).
-    An earlier run of the stage in output_dir is refused unless `resume` or `overwrite`
-    (io/run_dir.py); nothing is written here."""
+    `read_rows(spec, field)` reads them, split into training and held-out rows (no model yet);
+    `dataset` / `eval_dataset` (a datasets.Dataset or a list of dicts) stand in for the
+    section's data / eval.data. An earlier run of the stage in output_dir is refused unless
+    `resume` or `overwrite` (io/run_dir.py); nothing is written here."""
     sec = getattr(cfg, name)
     run_dir = Path(cfg.output_dir) / name
     start = earlier_run(cfg.output_dir, name, resume, overwrite, run_dir)
@@ -109,8 +106,10 @@ def setup_stage(cfg: Config, name: str, read_rows: Callable[[str, str], list[dic
     seed_everything(cfg.seed + dist.rank)
     tokenizer = load_tokenizer(cfg.model, model_path)
     ds_config = run_ds_config(cfg, dist.world_size, dist.device, name)
-    eval_rows = read_rows(sec.eval.data, f"{name}.eval.data") if sec.eval.data else None
-    train_rows, eval_rows = hold_out(read_rows(sec.data, f"{name}.data"), eval_rows,
+    eval_spec = eval_dataset if eval_dataset is not None else sec.eval.data
+    eval_rows = read_rows(eval_spec, f"{name}.eval.data") if eval_spec is not None else None
+    train_spec = dataset if dataset is not None else sec.data
+    train_rows, eval_rows = hold_out(read_rows(train_spec, f"{name}.data"), eval_rows,
                                      sec.eval.size, cfg.seed, f"{name}.eval.size")
     st = Stage(cfg=cfg, name=name, dist=dist, tokenizer=tokenizer, model_path=model_path,
                ds_config=ds_config, run_dir=run_dir, start=start)
@@ -251,7 +250,7 @@ def load_checkpoint(st: Stage, path: Path) -> None:
     if c.state.get("stage") != st.name:
         raise UserError(f"checkpoint {c.path} is from stage {c.state.get('stage', 'train')!r}, not "
                         f"{st.name!r}; resume it with its own command")
-    ck.check_fit(c, st.cfg, st.model_path, STAGE_MUST_MATCH, ck.run_facts(st.dist, st.engine))
+    ck.check_fit(c, st.cfg, st.model_path, ck.run_facts(st.dist, st.engine), st.name)
     ck.load_engine_state(c, st.engine)
     st.step = int(c.state["step"])
     torch.set_rng_state(torch.load(c.path / f"rank-{st.dist.rank}.pt")["torch"])

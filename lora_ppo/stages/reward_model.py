@@ -154,13 +154,14 @@ def write_reward_adapter(model: RewardModel, out: Path) -> None:
     save_file(head, str(out / REWARD_HEAD_FILE))
 
 
-def train_reward(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> Path:
+def train_reward(cfg: Config, resume: Optional[str] = None, overwrite: bool = False, *,
+                 dataset=None, eval_dataset=None) -> Path:
     """Train the reward adapter; returns its directory. `resume`: "latest" or a checkpoint;
     `overwrite`: replace an earlier reward-model run in output_dir (else it is refused)."""
     sec = cfg.reward_model
     st, train_rows, eval_rows = setup_stage(cfg, "reward_model",
                                             lambda spec, field: read_pairs(spec, sec, field),
-                                            resume, overwrite)
+                                            resume, overwrite, dataset, eval_dataset)
     tok, n_prompt = st.tokenizer, cfg.model.max_prompt_length
     train = encode_pairs(tok, train_rows, sec, n_prompt)
     evals = encode_pairs(tok, eval_rows, sec, n_prompt) if eval_rows else []

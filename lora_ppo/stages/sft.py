@@ -155,13 +155,14 @@ def make_rows(examples: list[Example], packed: bool, max_length: int) -> list[li
             for row in first_fit([len(e.ids) for e in examples], max_length)]
 
 
-def train_sft(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> Path:
+def train_sft(cfg: Config, resume: Optional[str] = None, overwrite: bool = False, *,
+              dataset=None, eval_dataset=None) -> Path:
     """Run SFT; returns the output adapter directory. `resume`: "latest" or a checkpoint path;
     `overwrite`: replace an earlier SFT run in output_dir (else it is refused)."""
     sec = cfg.sft
     st, train_rows, eval_rows = setup_stage(cfg, "sft",
                                             lambda spec, field: read_pairs(spec, sec, field),
-                                            resume, overwrite)
+                                            resume, overwrite, dataset, eval_dataset)
     tok, n_prompt, max_len = st.tokenizer, cfg.model.max_prompt_length, sec.train.max_length
     train = make_rows(encode_examples(tok, train_rows, sec, n_prompt), sec.packing, max_len)
     evals = make_rows(encode_examples(tok, eval_rows, sec, n_prompt), sec.packing,
