@@ -19,7 +19,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from lora_ppo.errors import UserError
+from lora_ppo.errors import Interrupted, UserError
 
 PRESETS = Path(__file__).resolve().parent / "builtin" / "presets"
 
@@ -78,6 +78,16 @@ def cmd_training(args) -> int:
     if os.environ.get("RANK", "0") == "0":  # one line under a launcher, not one per rank
         print("done: " + done.format(out=Path(cfg.output_dir)))
     return 0
+
+
+def resume_command(args) -> str:
+    """The command that continues an interrupted run: the saved config is the run's, so only
+    what locates it (--config, an output_dir override) is repeated."""
+    import shlex
+
+    words = ["lora-ppo", args.command] + (["--config", args.config] if args.config else [])
+    words += [o for o in args.overrides if o.startswith("output_dir=")] + ["--resume", "latest"]
+    return shlex.join(words)
 
 
 def cmd_demo(args) -> int:
@@ -259,6 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"lora-ppo: error: {e}", file=sys.stderr)
         code = 2
+    except Interrupted as e:  # Ctrl-C or SIGTERM: stopped after an update, with a checkpoint
+        if os.environ.get("RANK", "0") == "0":
+            under = " under the same launcher" if int(os.environ.get("WORLD_SIZE", "1")) > 1 \
+                else ""
+            print(f"lora-ppo: stopped by {e.signame} after {e.unit} {e.step}, checkpoint "
+                  f"{e.checkpoint}; continue with `{resume_command(args)}`{under}",
+                  file=sys.stderr)
+        code = e.code  # 130 (SIGINT), 143 (SIGTERM)
     except KeyboardInterrupt:
         print("lora-ppo: interrupted", file=sys.stderr)
         code = 130

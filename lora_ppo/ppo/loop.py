@@ -19,6 +19,7 @@ import torch
 
 from lora_ppo.config import Config
 from lora_ppo.config.load import save_config
+from lora_ppo.errors import Interrupted
 from lora_ppo.io.metrics import MetricsLogger, PhaseClock
 from lora_ppo.io.plot import plot_metrics
 from lora_ppo.io.run_dir import clear, earlier_run
@@ -39,6 +40,7 @@ from lora_ppo.rl.gae import compute_gae
 from lora_ppo.rl.masked import masked_whiten
 from lora_ppo.rl.rewards import compute_rewards, overlong_penalty, shape_scores
 from lora_ppo.runtime.dist import all_gather_cat, all_mean, all_sum_tensor
+from lora_ppo.runtime.interrupt import StopSignal
 
 
 class StepOutput(NamedTuple):
@@ -172,8 +174,9 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False, *,
           dataset=None, eval_dataset=None, reward_fn: Optional[Callable] = None) -> Run:
     """Run PPO and return the finished run. `resume`: "latest" or a checkpoint path;
     `overwrite`: replace an earlier run in output_dir (else it is refused, io/run_dir.py).
-    `dataset`, `eval_dataset`, `reward_fn`: in-memory data and a callable in place of what the
-    config names (ppo/run.py::setup)."""
+    `dataset`, `eval_dataset`, `reward_fn`: in-memory data and a callable (or a list) in place
+    of what the config names (ppo/run.py::setup). At SIGINT or SIGTERM it stops after the
+    current update with a checkpoint and raises errors.Interrupted (runtime/interrupt.py)."""
     # Check the output_dir and find the checkpoint before loading anything, so a bad --resume
     # or a used output_dir fails at once, and nothing is written before every check passed.
     start = earlier_run(cfg.output_dir, "train", resume, overwrite, cfg.output_dir)
@@ -195,18 +198,26 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False, *,
     logger.truncate_after(run.step)
     if cfg.data.eval_every and run.step == 0:
         evaluate(run, logger)  # samples before training, to compare with later evaluations
-    while run.step < cfg.ppo.total_updates:
-        out = ppo_step(run)
-        # step 6. log, evaluate, checkpoint
-        row = update_metrics(run, out.rollout, out.stats, out.kl_coef, out.seconds)
-        row.update(sampling_metrics(out.sampling, cfg.rollout.prompts_per_update * run.dist.world_size,
-                                    cfg.rollout.samples_per_prompt))
-        if cfg.data.eval_every and run.step % cfg.data.eval_every == 0:
-            row.update(evaluate(run, logger))
-        logger.log(row)
-        last = run.step == cfg.ppo.total_updates
-        if last or (cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0):
-            ckpt.save(run)
+    with StopSignal() as stop:  # Ctrl-C / SIGTERM: stop after the update, with a checkpoint
+        while run.step < cfg.ppo.total_updates:
+            out = ppo_step(run)
+            # step 6. log, evaluate, checkpoint
+            row = update_metrics(run, out.rollout, out.stats, out.kl_coef, out.seconds)
+            row.update(sampling_metrics(out.sampling,
+                                        cfg.rollout.prompts_per_update * run.dist.world_size,
+                                        cfg.rollout.samples_per_prompt))
+            if cfg.data.eval_every and run.step % cfg.data.eval_every == 0:
+                row.update(evaluate(run, logger))
+            logger.log(row)
+            last = run.step == cfg.ppo.total_updates
+            saved = None
+            if last or (cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0):
+                saved = ckpt.save(run)
+            signum = None if last else stop.requested()  # one all-reduce: every rank decides alike
+            if signum:
+                path = saved or ckpt.save(run)
+                logger.close()
+                raise Interrupted(signum, run.step, path)
     logger.close()
     if rank0 and logger.path.exists():
         plot_metrics(logger.path, run.output_dir / "metrics.png")

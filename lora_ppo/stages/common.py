@@ -27,7 +27,7 @@ from peft import PeftModel, get_peft_model
 
 from lora_ppo.config import Config
 from lora_ppo.config.load import save_config
-from lora_ppo.errors import UserError
+from lora_ppo.errors import Interrupted, UserError
 from lora_ppo.io import checkpoint as ck
 from lora_ppo.io.atomic import atomic_output_dir
 from lora_ppo.io.data import encode_prompts, hold_out, render_prompt
@@ -39,6 +39,7 @@ from lora_ppo.modeling.lora_grad import lora_b_grads_in_fast_order
 from lora_ppo.runtime.dist import DistInfo, seed_everything, setup_distributed
 from lora_ppo.runtime.ds_config import run_ds_config
 from lora_ppo.runtime.engine import create_engine, gathered_trainable
+from lora_ppo.runtime.interrupt import StopSignal
 
 # -- data -------------------------------------------------------------------------------------
 
@@ -175,35 +176,43 @@ def fit(st: Stage, n_train: int, train_step: Callable[[list[int]], dict],
 
     `train_step(row indices)` runs one optimizer step and returns its metrics, already reduced
     over ranks, with "tokens/all" (tokens of all ranks); `evaluate()` returns the held-out
-    metrics; `write_output(dir)` writes the stage's adapter into an empty directory.
+    metrics; `write_output(dir)` writes the stage's adapter into an empty directory. At SIGINT
+    or SIGTERM it stops after the current step with a checkpoint (runtime/interrupt.py).
     """
     sec, rank, world = st.section, st.dist.rank, st.dist.world_size
     bs = sec.train.batch_size
     logger = MetricsLogger(st.run_dir, st.cfg, st.total_steps, st.step, enabled=rank == 0,
                            desc=st.name, unit="step", bar_keys=bar_keys)
     logger.truncate_after(st.step)
-    while st.step < st.total_steps:
-        epoch, k = divmod(st.step, st.steps_per_epoch)
-        start = k * bs * world + rank * bs
-        idx = epoch_order(n_train, st.cfg.seed, epoch)[start:start + bs]
-        # step 1. forward/backward over the micro-batches, one optimizer step
-        t0 = time.perf_counter()
-        row = train_step(idx)
-        st.step += 1
-        dt = time.perf_counter() - t0
-        row.update({"step": st.step, "epoch": st.step / st.steps_per_epoch,
-                    "lr": st.engine.get_lr()[0], "time/step_s": dt,
-                    "tokens_per_s": row.pop("tokens/all") / max(dt, 1e-9),
-                    "memory/peak_mib": peak_memory_mib(st.dist.device)})
-        # step 2. evaluate on the held-out rows
-        last = st.step == st.total_steps
-        if evaluate is not None and (last or (sec.eval.every and st.step % sec.eval.every == 0)):
-            row.update(evaluate())
-        logger.log(row)
-        # step 3. checkpoint
-        every = st.cfg.checkpoint.every
-        if last or (every and st.step % every == 0):
-            save_checkpoint(st, write_output)
+    with StopSignal() as stop:  # Ctrl-C / SIGTERM: stop after the step, with a checkpoint
+        while st.step < st.total_steps:
+            epoch, k = divmod(st.step, st.steps_per_epoch)
+            start = k * bs * world + rank * bs
+            idx = epoch_order(n_train, st.cfg.seed, epoch)[start:start + bs]
+            # step 1. forward/backward over the micro-batches, one optimizer step
+            t0 = time.perf_counter()
+            row = train_step(idx)
+            st.step += 1
+            dt = time.perf_counter() - t0
+            row.update({"step": st.step, "epoch": st.step / st.steps_per_epoch,
+                        "lr": st.engine.get_lr()[0], "time/step_s": dt,
+                        "tokens_per_s": row.pop("tokens/all") / max(dt, 1e-9),
+                        "memory/peak_mib": peak_memory_mib(st.dist.device)})
+            # step 2. evaluate on the held-out rows
+            last = st.step == st.total_steps
+            if evaluate is not None and (last or (sec.eval.every
+                                                  and st.step % sec.eval.every == 0)):
+                row.update(evaluate())
+            logger.log(row)
+            # step 3. checkpoint; at a signal, one now and stop
+            every, saved = st.cfg.checkpoint.every, None
+            if last or (every and st.step % every == 0):
+                saved = save_checkpoint(st, write_output)
+            signum = None if last else stop.requested()  # collective: every rank alike
+            if signum:
+                path = saved or save_checkpoint(st, write_output)
+                logger.close()
+                raise Interrupted(signum, st.step, path, unit="step")
     logger.close()
     # step 4. the stage's output adapter, whole or not at all
     with gathered_trainable(st.engine):  # collective under ZeRO-3: every rank enters
