@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -194,10 +195,17 @@ def run_ds_config(cfg, world_size: int, device: torch.device, section: str) -> d
         batch, micro = train.batch_size, train.micro_batch_size
         names = (f"{section}.train.batch_size", f"{section}.train.micro_batch_size")
     raw, source = read_ds_config(cfg.deepspeed.config)
+    precision = resolve_precision(cfg.deepspeed.precision, device)
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if asked != "no" and asked != precision:
+        # `accelerate launch --mixed_precision` only sets this variable, which nothing here reads
+        raise UserError(f"accelerate launch --mixed_precision {asked}, but this run trains in "
+                        f"{precision} (deepspeed.precision={cfg.deepspeed.precision}); set "
+                        f"deepspeed.precision={asked} in the config, or launch without the flag")
     out = fill_ds_config(
         raw, micro_batch_size=micro, grad_accum_steps=batch // micro, world_size=world_size,
         max_grad_norm=getattr(cfg, section).optim.max_grad_norm,
-        precision=resolve_precision(cfg.deepspeed.precision, device), source=source,
+        precision=precision, source=source,
         fields=(*names, f"{section}.optim.max_grad_norm"))
     refuse_unsupported(zero_stage(out), cfg.quantization.mode != "none", world_size)
     validate(out, source)
