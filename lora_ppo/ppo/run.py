@@ -31,7 +31,7 @@ from lora_ppo.runtime.engine import create_engine
 class Run:
     """Everything a training run holds; checkpointed by ppo/checkpoint.py."""
 
-    cfg: Config                 # the config as the user gave it (saved with every checkpoint)
+    cfg: Config                 # the run's config (resumed: the saved one, io/resume.py)
     dist: DistInfo
     tokenizer: object
     ac: ActorCritic

@@ -157,7 +157,8 @@ def write_reward_adapter(model: RewardModel, out: Path) -> None:
 def train_reward(cfg: Config, resume: Optional[str] = None, overwrite: bool = False, *,
                  dataset=None, eval_dataset=None) -> Path:
     """Train the reward adapter; returns its directory. `resume`: "latest" or a checkpoint;
-    `overwrite`: replace an earlier reward-model run in output_dir (else it is refused)."""
+    `overwrite`: replace an earlier reward-model run in output_dir (else it is refused);
+    `dataset` / `eval_dataset`: rows in memory in place of reward_model.data / eval.data."""
     sec = cfg.reward_model
     st, train_rows, eval_rows = setup_stage(cfg, "reward_model",
                                             lambda spec, field: read_pairs(spec, sec, field),

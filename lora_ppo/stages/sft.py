@@ -158,7 +158,8 @@ def make_rows(examples: list[Example], packed: bool, max_length: int) -> list[li
 def train_sft(cfg: Config, resume: Optional[str] = None, overwrite: bool = False, *,
               dataset=None, eval_dataset=None) -> Path:
     """Run SFT; returns the output adapter directory. `resume`: "latest" or a checkpoint path;
-    `overwrite`: replace an earlier SFT run in output_dir (else it is refused)."""
+    `overwrite`: replace an earlier SFT run in output_dir (else it is refused); `dataset` /
+    `eval_dataset`: rows in memory in place of sft.data / sft.eval.data (lora_ppo.api)."""
     sec = cfg.sft
     st, train_rows, eval_rows = setup_stage(cfg, "sft",
                                             lambda spec, field: read_pairs(spec, sec, field),
