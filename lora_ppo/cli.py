@@ -157,7 +157,7 @@ def _estimate_parser(sub) -> None:
     e.add_argument("--gpu-mib", type=float, default=24576, help="memory of the card (MiB)")
     e.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
                    help="gpu: CUDA allocator peak in bf16; cpu: peak RSS over the pre-load "
-                        "baseline in fp32 (what scripts/bench.py measures on a CPU)")
+                        "baseline in fp32 (what benchmarks/bench.py measures on a CPU)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(fn=cmd_estimate)
 

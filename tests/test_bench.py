@@ -1,4 +1,4 @@
-"""scripts/bench.py: the per-phase measurements, and a real run on a tiny model."""
+"""benchmarks/bench.py: the per-phase measurements, and a real run on a tiny model."""
 
 import importlib.util
 import json
@@ -12,7 +12,7 @@ import time
 import pytest
 from helpers import REPO, clean_env
 
-BENCH = REPO / "scripts" / "bench.py"
+BENCH = REPO / "benchmarks" / "bench.py"
 TINY = ["--vocab", "512", "--hidden", "64", "--intermediate", "128", "--layers", "2",
         "--heads", "4", "--kv-heads", "2", "--batch", "4", "--micro-batch", "2",
         "--prompt-len", "8", "--new-tokens", "4", "--updates", "1", "--warmup", "0",

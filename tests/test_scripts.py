@@ -11,7 +11,8 @@ import pytest
 from helpers import REPO, clean_env
 from test_pipeline import _pipeline_yaml
 
-SCRIPTS = ("setup.sh", "launch.sh", "rlhf.sh", "gpu_check.sh", "update_constraints.sh")
+SCRIPTS = ("scripts/setup.sh", "scripts/launch.sh", "scripts/rlhf.sh", "scripts/update_constraints.sh",
+           "benchmarks/gpu_check.sh")
 
 
 def _bash(*args: str, env: dict | None = None, timeout: int = 60):
@@ -21,7 +22,7 @@ def _bash(*args: str, env: dict | None = None, timeout: int = 60):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_scripts_parse(script):
-    res = _bash("-n", str(REPO / "scripts" / script))
+    res = _bash("-n", str(REPO / script))
     assert res.returncode == 0, res.stderr
 
 
@@ -30,7 +31,7 @@ def test_gpu_check_refuses_cleanly_without_a_gpu(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the check would run")
-    res = _bash("scripts/gpu_check.sh", str(tmp_path / "gpu.json"))
+    res = _bash("benchmarks/gpu_check.sh", str(tmp_path / "gpu.json"))
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("gpu_check: "), res
     assert not (tmp_path / "gpu.json").exists()
@@ -80,7 +81,7 @@ def test_curves_bins_runs_by_generated_tokens(tmp_path):
                      "episode": 8}])
     b = write("b", [{"objective/raw_scores": 5.0, "objective/kl": 0.5, "response/length": 10.0,
                      "episode": 8}])
-    res = subprocess.run([sys.executable, str(REPO / "scripts" / "curves.py"), f"a={a}", f"b={b}",
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "curves.py"), f"a={a}", f"b={b}",
                           "--bins", "2"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
@@ -100,7 +101,7 @@ def test_curves_counts_what_dynamic_sampling_dropped(tmp_path):
          "sampling/response_tokens": 100.0, "sampling/raw_scores": 1.0},
         {"objective/raw_scores": 2.0, "objective/kl": 0.2, "response/length": 10.0, "episode": 16,
          "sampling/response_tokens": None, "sampling/raw_scores": None}]))
-    res = subprocess.run([sys.executable, str(REPO / "scripts" / "curves.py"), f"d={path}",
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "curves.py"), f"d={path}",
                           "--bins", "2"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     # tokens so far: 100, then 100 + 10 x 4 = 140; bins of 70
@@ -108,7 +109,7 @@ def test_curves_counts_what_dynamic_sampling_dropped(tmp_path):
 
 
 def test_dapo_vs_grpo_usage_error_is_one_line_and_exit_2(tmp_path):
-    res = subprocess.run([sys.executable, str(REPO / "scripts" / "dapo_vs_grpo.py"), "--out",
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "dapo_vs_grpo.py"), "--out",
                           str(tmp_path), "--updates", "0"], capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 2 and res.stderr.strip() == (
@@ -119,7 +120,7 @@ def test_curves_bad_input_is_one_line_and_exit_2(tmp_path):
     empty = tmp_path / "eval_only.jsonl"
     empty.write_text(json.dumps({"eval/score": 1.0}) + "\n")
     for arg in ("no-label", f"a={tmp_path / 'missing.jsonl'}", f"a={empty}"):
-        res = subprocess.run([sys.executable, str(REPO / "scripts" / "curves.py"), arg],
+        res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "curves.py"), arg],
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
         assert "Traceback" not in res.stderr
@@ -127,7 +128,7 @@ def test_curves_bad_input_is_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.parametrize("side", ["lora_ppo", "lora_ppo_grpo"])
 def test_bench_vs_trl_runs_its_lora_ppo_side(side, tiny_model_dir, tmp_path):
-    """The side the driver (and scripts/gpu_check.py) runs in its own process: it reaches into
+    """The side the driver (and benchmarks/gpu_check.py) runs in its own process: it reaches into
     lora_ppo's setup, so a move of a name there must break this test, not the benchmark."""
     if side == "lora_ppo":
         w = {"model": "tiny", "batch": 4, "mini": 2, "prompt_len": 8, "prompt_min": 4,
@@ -137,7 +138,7 @@ def test_bench_vs_trl_runs_its_lora_ppo_side(side, tiny_model_dir, tmp_path):
              "stop_ids": 20, "grad_ckpt": False, "steps": 2}
     out = tmp_path / "side.json"
     res = subprocess.run(
-        [sys.executable, "scripts/bench_vs_trl.py", "--side", side, "--model-dir",
+        [sys.executable, "benchmarks/bench_vs_trl.py", "--side", side, "--model-dir",
          str(tiny_model_dir), "--workload-json", json.dumps(w), "--random-prompts",
          "--out", str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=300,

@@ -10,7 +10,7 @@ the training config. Every phase of an update peaks at
                     update:     saved activations of one micro-batch + the backward's temporaries
 
 and the run's peak is the largest phase. `device="gpu"` predicts the CUDA allocator peak
-(torch.cuda.max_memory_allocated, bf16 compute); `device="cpu"` predicts what scripts/bench.py
+(torch.cuda.max_memory_allocated, bf16 compute); `device="cpu"` predicts what benchmarks/bench.py
 measures on a CPU: peak resident memory (VmHWM) minus the resident memory before the model was
 loaded, in fp32 (docs/benchmarks.md compares the two and gives the error).
 
@@ -33,7 +33,7 @@ from lora_ppo.sizing.arch import Arch, lora_param_count, param_counts, read_arch
 MIB = 2**20
 # What the CPU measurement sees besides tensors: pages of shared libraries' code first run by a
 # forward/backward/generate (file-backed, so they count in RSS), allocator and thread state.
-# scripts/bench.py measured 28-40 MiB of it on a 0.3M-parameter model, whose tensors are
+# benchmarks/bench.py measured 28-40 MiB of it on a 0.3M-parameter model, whose tensors are
 # about 1 MiB (docs/benchmarks.md, "Calibration"); the spread is page-cache dependent.
 CPU_RUNTIME_OVERHEAD = 36 * MIB
 

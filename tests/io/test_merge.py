@@ -394,8 +394,8 @@ def test_a_kill_at_any_point_leaves_no_output_and_no_temp_dir(q4, tmp_path):
 
 @pytest.mark.slow
 def test_bench_merge_script_runs(tmp_path):
-    """scripts/bench_merge.py at a tiny size: trains, merges in a child, measures its RSS."""
-    res = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_merge.py"), "--hidden", "64",
+    """benchmarks/bench_merge.py at a tiny size: trains, merges in a child, measures its RSS."""
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_merge.py"), "--hidden", "64",
                           "--intermediate", "128", "--layers", "2", "--vocab", "512",
                           "--base-shard-size", "200KB", "--cache-dir", str(tmp_path / "cache"),
                           "--out", str(tmp_path / "bench.json")], capture_output=True, text=True,

@@ -1,13 +1,13 @@
-"""The prepared GPU check: one JSON with what only a GPU can show (run by scripts/gpu_check.sh).
+"""The prepared GPU check: one JSON with what only a GPU can show (run by benchmarks/gpu_check.sh).
 
     1. the demo pipeline (`lora-ppo demo`) with CUDA bitsandbytes 4-bit and bf16: its summary
        and wall time;
-    2. scripts/bench.py at a ~1B-parameter Llama shape with a 32k vocabulary (hidden 2048, 16
+    2. benchmarks/bench.py at a ~1B-parameter Llama shape with a 32k vocabulary (hidden 2048, 16
        layers, 16 heads, 8 KV heads, intermediate 5632): generation and update tokens/s, the
        share of the matmul peak, and the allocator peak of each phase against the estimator's
        prediction (`lora-ppo estimate --device gpu`), unquantized and 4-bit;
     3. the critic-free demo (`lora-ppo demo --preset grpo`);
-    4. the grouped long-prompt GRPO workload of scripts/bench_vs_trl.py (`grpo-long`: 4 prompts
+    4. the grouped long-prompt GRPO workload of benchmarks/bench_vs_trl.py (`grpo-long`: 4 prompts
        x 8 answers, 256-token prompts, answers ending at one of 512 stop ids, cap 48), lora_ppo's
        side only, bf16 on the GPU, at the 70M shape (hidden 768, 8 layers, vocab 8192) with
        random token ids as prompts (the peer's files are not on the GPU machine): tokens/s, the
@@ -35,7 +35,7 @@ BENCH_1B = ["--vocab", "32000", "--hidden", "2048", "--intermediate", "5632", "-
             "--warmup", "1", "--lora-r", "16", "--grad-ckpt"]
 
 
-# scripts/bench_vs_trl.py's llama70m, built with lora_ppo's own builder (its tokenizer may hold
+# benchmarks/bench_vs_trl.py's llama70m, built with lora_ppo's own builder (its tokenizer may hold
 # fewer ids than the model's 8192 rows: the prompts use the ids it has, sampling any of 8192)
 GRPO_SHAPE = {"vocab_size": 8192, "hidden_size": 768, "intermediate_size": 2048, "num_layers": 8,
               "num_heads": 12, "num_kv_heads": 12, "max_position_embeddings": 2048}
@@ -50,7 +50,7 @@ build_tiny_model(sys.argv[2], **json.loads(sys.argv[3]))
 def _bench_vs_trl():
     import importlib.util
 
-    path = REPO / "scripts" / "bench_vs_trl.py"
+    path = REPO / "benchmarks" / "bench_vs_trl.py"
     spec = importlib.util.spec_from_file_location("bench_vs_trl", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -66,7 +66,7 @@ def grpo_long(py: str, work: Path, shape: dict | None = None, precision: str = "
         return step
     w = {**_bench_vs_trl().GRPO_WORKLOADS["grpo-long"], "steps": steps}
     out = work / "grpo_long.json"
-    step = _run([py, "scripts/bench_vs_trl.py", "--side", "lora_ppo_grpo", "--model-dir",
+    step = _run([py, "benchmarks/bench_vs_trl.py", "--side", "lora_ppo_grpo", "--model-dir",
                  str(model), "--workload-json", json.dumps(w), "--precision", precision,
                  "--threads", "0", "--random-prompts", "--out", str(out)], timeout)
     if out.is_file():
@@ -119,7 +119,7 @@ def main() -> int:
         report["demo_4bit_bf16"] = step
     for name, quant in (("bench_1b_none", "none"), ("bench_1b_4bit", "4bit")):
         out = work / f"{name}.json"
-        step = _run([py, "scripts/bench.py", *BENCH_1B, "--quant", quant, "--cache-dir",
+        step = _run([py, "benchmarks/bench.py", *BENCH_1B, "--quant", quant, "--cache-dir",
                      str(work / "cache"), "--out", str(out)], 150)
         if out.is_file():
             run = json.loads(out.read_text())["runs"][0]

@@ -1,15 +1,15 @@
 """lora_ppo against TRL side by side, on the same model and settings: TRL 0.11.4's PPOTrainer + peft
 for PPO, TRL 1.16's GRPOTrainer + peft for GRPO.
 
-    python scripts/bench_vs_trl.py --workload fixed --repeats 3 --out fixed.json
-    python scripts/bench_vs_trl.py --workload variable --repeats 3 --out variable.json
-    python scripts/bench_vs_trl.py --workload memory --repeats 2 --out memory.json
-    python scripts/bench_vs_trl.py --workload fixed --gen-len 16,32,64,128 --out sweep.json
-    python scripts/bench_vs_trl.py --workload grpo-long --repeats 3 --out grpo-long.json
-    python scripts/bench_vs_trl.py --workload grpo-variable --repeats 3 --out grpo-variable.json
-    python scripts/bench_vs_trl.py --workload grpo-fixed --repeats 3 --out grpo-fixed.json
-    python scripts/bench_vs_trl.py --workload grpo-memory --repeats 3 --out grpo-memory.json
-    python scripts/bench_vs_trl.py --workload grpo-long --tiny --repeats 1 --steps 2 --out t.json
+    python benchmarks/bench_vs_trl.py --workload fixed --repeats 3 --out fixed.json
+    python benchmarks/bench_vs_trl.py --workload variable --repeats 3 --out variable.json
+    python benchmarks/bench_vs_trl.py --workload memory --repeats 2 --out memory.json
+    python benchmarks/bench_vs_trl.py --workload fixed --gen-len 16,32,64,128 --out sweep.json
+    python benchmarks/bench_vs_trl.py --workload grpo-long --repeats 3 --out grpo-long.json
+    python benchmarks/bench_vs_trl.py --workload grpo-variable --repeats 3 --out grpo-variable.json
+    python benchmarks/bench_vs_trl.py --workload grpo-fixed --repeats 3 --out grpo-fixed.json
+    python benchmarks/bench_vs_trl.py --workload grpo-memory --repeats 3 --out grpo-memory.json
+    python benchmarks/bench_vs_trl.py --workload grpo-long --tiny --repeats 1 --steps 2 --out t.json
 
 PPO. TRL runs in its own venv (transformers 4.46, peft 0.13; `../shared/peer/setup.sh` makes it)
 with the peer's harness (`../shared/peer/trl_ppo.py`); lora_ppo runs in this checkout's venv, in
@@ -747,7 +747,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="shrink the workload to check the "
                    "harness only (2-layer model, few short prompts): the figures mean nothing")
     p.add_argument("--out", required=True)
-    # the lora_ppo side, run by the driver in a fresh process (and by scripts/gpu_check.py)
+    # the lora_ppo side, run by the driver in a fresh process (and by benchmarks/gpu_check.py)
     p.add_argument("--side", choices=["lora_ppo", "lora_ppo_grpo"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--workload-json", help=argparse.SUPPRESS)

@@ -1,7 +1,7 @@
 """Peak memory and time of `lora-ppo merge` on a locally built model of several hundred MB.
 
-    python scripts/bench_merge.py --out merge_bench.json                   # the documented run
-    python scripts/bench_merge.py --hidden 64 --layers 2 --vocab 512 --base-shard-size 200KB
+    python benchmarks/bench_merge.py --out merge_bench.json                   # the documented run
+    python benchmarks/bench_merge.py --hidden 64 --layers 2 --vocab 512 --base-shard-size 200KB
 
 1. A random-init Llama (lora_ppo.builtin.tiny.build_tiny_model), re-saved in shards of
    --base-shard-size, fp32, with its tokenizer: the base.

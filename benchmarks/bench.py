@@ -1,8 +1,8 @@
 """Benchmark the three phases of a PPO update on a locally built Llama of any size.
 
-    python scripts/bench.py --hidden 512 --layers 4 --updates 2 --out bench.json
-    python scripts/bench.py --sweep seq=64,128,256 --sweep quant=none,4bit --out sweep.json
-    deepspeed --num_gpus 1 scripts/bench.py --hidden 2048 --layers 16 --out gpu.json
+    python benchmarks/bench.py --hidden 512 --layers 4 --updates 2 --out bench.json
+    python benchmarks/bench.py --sweep seq=64,128,256 --sweep quant=none,4bit --out sweep.json
+    deepspeed --num_gpus 1 benchmarks/bench.py --hidden 2048 --layers 16 --out gpu.json
 
 Each update runs the real pieces of lora_ppo.ppo.loop: `loop.setup` builds the run, then
     generation  the sampler (lora_ppo/generation)
