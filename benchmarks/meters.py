@@ -90,8 +90,9 @@ def cpu_sample() -> CpuSample:
 
 def other_cpu_share(busy_s: float, own_s: float, seconds: float, ncpu: int) -> float:
     """Share of the machine's CPU capacity other processes used: busy CPU-seconds of the machine
-    minus ours, over wall x CPUs (clock-tick rounding can make the difference negative: 0)."""
-    return max(0.0, busy_s - own_s) / (max(seconds, 1e-9) * ncpu)
+    minus ours, over wall x CPUs. /proc/stat counts in clock ticks (10 ms), so over a short span
+    the share can come out below 0 or above 1: it is clipped to [0, 1]."""
+    return min(1.0, max(0.0, busy_s - own_s) / (max(seconds, 1e-9) * ncpu))
 
 
 def between(c0: CpuSample, c1: CpuSample) -> dict:
