@@ -10,14 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-BUILTIN_MODEL = "builtin:demo"
-
 
 @dataclass
 class ModelConfig:
-    path: str = BUILTIN_MODEL
-    """Local directory of the base causal LM (a hub id also works when online). `builtin:demo` builds
-    and caches a small review-writing Llama locally; `builtin:test` a tiny random one."""
+    path: Optional[str] = None
+    """Local directory of the base causal LM (a hub id also works when online)."""
     tokenizer_path: Optional[str] = None
     """Tokenizer directory when it is not the model directory."""
     init_adapter: Optional[str] = None
@@ -93,7 +90,7 @@ class RewardConfig:
     source: Literal["function", "adapter", "model"] = "function"
     """Where scores come from: a Python `function`, the frozen reward `adapter` on the same base, or
     a separate sequence-classification `model`. For several at once, see `sources`."""
-    function: str = "lora_ppo.builtin.rewards:positive_sentiment"
+    function: Optional[str] = None
     """`module:function` or `path/to/file.py:function`, called as
     `fn(prompts=list[str], completions=list[str], **extra) -> list[float]` (TRL's convention)."""
     adapter: Optional[str] = None
@@ -305,10 +302,8 @@ class PPOConfig:
 
 @dataclass
 class DataConfig:
-    prompts: str = "builtin:reviews"
-    """JSONL, Parquet, CSV or text file of prompts; `builtin:reviews` generates review openings,
-    `builtin:arithmetic` additions "a + b =" (for reward.function=lora_ppo.builtin.rewards:
-    arithmetic_correct)."""
+    prompts: Optional[str] = None
+    """JSONL, JSON, Parquet, CSV or text file of prompts."""
     prompt_column: str = "prompt"
     """Column that holds the prompt text (text files: one prompt per line)."""
     chat_template: bool = False

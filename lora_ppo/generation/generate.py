@@ -68,10 +68,10 @@ def generate(ac: ActorCritic, prompt_ids: Sequence[Sequence[int]], rollout, deco
     """Sample responses with the policy (at most `rollout.generation_batch_size` rows at once).
     `rollout`: the config's RolloutConfig (max_new_tokens, temperature, the batch size, whether
     to fold the adapter); `decode`: the decode path setup chose for this model. `synced`: every
-    rank runs the same forwards (ZeRO-3 gathers weights collectively in each one). `score`: keep the sampler's log-probs
-    (and shared-head values) of the drawn tokens. The uniforms behind every draw come from
-    torch's global generator, one row per prompt, so a seeded run draws the same tokens whatever
-    the batching."""
+    rank runs the same forwards (ZeRO-3 gathers weights collectively in each one). `score`:
+    keep the sampler's log-probs (and shared-head values) of the drawn tokens. The uniforms
+    behind every draw come from torch's global generator, one row per prompt, so a seeded run
+    draws the same tokens whatever the batching."""
     query_ids, query_mask = left_pad(prompt_ids, pad_id)
     uniforms = None if greedy else torch.rand(len(prompt_ids), rollout.max_new_tokens)
     fold = rollout.fold_for_generation and can_fold(ac.peft_model)

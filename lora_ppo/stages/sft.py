@@ -43,7 +43,6 @@ from lora_ppo.stages.common import (
 )
 
 log = logging.getLogger(__name__)
-BUILTIN = "builtin:reviews"
 
 
 class Example(NamedTuple):
@@ -58,20 +57,7 @@ class Batch(NamedTuple):
     loss_mask: torch.Tensor       # (B, L) float, 1 on response tokens
 
 
-def builtin_pairs(n: int = 2000, seed: int = 7) -> list[dict]:
-    """Reviews of the synthetic corpus cut after their opening "... :" into prompt / response."""
-    from lora_ppo.builtin.corpus import review_corpus
-
-    rows = []
-    for text, _ in review_corpus(n, seed=seed):
-        cut = text.index(" :") + 2
-        rows.append({"prompt": text[:cut], "response": text[cut:]})
-    return rows
-
-
 def read_pairs(spec: str, sec, field: str) -> list[dict]:
-    if spec == BUILTIN:
-        return builtin_pairs()
     section = field.split(".")[0]  # sft
     rows = read_rows(spec, {sec.prompt_column: f"{section}.prompt_column",
                             sec.response_column: f"{section}.response_column"}, field)

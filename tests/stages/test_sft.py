@@ -10,13 +10,13 @@ import pytest
 import torch
 from helpers import tiny_config
 
+from lora_ppo.builtin.corpus import sft_pairs as builtin_pairs
 from lora_ppo.builtin.corpus import write_jsonl
 from lora_ppo.modeling.loading import load_base_model, load_tokenizer
 from lora_ppo.stages.common import encode_pair
 from lora_ppo.stages.sft import (
     Example,
     block_causal_mask,
-    builtin_pairs,
     collate,
     encode_examples,
     make_rows,
@@ -219,7 +219,8 @@ def test_resume_latest_restarts_a_run_killed_before_its_first_checkpoint(tiny_mo
 
     section, adapter = {"sft": ("sft", "adapter"),
                         "train-reward": ("reward_model", "reward_adapter")}[command]
-    args = [f"model.path={tiny_model_dir}", "quantization.mode=none",
+    args = [f"model.path={tiny_model_dir}", "quantization.mode=none", "sft.data=builtin:reviews",
+            "reward_model.data=builtin:preferences",
             "model.max_prompt_length=16", "lora.r=4", "lora.alpha=8", "checkpoint.every=2",
             "logging.progress=false", "logging.tensorboard=false",
             *(f"{section}.{k}" for k in ("train.max_steps=3", "train.batch_size=4",
