@@ -97,6 +97,36 @@ def prompts_of(w: dict, tok, vocab: int, seed: int):
     return [Prompt(t, tuple(tok(t)["input_ids"])) for t in texts], wl.digest(texts)
 
 
+def step_record(out, stop_ids: list[int]) -> dict:
+    """The fields of workload.summarize from one ppo_step's output (lora_ppo.ppo.loop.StepOutput):
+    its phases' seconds, the generated tokens, the reward."""
+    ro, sec = out.rollout, out.seconds
+    lens = [int(x) for x in ro.response_mask.sum(1).tolist()]
+    ends = [int(r[n - 1]) for r, n, e in zip(ro.response_ids.tolist(), lens, ro.has_eos.tolist())
+            if e and n]
+    return {"gen_s": sec["generation"], "rollout_s": sec["generation"] + sec["scoring"],
+            "score_s": sec["scoring"], "update_s": sec["update"], "samples": len(lens),
+            "gen_tokens": sum(lens), "prompt_tokens": int(ro.query_mask.sum()),
+            "resp_lens": lens, "mean_reward": float(ro.raw_scores.mean()),
+            "maxrss_mib": meters.maxrss_mib(),
+            # a response that stopped ends with its stop id, counted as TRL counts it
+            "stop_token_counted": all(e in stop_ids for e in ends),
+            "ratio": out.stats.ratio, "kl_coef": out.kl_coef}
+
+
+def summarize(w: dict, records: list[dict], rss: dict) -> dict:
+    """workload.summarize, plus whether every answer reached the cap, whether stop tokens were
+    counted, and on a GPU the allocator's peak above the loaded model."""
+    summary = wl.summarize(records, rss["after_model_load_mib"], rss["peak_mib"])
+    summary["fixed_length_exact"] = all(n == w["gen_len"] for r in records for n in r["resp_lens"])
+    summary["stop_token_counted"] = all(r["stop_token_counted"] for r in records)
+    if "gpu_after_model_load_mib" in rss:
+        summary["gpu_peak_mib"] = max(r["gpu_peak_mib"] for r in records)
+        summary["gpu_peak_above_load_mib"] = (summary["gpu_peak_mib"]
+                                              - rss["gpu_after_model_load_mib"])
+    return summary
+
+
 def run_side(w: dict, model_dir: str, out: Path, seed: int = 0, threads: int = 1,
              precision: str = "fp32", extra: tuple[str, ...] = ()) -> dict:
     import torch
@@ -145,18 +175,8 @@ def run_side(w: dict, model_dir: str, out: Path, seed: int = 0, threads: int = 1
         out_k = ppo_step(run)
         sync()
         lap = clock.lap()
-        ro, sec = out_k.rollout, out_k.seconds
-        lens = [int(x) for x in ro.response_mask.sum(1).tolist()]
-        ends = [int(r[n - 1]) for r, n, e in zip(ro.response_ids.tolist(), lens,
-                                                  ro.has_eos.tolist()) if e and n]
-        rec = {"step": k, **lap, "gen_s": sec["generation"],
-               "rollout_s": sec["generation"] + sec["scoring"], "score_s": sec["scoring"],
-               "update_s": sec["update"], "samples": len(lens), "gen_tokens": sum(lens),
-               "prompt_tokens": int(ro.query_mask.sum()), "resp_lens": lens,
-               "mean_reward": float(ro.raw_scores.mean()), "maxrss_mib": meters.maxrss_mib(),
-               # a response that stopped ends with its stop id, counted like TRL counts it
-               "stop_token_counted": all(e in run.stop_ids for e in ends),
-               "ratio": out_k.stats.ratio, "kl_coef": out_k.kl_coef}
+        rec = {"step": k, **lap, **step_record(out_k, run.stop_ids)}
+        sec = out_k.seconds
         if cuda:
             rec["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / meters.MIB
         records.append(rec)
@@ -165,13 +185,7 @@ def run_side(w: dict, model_dir: str, out: Path, seed: int = 0, threads: int = 1
               f"reward {rec['mean_reward']:+.4f} other-load {lap['other_cpu_load']:.2f}",
               file=sys.stderr, flush=True)
     rss["peak_mib"] = meters.maxrss_mib()
-    summary = wl.summarize(records, rss["after_model_load_mib"], rss["peak_mib"])
-    summary["fixed_length_exact"] = all(n == w["gen_len"] for r in records for n in r["resp_lens"])
-    summary["stop_token_counted"] = all(r["stop_token_counted"] for r in records)
-    if cuda:
-        summary["gpu_peak_mib"] = max(r["gpu_peak_mib"] for r in records)
-        summary["gpu_peak_above_load_mib"] = (summary["gpu_peak_mib"]
-                                              - rss["gpu_after_model_load_mib"])
+    summary = summarize(w, records, rss)
     import peft
     import transformers
 

@@ -55,6 +55,63 @@ OFFLINE = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORME
            "HF_DATASETS_OFFLINE": "1", "WANDB_DISABLED": "true", "ACCELERATE_USE_CPU": "true"}
 
 
+def grpo_config(w: dict, seed: int, out_dir: str):
+    """Every GRPOConfig field the comparison depends on, set to the lora_ppo run's value."""
+    import torch
+    from trl import GRPOConfig
+
+    samples = wl.samples_per_step(w)
+    return GRPOConfig(
+        output_dir=out_dir, use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
+        seed=seed, max_steps=w["steps"],
+        learning_rate=wl.GRPO["lr"], lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, optim="adamw_torch", max_grad_norm=1.0,
+        per_device_train_batch_size=w["micro"], gradient_accumulation_steps=samples // w["micro"],
+        num_generations=w["n"], max_completion_length=w["gen_len"],
+        temperature=1.0, top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0,
+        beta=wl.GRPO["beta"], loss_type=wl.GRPO["loss_type"], scale_rewards="group",
+        epsilon=wl.GRPO["epsilon"], num_iterations=1, mask_truncated_completions=False,
+        disable_dropout=True, gradient_checkpointing=w["grad_ckpt"],
+        use_vllm=False, use_transformers_continuous_batching=False,
+        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
+        disable_tqdm=True, log_completions=False, dataloader_num_workers=0)
+
+
+def sampling_unwarped(trainer, tok, text: str) -> bool:
+    """Whether TRL samples from the raw softmax: one generate() with the trainer's own generation
+    config, as its rollout calls it; with no logits processor the scores it samples from equal
+    the model's logits, bit for bit."""
+    import torch
+    from trl.models import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
+                                     generation_kwargs=trainer.generation_kwargs) as m, \
+            torch.no_grad():
+        enc = tok([text], return_tensors="pt").to(m.device)
+        g = m.generate(**enc, generation_config=trainer.generation_config, max_new_tokens=2,
+                       output_scores=True, output_logits=True, return_dict_in_generate=True)
+    return bool(g.scores) and all(torch.equal(s, lg) for s, lg in zip(g.scores, g.logits))
+
+
+def step_records(w: dict, laps: list, calls: list, rollout_s: list, begins: list,
+                 ends: list) -> list[dict]:
+    """One record per step, in workload.summarize's fields: the clock's lap, the rollout's time,
+    and what the reward function saw of that step's generation."""
+    steps = []
+    for k, (lap, call) in enumerate(zip(laps, calls)):
+        step_s = ends[k] - begins[k]
+        steps.append({"step": k, **lap, "step_s": step_s, "gen_s": None,
+                      "rollout_s": rollout_s[k], "update_s": step_s - rollout_s[k],
+                      "samples": call["samples"], "gen_tokens": sum(call["resp_lens"]),
+                      "prompt_tokens": call["samples"] * w["prompt_len"],
+                      "resp_lens": call["resp_lens"], "mean_reward": call["mean_reward"]})
+        print(f"[trl] step {k}: {lap['wall_s']:.2f}s (rollout {rollout_s[k]:.2f}s, update "
+              f"{step_s - rollout_s[k]:.2f}s) tokens {steps[-1]['gen_tokens']} reward "
+              f"{call['mean_reward']:+.4f} other-load {lap['other_cpu_load']:.2f}",
+              file=sys.stderr, flush=True)
+    return steps
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workload", required=True, help="a grpo-* name of workload.WORKLOADS, or JSON")
@@ -80,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     import trl
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-    from trl.models import unwrap_model_for_generation
+    from trl import GRPOTrainer
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
@@ -134,20 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             return out
 
     out_dir = tempfile.mkdtemp(prefix="trl-grpo-")  # nothing is written there (save_strategy no)
-    cfg = GRPOConfig(
-        output_dir=out_dir, use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False,
-        seed=a.seed, max_steps=w["steps"],
-        learning_rate=wl.GRPO["lr"], lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, optim="adamw_torch", max_grad_norm=1.0,
-        per_device_train_batch_size=w["micro"], gradient_accumulation_steps=samples // w["micro"],
-        num_generations=w["n"], max_completion_length=w["gen_len"],
-        temperature=1.0, top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0,
-        beta=wl.GRPO["beta"], loss_type=wl.GRPO["loss_type"], scale_rewards="group",
-        epsilon=wl.GRPO["epsilon"], num_iterations=1, mask_truncated_completions=False,
-        disable_dropout=True, gradient_checkpointing=w["grad_ckpt"],
-        use_vllm=False, use_transformers_continuous_batching=False,
-        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
-        disable_tqdm=True, log_completions=False, dataloader_num_workers=0)
+    cfg = grpo_config(w, a.seed, out_dir)
     lora = LoraConfig(r=wl.GRPO["lora_r"], lora_alpha=2 * wl.GRPO["lora_r"], lora_dropout=0.0,
                       bias="none", target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = TimedGRPOTrainer(model=model, reward_funcs=even, args=cfg,
@@ -166,28 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"expected {w['steps']} generations and steps, got reward calls "
                          f"{len(calls)}, rollouts {len(rollout_s)}, steps {len(laps)}")
 
-    # TRL samples from the raw softmax: with its generation config no logits processor ran,
-    # so the scores generate() samples from equal the model's logits
-    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
-                                     generation_kwargs=trainer.generation_kwargs) as m, \
-            torch.no_grad():
-        enc = tok(texts[:1], return_tensors="pt").to(m.device)
-        g = m.generate(**enc, generation_config=trainer.generation_config, max_new_tokens=2,
-                       output_scores=True, output_logits=True, return_dict_in_generate=True)
-    unwarped = bool(g.scores) and all(torch.equal(s, lg) for s, lg in zip(g.scores, g.logits))
+    unwarped = sampling_unwarped(trainer, tok, texts[0])
 
-    steps = []
-    for k, (lap, call) in enumerate(zip(laps, calls)):
-        step_s = ends[k] - begins[k]
-        steps.append({"step": k, **lap, "step_s": step_s, "gen_s": None,
-                      "rollout_s": rollout_s[k], "update_s": step_s - rollout_s[k],
-                      "samples": call["samples"], "gen_tokens": sum(call["resp_lens"]),
-                      "prompt_tokens": call["samples"] * w["prompt_len"],
-                      "resp_lens": call["resp_lens"], "mean_reward": call["mean_reward"]})
-        print(f"[trl] step {k}: {lap['wall_s']:.2f}s (rollout {rollout_s[k]:.2f}s, update "
-              f"{step_s - rollout_s[k]:.2f}s) tokens {steps[-1]['gen_tokens']} reward "
-              f"{call['mean_reward']:+.4f} other-load {lap['other_cpu_load']:.2f}",
-              file=sys.stderr, flush=True)
+    steps = step_records(w, laps, calls, rollout_s, begins, ends)
     shutil.rmtree(out_dir, ignore_errors=True)
     rss["peak_mib"] = meters.maxrss_mib()
     summary = wl.summarize(steps, rss["after_model_load_mib"], rss["peak_mib"])
