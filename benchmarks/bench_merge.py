@@ -159,6 +159,8 @@ def train_checkpoint(base: Path, root: Path, env: dict) -> tuple[Path, list[str]
            "rollout.generation_batch_size=2", "rollout.max_new_tokens=4", "ppo.minibatch_size=2",
            "ppo.micro_batch_size=2", "ppo.total_updates=1", "ppo.epochs=1",
            "deepspeed.config=zero0", "logging.progress=false", "logging.tensorboard=false",
+           "data.prompts=builtin:reviews",
+           "reward.function=lora_ppo.builtin.rewards:positive_sentiment",
            # Random text earns the same reward everywhere, so the policy loss has no gradient;
            # a value head that starts off 0 gives the shared trunk's LoRA B one, and B leaves 0.
            "value.head_init_std=0.1", "ppo.optim.learning_rate=1e-3"]
@@ -171,11 +173,11 @@ def train_checkpoint(base: Path, root: Path, env: dict) -> tuple[Path, list[str]
 
 
 def model_facts(base: Path) -> dict:
-    from lora_ppo.io.merge import read_layout
+    from lora_ppo.io.shards import read_index
 
-    layout = read_layout(str(base))
-    files = [base / f for f in layout.files]
-    sizes = {k: math.prod(s) * 4 for k, (_, s, _) in layout.tensors.items()}
+    index = read_index(str(base))
+    files = [base / f for f in index.files]
+    sizes = {k: math.prod(s) * 4 for k, (_, s, _) in index.tensors.items()}
     return {"bytes": sum(f.stat().st_size for f in files), "shards": len(files),
             "largest_shard_bytes": max(f.stat().st_size for f in files),
             "largest_tensor_bytes": max(sizes.values()),
