@@ -1,8 +1,8 @@
 """GRPO with DAPO's settings against plain GRPO on the built-in arithmetic task, at the same
 generated-token budget.
 
-    python benchmarks/dapo_vs_grpo.py --out outputs/dapo-vs-grpo                  # the full size
-    python benchmarks/dapo_vs_grpo.py --out /tmp/dvg --updates 20 rollout.batch_size=8   # a quick look
+    python benchmarks/dapo_vs_grpo.py --out outputs/dapo-vs-grpo                               # full size
+    python benchmarks/dapo_vs_grpo.py --out /tmp/dvg --updates 20 rollout.prompts_per_update=8  # a look
 
 1. plain GRPO: `lora-ppo train --config grpo` (the preset: the KL in the loss at 0.1, GRPO's
    per-sequence mean, a symmetric clip) for `--updates` updates. The response tokens it

@@ -57,7 +57,7 @@ def common_overrides(w: dict, model_dir: str, out_dir: str, stops: list[int], gr
 def ppo_overrides(w: dict) -> list[str]:
     r = wl.PPO["lora_r"]
     return [f"lora.r={r}", f"lora.alpha={2 * r}",
-            f"rollout.batch_size={w['batch']}", f"rollout.generation_batch_size={w['batch']}",
+            f"rollout.prompts_per_update={w['batch']}", f"rollout.generation_batch_size={w['batch']}",
             f"ppo.minibatch_size={w['mini']}", f"ppo.micro_batch_size={w['mini']}",
             f"ppo.epochs={wl.PPO['epochs']}", f"ppo.optim.learning_rate={wl.PPO['lr']}",
             f"ppo.kl_coef={wl.PPO['init_kl_coef']}", "ppo.adaptive_kl=true"]
@@ -70,7 +70,7 @@ def grpo_overrides(w: dict) -> list[str]:
         f"lora.r={r}", f"lora.alpha={2 * r}", "lora.dropout=0.0",
         "lora.target_modules=[all-linear]",
         # generation batch = prompts x n, all decoded at once (TRL: one generate() call)
-        f"rollout.batch_size={w['prompts']}", f"rollout.samples_per_prompt={w['n']}",
+        f"rollout.prompts_per_update={w['prompts']}", f"rollout.samples_per_prompt={w['n']}",
         f"rollout.generation_batch_size={samples}", "rollout.temperature=1.0",
         # GRPO: group advantages (std + 1e-4), beta * k3 KL in the loss, loss_type 'grpo'
         "ppo.advantage_estimator=grpo", f"ppo.kl_coef={wl.GRPO['beta']}",

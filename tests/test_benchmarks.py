@@ -55,6 +55,7 @@ def test_benchmark_files_import_nothing_from_outside_the_repository():
                     f"{path.relative_to(REPO)} imports {name}")
 
 
+@pytest.mark.integration
 def test_the_files_the_peers_import_need_only_the_standard_library():
     # -S: no site-packages, as in a venv without lora_ppo (the peers import these by path)
     res = subprocess.run([sys.executable, "-S", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
@@ -130,6 +131,7 @@ def test_every_tiny_workload_keeps_its_micro_batch_a_divisor():
 
 # --- the driver and its sides ----------------------------------------------------------------
 
+@pytest.mark.integration
 def test_bench_vs_trl_without_a_peer_venv_names_the_setup_and_exits_2(tmp_path):
     res = subprocess.run([sys.executable, str(BENCHMARKS / "bench_vs_trl.py"), "--workload",
                           "grpo-fixed", "--tiny", "--out", str(tmp_path / "x.json")],
@@ -140,13 +142,14 @@ def test_bench_vs_trl_without_a_peer_venv_names_the_setup_and_exits_2(tmp_path):
     assert "bash benchmarks/peers/setup.sh trl116" in lines[0]
 
 
+@pytest.mark.integration
 def test_peer_setup_usage_error_exits_2():
     res = subprocess.run(["bash", str(BENCHMARKS / "peers" / "setup.sh"), "trl999"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and res.stderr.startswith("usage: bash benchmarks/peers/setup.sh")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
 def test_lora_ppo_side_runs(algo, tiny_model_dir, tmp_path):
     """The lora_ppo side the driver (and benchmarks/gpu_check.py) runs in its own process: it
@@ -197,6 +200,7 @@ def test_bench_vs_trl_against_the_peers_at_a_tiny_size(workload, tmp_path):
 
 # --- curves.py, dapo_vs_grpo.py, the GPU check -----------------------------------------------
 
+@pytest.mark.integration
 def test_gpu_check_refuses_cleanly_without_a_gpu(tmp_path):
     import torch
 
@@ -209,6 +213,7 @@ def test_gpu_check_refuses_cleanly_without_a_gpu(tmp_path):
     assert not (tmp_path / "gpu.json").exists()
 
 
+@pytest.mark.integration
 def test_curves_bins_runs_by_generated_tokens(tmp_path):
     # Run a: 2 updates of 4 responses of length 10 (40 tokens each); run b: 1 update of 8
     # responses of length 10 (80 tokens). An eval row (no raw score) is skipped.
@@ -233,6 +238,7 @@ def test_curves_bins_runs_by_generated_tokens(tmp_path):
     assert lines[3] == "| 40-80 | 3.000 | 0.300 | 5.000 | 0.500 |"
 
 
+@pytest.mark.integration
 def test_curves_counts_what_dynamic_sampling_dropped(tmp_path):
     # With dynamic sampling an update generated more than its rollout holds: 4 kept responses of
     # length 10, but 100 response tokens over its rounds (sampling/response_tokens), and its
@@ -251,6 +257,7 @@ def test_curves_counts_what_dynamic_sampling_dropped(tmp_path):
     assert res.stdout.splitlines()[2:] == ["| 0-70 | - | - |", "| 70-140 | 1.500 | 0.150 |"]
 
 
+@pytest.mark.integration
 def test_dapo_vs_grpo_usage_error_is_one_line_and_exit_2(tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "dapo_vs_grpo.py"), "--out",
                           str(tmp_path), "--updates", "0"], capture_output=True, text=True,
@@ -259,6 +266,7 @@ def test_dapo_vs_grpo_usage_error_is_one_line_and_exit_2(tmp_path):
         "dapo_vs_grpo.py: --updates 0: must be >= 1"), res.stderr
 
 
+@pytest.mark.integration
 def test_curves_bad_input_is_one_line_and_exit_2(tmp_path):
     empty = tmp_path / "eval_only.jsonl"
     empty.write_text(json.dumps({"eval/score": 1.0}) + "\n")

@@ -143,7 +143,7 @@ def ppo_step(run: Run, on_phase: Optional[Callable[[str], None]] = None) -> Step
     # step 4. PPO epochs on the engine
     with clock.phase("update"):
         stats = update(run, ro, kl_coef)
-    bs, n, world = run.cfg.rollout.batch_size, run.cfg.rollout.samples_per_prompt, \
+    bs, n, world = run.cfg.rollout.prompts_per_update, run.cfg.rollout.samples_per_prompt, \
         run.dist.world_size
     run.step += 1
     run.episode += n * (bs * world if sampling is None else int(sampling.groups))
@@ -196,7 +196,7 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
         out = ppo_step(run)
         # step 6. log, evaluate, checkpoint
         row = update_metrics(run, out.rollout, out.stats, out.kl_coef, out.seconds)
-        row.update(sampling_metrics(out.sampling, cfg.rollout.batch_size * run.dist.world_size,
+        row.update(sampling_metrics(out.sampling, cfg.rollout.prompts_per_update * run.dist.world_size,
                                     cfg.rollout.samples_per_prompt))
         if cfg.data.eval_every and run.step % cfg.data.eval_every == 0:
             row.update(evaluate(run, logger))

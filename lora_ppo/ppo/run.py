@@ -46,7 +46,7 @@ class Run:
     model_path: str
     stop_ids: list[int]         # the ids that end a response (generation/samples.py)
     seams: Seams                # what setup decided for this model: layout, decode path
-    chunk_rows: int             # rows of logits per chunk (rollout.logits_chunk_mib at this vocab)
+    chunk_rows: int             # rows of logits per chunk (model.logits_chunk_mib at this vocab)
     synced: bool                # ranks decode in lockstep (ZeRO-3 over several ranks)
     step: int = 0
     episode: int = 0
@@ -83,7 +83,7 @@ def setup(cfg: Config, *, prompts: Optional[list[Prompt]] = None,
         for line in (checked, *seams.notes):
             if line:
                 print(line, flush=True)
-    samples = cfg.rollout.batch_size * cfg.rollout.samples_per_prompt
+    samples = cfg.rollout.prompts_per_update * cfg.rollout.samples_per_prompt
     steps_per_update = cfg.ppo.epochs * samples // cfg.ppo.minibatch_size
     engine = create_engine(ac, ds_config=ds_config, optim=cfg.ppo.optim,
                            total_steps=cfg.ppo.total_updates * steps_per_update)
@@ -94,7 +94,7 @@ def setup(cfg: Config, *, prompts: Optional[list[Prompt]] = None,
                moments=RunningMoments(), prompts=PromptCycle(train_prompts, cfg.seed),
                eval_prompts=eval_prompts, generator=torch.Generator().manual_seed(cfg.seed),
                output_dir=Path(cfg.output_dir), model_path=model_path, stop_ids=stop_ids,
-               seams=seams, chunk_rows=chunk_rows(ac.vocab, cfg.rollout.logits_chunk_mib),
+               seams=seams, chunk_rows=chunk_rows(ac.vocab, cfg.model.logits_chunk_mib),
                synced=dist.world_size > 1 and zero_stage(engine.config) == 3)
 
 

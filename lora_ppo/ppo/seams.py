@@ -43,12 +43,11 @@ from lora_ppo.generation.samples import left_pad
 from lora_ppo.io.atomic import atomic_write_text
 from lora_ppo.io.checkpoint import base_fingerprint
 from lora_ppo.modeling.actor_critic import ActorCritic
-from lora_ppo.modeling.packing import PADDED, Attention, Layout
+from lora_ppo.modeling.packing import PADDED, Attention, Layout, explicit_attentions
 from lora_ppo.modeling.roles import POLICY
 from lora_ppo.rl.logprobs import transform_logits
 
 SEAM_VERSION = 1
-MASKS = ("sdpa", "eager")  # attention implementations that take an explicit 4-D mask
 
 
 class Seams(NamedTuple):
@@ -70,17 +69,10 @@ def tolerance(ac: ActorCritic) -> float:
 def preferred(ac: ActorCritic, cfg) -> list[tuple[str, Layout]]:
     """Candidate layouts, best first: a shared prompt (n > 1), an explicit mask, the model's
     detection of restarting positions, padded. Only those `cfg` allows."""
-    config = ac.causal_lm.config
     if not cfg.model.padding_free:
         return [("padded", PADDED)]
-    impl = getattr(config, "_attn_implementation", None) or "eager"
-    dtype = ac.causal_lm.get_input_embeddings().weight.dtype
-    window = getattr(config, "sliding_window", None)
-    masks = []
-    if impl in MASKS:
-        if getattr(config, "layer_types", None):  # a dict of masks by layer type
-            masks.append(Attention(impl, window, tuple(config.layer_types), dtype))
-        masks.append(Attention(impl, window, (), dtype))
+    masks = explicit_attentions(ac.causal_lm.config,
+                                ac.causal_lm.get_input_embeddings().weight.dtype)
     out = []
     if cfg.model.shared_prompt and cfg.rollout.samples_per_prompt > 1:
         out += [("shared prompt", Layout(True, True, a)) for a in masks]
@@ -217,8 +209,7 @@ def check_seams(ac: ActorCritic, cfg, pad_id: int) -> Seams:
         if chosen[1] != candidates[0][1]:
             notes.append(f"model type {kind}: {candidates[0][0]} rows do not give the padded "
                          f"forward's log-probs; scoring and updates use {chosen[0]} rows")
-        rc = cfg.rollout
-        continuous, static = rc.continuous_batching, rc.static_kv_cache
+        continuous, static = cfg.rollout.continuous_batching, cfg.rollout.static_kv_cache
         for _ in range(3):
             if _decode_diff(ac, batch, reference, pad_id, continuous, static) <= tol:
                 break

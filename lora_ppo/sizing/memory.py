@@ -149,7 +149,7 @@ class Shapes:
 
 def shapes_from_config(cfg) -> Shapes:
     n = cfg.rollout.samples_per_prompt
-    samples = cfg.rollout.batch_size * n
+    samples = cfg.rollout.prompts_per_update * n
     # the update keeps groups together only when minibatches hold whole groups (update.py)
     group = (n if cfg.model.shared_prompt and cfg.model.padding_free
              and cfg.ppo.minibatch_size % n == 0 else 1)
@@ -229,7 +229,7 @@ def _update_bytes(cfg, arch: Arch, sh: Shapes, s: int, trainable: int) -> tuple[
     else:
         saved_one = tokens * (L * per_layer + 2 * H) * s
         layer_bwd = tokens * mlp_grads * s
-    rows = chunk_rows(arch.vocab, cfg.rollout.logits_chunk_mib)
+    rows = chunk_rows(arch.vocab, cfg.model.logits_chunk_mib)
     rows = min(rows, mb * sh.new_tokens)
     logits_bwd = (5 * rows * arch.vocab * 4 if cfg.ppo.ent_coef
                   else _logits_bytes(rows, arch.vocab, s) + (rows * arch.vocab * s if s < 4 else 0))
@@ -264,7 +264,7 @@ def estimate_memory(cfg, arch: Arch, device: str = "gpu",
         optim = 0  # ZeRO-Offload: master, grads and Adam state live in CPU memory
 
     kv_cache, generation = _generation_bytes(arch, sh, s)
-    scoring = _scoring_bytes(arch, sh, s, chunk_rows(arch.vocab, cfg.rollout.logits_chunk_mib))
+    scoring = _scoring_bytes(arch, sh, s, chunk_rows(arch.vocab, cfg.model.logits_chunk_mib))
     saved, update = _update_bytes(cfg, arch, sh, s, trainable)
     gb = sh.generation_batch
 
@@ -316,7 +316,7 @@ class Suggestion(NamedTuple):
 def suggest_batch_sizes(cfg, arch: Arch, gpu_mib: float, device: str = "gpu",
                         headroom: float = 0.1) -> Suggestion:
     """The largest micro_batch_size (a divisor of ppo.minibatch_size) and generation_batch_size
-    (a divisor of rollout.batch_size) whose phases fit in (1 - headroom) * gpu_mib.
+    (a divisor of rollout.prompts_per_update) whose phases fit in (1 - headroom) * gpu_mib.
 
     headroom covers what the estimate leaves out: the CUDA context lives outside the allocator,
     and fragmentation makes reserved memory exceed allocated (typically 5-10%).
@@ -330,7 +330,7 @@ def suggest_batch_sizes(cfg, arch: Arch, gpu_mib: float, device: str = "gpu",
 
     micro = next((m for m in _divisors_desc(cfg.ppo.minibatch_size)
                   if est(m, 1).phases["update"] <= budget), None)
-    gen = next((g for g in _divisors_desc(cfg.rollout.batch_size)
+    gen = next((g for g in _divisors_desc(cfg.rollout.prompts_per_update)
                 if max(est(1, g).phases["generation"], est(1, g).phases["scoring"]) <= budget),
                None)
     return Suggestion(micro, gen, est(micro or 1, gen or 1), budget)

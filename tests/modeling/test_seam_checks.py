@@ -33,7 +33,7 @@ def _ac(model_dir, out, *overrides):
 
 def test_every_check_passes_on_llama_with_the_fastest_layout(family_dirs, tmp_path):
     ac, cfg, tok = _ac(family_dirs["llama"], tmp_path, "rollout.samples_per_prompt=4",
-                       "ppo.advantage_estimator=grpo", "rollout.batch_size=2")
+                       "ppo.advantage_estimator=grpo", "rollout.prompts_per_update=2")
     before = {n: p.detach().clone() for n, p in ac.named_parameters()}
     seams = check_seams(ac, cfg, tok.pad_token_id)
     assert seams.layout.packed and seams.layout.group and seams.layout.attention is not None
