@@ -59,6 +59,43 @@ def cut_at_stop(responses, stops):
     return out
 
 
+def generation_kwargs(tok, w: dict, stops: list[int]) -> dict:
+    """The recipe's sampling (top_k 0, top_p 1: the full softmax), one generate() per step."""
+    kw = {"min_length": -1, "top_k": 0.0, "top_p": 1.0, "do_sample": True,
+          "pad_token_id": tok.pad_token_id, "max_new_tokens": w["gen_len"]}
+    if stops:
+        kw["eos_token_id"] = [tok.eos_token_id, *stops]
+    else:  # the EOS masked until gen_len: every response exactly gen_len tokens
+        kw["eos_token_id"] = tok.eos_token_id
+        kw["min_new_tokens"] = w["gen_len"]
+    return kw
+
+
+def ppo_step(trainer, queries: list, gen_kwargs: dict, cut: bool, clock) -> dict:
+    """One PPO step as the recipe runs it: generate, score with workload.even_reward,
+    trainer.step; its record in workload.summarize's fields."""
+    import torch
+
+    t0 = time.perf_counter()
+    responses = trainer.generate(queries, batch_size=len(queries), return_prompt=False,
+                                 **gen_kwargs)
+    gen_s = time.perf_counter() - t0
+    if cut:
+        responses = cut_at_stop(responses, gen_kwargs["eos_token_id"])
+    lens = [int(r.shape[0]) for r in responses]
+    t1 = time.perf_counter()
+    rewards = [torch.tensor(x) for x in wl.even_reward([r.tolist() for r in responses])]
+    reward_s = time.perf_counter() - t1
+    stats = trainer.step(queries, responses, rewards)
+    lap = clock.lap()
+    rollout_s = gen_s + reward_s + sum(float(stats[key]) for key in ROLLOUT_TIMES)
+    return {**lap, "gen_s": gen_s, "rollout_s": rollout_s, "update_s": lap["wall_s"] - rollout_s,
+            "samples": len(lens), "gen_tokens": sum(lens),
+            "prompt_tokens": sum(len(q) for q in queries), "resp_lens": lens,
+            "mean_reward": float(torch.stack(rewards).mean()), "maxrss_mib": meters.maxrss_mib(),
+            "kl": float(stats["objective/kl"]), "kl_coef": float(stats["objective/kl_coef"])}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workload", required=True, help="a PPO name of workload.WORKLOADS, or JSON")
@@ -110,42 +147,15 @@ def main(argv: list[str] | None = None) -> int:
                        log_with=None)
     trainer = PPOTrainer(config, model, ref_model=None, tokenizer=tok)
     assert trainer.is_peft_model and trainer.ref_model is None  # reference = adapter disabled
-    gen_kwargs = {"min_length": -1, "top_k": 0.0, "top_p": 1.0, "do_sample": True,
-                  "pad_token_id": tok.pad_token_id, "max_new_tokens": w["gen_len"]}
-    if stops:
-        gen_kwargs["eos_token_id"] = [tok.eos_token_id, *stops]
-    else:  # the EOS masked until gen_len: every response exactly gen_len tokens
-        gen_kwargs["eos_token_id"] = tok.eos_token_id
-        gen_kwargs["min_new_tokens"] = w["gen_len"]
-
+    gen_kwargs = generation_kwargs(tok, w, stops)
     steps, clock = [], meters.StepClock()
     clock.start()
     for k in range(w["steps"]):
         queries = [torch.tensor(p) for p in prompts[k * w["batch"]:(k + 1) * w["batch"]]]
-        t0 = time.perf_counter()
-        responses = trainer.generate(queries, batch_size=w["batch"], return_prompt=False,
-                                     **gen_kwargs)
-        gen_s = time.perf_counter() - t0
-        if stops:
-            responses = cut_at_stop(responses, gen_kwargs["eos_token_id"])
-        lens = [int(r.shape[0]) for r in responses]
-        t1 = time.perf_counter()
-        rewards = [torch.tensor(x) for x in wl.even_reward([r.tolist() for r in responses])]
-        reward_s = time.perf_counter() - t1
-        stats = trainer.step(queries, responses, rewards)
-        lap = clock.lap()
-        rollout_s = gen_s + reward_s + sum(float(stats[key]) for key in ROLLOUT_TIMES)
-        steps.append({"step": k, **lap, "gen_s": gen_s, "rollout_s": rollout_s,
-                      "update_s": lap["wall_s"] - rollout_s, "samples": len(lens),
-                      "gen_tokens": sum(lens), "prompt_tokens": sum(len(q) for q in queries),
-                      "resp_lens": lens, "mean_reward": float(torch.stack(rewards).mean()),
-                      "maxrss_mib": meters.maxrss_mib(),
-                      "kl": float(stats["objective/kl"]),
-                      "kl_coef": float(stats["objective/kl_coef"])})
-        print(f"[trl] step {k}: {lap['wall_s']:.2f}s (gen {gen_s:.2f}s, rest "
-              f"{lap['wall_s'] - gen_s:.2f}s) tokens {sum(lens)} reward "
-              f"{steps[-1]['mean_reward']:+.4f} other-load {lap['other_cpu_load']:.2f}",
-              file=sys.stderr, flush=True)
+        steps.append({"step": k, **ppo_step(trainer, queries, gen_kwargs, bool(stops), clock)})
+        print(f"[trl] step {k}: {steps[-1]['wall_s']:.2f}s (gen {steps[-1]['gen_s']:.2f}s) "
+              f"tokens {steps[-1]['gen_tokens']} reward {steps[-1]['mean_reward']:+.4f} "
+              f"other-load {steps[-1]['other_cpu_load']:.2f}", file=sys.stderr, flush=True)
     if not stops:
         assert all(n == w["gen_len"] for s in steps for n in s["resp_lens"])
     rss["peak_mib"] = meters.maxrss_mib()
