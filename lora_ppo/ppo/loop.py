@@ -168,13 +168,16 @@ def evaluate(run: Run, logger: MetricsLogger) -> dict:
     return out
 
 
-def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> Run:
+def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False, *,
+          dataset=None, eval_dataset=None, reward_fn: Optional[Callable] = None) -> Run:
     """Run PPO and return the finished run. `resume`: "latest" or a checkpoint path;
-    `overwrite`: replace an earlier run in output_dir (else it is refused, io/run_dir.py)."""
+    `overwrite`: replace an earlier run in output_dir (else it is refused, io/run_dir.py).
+    `dataset`, `eval_dataset`, `reward_fn`: in-memory data and a callable in place of what the
+    config names (ppo/run.py::setup)."""
     # Check the output_dir and find the checkpoint before loading anything, so a bad --resume
     # or a used output_dir fails at once, and nothing is written before every check passed.
     start = earlier_run(cfg.output_dir, "train", resume, overwrite, cfg.output_dir)
-    run = setup(cfg)
+    run = setup(cfg, dataset=dataset, eval_dataset=eval_dataset, reward_fn=reward_fn)
     rank0 = run.dist.rank == 0
     if start.checkpoint is not None:
         ckpt.load(run, start.checkpoint)  # refuses a checkpoint this config cannot continue

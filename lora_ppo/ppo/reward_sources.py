@@ -221,10 +221,11 @@ class WeightedReward:
         return total
 
 
-def check_reward_sources(cfg) -> Callable | None:
+def check_reward_sources(cfg, function: Callable | None = None) -> Callable | None:
     """Fail before the base model loads: import the reward function (a missing file or name or a
     syntax error is found now, not after the model and engine are set up) and check that the
-    reward adapter and model directories are there. Returns the function, or None."""
+    reward adapter and model directories are there. Returns the function, or None. `function`:
+    a callable given in Python, which stands in for reward.function."""
     r = cfg.reward
     if "adapter" in r.kinds:
         check_adapter_dir(r.adapter, "reward.adapter")
@@ -234,7 +235,9 @@ def check_reward_sources(cfg) -> Callable | None:
     if "model" in r.kinds and Path(r.model).exists() and not (Path(r.model) / "config.json").is_file():
         raise UserError(f"reward.model={r.model} has no config.json; point it at a saved "
                         "sequence-classification model directory")
-    return load_function(r.function) if "function" in r.kinds else None
+    if "function" not in r.kinds:
+        return None
+    return function if function is not None else load_function(r.function)
 
 
 def _make_one(kind: str, cfg, ac: ActorCritic, function: Callable | None) -> RewardSource:
@@ -245,7 +248,8 @@ def _make_one(kind: str, cfg, ac: ActorCritic, function: Callable | None) -> Rew
                            cfg.rollout.generation_batch_size, ac.device,
                            resolve_compute_dtype(cfg.quantization.compute_dtype, ac.device),
                            cfg.model.trust_remote_code)
-    return FunctionReward(cfg.reward.function, function)
+    name = cfg.reward.function or getattr(function, "__qualname__", "function")
+    return FunctionReward(name, function)
 
 
 def make_reward_source(cfg, ac: ActorCritic, function: Callable | None = None) -> RewardSource:

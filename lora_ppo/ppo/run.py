@@ -15,8 +15,14 @@ import torch
 from lora_ppo.config import Config
 from lora_ppo.generation.samples import stop_ids_of
 from lora_ppo.io.data import Prompt, PromptCycle, encode, hold_out, load_prompts, render_prompt
+from lora_ppo.io.metrics import check_logging
 from lora_ppo.modeling.actor_critic import ActorCritic, build_actor_critic, check_adapter_dir
-from lora_ppo.modeling.loading import load_base_model, load_tokenizer, resolve_model_path
+from lora_ppo.modeling.loading import (
+    load_base_model,
+    load_tokenizer,
+    quantization_mode,
+    resolve_model_path,
+)
 from lora_ppo.ppo.reward_sources import RewardSource, check_reward_sources, make_reward_source
 from lora_ppo.ppo.seams import Seams, seams_for
 from lora_ppo.rl.kl import AdaptiveKLController, FixedKLController
@@ -52,24 +58,29 @@ class Run:
     episode: int = 0
 
 
-def setup(cfg: Config, *, prompts: Optional[list[Prompt]] = None,
+def setup(cfg: Config, *, dataset=None, eval_dataset=None, reward_fn: Optional[Callable] = None,
+          prompts: Optional[list[Prompt]] = None,
           on_base_loaded: Optional[Callable[[torch.nn.Module], None]] = None) -> Run:
     """Build every part of a run; the cheap checks (model path, DeepSpeed config, reward
     function, prompts) come before the base model is loaded. Writes nothing.
 
-    `prompts`: the training prompts as token ids, in place of `data.prompts` (a benchmark that
+    In place of what the config names, from Python: `dataset` / `eval_dataset` (a
+    datasets.Dataset or a list of dicts) for data.prompts / data.eval_prompts, `reward_fn` (a
+    callable) for reward.function. `prompts`: the training prompts as token ids (a benchmark that
     feeds exact ids; no held-out prompts then). `on_base_loaded(base)`: called once the base
     model is loaded, before the adapters (a benchmark's memory meter)."""
     model_path = resolve_model_path(cfg.model.path)  # fail on a bad path before anything starts
     dist = setup_distributed()
     seed_everything(cfg.seed + dist.rank)  # ranks sample different responses
     tokenizer = load_tokenizer(cfg.model, model_path)
-    ds_config = run_ds_config(cfg, dist.world_size, dist.device, "ppo")
+    quantization = quantization_mode(cfg.quantization, dist.device.type)
+    ds_config = run_ds_config(cfg, dist.world_size, dist.device, "ppo", quantization != "none")
     if cfg.model.init_adapter:
         check_adapter_dir(cfg.model.init_adapter, "model.init_adapter")
-    reward_fn = check_reward_sources(cfg)
+    reward_fn = check_reward_sources(cfg, reward_fn)
+    check_logging(cfg.logging)
     train_prompts, eval_prompts = (prompts, []) if prompts is not None else read_prompts(
-        cfg, tokenizer)
+        cfg, tokenizer, dataset, eval_dataset)
     base = load_base_model(cfg, model_path, dist.device)
     if on_base_loaded is not None:
         on_base_loaded(base)
@@ -98,17 +109,21 @@ def setup(cfg: Config, *, prompts: Optional[list[Prompt]] = None,
                synced=dist.world_size > 1 and zero_stage(engine.config) == 3)
 
 
-def read_prompts(cfg: Config, tokenizer) -> tuple[list[Prompt], list[Prompt]]:
+def read_prompts(cfg: Config, tokenizer, dataset=None, eval_dataset=None
+                 ) -> tuple[list[Prompt], list[Prompt]]:
     """(training prompts, held-out prompts), rendered as the policy reads them (chat template)
-    and encoded."""
+    and encoded; from the files the config names, or `dataset` / `eval_dataset` in memory."""
     d = cfg.data
 
-    def read(spec: str, field: str) -> list[str]:
+    def read(spec, field: str) -> list[str]:
         return [render_prompt(tokenizer, p, d.chat_template)
                 for p in load_prompts(spec, d.prompt_column, field)]
 
-    held = read(d.eval_prompts, "data.eval_prompts") if d.eval_prompts and d.eval_every else None
-    train, held = hold_out(read(d.prompts, "data.prompts"), held,
+    eval_spec = eval_dataset if eval_dataset is not None else d.eval_prompts
+    held = (read(eval_spec, "data.eval_prompts")
+            if eval_spec is not None and d.eval_every else None)
+    train_spec = dataset if dataset is not None else d.prompts
+    train, held = hold_out(read(train_spec, "data.prompts"), held,
                            d.eval_size if d.eval_every else 0, cfg.seed, "data.eval_size")
     n = cfg.model.max_prompt_length
     return (encode(tokenizer, train, d.chat_template, n),
