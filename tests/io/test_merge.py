@@ -313,7 +313,7 @@ def test_dequantized_merge_behaves_like_the_4bit_model(q4, tmp_path):
     assert fp32.quantized_logit_diff < 1e-4 and fp32.max_tensor_diff <= 1e-6
     torch.testing.assert_close(_plain_logits(tmp_path / "deq32"), trained, rtol=0, atol=1e-4)
 
-    bf16 = merge(q4, tmp_path / "deq16", into="dequantized")  # the default dtype
+    bf16 = merge(q4, tmp_path / "deq16", dtype="bf16", into="dequantized")
     scale = max(1.0, trained.abs().max().item())
     bf16_gap = (_plain_logits(tmp_path / "deq16") - trained).abs().max().item()
     assert bf16.dtype == "bf16" and bf16_gap <= TOLERANCE["bf16"] * scale  # bf16 rounding only
