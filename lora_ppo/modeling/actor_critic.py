@@ -84,6 +84,9 @@ class ActorCritic(nn.Module):
         self.logits_transform = logits_transform(self.causal_lm.config)
         self.layout: Layout = PADDED
         self.width_cost = width_cost(self.causal_lm.config)  # of packed rows
+        # The dtype of the run's torch autocast (a DeepSpeed config's `torch_autocast` block),
+        # or None: the engine runs the update's forwards under it, `precision()` the others.
+        self.autocast: Optional[torch.dtype] = None
 
     # -- structure ---------------------------------------------------------------------------
     @property
@@ -154,6 +157,14 @@ class ActorCritic(nn.Module):
                 yield self
         finally:
             self.train(prev_training)
+
+    def precision(self) -> contextlib.AbstractContextManager:
+        """The run's torch autocast for forwards outside the DeepSpeed engine (sampling,
+        scoring, the setup's checks), as the engine runs the update's (DeepSpeed's
+        runtime/torch_autocast.py::autocast_if_enabled); a no-op without one."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
 
     def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, ...]:
         """`context_fn` of torch.utils.checkpoint: recompute a block under the role it ran in.

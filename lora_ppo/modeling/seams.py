@@ -15,9 +15,15 @@ policy adapter made non-zero for the check and restored bit for bit after it:
 3. layouts  log-probs of probe sequences in packed rows (a shared prompt; an explicit mask; the
             model's own detection of restarting position ids) against the padded forward; the
             first layout that agrees is used, one line saying so when it is not the preferred;
-4. decoding the sampler's log-probs (KV cache, continuous batching) against the padded forward:
+4. decoding the sampler's log-probs, decoded as the run decodes (the policy folded into the
+            weights where rollout.merge_for_generation folds it, continuous batching with its
+            cache's shift-left, the static cache) against the padded forward: the fold, then
             continuous batching, then the static cache, are given up, one line each, where they
             do not agree.
+
+Every check runs with the adapter the run starts from (model.init_adapter: DoRA, lora_bias,
+rsLoRA, modules_to_save as saved) and in the run's precision: the parameters cast to
+deepspeed.precision as DeepSpeed will cast them, under the run's torch autocast if it has one.
 
 Each check costs a few forwards of ~30 tokens. The outcome is cached per model, settings and
 library versions under $LORA_PPO_CACHE/seams (`model.seam_check=auto`), so a model already
@@ -41,7 +47,7 @@ from lora_ppo.modeling.actor_critic import POLICY, ActorCritic
 from lora_ppo.modeling.packing import PADDED, Attention, Layout
 from lora_ppo.rl.logprobs import transform_logits
 
-SEAM_VERSION = 1
+SEAM_VERSION = 2  # 2: the fold, the shift-left and the run's precision are checked
 MASKS = ("sdpa", "eager")  # attention implementations that take an explicit 4-D mask
 
 
@@ -52,13 +58,14 @@ class Seams(NamedTuple):
     continuous_batching: bool
     static_kv_cache: bool
     notes: tuple[str, ...] = ()  # one line per fallback taken
+    merge_for_generation: bool = False  # the policy folded into the weights to generate
 
 
 def tolerance(ac: ActorCritic) -> float:
     """Max |difference| of log-probs that counts as round-off: fp32 computes agree to ~1e-6,
     bf16 and fp16 to ~1e-2 (other matmul shapes, other rounding)."""
     dtype = ac.causal_lm.get_input_embeddings().weight.dtype
-    return 1e-4 if dtype == torch.float32 else 5e-2
+    return 1e-4 if dtype == torch.float32 and ac.autocast is None else 5e-2
 
 
 def preferred(ac: ActorCritic, cfg) -> list[tuple[str, Layout]]:
@@ -112,19 +119,45 @@ def _probe(ac: ActorCritic, pad_id: int, gen: torch.Generator):
 
 @contextlib.contextmanager
 def _nonzero_adapters(ac: ActorCritic, gen: torch.Generator):
-    """Every trainable LoRA B made random for the body (B = 0 would hide an adapter's own
-    dropout or path), then put back bit for bit."""
-    saved = [(p, p.detach().clone()) for n, p in ac.named_parameters()
-             if p.requires_grad and "lora_B" in n]
+    """Every trainable LoRA B (a lora_bias's bias too) made random for the body (B = 0 would
+    hide an adapter's own dropout or path), and every DoRA magnitude moved off the weight norm
+    it starts at, then put back bit for bit."""
+    saved = [(n, p, p.detach().clone()) for n, p in ac.named_parameters()
+             if p.requires_grad and ("lora_B" in n or "lora_magnitude_vector" in n)]
     try:
         with torch.no_grad():
-            for p, _ in saved:
-                p.add_(torch.randn(p.shape, generator=gen).to(p) * 0.05)
+            for n, p, _ in saved:
+                noise = torch.randn(p.shape, generator=gen).to(p) * 0.05
+                p.add_(noise) if "lora_B" in n else p.mul_(1 + noise)
         yield
     finally:
         with torch.no_grad():
-            for p, original in saved:
+            for _, p, original in saved:
                 p.copy_(original)
+
+
+@contextlib.contextmanager
+def _in_run_precision(ac: ActorCritic, cfg):
+    """The body sees the parameters in the dtype the run trains them in: with
+    deepspeed.precision bf16 or fp16 DeepSpeed casts every float parameter of the module to it
+    when the engine is built, after these checks (engine.py::_cast_module_mixed_precision);
+    here they are cast for the body, and the original tensors put back after it."""
+    from lora_ppo.runtime.ds_config import resolve_precision
+
+    precision = resolve_precision(cfg.deepspeed.precision, ac.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    saved = []
+    try:
+        if dtype is not None:
+            for p in ac.parameters():
+                if p.dtype in floats and p.dtype != dtype:
+                    saved.append((p, p.data))
+                    p.data = p.data.to(dtype)
+        yield
+    finally:
+        for p, data in saved:
+            p.data = data
 
 
 def _logprobs(ac, batch, layout: Layout) -> torch.Tensor:
@@ -166,22 +199,68 @@ def _layout_diff(ac: ActorCritic, batch, layout: Layout, reference: torch.Tensor
         return float("inf")
 
 
+class Decoding(NamedTuple):
+    """How the rollout decodes: the policy folded into the weights or not, continuous batching,
+    the static KV cache (the rollout.* fields of the same names)."""
+
+    merge: bool
+    continuous: bool
+    static: bool
+
+
 def _decode_diff(ac: ActorCritic, batch, reference: torch.Tensor, pad_id: int,
-                 continuous: bool, static: bool) -> float:
+                 how: Decoding) -> float:
     """The sampler's own log-probs of the probe responses (teacher-forced through the decode
-    loop by drawing each probe token: uniforms are not needed, the tokens are given) against
-    the padded forward's."""
+    loop by drawing each probe token: uniforms are not needed, the tokens are given), decoded
+    as the run will (`how`), against the padded forward's. Each probe twice, two slots: rows
+    enter as others stop, and the continuous batch's cache (prompt + 8 + 8 columns for 8-token
+    responses, sampling.py::continuous_slack) fills up, so its rows are moved left too."""
+    from lora_ppo.modeling.generation import merged_policy
     from lora_ppo.ppo.sampling import sample
 
     q_ids, q_mask, r_ids, r_mask = batch
-    prompts = [q[m.bool()].tolist() for q, m in zip(q_ids.cpu(), q_mask.cpu())]
+    prompts = [q[m.bool()].tolist() for q, m in zip(q_ids.cpu(), q_mask.cpu())] * 2
     try:
-        drawn = sample(ac, prompts, max_new_tokens=r_ids.shape[1], temperature=1.0,
-                       greedy=True, stop_ids=[-1], pad_id=pad_id, slots=2, continuous=continuous,
-                       static_cache=static, score=True, forced=r_ids)
+        with merged_policy(ac.peft_model) if how.merge else contextlib.nullcontext():
+            drawn = sample(ac, prompts, max_new_tokens=r_ids.shape[1], temperature=1.0,
+                           greedy=True, stop_ids=[-1], pad_id=pad_id, slots=2,
+                           continuous=how.continuous, static_cache=how.static, score=True,
+                           forced=r_ids.repeat(2, 1))
     except Exception:  # noqa: BLE001 - a cache this model cannot use fails the check
         return float("inf")
-    return _max(drawn.logprobs.to(r_mask.device) * r_mask, reference)
+    return _max(drawn.logprobs.to(r_mask.device) * r_mask.repeat(2, 1), reference.repeat(2, 1))
+
+
+def _decoding(ac: ActorCritic, cfg, batch, reference: torch.Tensor, pad_id: int,
+              notes: list[str]) -> Decoding:
+    """The fastest decode path that gives the forward's log-probs: give up the fold, then
+    continuous batching, then the static cache, one line each; refuse when none does."""
+    from lora_ppo.modeling.generation import can_merge_for_generation
+
+    kind, rc = ac.causal_lm.config.model_type, cfg.rollout
+    merge = (rc.merge_for_generation and ac.autocast is None
+             and can_merge_for_generation(ac.peft_model))
+    how = Decoding(merge, rc.continuous_batching, rc.static_kv_cache)
+    while _decode_diff(ac, batch, reference, pad_id, how) > tolerance(ac):
+        if how.merge:
+            how = how._replace(merge=False)
+            notes.append(f"model type {kind}: the policy folded into the base weights does not "
+                         "decode what the forward scores; it generates unfolded "
+                         "(rollout.merge_for_generation=false)")
+        elif how.continuous:
+            how = how._replace(continuous=False)
+            notes.append(f"model type {kind}: continuous batching does not decode what the "
+                         "forward scores; rows decode in batches (rollout.continuous_"
+                         "batching=false)")
+        elif how.static:
+            how = how._replace(static=False)
+            notes.append(f"model type {kind}: the static KV cache does not decode what the "
+                         "forward scores; decoding uses a dynamic cache "
+                         "(rollout.static_kv_cache=false)")
+        else:
+            raise UserError(f"model type {kind}: the KV-cached decode differs from the "
+                            "forward it is scored by; it cannot be sampled exactly")
+    return how
 
 
 def check_seams(ac: ActorCritic, cfg, pad_id: int) -> Seams:
@@ -191,7 +270,8 @@ def check_seams(ac: ActorCritic, cfg, pad_id: int) -> Seams:
     tol = tolerance(ac)
     kind = ac.causal_lm.config.model_type
     notes = []
-    with _nonzero_adapters(ac, gen), ac.role(POLICY, train=False), torch.no_grad():
+    with (_in_run_precision(ac, cfg), _nonzero_adapters(ac, gen), ac.precision(),
+          ac.role(POLICY, train=False), torch.no_grad()):
         batch = _probe(ac, pad_id, gen)
         d = _logits_diff(ac, batch)
         if not d <= tol:
@@ -214,25 +294,8 @@ def check_seams(ac: ActorCritic, cfg, pad_id: int) -> Seams:
         if chosen[1] != candidates[0][1]:
             notes.append(f"model type {kind}: {candidates[0][0]} rows do not give the padded "
                          f"forward's log-probs; scoring and updates use {chosen[0]} rows")
-        rc = cfg.rollout
-        continuous, static = rc.continuous_batching, rc.static_kv_cache
-        for _ in range(3):
-            if _decode_diff(ac, batch, reference, pad_id, continuous, static) <= tol:
-                break
-            if continuous:
-                continuous = False
-                notes.append(f"model type {kind}: continuous batching does not decode what the "
-                             "forward scores; rows decode in batches (rollout.continuous_"
-                             "batching=false)")
-            elif static:
-                static = False
-                notes.append(f"model type {kind}: the static KV cache does not decode what the "
-                             "forward scores; decoding uses a dynamic cache "
-                             "(rollout.static_kv_cache=false)")
-            else:
-                raise UserError(f"model type {kind}: the KV-cached decode differs from the "
-                                "forward it is scored by; it cannot be sampled exactly")
-    return Seams(chosen[1], continuous, static, tuple(notes))
+        how = _decoding(ac, cfg, batch, reference, pad_id, notes)
+    return Seams(chosen[1], how.continuous, how.static, tuple(notes), how.merge)
 
 
 # -- the cache of outcomes --------------------------------------------------------------------
@@ -254,6 +317,7 @@ def _key(ac: ActorCritic, cfg, model_path: str) -> str:
         "quantization": [cfg.quantization.mode, cfg.quantization.quant_type,
                          cfg.quantization.double_quant],
         "dtype": str(ac.causal_lm.get_input_embeddings().weight.dtype),
+        "precision": [cfg.deepspeed.precision, str(ac.autocast)],
         "device": ac.device.type,
         "attn": getattr(ac.causal_lm.config, "_attn_implementation", None),
         "lora": [cfg.lora.r, cfg.lora.target_modules],
@@ -261,7 +325,7 @@ def _key(ac: ActorCritic, cfg, model_path: str) -> str:
             (Path(adapter) / "adapter_config.json").read_bytes()).hexdigest(),
         "wanted": [cfg.model.padding_free, cfg.model.shared_prompt,
                    cfg.rollout.samples_per_prompt > 1, cfg.rollout.continuous_batching,
-                   cfg.rollout.static_kv_cache],
+                   cfg.rollout.static_kv_cache, cfg.rollout.merge_for_generation],
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -276,14 +340,14 @@ def _to_json(s: Seams) -> dict:
             "attention": None if a is None else [a.implementation, a.window, list(a.layer_types),
                                                  str(a.dtype).removeprefix("torch.")],
             "continuous_batching": s.continuous_batching, "static_kv_cache": s.static_kv_cache,
-            "notes": list(s.notes)}
+            "notes": list(s.notes), "merge_for_generation": s.merge_for_generation}
 
 
 def _from_json(d: dict) -> Seams:
     a = d["attention"]
     attention = None if a is None else Attention(a[0], a[1], tuple(a[2]), getattr(torch, a[3]))
     return Seams(Layout(d["packed"], d["group"], attention), d["continuous_batching"],
-                 d["static_kv_cache"], tuple(d["notes"]))
+                 d["static_kv_cache"], tuple(d["notes"]), d["merge_for_generation"])
 
 
 def seams_for(ac: ActorCritic, cfg, pad_id: int, model_path: str) -> tuple[Seams, Optional[str]]:
@@ -292,7 +356,9 @@ def seams_for(ac: ActorCritic, cfg, pad_id: int, model_path: str) -> tuple[Seams
     mode = cfg.model.seam_check
     if mode == "off":
         best = preferred(ac, cfg)[0][1]
-        return Seams(best, cfg.rollout.continuous_batching, cfg.rollout.static_kv_cache), None
+        rc = cfg.rollout
+        return Seams(best, rc.continuous_batching, rc.static_kv_cache, (),
+                     rc.merge_for_generation), None
     path = _cache_dir() / f"{_key(ac, cfg, model_path)}.json"
     if mode == "auto" and path.is_file():
         try:

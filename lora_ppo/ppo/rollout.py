@@ -120,9 +120,10 @@ def generate(ac: ActorCritic, prompt_ids: Sequence[Sequence[int]], rc, stop_ids:
     one row per prompt, so a seeded run draws the same tokens whatever the batching."""
     query_ids, query_mask = left_pad(prompt_ids, pad_id)
     uniforms = None if greedy else torch.rand(len(prompt_ids), rc.max_new_tokens)
-    merge = rc.merge_for_generation and can_merge_for_generation(ac.peft_model)
-    with ac.role(POLICY, train=False), (merged_policy(ac.peft_model) if merge
-                                        else contextlib.nullcontext()):
+    merge = (rc.merge_for_generation and ac.autocast is None
+             and can_merge_for_generation(ac.peft_model))
+    with ac.role(POLICY, train=False), ac.precision(), (merged_policy(ac.peft_model) if merge
+                                                        else contextlib.nullcontext()):
         drawn = sample(ac, [list(p) for p in prompt_ids], max_new_tokens=rc.max_new_tokens,
                        temperature=rc.temperature, greedy=greedy, stop_ids=stop_ids,
                        pad_id=pad_id, slots=rc.generation_batch_size, uniforms=uniforms,
@@ -153,15 +154,16 @@ def logprobs_and_values(ac: ActorCritic, samples: Samples, *, temperature: float
             batch = [t[s:s + batch_size].to(device)
                      for t in (query_ids, query_mask, response_ids, response_mask)]
             mask = batch[3]
-            if not from_sampler:
-                lp, _, v = ac(*batch, temperature=temperature, chunk_size=chunk_size)
-                parts["logprobs"].append(lp * mask)
-                if v is not None:
-                    parts["values"].append(v * mask)
-            if with_reference:
-                ref, _, _ = ac(*batch, temperature=temperature, chunk_size=chunk_size,
-                               with_values=False, role=REFERENCE)
-                parts["ref_logprobs"].append(ref * mask)
+            with ac.precision():  # the run's autocast, as the update's forwards run under it
+                if not from_sampler:
+                    lp, _, v = ac(*batch, temperature=temperature, chunk_size=chunk_size)
+                    parts["logprobs"].append(lp * mask)
+                    if v is not None:
+                        parts["values"].append(v * mask)
+                if with_reference:
+                    ref, _, _ = ac(*batch, temperature=temperature, chunk_size=chunk_size,
+                                   with_values=False, role=REFERENCE)
+                    parts["ref_logprobs"].append(ref * mask)
     finally:
         ac.train(was_training)
     if from_sampler:

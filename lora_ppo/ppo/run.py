@@ -68,7 +68,7 @@ def setup(cfg: Config) -> Run:
     ac.layout = seams.layout
     cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(
         cfg.rollout, continuous_batching=seams.continuous_batching,
-        static_kv_cache=seams.static_kv_cache))
+        static_kv_cache=seams.static_kv_cache, merge_for_generation=seams.merge_for_generation))
     if dist.rank == 0:
         for line in (checked, *seams.notes):
             if line:
