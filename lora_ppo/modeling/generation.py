@@ -64,7 +64,7 @@ def unfoldable(peft_model: nn.Module) -> Optional[str]:
     for m in policy_layers(peft_model):
         variant = getattr(m, "lora_variant", {}).get(POLICY)
         if variant is not None and type(variant).__name__ not in FOLDABLE_VARIANTS:
-            return f"its {type(variant).__name__} layers"
+            return f"{type(variant).__name__} layers"
     return None
 
 

@@ -235,11 +235,16 @@ def _decoding(ac: ActorCritic, cfg, batch, reference: torch.Tensor, pad_id: int,
               notes: list[str]) -> Decoding:
     """The fastest decode path that gives the forward's log-probs: give up the fold, then
     continuous batching, then the static cache, one line each; refuse when none does."""
-    from lora_ppo.modeling.generation import can_merge_for_generation
+    from lora_ppo.modeling.generation import can_merge_for_generation, unfoldable
 
     kind, rc = ac.causal_lm.config.model_type, cfg.rollout
     merge = (rc.merge_for_generation and ac.autocast is None
              and can_merge_for_generation(ac.peft_model))
+    why = unfoldable(ac.peft_model) if rc.merge_for_generation else None
+    if why:
+        notes.append(f"model.init_adapter: the policy's {why} cannot be folded into the base "
+                     "weights exactly; it generates unfolded (rollout.merge_for_generation="
+                     "false)")
     how = Decoding(merge, rc.continuous_batching, rc.static_kv_cache)
     while _decode_diff(ac, batch, reference, pad_id, how) > tolerance(ac):
         if how.merge:

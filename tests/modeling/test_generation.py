@@ -82,3 +82,17 @@ def test_a_fold_that_is_not_exact_is_given_up_with_one_line(tiny_model_dir, tmp_
     assert seams.notes == ("model type llama: the policy folded into the base weights does not "
                            "decode what the forward scores; it generates unfolded "
                            "(rollout.merge_for_generation=false)",)
+
+
+def test_a_variant_that_is_not_folded_generates_unfolded_with_one_line(tiny_model_dir, tmp_path):
+    """aLoRA (peft's ALoraLinearVariant: the adapter acts only after its invocation tokens) has
+    no merge that a fold could copy: the run generates unfolded and says so."""
+    sft = make_adapter_dir(tiny_model_dir, tmp_path / "sft", seed=1,
+                           alora_invocation_tokens=[5, 6])
+    ac, cfg, tok = _ac(tiny_model_dir, tmp_path / "run", f"model.init_adapter={sft}")
+    assert not can_merge_for_generation(ac.peft_model)
+    seams = check_seams(ac, cfg, tok.pad_token_id)
+    assert not seams.merge_for_generation
+    assert seams.notes == ("model.init_adapter: the policy's ALoraLinearVariant layers cannot be "
+                           "folded into the base weights exactly; it generates unfolded "
+                           "(rollout.merge_for_generation=false)",)
