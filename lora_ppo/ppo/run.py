@@ -21,7 +21,7 @@ from lora_ppo.ppo.rollout import stop_ids_of
 from lora_ppo.rl.kl import AdaptiveKLController, FixedKLController
 from lora_ppo.rl.rewards import RunningMoments
 from lora_ppo.runtime.dist import DistInfo, broadcast_object, seed_everything, setup_distributed
-from lora_ppo.runtime.ds_config import run_ds_config
+from lora_ppo.runtime.ds_config import autocast_dtype, run_ds_config
 from lora_ppo.runtime.engine import create_engine
 
 
@@ -62,6 +62,7 @@ def setup(cfg: Config) -> Run:
     base = load_base_model(cfg, model_path, dist.device)
     stop_ids = stop_ids_of(tokenizer, base.generation_config, cfg.rollout.stop_token_ids)
     ac = build_actor_critic(cfg, base)
+    ac.autocast = autocast_dtype(ds_config)  # sampling and scoring run under it as the update
     # Every rank checks its own copy; all take rank 0's decisions, so they decode and lay out
     # batches alike.
     seams, checked = broadcast_object(seams_for(ac, cfg, tokenizer.pad_token_id, model_path))

@@ -302,10 +302,12 @@ def _continuous(s: _Sampler, slots: int) -> None:
             free, pending = free[:len(new)], pending + len(new)
             kv, h = _encode(s, [s.prompts[i] for i in new.tolist()], encoded, remaining)
             if not cache.layers[0].is_initialized:
-                first = kv[0]
-                cache.early_initialization(slots, [k.shape[1] for k, _ in first],
-                                           [k.shape[3] for k, _ in first], first[0][0].dtype,
-                                           s.device)
+                # each layer shaped and typed as the prefill wrote it: under autocast the keys
+                # (rope in fp32) and the values (a bf16 matmul) differ in dtype, which
+                # Cache.early_initialization's one dtype cannot hold
+                for layer, (k, v) in zip(cache.layers, kv[0]):
+                    layer.lazy_initialization(k.new_empty(slots, k.shape[1], 0, k.shape[3]),
+                                              v.new_empty(slots, v.shape[1], 0, v.shape[3]))
             for slot, i, layers in zip(free.tolist(), new.tolist(), kv):
                 n = len(s.prompts[i])  # the prompt ends at the current column
                 for layer, (k, v) in zip(cache.layers, layers):
