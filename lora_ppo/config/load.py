@@ -35,6 +35,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "ppo.kl_coef": _NONNEG, "ppo.target_kl": _POSITIVE, "ppo.kl_horizon": _POSITIVE,
     "ppo.early_stop_kl": _POSITIVE, "reward.clip": _POSITIVE,
     "ppo.cliprange_high": _POSITIVE, "reward.overlong_buffer": _POSITIVE,
+    "ppo.sampler_importance_sampling_clip_max": _POSITIVE,
+    "ppo.sampler_importance_sampling_clip_min": _NONNEG,
     "reward.overlong_penalty": _NONNEG, "rollout.max_extra_rounds": _NONNEG,
     "data.eval_every": _NONNEG, "data.eval_size": _NONNEG,
     "checkpoint.every": _NONNEG, "checkpoint.keep": _POSITIVE,

@@ -58,6 +58,13 @@ def decodes_in_fp32(peft_model: nn.Module) -> bool:
     return bool(layers) and len(layers) == len(every)  # every policy linear is fp32
 
 
+def sampler_agrees(ac) -> bool:
+    """Whether the sampler's distribution is the scored one to fp32 round-off: an fp32 policy
+    (`decodes_in_fp32`) without torch autocast. Elsewhere the update weighs the one against the
+    other (ppo/update.py::sampler_correction)."""
+    return ac.autocast is None and decodes_in_fp32(ac.peft_model)
+
+
 def unfoldable(peft_model: nn.Module) -> Optional[str]:
     """Why the policy cannot be folded exactly (a LoRA variant whose merge is not folded here),
     or None."""

@@ -24,7 +24,7 @@ from lora_ppo.modeling.generation import decodes_in_fp32
 from lora_ppo.ppo.dynamic import SamplingStats, sample_until_full, sampling_metrics
 from lora_ppo.ppo.rollout import Rollout, Samples, generate, logprobs_and_values
 from lora_ppo.ppo.run import Run, setup
-from lora_ppo.ppo.update import PPOStats, ppo_update
+from lora_ppo.ppo.update import PPOStats, ppo_update, sampler_metrics
 from lora_ppo.rl.advantages import (
     group_advantages,
     reinforce_pp_advantages,
@@ -239,6 +239,7 @@ def update_metrics(run: Run, ro: Rollout, stats: PPOStats, t_rollout: float, t_u
     names = list(local)
     nan = float("nan")  # None crosses the all-reduce as NaN and is logged as null
     row = dict(zip(names, all_mean([nan if local[k] is None else local[k] for k in names])))
+    row.update(sampler_metrics(run.ac, ro, run.cfg.ppo))  # the sampled vs the scored policy
     tokens = (mask.sum() + ro.query_mask.sum()).item() * run.dist.world_size
     row.update({
         "step": run.step, "episode": run.episode, "lr": run.engine.get_lr()[0],

@@ -11,7 +11,10 @@ that `ActorCritic.forward` scores for the rollout's old log-probs and for the up
 ratio's denominator and the KL estimate are of the distribution actually sampled from. With no
 update in between and dropout off the PPO ratio is exactly 1 (to float round-off). Where the
 sampler computes in fp32 its own log-probs of the drawn tokens serve as the old log-probs
-(`rollout.sampler_logprobs`; docs/ppo.md, "Doing less work").
+(`rollout.sampler_logprobs`; docs/ppo.md, "Doing less work"). They are kept with every sampled
+rollout (`Rollout.sampler_logprobs`): in reduced precision the decode loop's distribution is
+not the scored one, and the update weighs the one against the other
+(rl/sampler_correction.py).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class Rollout:
     logprobs: torch.Tensor        # (B, R) policy log-probs at the sampling temperature
     ref_logprobs: Optional[torch.Tensor]  # (B, R) reference log-probs; None: no KL term at all
     values: Optional[torch.Tensor]        # (B, R) V(s_t); None without a value function
+    sampler_logprobs: Optional[torch.Tensor] = None  # (B, R) the sampler's own log-probs of the
+    #                                                  drawn tokens; None for greedy samples
     scores: Optional[torch.Tensor] = None      # (B,) shaped sequence scores
     raw_scores: Optional[torch.Tensor] = None  # (B,) scores as the reward source gave them
     kl: Optional[torch.Tensor] = None          # (B, R) per-token KL estimate
@@ -95,8 +100,9 @@ class Samples(NamedTuple):
     response_ids: torch.Tensor    # (B, R) long, padding after the first stop token
     response_mask: torch.Tensor   # (B, R) float
     has_eos: torch.Tensor         # (B,) bool
-    logprobs: Optional[torch.Tensor] = None  # (B, R) policy log-probs of the drawn tokens
+    logprobs: Optional[torch.Tensor] = None  # (B, R) the sampler's log-probs of the drawn tokens
     values: Optional[torch.Tensor] = None    # (B, R) shared-head values on the same states
+    scored: bool = False  # the sampler's log-probs (and values) stand for the scoring forward
 
 
 def stop_ids_of(tokenizer, generation_config, extra: Sequence[int]) -> list[int]:
@@ -114,11 +120,14 @@ def generate(ac: ActorCritic, prompt_ids: Sequence[Sequence[int]], rc, stop_ids:
              score: bool = False) -> Samples:
     """Sample responses with the policy (ppo/sampling.py: at most `rc.generation_batch_size`
     rows at once, continuous batching unless `rc.continuous_batching` is off). `synced`: every
-    rank runs the same forwards (ZeRO-3 gathers weights collectively in each one). `score`:
-    keep the sampler's log-probs (and shared-head values) of the drawn tokens, for
-    `logprobs_and_values`. The uniforms behind every draw come from torch's global generator,
-    one row per prompt, so a seeded run draws the same tokens whatever the batching."""
+    rank runs the same forwards (ZeRO-3 gathers weights collectively in each one). The sampler's
+    log-probs of the drawn tokens are kept (not `greedy`); `score`: they (and the shared-head
+    values) stand for the scoring forward in `logprobs_and_values`, where the two agree to fp32
+    round-off (never under autocast). The uniforms behind every draw come from torch's global
+    generator, one row per prompt, so a seeded run draws the same tokens whatever the
+    batching."""
     query_ids, query_mask = left_pad(prompt_ids, pad_id)
+    score = score and ac.autocast is None  # autocast: bf16 matmuls, not fp32
     uniforms = None if greedy else torch.rand(len(prompt_ids), rc.max_new_tokens)
     merge = (rc.merge_for_generation and ac.autocast is None
              and can_merge_for_generation(ac.peft_model))
@@ -128,11 +137,11 @@ def generate(ac: ActorCritic, prompt_ids: Sequence[Sequence[int]], rc, stop_ids:
                        temperature=rc.temperature, greedy=greedy, stop_ids=stop_ids,
                        pad_id=pad_id, slots=rc.generation_batch_size, uniforms=uniforms,
                        continuous=rc.continuous_batching, synced=synced,
-                       static_cache=rc.static_kv_cache, score=score)
+                       static_cache=rc.static_kv_cache, score=not greedy, values=score)
     response_ids, response_mask, has_eos = truncate_after_stop(drawn.tokens, stop_ids, pad_id)
     return Samples(query_ids, query_mask, response_ids, response_mask, has_eos,
                    None if drawn.logprobs is None else drawn.logprobs * response_mask,
-                   None if drawn.values is None else drawn.values * response_mask)
+                   None if drawn.values is None else drawn.values * response_mask, score)
 
 
 @torch.no_grad()
@@ -143,7 +152,7 @@ def logprobs_and_values(ac: ActorCritic, samples: Samples, *, temperature: float
     computed in chunks of `batch_size` sequences."""
     query_ids, query_mask, response_ids, response_mask, has_eos = samples[:5]
     # the sampler's own log-probs (and shared-head values) stand for the policy forward
-    from_sampler = samples.logprobs is not None and (
+    from_sampler = samples.scored and samples.logprobs is not None and (
         samples.values is not None or ac.value_mode == "none")
     was_training = ac.training
     ac.eval()
@@ -172,4 +181,6 @@ def logprobs_and_values(ac: ActorCritic, samples: Samples, *, temperature: float
     return Rollout(query_ids=query_ids.to(device), query_mask=query_mask.to(device),
                    response_ids=response_ids.to(device), response_mask=response_mask.to(device),
                    has_eos=has_eos.to(device),
-                   **{k: torch.cat(v) if v else None for k, v in parts.items()})
+                   **{k: torch.cat(v) if v else None for k, v in parts.items()},
+                   sampler_logprobs=None if samples.logprobs is None
+                   else samples.logprobs.to(device))

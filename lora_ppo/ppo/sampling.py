@@ -133,7 +133,7 @@ class _Sampler:
     """One `sample` call's state: the model pieces, what each row has drawn, the stop rule."""
 
     def __init__(self, ac: ActorCritic, prompts, *, max_new_tokens, temperature, greedy,
-                 stop_ids, pad_id, uniforms, score, forced=None):
+                 stop_ids, pad_id, uniforms, score, forced=None, values=False):
         self.ac, self.prompts, self.pad_id = ac, [tuple(p) for p in prompts], pad_id
         self.decoder = ac.causal_lm.get_decoder()
         self.cache_kw = cache_keyword(type(self.decoder))
@@ -142,7 +142,7 @@ class _Sampler:
         self.uniforms = None if greedy else uniforms.to(self.device)
         self.forced = None if forced is None else forced.to(self.device)
         self.stops = torch.tensor(stop_ids, device=self.device)
-        self.with_values = score and ac.value_mode == "shared"
+        self.with_values = values and ac.value_mode == "shared"
         self.out = _Out(len(prompts), max_new_tokens, pad_id, score, self.with_values)
 
     def forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache) -> Tensor:
@@ -196,14 +196,15 @@ def sample(ac: ActorCritic, prompts: list[list[int]], *, max_new_tokens: int,
            temperature: float, greedy: bool, stop_ids: list[int], pad_id: int, slots: int,
            uniforms: Optional[Tensor] = None, continuous: bool = True, synced: bool = False,
            static_cache: bool = True, score: bool = False,
-           forced: Optional[Tensor] = None) -> Drawn:
+           forced: Optional[Tensor] = None, values: Optional[bool] = None) -> Drawn:
     """Responses (B, R), R <= max_new_tokens, to `prompts` (B lists of ids; rows answering the
     same prompt share its encoding). Each token is drawn from softmax(model logits / T) in
     float32 by inverse CDF at `uniforms` (B, max_new_tokens) (argmax when `greedy`); after a
     row's first stop id it holds `pad_id`. At most `slots` rows decode at once. Runs under the
     active role and mode (the caller: eval mode under the policy). `score`: also the log-prob of
-    each drawn token and the shared value head on the same state (value.mode=shared), what the
-    rollout's scoring forward computes; asked only where the two agree to fp32 round-off.
+    each drawn token under the distribution it was drawn from; `values` (default: `score`): also
+    the shared value head on the same state (value.mode=shared), what the rollout's scoring
+    forward computes, asked where the two agree to fp32 round-off.
     `synced`: every rank runs the same forwards (ZeRO-3 gathers weights collectively).
     `forced` (B, max_new_tokens): take these tokens instead of drawing (teacher forcing: the
     setup's check of the decode loop, modeling/seams.py).
@@ -212,7 +213,7 @@ def sample(ac: ActorCritic, prompts: list[list[int]], *, max_new_tokens: int,
         raise ValueError("sampling needs uniforms (B, max_new_tokens); greedy does not")
     s = _Sampler(ac, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                  greedy=greedy, stop_ids=stop_ids, pad_id=pad_id, uniforms=uniforms, score=score,
-                 forced=forced)
+                 forced=forced, values=score if values is None else values)
     config = ac.causal_lm.config
     if continuous and static_cache and not synced and continuous_batching_fits(
             StaticCache(config=config, max_cache_len=1)):

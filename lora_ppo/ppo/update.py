@@ -27,11 +27,13 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from lora_ppo.modeling.generation import sampler_agrees
 from lora_ppo.ppo.rollout import Rollout
 from lora_ppo.rl.logprobs import chunk_rows
 from lora_ppo.rl.losses import entropy_loss, kl_loss, loss_normalizers, policy_loss, value_loss
 from lora_ppo.rl.masked import masked_sum
-from lora_ppo.runtime.dist import all_sum, world_size
+from lora_ppo.rl.sampler_correction import sampler_mismatch, sampler_weights
+from lora_ppo.runtime.dist import all_gather_cat, all_sum, world_size
 
 # Token-weighted statistics, summed as stat * tokens over micro-batches (see MicroStats).
 _WEIGHTED = ("entropy", "approx_kl", "clipfrac", "value_clipfrac", "ratio")
@@ -85,7 +87,8 @@ def micro_batch_loss(engine, mb: Rollout, cfg, normalizer: torch.Tensor, kl_coef
         entropy_grad=pc.ent_coef > 0)
     mask = loss_mask(mb, pc.mask_truncated_completions)
     pl = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, pc.cliprange, normalizer,
-                     pc.cliprange_high, pc.importance_sampling_level)
+                     pc.cliprange_high, pc.importance_sampling_level,
+                     sampler_correction(engine.module, mb, pc))
     # PPO objective (Schulman et al. 2017 eq. 9): L_clip - c1 L_vf + c2 S, as a loss to minimise;
     # GRPO adds beta * KL to the reference (Shao et al. 2024, eq. 3) when the KL is in the loss.
     loss = pl.loss
@@ -106,6 +109,54 @@ def micro_batch_loss(engine, mb: Rollout, cfg, normalizer: torch.Tensor, kl_coef
         pl.loss.detach(), v_loss, kl_term, n, masked_sum(entropy.detach(), mask),
         pl.approx_kl * n, pl.clipfrac * n, v_clip * n, pl.ratio_mean * n]).float()
     return loss, MicroStats(*stats.tolist())
+
+
+def sampler_correction(ac, ro: Rollout, pc) -> Optional[torch.Tensor]:
+    """(B, R) importance weights pi_old / pi_sampler of `ro`'s tokens (ppo.sampler_importance_
+    sampling_*; rl/sampler_correction.py), or None where none apply: the correction is off, the
+    rollout has no sampler log-probs, or the sampler's distribution is the scored one (an fp32
+    policy without autocast: its log-probs are the old log-probs, every weight 1)."""
+    if (not pc.sampler_importance_sampling_correction or ro.sampler_logprobs is None
+            or sampler_agrees(ac)):
+        return None
+    return sampler_weights(ro.logprobs, ro.sampler_logprobs, ro.response_mask,
+                           pc.sampler_importance_sampling_mode,
+                           pc.sampler_importance_sampling_clip_max,
+                           pc.sampler_importance_sampling_clip_min)
+
+
+SAMPLER_METRICS = ("rollout/sampler_kl", "sampling/sampling_logp_difference/mean",
+                   "sampling/sampling_logp_difference/max", "sampling/importance_sampling_ratio/min",
+                   "sampling/importance_sampling_ratio/mean", "sampling/importance_sampling_ratio/max")
+
+
+def sampler_metrics(ac, ro: Rollout, pc) -> dict:
+    """The sampled distribution against the scored one over every rank's rollout (formulas in
+    docs/metrics.md): the KL, TRL's log-prob differences, and TRL's importance-weight stats
+    where the correction applies (per token, or per response at the sequence level)."""
+    out = dict.fromkeys(SAMPLER_METRICS)
+    if ro.sampler_logprobs is None:
+        return out
+    m = sampler_mismatch(ro.logprobs, ro.sampler_logprobs, ro.response_mask)
+    w = sampler_correction(ac, ro, pc)
+    real = ro.response_mask > 0
+    if w is not None and pc.sampler_importance_sampling_mode.startswith("sequence"):
+        w, real = w[:, :1], real.any(1, keepdim=True)  # one weight per response
+    w = ro.response_mask.new_zeros(0) if w is None else w[real]
+    kl, diff, tokens, w_sum, w_n = all_sum([m.kl, m.abs_diff, m.tokens, float(w.sum()),
+                                            float(w.numel())])
+    inf = float("inf")
+    local = torch.tensor([m.max_abs_diff, float(w.max()) if w.numel() else -inf,
+                          -float(w.min()) if w.numel() else -inf], device=ro.response_mask.device)
+    top = all_gather_cat(local[None]).amax(0).tolist()  # maxima over ranks
+    out.update({"rollout/sampler_kl": kl / max(tokens, 1.0),
+                "sampling/sampling_logp_difference/mean": diff / max(tokens, 1.0),
+                "sampling/sampling_logp_difference/max": top[0]})
+    if w_n:
+        out.update({"sampling/importance_sampling_ratio/min": -top[2],
+                    "sampling/importance_sampling_ratio/mean": w_sum / w_n,
+                    "sampling/importance_sampling_ratio/max": top[1]})
+    return out
 
 
 def loss_mask(ro: Rollout, mask_truncated: bool) -> torch.Tensor:
