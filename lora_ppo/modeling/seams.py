@@ -9,7 +9,10 @@ by train/eval mode (bitsandbytes 8-bit on a CPU). Before training, `check_seams`
 policy adapter made non-zero for the check and restored bit for bit after it:
 
 1. logits   our trunk + head + `logits_transform` against the model's own `forward().logits`
-            (log-softmax, max abs difference): a mismatch is refused, naming the model type;
+            (log-softmax, max abs difference): on a mismatch (a post-processing of the head's
+            output lora_ppo does not know) scoring, updates and sampling take the forward's own
+            logits (modeling/own_logits.py), padded rows, one line naming the model type and the
+            memory it costs; refused only if that path too differs;
 2. modes    a train-mode forward against an eval-mode one (no grad): a mismatch is refused,
             naming the model type and the quantization;
 3. layouts  log-probs of probe sequences in packed rows (a shared prompt; an explicit mask; the
@@ -59,6 +62,7 @@ class Seams(NamedTuple):
     static_kv_cache: bool
     notes: tuple[str, ...] = ()  # one line per fallback taken
     merge_for_generation: bool = False  # the policy folded into the weights to generate
+    own_logits: bool = False  # logits from the model's own forward (ActorCritic.use_own_logits)
 
 
 def tolerance(ac: ActorCritic) -> float:
@@ -72,7 +76,7 @@ def preferred(ac: ActorCritic, cfg) -> list[tuple[str, Layout]]:
     """Candidate layouts, best first: a shared prompt (n > 1), an explicit mask, the model's
     detection of restarting positions, padded. Only those `cfg` allows."""
     config = ac.causal_lm.config
-    if not cfg.model.padding_free:
+    if not cfg.model.padding_free or ac.own_logits:
         return [("padded", PADDED)]
     impl = getattr(config, "_attn_implementation", None) or "eager"
     dtype = ac.causal_lm.get_input_embeddings().weight.dtype
@@ -181,6 +185,45 @@ def _logits_diff(ac: ActorCritic, batch) -> float:
     return _max(ours, theirs)
 
 
+def _own_diff(ac: ActorCritic, batch) -> float:
+    """Log-probs of the probe responses through lora_ppo's scoring of the model's own logits
+    (ActorCritic._own_logprobs) against the model's forward called plainly on the padded rows."""
+    from lora_ppo.modeling.actor_critic import position_ids_from_mask
+
+    q_ids, q_mask, r_ids, r_mask = batch
+    mask = torch.cat([q_mask, r_mask.long()], 1)
+    logits = ac.causal_lm(input_ids=torch.cat([q_ids, r_ids], 1), attention_mask=mask,
+                          position_ids=position_ids_from_mask(mask)).logits
+    q, r = q_ids.shape[1], r_ids.shape[1]
+    theirs = logits[:, q - 1:q - 1 + r].float().log_softmax(-1)
+    theirs = theirs.gather(-1, r_ids[..., None]).squeeze(-1) * r_mask
+    return _max(_logprobs(ac, batch, PADDED), theirs)
+
+
+def _own_logits(ac: ActorCritic, cfg, batch, d: float) -> str:
+    """Fall back to the model's own forward's logits, where lora_ppo's own differ by `d`; the
+    one line saying so and what it costs (sizing/memory.py::own_logits_bytes), or a refusal
+    where even that path does not give the model's log-probs."""
+    from lora_ppo.sizing.memory import own_logits_bytes
+
+    kind = ac.causal_lm.config.model_type
+    ac.use_own_logits()
+    d_own = _own_diff(ac, batch)
+    if not d_own <= tolerance(ac):
+        raise UserError(
+            f"model type {kind}: lora_ppo's logits differ from the model's own forward by "
+            f"{d:.3g}, and scoring that forward's own logits still by {d_own:.3g}; it cannot be "
+            "trained exactly; report the model type so it can be supported")
+    s = 2 if ac.autocast is not None else ac.causal_lm.get_input_embeddings().weight.element_size()
+    mib = own_logits_bytes(cfg.ppo.micro_batch_size * cfg.rollout.max_new_tokens, ac.vocab, s,
+                           grad=True) / 2**20
+    return (f"model type {kind}: lora_ppo's logits differ from the model's own forward by "
+            f"{d:.3g} (a post-processing of the LM head's output it does not know); scoring, "
+            "updates and sampling take the model's own forward's logits, on padded rows: "
+            f"{mib:.1f} MiB more per update micro-batch (ppo.micro_batch_size x rollout."
+            "max_new_tokens x vocab logits; `lora-ppo estimate --own-logits` counts it)")
+
+
 def _modes_diff(ac: ActorCritic, batch) -> float:
     was = ac.training
     try:
@@ -272,19 +315,15 @@ def check_seams(ac: ActorCritic, cfg, pad_id: int) -> Seams:
     """Run the checks (module doc) under the policy in eval mode; refuse what cannot be made
     exact, fall back where a slower path is exact."""
     gen = torch.Generator().manual_seed(1234)  # the run's own random streams stay untouched
-    tol = tolerance(ac)
     kind = ac.causal_lm.config.model_type
     notes = []
     with (_in_run_precision(ac, cfg), _nonzero_adapters(ac, gen), ac.precision(),
           ac.role(POLICY, train=False), torch.no_grad()):
+        tol = tolerance(ac)  # of the run's precision
         batch = _probe(ac, pad_id, gen)
         d = _logits_diff(ac, batch)
         if not d <= tol:
-            raise UserError(
-                f"model type {kind}: lora_ppo's logits differ from the model's own forward by "
-                f"{d:.3g} (a post-processing of the LM head's output it does not know); "
-                "training it would optimise another distribution than the model samples; "
-                "report the model type so it can be supported")
+            notes.append(_own_logits(ac, cfg, batch, d))
         d = _modes_diff(ac, batch)
         if not d <= tol:
             raise UserError(
@@ -300,7 +339,7 @@ def check_seams(ac: ActorCritic, cfg, pad_id: int) -> Seams:
             notes.append(f"model type {kind}: {candidates[0][0]} rows do not give the padded "
                          f"forward's log-probs; scoring and updates use {chosen[0]} rows")
         how = _decoding(ac, cfg, batch, reference, pad_id, notes)
-    return Seams(chosen[1], how.continuous, how.static, tuple(notes), how.merge)
+    return Seams(chosen[1], how.continuous, how.static, tuple(notes), how.merge, ac.own_logits)
 
 
 # -- the cache of outcomes --------------------------------------------------------------------
@@ -345,14 +384,16 @@ def _to_json(s: Seams) -> dict:
             "attention": None if a is None else [a.implementation, a.window, list(a.layer_types),
                                                  str(a.dtype).removeprefix("torch.")],
             "continuous_batching": s.continuous_batching, "static_kv_cache": s.static_kv_cache,
-            "notes": list(s.notes), "merge_for_generation": s.merge_for_generation}
+            "notes": list(s.notes), "merge_for_generation": s.merge_for_generation,
+            "own_logits": s.own_logits}
 
 
 def _from_json(d: dict) -> Seams:
     a = d["attention"]
     attention = None if a is None else Attention(a[0], a[1], tuple(a[2]), getattr(torch, a[3]))
     return Seams(Layout(d["packed"], d["group"], attention), d["continuous_batching"],
-                 d["static_kv_cache"], tuple(d["notes"]), d["merge_for_generation"])
+                 d["static_kv_cache"], tuple(d["notes"]), d["merge_for_generation"],
+                 d["own_logits"])
 
 
 def seams_for(ac: ActorCritic, cfg, pad_id: int, model_path: str) -> tuple[Seams, Optional[str]]:

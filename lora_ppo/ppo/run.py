@@ -66,6 +66,8 @@ def setup(cfg: Config) -> Run:
     # Every rank checks its own copy; all take rank 0's decisions, so they decode and lay out
     # batches alike.
     seams, checked = broadcast_object(seams_for(ac, cfg, tokenizer.pad_token_id, model_path))
+    if seams.own_logits:
+        ac.use_own_logits()
     ac.layout = seams.layout
     cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(
         cfg.rollout, continuous_batching=seams.continuous_batching,
