@@ -261,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         # `--resume ppo.epochs=2`: argparse took the override for --resume's optional PATH.
         args.overrides.insert(0, resume)
         args.resume = "latest"
+    if args.command == "demo":
+        # The demo's figures are the README's, reproducible bit for bit: MKL's multithreaded
+        # matmuls sum in a run-dependent order on a CPU (3 runs of the GRPO preset parted at
+        # updates 2 to 6 with 2 threads, and never with 1). Set before torch loads MKL; at the
+        # demo's sizes one thread costs no time (docs/troubleshooting.md, "Reproducibility").
+        os.environ.setdefault("MKL_NUM_THREADS", "1")
     _quiet()
     try:
         code = args.fn(args)

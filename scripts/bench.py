@@ -5,10 +5,10 @@
     deepspeed --num_gpus 1 scripts/bench.py --hidden 2048 --layers 16 --out gpu.json
 
 Each update runs the real pieces of lora_ppo.ppo.loop: `loop.setup` builds the run, then
-    generation  loop.sample_responses (prompt encoding + rollout.generate)
-    scoring     loop.rollout_of (old/ref log-probs, values) + loop.compute_scores (the reward)
-                + loop.add_rewards + loop.add_advantages
-    update      update.ppo_update on the DeepSpeed engine
+    generation  the sampler (lora_ppo/generation)
+    scoring     old/ref log-probs and values, the reward, rewards and advantages
+    update      the PPO epochs on the DeepSpeed engine
+as `ppo_step` runs them and calls back at the start of each phase
 and for each phase the JSON holds its time, tokens/s, FLOPs (lora_ppo.sizing.flops), FLOP/s as a
 share of a matmul peak measured in the same process, peak memory, the estimator's prediction for
 that peak, and the share of the machine other processes used meanwhile.
@@ -203,26 +203,24 @@ def _preload() -> None:
 
 
 def one_update(run, meters) -> dict:
-    """Generation, scoring, update, each under its PhaseMeter; returns shapes and token counts.
-    The phases are the loop's own steps (lora_ppo.ppo.loop), called as `train` calls them."""
-    from lora_ppo.ppo import loop
-    from lora_ppo.ppo.update import ppo_update
+    """One update of the loop (lora_ppo.ppo.loop.ppo_step, as `train` runs it), each of its
+    phases (generation, scoring, update) under its PhaseMeter; returns shapes and token
+    counts."""
+    from lora_ppo.ppo.loop import ppo_step
 
-    cfg, bs, rank = run.cfg, run.cfg.rollout.batch_size, run.dist.rank
-    n = cfg.rollout.samples_per_prompt  # a group: each prompt n times in a row, as train does
-    prompts = [p for p in run.sampler.take(bs * run.dist.world_size)[rank * bs:(rank + 1) * bs]
-               for _ in range(n)]
-    with meters["generation"]:
-        samples = loop.sample_responses(run, prompts)
-    with meters["scoring"]:
-        ro = loop.rollout_of(run, samples)
-        raw_scores, _ = loop.compute_scores(run, prompts, ro)
-        ro = loop.add_advantages(run, loop.add_rewards(run, ro, raw_scores))
-    with meters["update"]:
-        ppo_update(run.engine, run.ac, ro, cfg, run.generator)
-    run.step += 1
-    q, qm, r, rm = samples.query_ids, samples.query_mask, samples.response_ids, \
-        samples.response_mask
+    active = []  # the meter of the phase now running
+
+    def on_phase(name: str) -> None:
+        if active and active[-1] is meters[name]:
+            return  # scoring is entered twice in a row: the forwards, then rewards/advantages
+        if active:
+            active.pop().__exit__(None, None, None)
+        active.append(meters[name].__enter__())
+
+    out = ppo_step(run, on_phase)
+    active.pop().__exit__(None, None, None)
+    ro = out.rollout
+    q, qm, r, rm = ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask
     real = int(qm.sum() + rm.sum())
     return {"prompt_len": q.shape[1], "resp_len": r.shape[1], "generated": int(rm.sum()),
             "real_tokens": real, "lengths": list(zip(qm.sum(1).tolist(),
@@ -231,7 +229,7 @@ def one_update(run, meters) -> dict:
 
 def _forwards(run) -> tuple[bool, bool]:
     """(policy, reference): which scoring forwards the rollout runs."""
-    from lora_ppo.ppo.loop import sampler_scores
+    from lora_ppo.ppo.collect import sampler_scores
 
     return not sampler_scores(run), run.cfg.algorithm.uses_reference
 

@@ -186,9 +186,11 @@ def lora_ppo_side(a) -> dict:
 
     torch.set_num_threads(1)
     sys.path.insert(0, str(REPO))
+    from transformers import AutoConfig
+
     from lora_ppo.config.load import load_config
-    from lora_ppo.ppo import loop
-    from lora_ppo.ppo.update import ppo_update
+    from lora_ppo.io.data import Prompt
+    from lora_ppo.ppo.loop import ppo_step, setup
 
     reward = Path(a.out).with_suffix(".reward.py")
     reward.write_text(REWARD)
@@ -205,41 +207,34 @@ def lora_ppo_side(a) -> dict:
         f"ppo.total_updates={w['steps']}", "deepspeed.config=zero0", "deepspeed.precision=fp32",
         f"reward.function={reward}:even", "logging.progress=false", "logging.tensorboard=false",
         "checkpoint.every=0", *a.set])
-    run = loop.setup(cfg)
+    vocab = AutoConfig.from_pretrained(a.model_dir).vocab_size
+    gen = torch.Generator().manual_seed(a.seed)
+    n_prompts = w["batch"] * w["steps"]
+    ids = torch.randint(N_SPECIAL + w["stop_ids"], vocab, (n_prompts, w["prompt_len"]),
+                        generator=gen).tolist()
+    if w["prompt_min"]:
+        lens = torch.randint(w["prompt_min"], w["prompt_len"] + 1, (n_prompts,), generator=gen)
+        ids = [p[:int(n)] for p, n in zip(ids, lens)]
+    prompts = [Prompt("", tuple(p)) for p in ids]
+    run = setup(cfg, prompts=prompts)
     with torch.no_grad():  # make every weight resident, as the peer's harness does
         for p in run.ac.parameters():
             p.sum()
     after_load = maxrss_mib()
-    vocab = run.ac.vocab
-    gen = torch.Generator().manual_seed(a.seed)
     steps = []
     for step in range(w["steps"]):
-        prompts = torch.randint(N_SPECIAL + w["stop_ids"], vocab, (w["batch"], w["prompt_len"]),
-                                generator=gen)
-        ids = [p.tolist() for p in prompts]
-        if w["prompt_min"]:
-            lens = torch.randint(w["prompt_min"], w["prompt_len"] + 1, (w["batch"],),
-                                 generator=gen)
-            ids = [p[:int(n)] for p, n in zip(ids, lens)]
         t0 = time.perf_counter()
-        samples = loop.sample_ids(run, ids)
-        t1 = time.perf_counter()
-        texts = [""] * len(ids)
-        ro = loop.rollout_of(run, samples)
-        raw, _ = loop.compute_scores(run, texts, ro)
-        ro = loop.add_advantages(run, loop.add_rewards(run, ro, raw))
-        t2 = time.perf_counter()
-        stats = ppo_update(run.engine, run.ac, ro, cfg, run.generator, run.kl_ctl.value)
+        out = ppo_step(run)
         t3 = time.perf_counter()
-        run.kl_ctl.update(float((ro.kl * ro.response_mask).sum(1).mean()), w["batch"])
-        gen_tokens = int(samples.response_mask.sum())
-        steps.append({"step": step, "gen_s": t1 - t0, "score_s": t2 - t1, "update_s": t3 - t2,
-                      "total_s": t3 - t0, "gen_tokens": gen_tokens,
+        sec, ro = out.seconds, out.rollout
+        gen_tokens = int(ro.response_mask.sum())
+        steps.append({"step": step, "gen_s": sec["generation"], "score_s": sec["scoring"],
+                      "update_s": sec["update"], "total_s": t3 - t0, "gen_tokens": gen_tokens,
                       "mean_resp_len": gen_tokens / w["batch"],
-                      "mean_reward": float(raw.mean()), "ratio": stats.ratio,
+                      "mean_reward": float(ro.raw_scores.mean()), "ratio": out.stats.ratio,
                       "maxrss_mib": maxrss_mib()})
-        print(f"[lora_ppo] step {step}: gen {t1 - t0:.2f}s score {t2 - t1:.2f}s update "
-              f"{t3 - t2:.2f}s tokens {gen_tokens}", file=sys.stderr, flush=True)
+        print(f"[lora_ppo] step {step}: gen {sec['generation']:.2f}s score {sec['scoring']:.2f}s "
+              f"update {sec['update']:.2f}s tokens {gen_tokens}", file=sys.stderr, flush=True)
     return {"side": "lora_ppo", "steps": steps, "after_model_load_mib": after_load,
             "peak_rss_mib": maxrss_mib()}
 
@@ -342,12 +337,12 @@ def lora_ppo_grpo_side(a) -> dict:
     from transformers import AutoTokenizer
 
     from lora_ppo.config.load import load_config
-    from lora_ppo.ppo import loop
-    from lora_ppo.ppo import run as run_module
-    from lora_ppo.ppo.update import ppo_update
+    from lora_ppo.io.data import Prompt
+    from lora_ppo.ppo.collect import sampler_scores
+    from lora_ppo.ppo.loop import ppo_step, setup
 
     w = a.w
-    P, n, steps_n = w["prompts"], w["n"], w["steps"]
+    P, steps_n = w["prompts"], w["steps"]
     rss = {"after_import_mib": gc.maxrss_mib()}
     # the peer's own tokenizer loading and prompts: the same texts, so the same token ids
     tok = AutoTokenizer.from_pretrained(a.model_dir, padding_side="left",
@@ -374,11 +369,9 @@ def lora_ppo_grpo_side(a) -> dict:
 
     # RSS after the base model's load, its weights made resident (safetensors are mmap-backed),
     # as trl_grpo.py measures it: the adapters, engine and optimizer come after, on both sides
-    orig_load = run_module.load_base_model
     cuda = torch.cuda.is_available()
 
-    def load_resident(*args, **kw):
-        base = orig_load(*args, **kw)
+    def load_resident(base):
         with torch.no_grad():
             for prm in base.parameters():
                 prm.sum()
@@ -387,13 +380,11 @@ def lora_ppo_grpo_side(a) -> dict:
         if cuda:
             torch.cuda.synchronize()
             rss["gpu_after_model_load_mib"] = torch.cuda.memory_allocated() / 2**20
-        return base
 
-    run_module.load_base_model = load_resident  # the name ppo/run.py::setup calls
-    try:
-        run = loop.setup(cfg)
-    finally:
-        run_module.load_base_model = orig_load
+    # Every step takes the next P of the run's prompt cycle: the same texts as the peer's, in
+    # a seeded shuffle of the first pass (every step's prompts distinct; all of one length).
+    prompts = [Prompt(t, tuple(p)) for t, p in zip(texts, prompt_ids)]
+    run = setup(cfg, prompts=prompts, on_base_loaded=load_resident)
     rss["after_setup_mib"] = gc.maxrss_mib()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -409,28 +400,20 @@ def lora_ppo_grpo_side(a) -> dict:
         c0, t0 = gc.cpu_sample(), time.perf_counter()
         if t_prev is None:
             t_prev, c_prev = t0, c0
-        # each prompt n times in a row (a group), as lora_ppo's train loop does
-        group_texts = [t for t in texts[k * P:(k + 1) * P] for _ in range(n)]
-        group_ids = [list(p) for p in prompt_ids[k * P:(k + 1) * P] for _ in range(n)]
-        samples = loop.sample_ids(run, group_ids)
-        sync()
-        t1 = time.perf_counter()
-        ro = loop.rollout_of(run, samples)
-        raw, _ = loop.compute_scores(run, group_texts, ro)
-        ro = loop.add_advantages(run, loop.add_rewards(run, ro, raw))
-        sync()
-        t2 = time.perf_counter()
-        stats = ppo_update(run.engine, run.ac, ro, cfg, run.generator, run.kl_ctl.value)
+        out = ppo_step(run)
         sync()
         t3, c1 = time.perf_counter(), gc.cpu_sample()
+        ro, stats, sec = out.rollout, out.stats, out.seconds
+        raw = ro.raw_scores
         mask = ro.response_mask.cpu()
         lens = [int(x) for x in mask.sum(1).tolist()]
         ends = [int(r[int(m) - 1]) for r, m in zip(ro.response_ids.cpu(), lens) if m]
         ended = ro.has_eos.cpu().tolist()
         rec = {"step": k, "wall_s": t3 - t_prev, "cpu_s": gc.proc_cpu_s(c_prev, c1),
-               "step_s": t3 - t0, "rollout_s": t2 - t0, "update_s": t3 - t2, "gen_s": t1 - t0,
-               "score_s": t2 - t1, "samples": len(group_ids), "gen_tokens": sum(lens),
-               "prompt_tokens": len(group_ids) * w["prompt_len"], "resp_lens": lens,
+               "step_s": t3 - t0, "rollout_s": sec["generation"] + sec["scoring"],
+               "update_s": sec["update"], "gen_s": sec["generation"],
+               "score_s": sec["scoring"], "samples": len(lens), "gen_tokens": sum(lens),
+               "prompt_tokens": len(lens) * w["prompt_len"], "resp_lens": lens,
                "mean_reward": float(raw.mean()), "maxrss_mib": gc.maxrss_mib(),
                "other_cpu_load": gc.other_load(c0, c1),
                # the stop token is counted: every answer that stopped ends with a stop id
@@ -442,8 +425,8 @@ def lora_ppo_grpo_side(a) -> dict:
             rec["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         records.append(rec)
         t_prev, c_prev = t3, c1
-        print(f"[lora_ppo] step {k}: {rec['wall_s']:.2f}s (gen {t1 - t0:.2f}s, score "
-              f"{t2 - t1:.2f}s, update {t3 - t2:.2f}s) tokens {rec['gen_tokens']} reward "
+        print(f"[lora_ppo] step {k}: {rec['wall_s']:.2f}s (gen {sec['generation']:.2f}s, score "
+              f"{sec['scoring']:.2f}s, update {sec['update']:.2f}s) tokens {rec['gen_tokens']} reward "
               f"{rec['mean_reward']:+.4f} other-load {rec['other_cpu_load']:.2f}",
               file=sys.stderr, flush=True)
     rss["peak_mib"] = gc.maxrss_mib()
@@ -466,10 +449,10 @@ def lora_ppo_grpo_side(a) -> dict:
         "device": str(run.dist.device), "torch_threads": torch.get_num_threads(),
         "workload": w,
         "settings": {"algorithm": alg._asdict(), "layout": repr(run.ac.layout),
-                     "continuous_batching": c.rollout.continuous_batching,
-                     "static_kv_cache": c.rollout.static_kv_cache,
-                     "merge_for_generation": c.rollout.merge_for_generation,
-                     "sampler_logprobs": loop.sampler_scores(run),
+                     "continuous_batching": run.seams.decode.continuous_batching,
+                     "static_kv_cache": run.seams.decode.static_kv_cache,
+                     "fold_for_generation": c.rollout.fold_for_generation,
+                     "sampler_logprobs": sampler_scores(run),
                      "gradient_checkpointing": c.model.gradient_checkpointing,
                      "precision": c.deepspeed.precision, "kl_coef": run.kl_ctl.value,
                      "learning_rate": c.ppo.optim.learning_rate,

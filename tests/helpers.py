@@ -123,3 +123,14 @@ def train_on_two_ranks(cfg: Path, dump: Path, timeout: int = 600) -> tuple[dict,
     run_two_ranks(str(REPO / "tests" / "ds_worker.py"), str(cfg), str(dump), timeout=timeout)
     r0, r1 = (torch.load(dump / f"rank{i}.pt") for i in (0, 1))
     return r0, r1
+
+
+def update_with(run, ro, generator):
+    """The loop's step 4 (ppo/loop.py::update) on `ro` with `generator` shuffling the minibatches
+    and the run's KL coefficient."""
+    from lora_ppo.ppo.update import ppo_update
+
+    rollout = run.cfg.rollout
+    return ppo_update(run.engine, run.ac, ro, ppo=run.cfg.ppo, algorithm=run.cfg.algorithm,
+                      temperature=rollout.temperature, max_new_tokens=rollout.max_new_tokens,
+                      chunk_rows=run.chunk_rows, generator=generator, kl_coef=run.kl_ctl.value)

@@ -16,12 +16,13 @@ import sys
 from pathlib import Path
 
 import torch
+from helpers import update_with
 
 from lora_ppo.cli import _quiet
 from lora_ppo.config.load import load_config
-from lora_ppo.ppo.loop import add_advantages, add_rewards, rollout_of, setup
-from lora_ppo.ppo.rollout import Samples, left_pad
-from lora_ppo.ppo.update import ppo_update
+from lora_ppo.generation.samples import Samples, left_pad
+from lora_ppo.ppo.collect import score_samples
+from lora_ppo.ppo.loop import add_advantages, add_rewards, setup
 from lora_ppo.runtime.dist import shutdown_distributed
 
 ROWS = 16
@@ -49,12 +50,12 @@ def one_update(cfg_path: str) -> dict:
     run = setup(cfg)
     rank, world = run.dist.rank, run.dist.world_size
     samples, scores = global_batch(run.tokenizer.pad_token_id, max(LENGTHS))
-    ro = rollout_of(run, samples)  # every rank scores the whole batch: the same old log-probs
+    ro = score_samples(run, samples)  # every rank scores the whole batch: the same old log-probs
     share = torch.arange(rank * ROWS // world, (rank + 1) * ROWS // world, device=scores.device)
     ro = ro.index(share.to(ro.query_ids.device))
     ro = add_advantages(run, add_rewards(run, ro, scores[share].to(ro.query_ids.device)))
     before = trainable(run.ac)
-    ppo_update(run.engine, run.ac, ro, cfg, run.generator, run.kl_ctl.value)
+    update_with(run, ro, run.generator)
     return {"before": before, "weights": trainable(run.ac), "rank": rank, "world_size": world}
 
 

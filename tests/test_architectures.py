@@ -19,7 +19,8 @@ import torch
 from families import FAMILIES, build_family_model
 from helpers import tiny_config
 
-from lora_ppo.ppo.loop import rollout_of, sample_responses, setup
+from lora_ppo.ppo.collect import generate_samples, score_samples
+from lora_ppo.ppo.loop import setup
 from lora_ppo.rl.logprobs import chunk_rows
 
 pytestmark = pytest.mark.slow
@@ -53,8 +54,8 @@ def test_sampled_scored_and_updated_log_probs_are_the_models_own(family, tiny_mo
         for p in run.ac.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.1)
     torch.manual_seed(0)
-    prompts = [p for p in run.sampler.take(4) for _ in range(2)]
-    s = sample_responses(run, prompts)
+    prompts = [p for p in run.prompts.take(4) for _ in range(2)]
+    s = generate_samples(run, prompts)
     assert s.logprobs is not None and s.response_mask.sum(1).unique().numel() > 1
     m = s.response_mask
     with torch.no_grad():
@@ -65,7 +66,7 @@ def test_sampled_scored_and_updated_log_probs_are_the_models_own(family, tiny_mo
     torch.testing.assert_close(s.logprobs, own, rtol=0, atol=1e-5)
     torch.testing.assert_close(scored * m, own, rtol=0, atol=1e-5)
     # The update's first forward: train mode, checkpointing, through the engine.
-    ro = rollout_of(run, s)
+    ro = score_samples(run, s)
     run.ac.train()
     lp, _, values = run.engine(ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask,
                                temperature=T, chunk_size=chunk_rows(run.ac.vocab, 1.0))

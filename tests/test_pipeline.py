@@ -51,8 +51,9 @@ def _reference_and_sft_logprobs(cfg, model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lora_ppo.modeling.actor_critic import REFERENCE, build_actor_critic
+    from lora_ppo.modeling.actor_critic import build_actor_critic
     from lora_ppo.modeling.loading import load_base_model, load_tokenizer
+    from lora_ppo.modeling.roles import REFERENCE
 
     tok = load_tokenizer(cfg.model, str(model_dir))
     q = tok(["review of the diner :", "my review of the movie :"], padding=True,

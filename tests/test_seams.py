@@ -19,11 +19,14 @@ from helpers import (
     tiny_config,
     train_on_two_ranks,
     two_rank_yaml,
+    update_with,
 )
 
-from lora_ppo.ppo.loop import add_advantages, add_rewards, collect_rollout, compute_scores, setup
-from lora_ppo.ppo.rollout import Samples, logprobs_and_values
-from lora_ppo.ppo.update import ppo_update
+from lora_ppo.generation.samples import Samples
+from lora_ppo.io.data import encode
+from lora_ppo.ppo.collect import collect
+from lora_ppo.ppo.loop import add_advantages, add_rewards, setup
+from lora_ppo.ppo.rollout import logprobs_and_values
 from lora_ppo.runtime.ds_config import DS_CONFIG_DIR
 
 # Ordinary token ids that also end a response: a random model then stops at varied lengths.
@@ -38,10 +41,9 @@ def _trainable(run) -> dict[str, torch.Tensor]:
 
 
 def _rollout(run, n):
-    prompts = run.sampler.take(n)
-    ro = collect_rollout(run, prompts)
-    raw, _ = compute_scores(run, prompts, ro)
-    return add_advantages(run, add_rewards(run, ro, raw))
+    prompts = run.prompts.take(n)
+    ro, raw = collect(run, prompts)
+    return add_advantages(run, add_rewards(run, ro, raw, run.kl_ctl.value))
 
 
 # -- 1. the rollout samples from the distribution PPO scores --------------------------------------
@@ -60,8 +62,8 @@ def test_sampled_first_token_follows_the_scored_distribution(tiny_model_dir, tmp
                             f"rollout.batch_size={n}", "rollout.generation_batch_size=1024",
                             "rollout.temperature=0.7", "ppo.minibatch_size=8",
                             "ppo.micro_batch_size=8"))
-    prompt = "review of the pizza place :"
-    ro = collect_rollout(run, [prompt] * n)
+    prompt = encode(run.tokenizer, ["review of the pizza place :"], False, 16)[0]
+    ro = collect(run, [prompt] * n)[0]
     first = ro.response_ids[:, 0]
     vocab = run.ac.causal_lm.config.vocab_size
     # The scored distribution of the first token: every token of the vocabulary as a response.
@@ -107,7 +109,7 @@ def test_first_minibatch_ratio_is_one_with_nontrivial_adapters(tiny_model_dir, t
     assert run.ac.value_head.linear.weight.abs().max() > 0.1
     ro = _rollout(run, 8)
     assert ro.values.abs().max() > 1e-2 and ro.kl.abs().max() < 1e-5  # policy == reference (SFT)
-    stats = ppo_update(run.engine, run.ac, ro, run.cfg, torch.Generator().manual_seed(0))
+    stats = update_with(run, ro, torch.Generator().manual_seed(0))
     assert stats.optimizer_steps == 1  # the whole rollout is the first minibatch
     assert abs(stats.ratio - 1.0) < 1e-6, stats
     assert abs(stats.approx_kl) < 1e-8 and stats.clipfrac == 0.0, stats
@@ -120,7 +122,7 @@ def test_first_minibatch_ratio_is_one_with_nontrivial_adapters(tiny_model_dir, t
     ("modules_to_save", {"modules_to_save": ["lm_head"]})])
 def test_first_minibatch_ratio_is_one_with_the_adapter_a_user_brings(tiny_model_dir, tmp_path,
                                                                      kind, lora):
-    """A starting adapter (B std 0.2) of each kind, fp32 base, rollout.merge_for_generation at
+    """A starting adapter (B std 0.2) of each kind, fp32 base, rollout.fold_for_generation at
     its default: the sampler generates with the policy folded into the weights and its log-probs
     are the rollout's, so the first minibatch sees ratio 1 only if the fold is peft's forward.
     Before, DoRA (magnitude / weight norm) and lora_bias (B's bias) were folded as plain LoRA:
@@ -128,10 +130,10 @@ def test_first_minibatch_ratio_is_one_with_the_adapter_a_user_brings(tiny_model_
     sft = make_adapter_dir(tiny_model_dir, tmp_path / "sft", seed=1, **lora)
     run = setup(tiny_config(tiny_model_dir, tmp_path / "run", f"model.init_adapter={sft}",
                             "rollout.max_new_tokens=8", STOPS))
-    assert run.cfg.rollout.merge_for_generation  # the fold is taken, and checked at setup
+    assert run.seams.decode.fold  # the fold is taken, and checked at setup
     ro = _rollout(run, 8)
     assert ro.kl.abs().max() < 1e-5  # policy == reference (the same adapter)
-    stats = ppo_update(run.engine, run.ac, ro, run.cfg, torch.Generator().manual_seed(0))
+    stats = update_with(run, ro, torch.Generator().manual_seed(0))
     assert stats.optimizer_steps == 1
     assert abs(stats.ratio - 1.0) < 1e-6 and abs(stats.approx_kl) < 1e-8, (kind, stats)
     assert stats.clipfrac == 0.0, (kind, stats)
@@ -189,10 +191,10 @@ def test_rollouts_do_not_add_hooks(tiny_model_dir, tmp_path):
     def hooks():
         return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in run.ac.modules())
 
-    collect_rollout(run, run.sampler.take(4))
+    collect(run, run.prompts.take(4))[0]
     before, emb_before = hooks(), len(emb._forward_hooks)
     for _ in range(3):
-        collect_rollout(run, run.sampler.take(4))
+        collect(run, run.prompts.take(4))[0]
     assert (hooks(), len(emb._forward_hooks)) == (before, emb_before)
 
 
@@ -208,7 +210,7 @@ def test_update_stats_do_not_depend_on_the_micro_batch_split(tiny_model_dir, tmp
     ro = _rollout(runs[8], 8)
     lengths = ro.response_mask.sum(1)
     assert lengths.min() < lengths.max()  # micro-batches of unequal token counts
-    stats = {m: ppo_update(r.engine, r.ac, ro, r.cfg, torch.Generator().manual_seed(0))
+    stats = {m: update_with(r, ro, torch.Generator().manual_seed(0))
              for m, r in runs.items()}
     for key in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac",
                 "value_clipfrac", "ratio"):
@@ -298,7 +300,7 @@ def test_a_lora_on_lm_head_is_scored_and_trained_under_zero3(tiny_model_dir, tmp
     before = head_b()
     assert before and all(v.abs().max() > 0.05 for v in before.values())
     ro = _rollout(run, 8)
-    stats = ppo_update(run.engine, run.ac, ro, run.cfg, torch.Generator().manual_seed(0))
+    stats = update_with(run, ro, torch.Generator().manual_seed(0))
     assert stats.optimizer_steps == 1 and abs(stats.ratio - 1.0) < 1e-6, stats
     assert abs(stats.approx_kl) < 1e-8, stats
     after = head_b()
@@ -314,7 +316,7 @@ def test_8bit_first_minibatch_ratio_is_one(tiny_model_dir, tmp_path, low_ids_rew
                             "model.gradient_checkpointing=true", "rollout.max_new_tokens=8",
                             f"reward.function={low_ids_reward}", STOPS))
     ro = _rollout(run, 8)
-    stats = ppo_update(run.engine, run.ac, ro, run.cfg, torch.Generator().manual_seed(0))
+    stats = update_with(run, ro, torch.Generator().manual_seed(0))
     assert stats.optimizer_steps == 1 and abs(stats.ratio - 1.0) < 1e-6, stats
     assert abs(stats.approx_kl) < 1e-8 and stats.clipfrac == 0.0, stats
 
@@ -325,7 +327,8 @@ def test_every_eos_id_of_generation_config_ends_a_response(tiny_model_dir, tmp_p
     has_eos was 0. The run's log names the ids it stops at."""
     from transformers import GenerationConfig
 
-    from lora_ppo.ppo.loop import describe_stops, sample_responses
+    from lora_ppo.ppo.collect import generate_samples
+    from lora_ppo.ppo.loop import describe_stops
 
     model = shutil.copytree(tiny_model_dir, tmp_path / "model")
     listed = [2, *range(300, 340)]  # the tokenizer's </s> and 40 ordinary ids
@@ -333,7 +336,7 @@ def test_every_eos_id_of_generation_config_ends_a_response(tiny_model_dir, tmp_p
     run = setup(tiny_config(model, tmp_path / "run", "rollout.max_new_tokens=12"))
     assert run.stop_ids == listed
     torch.manual_seed(0)
-    s = sample_responses(run, run.sampler.take(8))
+    s = generate_samples(run, run.prompts.take(8))
     lengths = s.response_mask.sum(1).long()
     assert s.has_eos.any() and lengths.min() < 12
     for row, n, eos in zip(s.response_ids, lengths, s.has_eos):

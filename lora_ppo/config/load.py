@@ -60,6 +60,7 @@ _CHECKS.update({"reward_model.margin": _NONNEG, "reward_model.head_init_std": _N
 _OPTIM = ("learning_rate", "weight_decay", "lr_schedule", "warmup_steps", "max_grad_norm")
 MOVED = {f"ppo.{k}": f"ppo.optim.{k}" for k in _OPTIM}
 MOVED["rollout.logprob_chunk_size"] = "rollout.logits_chunk_mib (a size in MiB, not rows)"
+MOVED["rollout.merge_for_generation"] = "rollout.fold_for_generation"
 for _stage in ("sft", "reward_model"):
     MOVED.update({f"{_stage}.{k}": f"{_stage}.optim.{k}" for k in _OPTIM})
     MOVED.update({f"{_stage}.{k}": f"{_stage}.train.{k}" for k in (

@@ -39,11 +39,11 @@ class ModelConfig:
     prompt once: a packed row holds the prompt followed by its n responses, each attending to
     the prompt and to itself only (an explicit attention mask). The numbers equal n separate
     sequences' to float round-off (tested). Needs model.padding_free; a model whose attention
-    cannot take the mask falls back to ordinary packing (modeling/seams.py)."""
+    cannot take the mask falls back to ordinary packing (ppo/seams.py)."""
     seam_check: Literal["auto", "always", "off"] = "auto"
     """Check at setup, on a few probe tokens, that lora_ppo's logits, packed rows and decode loop
     give what the model's own forward gives, and that train and eval modes agree; fall back to
-    an exact path (one line each) or refuse (modeling/seams.py). `auto`: once per model,
+    an exact path (one line each) or refuse (ppo/seams.py). `auto`: once per model,
     settings and library versions (the outcome is cached under $LORA_PPO_CACHE/seams); `always`:
     every run; `off`: trust the fastest layout unchecked."""
     max_prompt_length: int = 256
@@ -162,9 +162,10 @@ class RolloutConfig:
     """Responses sampled per prompt (n); `batch_size` counts prompts, so a rollout holds
     batch_size x n samples. The n samples of a prompt form a group, kept together (and on one
     rank) for the group baselines of ppo.advantage_estimator (GRPO, RLOO)."""
-    merge_for_generation: bool = True
+    fold_for_generation: bool = True
     """Generate with the policy adapter folded into the base weights (one matmul per linear per
-    token instead of three), and put the base weights back untouched afterwards. Only where it is
+    token instead of three), and put the base weights back untouched afterwards (a fold, not the
+    `lora-ppo merge` export). Only where it is
     exact: an unquantized fp32 base outside ZeRO-3 (in bf16 the rounding of W + BA is as large as
     the update); costs one copy of the adapted weights during generation."""
     sampler_logprobs: bool = True

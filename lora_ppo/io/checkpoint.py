@@ -1,31 +1,30 @@
-"""Checkpoints that resume a run exactly: save and find (lora_ppo/io/resume.py loads them).
+"""Checkpoints that resume a run exactly, whatever the run: the protocol PPO (ppo/checkpoint.py)
+and the SFT and reward stages (stages/common.py) share. Each writes its own files into it.
 
-Layout of `<output_dir>/checkpoints/step-<N>/` (the same adapter layout `lora-ppo export` writes):
+Layout of `<run_dir>/checkpoints/step-<N>/`:
 
-    policy/               the policy adapter, a plain PEFT dir (adapter_config.json,
-                          adapter_model.safetensors)
-    value/                value_head.safetensors (keys weight, bias) and, with value.mode=adapter,
-                          the critic adapter as a PEFT dir beside it; absent with value.mode=none
     deepspeed/            engine.save_checkpoint(tag="engine", exclude_frozen_parameters=True):
                           trainable weights, optimizer state (one ZeRO partition per rank), LR
                           scheduler and DeepSpeed's step counters; the frozen base is not written
-    rank-<k>.pt           per rank: every RNG (python, numpy, torch CPU and CUDA, run.generator)
-                          and the running reward moments
-    state.json            step, episode, KL controller, sampler position, base fingerprint,
-                          world size, ZeRO stage, precision
-    config.yaml           the resolved config of the run
+    rank-<k>.pt           per rank: the run's RNG states (and what else it keeps per rank)
+    state.json            step, base fingerprint, world size, ZeRO stage, precision, and the
+                          run's own counters
+    config.yaml           the config of the run
+    ...                   the run's weights as plain files: PPO's policy/ and value/ (the adapter
+                          layout `lora-ppo export` writes: POLICY_DIR, VALUE_DIR), a stage's
+                          adapter/
     COMPLETE              written last: size and sha256 of every other file
 
 Atomic (lora_ppo.io.atomic): everything is written under `.step-<N>.tmp`, fsynced, then renamed to
 `step-<N>`; COMPLETE is the last file in it. `find` only picks directories named `step-<N>` that
-hold COMPLETE, and `load` checks every file against it, so a crash while writing leaves the
-previous checkpoint as the latest and a truncated or corrupted file is an error, not a silent
+hold COMPLETE, and `open_checkpoint` checks every file against it, so a crash while writing leaves
+the previous checkpoint as the latest and a truncated or corrupted file is an error, not a silent
 resume from garbage.
 
 Exactness: with the same seed on CPU in fp32, a resumed run reproduces the uninterrupted run
 bit for bit (tests/io/test_checkpoint.py compares adapter weights with torch.equal and every metric
 but time and memory with ==): generation samples from the restored torch RNG, minibatches are
-shuffled by the restored `run.generator`, and the optimizer resumes from its saved moments.
+shuffled by the restored generator, and the optimizer resumes from its saved moments.
 """
 
 from __future__ import annotations
@@ -44,10 +43,10 @@ import numpy as np
 import torch
 
 from lora_ppo.config import Config
-from lora_ppo.config.load import load_config, save_config
+from lora_ppo.config.load import config_to_dict, load_config
 from lora_ppo.errors import UserError, first_line
 from lora_ppo.io.atomic import check_sealed, fsync_path, remove_dir, replace_dir, seal, sha256_file
-from lora_ppo.modeling.actor_critic import CRITIC, POLICY
+from lora_ppo.runtime.engine import gathered_trainable
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +58,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _STEP_DIR = re.compile(r"step-(\d+)")
 # Config fields a checkpoint is tied to: they change the shapes of the saved tensors or what the
 # saved weights mean (which base numerics the adapter was trained against).
-MUST_MATCH = ("model.init_adapter", "quantization.mode", "lora.r", "lora.alpha",
-              "lora.target_modules")  # and the resolved value mode: run_facts
 MUST_MATCH_4BIT = ("quantization.quant_type", "quantization.double_quant")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -199,27 +196,7 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def save_adapters(ac, out: Path) -> None:
-    """policy/ and value/ under `out` from the live model (ZeRO-3: call inside gathered_trainable)."""
-    from safetensors.torch import save_file
-
-    scratch = out / ".peft"
-    adapters = [POLICY] + ([CRITIC] if ac.value_mode == "adapter" else [])
-    # peft writes a non-default adapter to <dir>/<adapter name>/ (plus a README at <dir>).
-    ac.peft_model.save_pretrained(scratch, selected_adapters=adapters)
-    (scratch / POLICY).rename(out / POLICY_DIR)
-    if ac.value_mode == "adapter":
-        (scratch / CRITIC).rename(out / VALUE_DIR)
-    elif ac.value_mode == "shared":
-        (out / VALUE_DIR).mkdir()
-    shutil.rmtree(scratch)
-    if ac.value_head is not None:
-        head = {k: v.detach().cpu().contiguous()
-                for k, v in ac.value_head.linear.state_dict().items()}
-        save_file(head, str(out / VALUE_DIR / VALUE_HEAD))
-
-
-def _rng_state(generator: torch.Generator) -> dict:
+def rng_state(generator: torch.Generator) -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(),
             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
@@ -242,15 +219,6 @@ def _engine_facts(engine) -> dict:
     precision = ("bf16" if engine.bfloat16_enabled() else
                  "fp16" if engine.fp16_enabled() else "fp32")
     return {"zero_stage": int(engine.zero_optimization_stage()), "precision": precision}
-
-
-def _write_state(run, path: Path) -> None:
-    state = {"format": FORMAT, "step": run.step, "episode": run.episode,
-             **run_facts(run.dist, run.engine, run.cfg),
-             "kl_ctl": run.kl_ctl.state_dict(), "sampler": run.sampler.state_dict(),
-             "base": base_fingerprint(run.model_path)}
-    (path / STATE).write_text(json.dumps(state, indent=1))
-    save_config(run.cfg, path / CONFIG)
 
 
 def _prune(root: Path, step: int, keep: int) -> None:
@@ -282,8 +250,6 @@ def write_checkpoint(root: Path, step: int, keep: int, dist, engine, rank_state:
     renames it into place and prunes to `keep`. A crash at any point leaves the previous
     checkpoint the newest complete one.
     """
-    from lora_ppo.runtime.engine import gathered_trainable
-
     final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
     rank0 = dist.rank == 0
     if rank0:
@@ -309,19 +275,53 @@ def write_checkpoint(root: Path, step: int, keep: int, dist, engine, rank_state:
     return final
 
 
-def save(run) -> Path:
-    """`<output_dir>/checkpoints/step-<run.step>`: adapters and heads, the DeepSpeed state, RNG
-    and reward moments per rank, state.json and config.yaml (write_checkpoint)."""
-    return write_checkpoint(
-        run.output_dir / "checkpoints", run.step, run.cfg.checkpoint.keep, run.dist, run.engine,
-        {"rng": _rng_state(run.generator), "moments": run.moments.state_dict()},
-        lambda d: save_adapters(run.ac, d), lambda d: _write_state(run, d))
+def run_facts(dist, engine) -> dict:
+    """What a checkpoint records of the run besides its config: world size, ZeRO stage and
+    precision (compared by check_fit)."""
+    return {"world_size": dist.world_size, **_engine_facts(engine)}
 
 
-def run_facts(dist, engine, cfg: Config | None = None) -> dict:
-    """What a checkpoint records of the run besides its config: world size, ZeRO stage,
-    precision and, for PPO, the value mode with `auto` resolved (compared by check_fit)."""
-    facts = {"world_size": dist.world_size, **_engine_facts(engine)}
-    if cfg is not None:
-        facts["value_mode"] = cfg.algorithm.value_mode
-    return facts
+# -- resuming --------------------------------------------------------------------------------------
+
+def _changed(saved: dict, now: dict, prefix: str = "") -> dict[str, tuple]:
+    out = {}
+    for k in saved.keys() | now.keys():
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(_changed(a, b, f"{prefix}{k}."))
+        elif a != b:
+            out[prefix + k] = (a, b)
+    return out
+
+
+def check_fit(ck: Checkpoint, cfg: Config, model_path: str, fields: tuple[str, ...],
+              facts: dict) -> None:
+    """Refuse a checkpoint that this run cannot continue: another base, another value of a
+    config field in `fields` (they change saved shapes or what the weights mean), or other run
+    `facts` (world size, ZeRO stage, precision) than its state.json records. Other changed
+    settings are only warned about. Shared by PPO and the SFT / reward-model stages."""
+    check_base(ck, model_path)
+    changed = _changed(config_to_dict(ck.cfg), config_to_dict(cfg))
+    changed.pop("output_dir", None)
+    if ck.cfg.quantization.mode == "4bit":
+        fields = fields + MUST_MATCH_4BIT
+    bad = [f"{k}: {changed[k][0]!r} in the checkpoint, {changed[k][1]!r} now"
+           for k in fields if k in changed]
+    bad += [f"{k}: {ck.state[k]!r} in the checkpoint, {v!r} now"
+            for k, v in facts.items() if k in ck.state and ck.state[k] != v]
+    if bad:
+        raise UserError(f"checkpoint {ck.path} does not fit this run ({'; '.join(bad)}); resume "
+                        "with the settings it was saved with, or start a new output_dir")
+    rest = [f"{k} ({a!r} -> {b!r})" for k, (a, b) in sorted(changed.items())]
+    if rest:
+        log.warning("resuming %s with changed settings: %s", ck.path, ", ".join(rest))
+
+
+def load_engine_state(ck: Checkpoint, engine) -> None:
+    """Trainable weights, optimizer state, LR schedule and DeepSpeed's counters into `engine`
+    (the frozen base was never saved, so the module state is loaded non-strictly)."""
+    path, _ = engine.load_checkpoint(str(ck.path / ENGINE_DIR), tag=ENGINE_TAG,
+                                     load_module_strict=False)
+    if path is None:
+        raise UserError(f"DeepSpeed could not load {ck.path / ENGINE_DIR}; the checkpoint is "
+                        "incomplete")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from lora_ppo.errors import UserError, first_line
 
@@ -145,13 +145,27 @@ def encode_prompts(tokenizer, texts: list[str], chat_template: bool,
     return [x[-max_length:] for x in ids]
 
 
-class PromptSampler:
+class Prompt(NamedTuple):
+    """A prompt as the policy reads it: its text (the chat template applied) and its token ids
+    (cut from the left to model.max_prompt_length)."""
+
+    text: str
+    ids: tuple[int, ...]
+
+
+def encode(tokenizer, texts: list[str], chat_template: bool, max_length: int) -> list[Prompt]:
+    """Rendered prompt texts -> Prompts (encode_prompts' ids)."""
+    ids = encode_prompts(tokenizer, texts, chat_template, max_length)
+    return [Prompt(t, tuple(i)) for t, i in zip(texts, ids)]
+
+
+class PromptCycle:
     """Cycles the prompts, reshuffling at the start of every pass; its state is two integers.
 
     The order of pass k depends only on (seed, k), so a resumed run sees the same prompts.
     """
 
-    def __init__(self, prompts: list[str], seed: int):
+    def __init__(self, prompts: list, seed: int):
         self.prompts, self.seed = prompts, seed
         self.epoch, self.position = 0, 0
         self._order = self._shuffled(0)
@@ -161,7 +175,7 @@ class PromptSampler:
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return order
 
-    def take(self, n: int) -> list[str]:
+    def take(self, n: int) -> list:
         out = []
         while len(out) < n:
             if self.position == len(self._order):

@@ -40,6 +40,7 @@ import torch
 
 from lora_ppo.config.load import config_to_dict
 from lora_ppo.errors import UserError, first_line
+from lora_ppo.io import lora_delta, shards
 from lora_ppo.io import merge as streaming
 from lora_ppo.io.atomic import atomic_output_dir, check_output_dir, sigterm_as_exit
 from lora_ppo.io.checkpoint import (
@@ -59,7 +60,7 @@ from lora_ppo.io.merge_check import (
     probe,
     training_dtype,
 )
-from lora_ppo.modeling.loading import DTYPES, resolve_model_path
+from lora_ppo.modeling.loading import DTYPES, quantization_config, resolve_model_path
 
 MANIFEST = "manifest.json"
 INTO = ("original", "dequantized")
@@ -162,22 +163,20 @@ def _job(ck: Checkpoint, model_path: str, into: str, dtype: torch.dtype,
     """Everything the merge needs, read and checked before anything is written."""
     from transformers.utils.hub import convert_file_size_to_int
 
-    from lora_ppo.modeling.loading import quantization_config
-
     load_dtype = training_dtype(ck)
     qcfg = quantization_config(ck.cfg.quantization, load_dtype)
-    layout = streaming.read_layout(model_path)
-    structure = streaming.model_structure(model_path, ck.cfg.model.trust_remote_code, qcfg)
-    adapter = streaming.read_adapter(ck.path / POLICY_DIR, layout, structure)
-    untied = streaming.untied_keys(adapter, structure)
+    index = shards.read_index(model_path)
+    structure = shards.model_structure(model_path, ck.cfg.model.trust_remote_code, qcfg)
+    adapter = lora_delta.read_adapter(ck.path / POLICY_DIR, index, structure)
+    untied = lora_delta.untied_keys(adapter, structure)
     view = streaming.View(into, load_dtype, structure, untied)
     try:
         max_bytes = None if max_shard_size is None else convert_file_size_to_int(max_shard_size)
     except ValueError:
         raise UserError(f"--max-shard-size {max_shard_size}: give a size such as 2GB or 500MB")
-    shards = streaming.plan_shards(layout, untied, dtype, max_bytes)
-    base_bytes = sum(streaming._out_bytes(i, DTYPES["fp32"]) for i in layout.tensors.values())
-    return MergeJob(layout, structure, adapter, view, shards, base_bytes)
+    plan = shards.plan_shards(index, untied, dtype, max_bytes)
+    base_bytes = sum(shards.out_bytes(i, DTYPES["fp32"]) for i in index.tensors.values())
+    return MergeJob(index, structure, adapter, view, plan, base_bytes)
 
 
 def merge(checkpoint: str | Path, out: str | Path, dtype: str = "bf16", force: bool = False,
@@ -198,9 +197,9 @@ def merge(checkpoint: str | Path, out: str | Path, dtype: str = "bf16", force: b
           f"({len(job.adapter.updates)} LoRA tensors, {len(job.adapter.replace)} replaced) "
           f"-> {out} in {dtype}, {len(job.shards)} shards on {dev}", flush=True)
     with sigterm_as_exit(), atomic_output_dir(out, force) as tmp:
-        streaming.write_merged(job.layout, job.adapter, job.view, job.shards, tmp,
+        streaming.write_merged(job.index, job.adapter, job.view, job.shards, tmp,
                                DTYPES[dtype], dev, log=lambda s: print(s, flush=True))
-        streaming.write_model_files(job.layout, job.structure, tmp, DTYPES[dtype],
+        shards.write_model_files(job.index, job.structure, tmp, DTYPES[dtype],
                                     job.view.untied)
         trained_view = job.view._replace(into="dequantized" if quant != "none" else "original")
         checks = check_tensors(job, tmp, DTYPES[dtype], trained_view, dev)

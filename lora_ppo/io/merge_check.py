@@ -23,7 +23,9 @@ import torch
 from lora_ppo.errors import UserError
 from lora_ppo.io import merge as streaming
 from lora_ppo.io.checkpoint import POLICY_DIR, Checkpoint
-from lora_ppo.modeling.loading import DTYPES
+from lora_ppo.io.lora_delta import PEFT_PREFIX, Adapter
+from lora_ppo.io.shards import Shard, Structure, TensorIndex, open_safetensors
+from lora_ppo.modeling.loading import DTYPES, load_base_model
 
 # Tensor check: fp32 merge vs peft's, relative to the tensor's largest |value|. The same ops in
 # the same order give 0; 1e-6 allows another matmul kernel's summation order.
@@ -33,11 +35,11 @@ PROBE_TEXTS = ("The", "This movie was a", "I bought this blender last week and",
 
 
 class MergeJob(NamedTuple):
-    layout: streaming.Layout  # the base's shards and tensor headers
-    structure: streaming.Structure
-    adapter: streaming.Adapter
+    index: TensorIndex  # the base's shards and tensor headers
+    structure: Structure
+    adapter: Adapter
     view: streaming.View  # which base weights, untied tensors
-    shards: list[streaming.Shard]  # the output's plan
+    shards: list[Shard]  # the output's plan
     base_bytes: int  # the base's tensors in fp32
 
 
@@ -90,7 +92,7 @@ def peft_merged(adapter, module: str, weight: torch.Tensor, bias: Optional[torch
             layer.bias.copy_(bias)
     cfg = copy.deepcopy(adapter.config)
     cfg.modules_to_save, cfg.inference_mode = None, True
-    prefix = f"{streaming.PEFT_PREFIX}{module}."
+    prefix = f"{PEFT_PREFIX}{module}."
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's fan_in_fan_out notice for Conv1D
         model = PeftModel(_single_module_model(module, layer), cfg)
@@ -114,7 +116,7 @@ def _oracle(job: MergeJob, key: str, read) -> torch.Tensor:
     if key not in a.updates:
         return base
     module = key.removesuffix(".weight")
-    kind = ("embedding" if f"{streaming.PEFT_PREFIX}{module}.lora_embedding_A" in a.raw else
+    kind = ("embedding" if f"{PEFT_PREFIX}{module}.lora_embedding_A" in a.raw else
             "conv1d" if module in view.structure.conv1d else "linear")
     bias = f"{module}.bias"
     b = streaming.base_view(read(bias), bias, view) if bias in a.bias_updates else None
@@ -134,10 +136,10 @@ def check_tensors(job: MergeJob, out: Path, dtype: torch.dtype, trained_view,
 
         def read_from(root: Path, name: str, key: str) -> torch.Tensor:
             if (root, name) not in opened:
-                opened[root, name] = stack.enter_context(streaming.open_safetensors(root / name))
+                opened[root, name] = stack.enter_context(open_safetensors(root / name))
             return opened[root, name].get_tensor(key)
 
-        read = lambda k: read_from(job.layout.root, job.layout.tensors[k][0], k)
+        read = lambda k: read_from(job.index.root, job.index.tensors[k][0], k)
         for key in keys:
             ours = streaming.merged_tensor(key, read, job.adapter, job.view, device).cpu().float()
             oracle = _oracle(job, key, read)
@@ -189,8 +191,6 @@ def probe(ck: Checkpoint, model_path: str, job: MergeJob, out: Path, tokenizer,
     with the base in the merge's view; the quantized base + adapter as training loaded it."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
-    from lora_ppo.modeling.loading import load_base_model
 
     policy = str(ck.path / POLICY_DIR)
     trained = None

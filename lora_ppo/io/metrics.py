@@ -5,14 +5,19 @@ Every name and formula is documented in docs/metrics.md. Only rank 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from lora_ppo.config.load import config_to_dict
 
 # The names every line of metrics.jsonl carries (TRL's names, so dashboards carry over).
 REQUIRED = (
@@ -21,6 +26,26 @@ REQUIRED = (
     "policy/entropy", "loss/policy", "loss/value", "val/clipfrac", "val/explained_variance",
     "val/mean", "lr", "time/rollout_s", "time/update_s", "tokens_per_s", "memory/peak_mib",
 )
+
+
+class PhaseClock:
+    """Seconds spent in each phase of one step (generation, scoring, update), summed over the
+    times a phase is entered (dynamic sampling enters generation and scoring once per round).
+    `on_phase(name)` is called as each phase starts: the progress bar shows it, a benchmark
+    reads its memory meters there."""
+
+    def __init__(self, on_phase: Optional[Callable[[str], None]] = None):
+        self.on_phase, self.seconds = on_phase, {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.on_phase is not None:
+            self.on_phase(name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -51,8 +76,6 @@ class MetricsLogger:
                 print("logging.wandb=true but wandb is not installed; skipping W&B",
                       file=sys.stderr)
             else:
-                from lora_ppo.config.load import config_to_dict
-
                 self.wandb = wandb.init(project=cfg.logging.wandb_project,
                                         config=config_to_dict(cfg), dir=str(output_dir))
         if cfg.logging.progress:

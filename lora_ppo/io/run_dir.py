@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional
 
 from lora_ppo.errors import UserError
 from lora_ppo.io.atomic import remove_dir
+from lora_ppo.io.checkpoint import find
 
 # What each command writes into output_dir (names relative to it).
 OWNED = {
@@ -77,8 +78,6 @@ def earlier_run(output_dir: str | Path, command: str, resume: Optional[str], ove
     Without `--resume`, an earlier run is refused unless `overwrite`. Every refusal names a
     command that works from that state. Call on every rank before loading anything.
     """
-    from lora_ppo.io.checkpoint import find
-
     check_output_dir(output_dir)
     if resume is not None and overwrite:
         raise UserError("--resume continues the run in output_dir and --overwrite replaces it; "

@@ -22,18 +22,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+import peft
 import torch
 from torch import nn
 
 from lora_ppo.errors import UserError
 from lora_ppo.modeling.heads import REWARD_HEAD_FILE, ScalarHead, load_scalar_head, logits_transform
+from lora_ppo.modeling.loading import disable_dropout, set_gradient_checkpointing
+from lora_ppo.modeling.lora_grad import lora_b_grads_in_fast_order
 from lora_ppo.modeling.own_logits import own_logprobs
 from lora_ppo.modeling.packing import PADDED, Layout, Packed, pack
+from lora_ppo.modeling.roles import CRITIC, POLICY, REFERENCE, REWARD
 from lora_ppo.rl.logprobs import IDENTITY, logprobs_and_entropy_from_hidden
-
-POLICY, REFERENCE, CRITIC, REWARD = "policy", "reference", "critic", "reward"
-__all__ = ["POLICY", "REFERENCE", "CRITIC", "REWARD", "REWARD_HEAD_FILE", "ActorCritic",
-           "PolicyOutputs", "ScalarHead", "build_actor_critic", "position_ids_from_mask"]
 
 
 class PolicyOutputs(NamedTuple):
@@ -81,7 +81,7 @@ class ActorCritic(nn.Module):
         self._trainable = {id(p): p.requires_grad for p in self.parameters()}
         self._role = POLICY  # the role forwards run under now (see checkpoint_contexts)
         # What the model's own forward does after the LM head (modeling/heads.py), and how the
-        # scoring and update forwards lay out a batch (modeling/seams.py decides it at setup).
+        # scoring and update forwards lay out a batch (ppo/seams.py decides it at setup).
         self.logits_transform = logits_transform(self.causal_lm.config)
         self.layout: Layout = PADDED
         self.width_cost = width_cost(self.causal_lm.config)  # of packed rows
@@ -240,7 +240,7 @@ class ActorCritic(nn.Module):
         kw = dict(temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy,
                   entropy_grad=entropy_grad)
         with self._adapters_as(role):
-            if self.own_logits:  # the model's own forward's logits (modeling/seams.py decides)
+            if self.own_logits:  # the model's own forward's logits (ppo/seams.py decides)
                 lp, ent, h = own_logprobs(self, query_ids, query_mask, response_ids, real, **kw)
             else:
                 h = self._predicting_states(*batch, packed)  # (B, R, H): states predicting
@@ -283,14 +283,13 @@ def _scatter(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     return values.new_zeros(where.shape).masked_scatter(where, values)
 
 
-def _lora_config(cfg, inference: bool = False):
-    from peft import LoraConfig
-
-    targets = cfg.lora.target_modules
-    return LoraConfig(
-        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+def lora_config(lora) -> peft.LoraConfig:
+    """peft's LoraConfig of a fresh adapter from the config's `lora` section."""
+    targets = lora.target_modules
+    return peft.LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
-        bias="none", task_type="CAUSAL_LM", inference_mode=inference,
+        bias="none", task_type="CAUSAL_LM", inference_mode=False,
     )
 
 
@@ -324,26 +323,21 @@ def adapter_fits(path: str, field: str, model_path: str) -> Iterator[None]:
 
 def build_actor_critic(cfg, base: nn.Module) -> ActorCritic:
     """Attach the adapters of every role to `base` (already loaded, frozen)."""
-    from peft import PeftModel, get_peft_model
-
-    from lora_ppo.modeling.loading import disable_dropout, set_gradient_checkpointing
-    from lora_ppo.modeling.lora_grad import lora_b_grads_in_fast_order
-
     hidden_size = base.config.hidden_size
     device = next(base.parameters()).device
     model_path = getattr(base, "name_or_path", "")
     if cfg.model.init_adapter:
         check_adapter_dir(cfg.model.init_adapter, "model.init_adapter")
         with adapter_fits(cfg.model.init_adapter, "model.init_adapter", model_path):
-            peft_model = PeftModel.from_pretrained(base, cfg.model.init_adapter,
+            peft_model = peft.PeftModel.from_pretrained(base, cfg.model.init_adapter,
                                                    adapter_name=POLICY, is_trainable=True)
             peft_model.load_adapter(cfg.model.init_adapter, adapter_name=REFERENCE,
                                     is_trainable=False)
     else:
-        peft_model = get_peft_model(base, _lora_config(cfg), adapter_name=POLICY)
+        peft_model = peft.get_peft_model(base, lora_config(cfg.lora), adapter_name=POLICY)
     value_mode = cfg.algorithm.value_mode
     if value_mode == "adapter":
-        peft_model.add_adapter(CRITIC, _lora_config(cfg))
+        peft_model.add_adapter(CRITIC, lora_config(cfg.lora))
     reward_head = None
     if "adapter" in cfg.reward.kinds:
         check_adapter_dir(cfg.reward.adapter, "reward.adapter")

@@ -7,7 +7,7 @@ be done here too, or the policy that is trained and KL-constrained is not the mo
 `generate`, or an exported adapter, runs. transformers 5.25 post-processes the head's output in
 three families: Cohere multiplies by `logit_scale`, Granite divides by `logits_scaling`, Gemma 2
 and 3 soft-cap with `final_logit_softcapping` (`logits_transform` reads them). A model that does
-something else is caught at setup by modeling/seams.py, which compares these logits with the
+something else is caught at setup by ppo/seams.py, which compares these logits with the
 model's own `forward().logits`, and then trained on the forward's own logits instead
 (modeling/own_logits.py).
 

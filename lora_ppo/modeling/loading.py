@@ -210,7 +210,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
     `layers[i].dropout` = 0.1 as released, attention modules' `attention_dropout`, Bloom's and
     Falcon's `hidden_dropout`, OPT's `layerdrop`, which skips whole layers in training); and the
     config itself, read by modules built later. Zeroing only the config after the model was
-    built missed the second kind (OPT trained with dropout 0.1). modeling/seams.py checks that a
+    built missed the second kind (OPT trained with dropout 0.1). ppo/seams.py checks that a
     train-mode forward equals an eval-mode one, for whatever a new architecture adds."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):

@@ -1,6 +1,6 @@
 """Log-probs from the model's own `*ForCausalLM.forward` logits: the exact path for a family whose
 post-processing of the LM head's output lora_ppo does not know (modeling/heads.py knows Cohere's,
-Granite's and Gemma's; modeling/seams.py finds the others and takes this path, one line saying
+Granite's and Gemma's; ppo/seams.py finds the others and takes this path, one line saying
 so, `ActorCritic.use_own_logits`).
 
 lora_ppo's usual path runs the trunk, then the head chunk by chunk, then `logits_transform`; here

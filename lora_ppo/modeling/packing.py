@@ -19,7 +19,7 @@ forward's up to float round-off (tested per architecture): the mask replaces tra
 detection of packed sequences from restarting position ids, which some models never receive
 (OPT's mask builder takes no position ids). Models whose attention cannot take such a mask
 (ALiBi built from a 2-D mask in Bloom; flash-attention kernels) are found by the setup check
-(modeling/seams.py) and fall back to position-id packing or to padded micro-batches.
+(ppo/seams.py) and fall back to position-id packing or to padded micro-batches.
 
 The rows' capacity is chosen per batch (`_capacity`): every slot of a row runs through every
 linear layer whether it holds a token or not, while attention costs grow with the row's width.
@@ -45,7 +45,7 @@ from torch import Tensor
 
 
 class Attention(NamedTuple):
-    """How the packed rows' attention mask is given to the model (modeling/seams.py picks it)."""
+    """How the packed rows' attention mask is given to the model (ppo/seams.py picks it)."""
 
     implementation: str            # "sdpa" (bool mask, True = attend) or "eager" (additive)
     window: Optional[int] = None   # sliding window of every layer (Mistral), or None
@@ -54,7 +54,7 @@ class Attention(NamedTuple):
 
 
 class Layout(NamedTuple):
-    """How scoring and update forwards lay out a batch (modeling/seams.py decides it per model)."""
+    """How scoring and update forwards lay out a batch (ppo/seams.py decides it per model)."""
 
     packed: bool = False                   # padding-free rows; False: padded micro-batches
     group: bool = False                    # a group's shared prompt encoded once

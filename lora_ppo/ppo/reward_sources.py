@@ -20,7 +20,9 @@ from typing import Protocol
 import torch
 
 from lora_ppo.errors import UserError, first_line
-from lora_ppo.modeling.actor_critic import ActorCritic
+from lora_ppo.modeling.actor_critic import ActorCritic, check_adapter_dir
+from lora_ppo.modeling.heads import REWARD_HEAD_FILE
+from lora_ppo.modeling.loading import resolve_compute_dtype
 from lora_ppo.rl.rewards import last_token_index
 
 
@@ -219,9 +221,6 @@ def check_reward_sources(cfg) -> Callable | None:
     """Fail before the base model loads: import the reward function (a missing file or name or a
     syntax error is found now, not after the model and engine are set up) and check that the
     reward adapter and model directories are there. Returns the function, or None."""
-    from lora_ppo.modeling.actor_critic import check_adapter_dir
-    from lora_ppo.modeling.heads import REWARD_HEAD_FILE
-
     r = cfg.reward
     if "adapter" in r.kinds:
         check_adapter_dir(r.adapter, "reward.adapter")
@@ -238,8 +237,6 @@ def _make_one(kind: str, cfg, ac: ActorCritic, function: Callable | None) -> Rew
     if kind == "adapter":
         return AdapterReward(ac, cfg.rollout.generation_batch_size)
     if kind == "model":
-        from lora_ppo.modeling.loading import resolve_compute_dtype
-
         return ModelReward(cfg.reward.model, cfg.reward.model_tokenizer, cfg.reward.model_label,
                            cfg.rollout.generation_batch_size, ac.device,
                            resolve_compute_dtype(cfg.quantization.compute_dtype, ac.device),

@@ -1,12 +1,7 @@
-"""Rollouts: sample responses, then score them under the policy, critic and reference.
+"""Rollouts: the samples of generation (lora_ppo/generation, `Samples`: ids and masks laid out as
+described there) scored under the policy, critic and reference.
 
-Layout of every batch (B samples):
-
-    query_ids      (B, Q)  left-padded prompts (generation appends on the right)
-    response_ids   (B, R)  right-padded responses, cut after the first EOS/stop token
-    response_mask  (B, R)  1.0 on real response tokens (the EOS included), 0.0 on padding
-
-Responses are drawn by `sampling.sample` from softmax(logits / temperature), the distribution
+Responses are drawn by `generation.generate.sample` from softmax(logits / temperature), the distribution
 that `ActorCritic.forward` scores for the rollout's old log-probs and for the update, so the
 ratio's denominator and the KL estimate are of the distribution actually sampled from. With no
 update in between and dropout off the PPO ratio is exactly 1 (to float round-off). Where the
@@ -19,21 +14,20 @@ not the scored one, and the update weighs the one against the other
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
-from lora_ppo.modeling.actor_critic import POLICY, REFERENCE, ActorCritic
-from lora_ppo.modeling.generation import can_merge_for_generation, merged_policy
-from lora_ppo.ppo.sampling import left_pad, sample
+from lora_ppo.generation.samples import Samples
+from lora_ppo.modeling.actor_critic import ActorCritic
+from lora_ppo.modeling.roles import REFERENCE
 
 
-@dataclass
+@dataclass(frozen=True)
 class Rollout:
-    """Everything the update needs. Steps 2 and 3 of the loop fill scores .. returns."""
+    """Everything the update needs. Steps 2 and 3 of the loop return it with scores .. returns
+    filled (a new Rollout: nothing changes one in place)."""
 
     query_ids: torch.Tensor       # (B, Q) long
     query_mask: torch.Tensor      # (B, Q) long
@@ -75,73 +69,6 @@ class Rollout:
             else:
                 out[k] = v[:, :r1]
         return Rollout(**out)
-
-
-def truncate_after_stop(response_ids: torch.Tensor, stop_ids: Sequence[int], pad_id: int
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cut each response after its first stop token. (B, R) -> ids, mask (float), has_eos (B,).
-
-    The stop token itself stays (it is an action the policy took and gets the score).
-    """
-    is_stop = torch.isin(response_ids, torch.tensor(list(stop_ids), device=response_ids.device))
-    # Tokens strictly after the first stop: cumulative count of stops before this position > 0.
-    after = (is_stop.long().cumsum(-1) - is_stop.long()) > 0
-    mask = (~after).float()
-    ids = response_ids.masked_fill(after, pad_id)
-    return ids, mask, is_stop.any(-1)
-
-
-class Samples(NamedTuple):
-    """Sampled responses to left-padded prompts (CPU tensors), with the sampler's own scores
-    when it was asked for them (`generate(score=True)`)."""
-
-    query_ids: torch.Tensor       # (B, Q) long
-    query_mask: torch.Tensor      # (B, Q) long
-    response_ids: torch.Tensor    # (B, R) long, padding after the first stop token
-    response_mask: torch.Tensor   # (B, R) float
-    has_eos: torch.Tensor         # (B,) bool
-    logprobs: Optional[torch.Tensor] = None  # (B, R) the sampler's log-probs of the drawn tokens
-    values: Optional[torch.Tensor] = None    # (B, R) shared-head values on the same states
-    scored: bool = False  # the sampler's log-probs (and values) stand for the scoring forward
-
-
-def stop_ids_of(tokenizer, generation_config, extra: Sequence[int]) -> list[int]:
-    """The ids that end a response: the tokenizer's EOS, every id of the checkpoint's
-    `generation_config.json` `eos_token_id` (an int or a list: Llama 3 and Qwen 2.5 instruct
-    checkpoints list `<|eot_id|>` and `<|end_of_text|>`, `<|im_end|>` and `<|endoftext|>`), and
-    `rollout.stop_token_ids`; in that order, each once."""
-    listed = getattr(generation_config, "eos_token_id", None) if generation_config else None
-    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
-    return list(dict.fromkeys([tokenizer.eos_token_id, *listed, *extra]))
-
-
-def generate(ac: ActorCritic, prompt_ids: Sequence[Sequence[int]], rc, stop_ids: list[int],
-             pad_id: int, *, greedy: bool = False, synced: bool = False,
-             score: bool = False) -> Samples:
-    """Sample responses with the policy (ppo/sampling.py: at most `rc.generation_batch_size`
-    rows at once, continuous batching unless `rc.continuous_batching` is off). `synced`: every
-    rank runs the same forwards (ZeRO-3 gathers weights collectively in each one). The sampler's
-    log-probs of the drawn tokens are kept (not `greedy`); `score`: they (and the shared-head
-    values) stand for the scoring forward in `logprobs_and_values`, where the two agree to fp32
-    round-off (never under autocast). The uniforms behind every draw come from torch's global
-    generator, one row per prompt, so a seeded run draws the same tokens whatever the
-    batching."""
-    query_ids, query_mask = left_pad(prompt_ids, pad_id)
-    score = score and ac.autocast is None  # autocast: bf16 matmuls, not fp32
-    uniforms = None if greedy else torch.rand(len(prompt_ids), rc.max_new_tokens)
-    merge = (rc.merge_for_generation and ac.autocast is None
-             and can_merge_for_generation(ac.peft_model))
-    with ac.role(POLICY, train=False), ac.precision(), (merged_policy(ac.peft_model) if merge
-                                                        else contextlib.nullcontext()):
-        drawn = sample(ac, [list(p) for p in prompt_ids], max_new_tokens=rc.max_new_tokens,
-                       temperature=rc.temperature, greedy=greedy, stop_ids=stop_ids,
-                       pad_id=pad_id, slots=rc.generation_batch_size, uniforms=uniforms,
-                       continuous=rc.continuous_batching, synced=synced,
-                       static_cache=rc.static_kv_cache, score=not greedy, values=score)
-    response_ids, response_mask, has_eos = truncate_after_stop(drawn.tokens, stop_ids, pad_id)
-    return Samples(query_ids, query_mask, response_ids, response_mask, has_eos,
-                   None if drawn.logprobs is None else drawn.logprobs * response_mask,
-                   None if drawn.values is None else drawn.values * response_mask, score)
 
 
 @torch.no_grad()

@@ -1,35 +1,37 @@
 """A training run's parts, built once: `setup()` checks what is cheap to check first, loads the
-one base, attaches the roles, decides the seams (modeling/seams.py) and wraps the trainable
-weights in the DeepSpeed engine. The loop (loop.py) runs the steps on what it returns.
+one base, attaches the roles, decides the seams (ppo/seams.py) and wraps the trainable weights in
+the DeepSpeed engine. The loop (loop.py) runs the steps on what it returns.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from lora_ppo.config import Config
-from lora_ppo.io.data import PromptSampler, hold_out, load_prompts, render_prompt
+from lora_ppo.generation.samples import stop_ids_of
+from lora_ppo.io.data import Prompt, PromptCycle, encode, hold_out, load_prompts, render_prompt
 from lora_ppo.modeling.actor_critic import ActorCritic, build_actor_critic, check_adapter_dir
 from lora_ppo.modeling.loading import load_base_model, load_tokenizer, resolve_model_path
-from lora_ppo.modeling.seams import seams_for
 from lora_ppo.ppo.reward_sources import RewardSource, check_reward_sources, make_reward_source
-from lora_ppo.ppo.rollout import stop_ids_of
+from lora_ppo.ppo.seams import Seams, seams_for
 from lora_ppo.rl.kl import AdaptiveKLController, FixedKLController
+from lora_ppo.rl.logprobs import chunk_rows
 from lora_ppo.rl.rewards import RunningMoments
 from lora_ppo.runtime.dist import DistInfo, broadcast_object, seed_everything, setup_distributed
-from lora_ppo.runtime.ds_config import autocast_dtype, run_ds_config
+from lora_ppo.runtime.ds_config import autocast_dtype, run_ds_config, zero_stage
 from lora_ppo.runtime.engine import create_engine
 
 
 @dataclass
 class Run:
-    """Everything a training run holds; checkpointed by lora_ppo.io.checkpoint."""
+    """Everything a training run holds; checkpointed by ppo/checkpoint.py."""
 
-    cfg: Config
+    cfg: Config                 # the config as the user gave it (saved with every checkpoint)
     dist: DistInfo
     tokenizer: object
     ac: ActorCritic
@@ -37,19 +39,27 @@ class Run:
     reward: RewardSource
     kl_ctl: object
     moments: RunningMoments
-    sampler: PromptSampler
-    eval_prompts: list[str]
+    prompts: PromptCycle        # the training prompts, cycled in seeded passes
+    eval_prompts: list[Prompt]
     generator: torch.Generator  # minibatch shuffling
     output_dir: Path
     model_path: str
-    stop_ids: list[int]         # the ids that end a response (rollout.py::stop_ids_of)
+    stop_ids: list[int]         # the ids that end a response (generation/samples.py)
+    seams: Seams                # what setup decided for this model: layout, decode path
+    chunk_rows: int             # rows of logits per chunk (rollout.logits_chunk_mib at this vocab)
+    synced: bool                # ranks decode in lockstep (ZeRO-3 over several ranks)
     step: int = 0
     episode: int = 0
 
 
-def setup(cfg: Config) -> Run:
+def setup(cfg: Config, *, prompts: Optional[list[Prompt]] = None,
+          on_base_loaded: Optional[Callable[[torch.nn.Module], None]] = None) -> Run:
     """Build every part of a run; the cheap checks (model path, DeepSpeed config, reward
-    function, prompts) come before the base model is loaded. Writes nothing."""
+    function, prompts) come before the base model is loaded. Writes nothing.
+
+    `prompts`: the training prompts as token ids, in place of `data.prompts` (a benchmark that
+    feeds exact ids; no held-out prompts then). `on_base_loaded(base)`: called once the base
+    model is loaded, before the adapters (a benchmark's memory meter)."""
     model_path = resolve_model_path(cfg.model.path)  # fail on a bad path before anything starts
     dist = setup_distributed()
     seed_everything(cfg.seed + dist.rank)  # ranks sample different responses
@@ -58,8 +68,11 @@ def setup(cfg: Config) -> Run:
     if cfg.model.init_adapter:
         check_adapter_dir(cfg.model.init_adapter, "model.init_adapter")
     reward_fn = check_reward_sources(cfg)
-    train_prompts, eval_prompts = read_prompts(cfg, tokenizer)
+    train_prompts, eval_prompts = (prompts, []) if prompts is not None else read_prompts(
+        cfg, tokenizer)
     base = load_base_model(cfg, model_path, dist.device)
+    if on_base_loaded is not None:
+        on_base_loaded(base)
     stop_ids = stop_ids_of(tokenizer, base.generation_config, cfg.rollout.stop_token_ids)
     ac = build_actor_critic(cfg, base)
     ac.autocast = autocast_dtype(ds_config)  # sampling and scoring run under it as the update
@@ -69,9 +82,6 @@ def setup(cfg: Config) -> Run:
     if seams.own_logits:
         ac.use_own_logits()
     ac.layout = seams.layout
-    cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(
-        cfg.rollout, continuous_batching=seams.continuous_batching,
-        static_kv_cache=seams.static_kv_cache, merge_for_generation=seams.merge_for_generation))
     if dist.rank == 0:
         for line in (checked, *seams.notes):
             if line:
@@ -84,14 +94,16 @@ def setup(cfg: Config) -> Run:
               if cfg.ppo.adaptive_kl else FixedKLController(cfg.ppo.kl_coef))
     return Run(cfg=cfg, dist=dist, tokenizer=tokenizer, ac=ac, engine=engine,
                reward=make_reward_source(cfg, ac, reward_fn), kl_ctl=kl_ctl,
-               moments=RunningMoments(),
-               sampler=PromptSampler(train_prompts, cfg.seed), eval_prompts=eval_prompts,
-               generator=torch.Generator().manual_seed(cfg.seed),
-               output_dir=Path(cfg.output_dir), model_path=model_path, stop_ids=stop_ids)
+               moments=RunningMoments(), prompts=PromptCycle(train_prompts, cfg.seed),
+               eval_prompts=eval_prompts, generator=torch.Generator().manual_seed(cfg.seed),
+               output_dir=Path(cfg.output_dir), model_path=model_path, stop_ids=stop_ids,
+               seams=seams, chunk_rows=chunk_rows(ac.vocab, cfg.rollout.logits_chunk_mib),
+               synced=dist.world_size > 1 and zero_stage(engine.config) == 3)
 
 
-def read_prompts(cfg: Config, tokenizer) -> tuple[list[str], list[str]]:
-    """(training prompts, held-out prompts), rendered as the policy reads them (chat template)."""
+def read_prompts(cfg: Config, tokenizer) -> tuple[list[Prompt], list[Prompt]]:
+    """(training prompts, held-out prompts), rendered as the policy reads them (chat template)
+    and encoded."""
     d = cfg.data
 
     def read(spec: str, field: str) -> list[str]:
@@ -99,5 +111,8 @@ def read_prompts(cfg: Config, tokenizer) -> tuple[list[str], list[str]]:
                 for p in load_prompts(spec, d.prompt_column, field)]
 
     held = read(d.eval_prompts, "data.eval_prompts") if d.eval_prompts and d.eval_every else None
-    return hold_out(read(d.prompts, "data.prompts"), held, d.eval_size if d.eval_every else 0,
-                    cfg.seed, "data.eval_size")
+    train, held = hold_out(read(d.prompts, "data.prompts"), held,
+                           d.eval_size if d.eval_every else 0, cfg.seed, "data.eval_size")
+    n = cfg.model.max_prompt_length
+    return (encode(tokenizer, train, d.chat_template, n),
+            encode(tokenizer, held, d.chat_template, n) if held else [])

@@ -27,13 +27,12 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from lora_ppo.modeling.generation import sampler_agrees
+from lora_ppo.generation.folded import sampler_agrees
 from lora_ppo.ppo.rollout import Rollout
-from lora_ppo.rl.logprobs import chunk_rows
 from lora_ppo.rl.losses import entropy_loss, kl_loss, loss_normalizers, policy_loss, value_loss
 from lora_ppo.rl.masked import masked_sum
-from lora_ppo.rl.sampler_correction import sampler_mismatch, sampler_weights
-from lora_ppo.runtime.dist import all_gather_cat, all_sum, world_size
+from lora_ppo.rl.sampler_correction import sampler_weights
+from lora_ppo.runtime.dist import all_sum, world_size
 
 # Token-weighted statistics, summed as stat * tokens over micro-batches (see MicroStats).
 _WEIGHTED = ("entropy", "approx_kl", "clipfrac", "value_clipfrac", "ratio")
@@ -71,37 +70,37 @@ class MicroStats(NamedTuple):
     ratio: float
 
 
-def micro_batch_loss(engine, mb: Rollout, cfg, normalizer: torch.Tensor, kl_coef: float
+def micro_batch_loss(engine, micro: Rollout, ppo, algorithm, normalizer: torch.Tensor, *,
+                     temperature: float, chunk_rows: int, kl_coef: float
                      ) -> tuple[torch.Tensor, MicroStats]:
     """Forward one micro-batch through the engine; its loss and statistics.
 
     `normalizer` (B,) is this micro-batch's slice of the minibatch's loss normalizers
     (rl/losses.py::loss_normalizers, already divided by the accumulation steps).
     """
-    pc, rc, alg = cfg.ppo, cfg.rollout, cfg.algorithm
-    rows = chunk_rows(engine.module.vocab, rc.logits_chunk_mib)
     # Entropy is a metric unless ent_coef > 0: then no backward runs through it.
     logprobs, entropy, values = engine(
-        mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
-        temperature=rc.temperature, chunk_size=rows, with_entropy=True,
-        entropy_grad=pc.ent_coef > 0)
-    mask = loss_mask(mb, pc.mask_truncated_completions)
-    pl = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, pc.cliprange, normalizer,
-                     pc.cliprange_high, pc.importance_sampling_level,
-                     sampler_correction(engine.module, mb, pc))
+        micro.query_ids, micro.query_mask, micro.response_ids, micro.response_mask,
+        temperature=temperature, chunk_size=chunk_rows, with_entropy=True,
+        entropy_grad=ppo.ent_coef > 0)
+    mask = loss_mask(micro, ppo.mask_truncated_completions)
+    pl = policy_loss(logprobs, micro.logprobs, micro.advantages, mask, ppo.cliprange, normalizer,
+                     ppo.cliprange_high, ppo.importance_sampling_level,
+                     sampler_correction(engine.module, micro, ppo))
     # PPO objective (Schulman et al. 2017 eq. 9): L_clip - c1 L_vf + c2 S, as a loss to minimise;
     # GRPO adds beta * KL to the reference (Shao et al. 2024, eq. 3) when the KL is in the loss.
     loss = pl.loss
-    if pc.ent_coef:
-        loss = loss + pc.ent_coef * entropy_loss(entropy, mask, normalizer)
+    if ppo.ent_coef:
+        loss = loss + ppo.ent_coef * entropy_loss(entropy, mask, normalizer)
     zero = torch.zeros((), device=mask.device)
     v_loss, v_clip, kl_term = zero + _NAN, zero + _NAN, zero + _NAN
     if values is not None:
-        vl = value_loss(values, mb.values, mb.returns, mask, pc.cliprange_value, normalizer)
-        loss = loss + pc.vf_coef * vl.loss
+        vl = value_loss(values, micro.values, micro.returns, mask, ppo.cliprange_value,
+                        normalizer)
+        loss = loss + ppo.vf_coef * vl.loss
         v_loss, v_clip = vl.loss.detach(), vl.clipfrac
-    if alg.kl_in == "loss" and mb.ref_logprobs is not None:
-        kl_term = kl_loss(logprobs, mb.ref_logprobs, mask, alg.kl_estimator, normalizer)
+    if algorithm.kl_in == "loss" and micro.ref_logprobs is not None:
+        kl_term = kl_loss(logprobs, micro.ref_logprobs, mask, algorithm.kl_estimator, normalizer)
         loss = loss + kl_coef * kl_term
         kl_term = kl_term.detach()
     n = mask.sum()
@@ -123,40 +122,6 @@ def sampler_correction(ac, ro: Rollout, pc) -> Optional[torch.Tensor]:
                            pc.sampler_importance_sampling_mode,
                            pc.sampler_importance_sampling_clip_max,
                            pc.sampler_importance_sampling_clip_min)
-
-
-SAMPLER_METRICS = ("rollout/sampler_kl", "sampling/sampling_logp_difference/mean",
-                   "sampling/sampling_logp_difference/max", "sampling/importance_sampling_ratio/min",
-                   "sampling/importance_sampling_ratio/mean", "sampling/importance_sampling_ratio/max")
-
-
-def sampler_metrics(ac, ro: Rollout, pc) -> dict:
-    """The sampled distribution against the scored one over every rank's rollout (formulas in
-    docs/metrics.md): the KL, TRL's log-prob differences, and TRL's importance-weight stats
-    where the correction applies (per token, or per response at the sequence level)."""
-    out = dict.fromkeys(SAMPLER_METRICS)
-    if ro.sampler_logprobs is None:
-        return out
-    m = sampler_mismatch(ro.logprobs, ro.sampler_logprobs, ro.response_mask)
-    w = sampler_correction(ac, ro, pc)
-    real = ro.response_mask > 0
-    if w is not None and pc.sampler_importance_sampling_mode.startswith("sequence"):
-        w, real = w[:, :1], real.any(1, keepdim=True)  # one weight per response
-    w = ro.response_mask.new_zeros(0) if w is None else w[real]
-    kl, diff, tokens, w_sum, w_n = all_sum([m.kl, m.abs_diff, m.tokens, float(w.sum()),
-                                            float(w.numel())])
-    inf = float("inf")
-    local = torch.tensor([m.max_abs_diff, float(w.max()) if w.numel() else -inf,
-                          -float(w.min()) if w.numel() else -inf], device=ro.response_mask.device)
-    top = all_gather_cat(local[None]).amax(0).tolist()  # maxima over ranks
-    out.update({"rollout/sampler_kl": kl / max(tokens, 1.0),
-                "sampling/sampling_logp_difference/mean": diff / max(tokens, 1.0),
-                "sampling/sampling_logp_difference/max": top[0]})
-    if w_n:
-        out.update({"sampling/importance_sampling_ratio/min": -top[2],
-                    "sampling/importance_sampling_ratio/mean": w_sum / w_n,
-                    "sampling/importance_sampling_ratio/max": top[1]})
-    return out
 
 
 def loss_mask(ro: Rollout, mask_truncated: bool) -> torch.Tensor:
@@ -199,45 +164,50 @@ def minibatches(n: int, size: int, lengths: torch.Tensor, generator: torch.Gener
             for g in perm.split(size // group)]
 
 
-def ppo_update(engine, ac, rollout: Rollout, cfg, generator: torch.Generator,
-               kl_coef: float = 0.0) -> PPOStats:
+def ppo_update(engine, ac, rollout: Rollout, *, ppo, algorithm, temperature: float,
+               max_new_tokens: int, chunk_rows: int, generator: torch.Generator,
+               kl_coef: float) -> PPOStats:
     """Run the PPO epochs over `rollout` (advantages, and returns with a value function,
-    already filled). `kl_coef` weighs the KL loss term when ppo.kl_in is `loss`."""
-    pc, alg = cfg.ppo, cfg.algorithm
-    n, mb_size, micro = len(rollout), pc.minibatch_size, pc.micro_batch_size
-    accum = mb_size // micro
+    already filled). `ppo`: the config's PPOConfig; `algorithm`: its resolved Algorithm;
+    `temperature` and `max_new_tokens` of the rollout; `chunk_rows`: rows of logits per chunk;
+    `generator`: the minibatch shuffle's; `kl_coef` weighs the KL loss term when the KL is in
+    the loss (algorithm.kl_in)."""
+    n, mb_size, micro_size = len(rollout), ppo.minibatch_size, ppo.micro_batch_size
+    accum = mb_size // micro_size
     ac.train()  # dropout is off (build_actor_critic); train mode enables checkpointing
     all_stats: list[MicroStats] = []
     epochs_run, steps = 0, 0
     lengths = rollout.query_mask.sum(1) + rollout.response_mask.sum(1)  # each sample's tokens
-    in_loss = loss_mask(rollout, pc.mask_truncated_completions)
+    in_loss = loss_mask(rollout, ppo.mask_truncated_completions)
     world = world_size()
-    group = alg.group_size if ac.layout.group and mb_size % alg.group_size == 0 else 1
-    for _ in range(pc.epochs):
+    group = algorithm.group_size if ac.layout.group and mb_size % algorithm.group_size == 0 else 1
+    for _ in range(ppo.epochs):
         epoch_stats: list[MicroStats] = []
         batches = minibatches(n, mb_size, lengths, generator, group)
         # The token count of each minibatch over all ranks, for the global token mean: one
         # all-reduce per epoch for all its minibatches (rl/losses.py::loss_normalizers).
         global_tokens = all_sum([in_loss[idx].sum().item() for idx in batches])
         for mb_idx, mb_tokens in zip(batches, global_tokens):
-            norms = loss_normalizers(in_loss[mb_idx], alg.loss_aggregation, accum,
-                                     cfg.rollout.max_new_tokens, mb_tokens, world)
-            for m in range(0, mb_size, micro):
-                mb = rollout.index(mb_idx[m:m + micro])
-                loss, stats = micro_batch_loss(engine, mb, cfg, norms[m:m + micro], kl_coef)
+            mb_norms = loss_normalizers(in_loss[mb_idx], algorithm.loss_aggregation, accum,
+                                        max_new_tokens, mb_tokens, world)
+            for m in range(0, mb_size, micro_size):
+                micro = rollout.index(mb_idx[m:m + micro_size])
+                loss, stats = micro_batch_loss(
+                    engine, micro, ppo, algorithm, mb_norms[m:m + micro_size],
+                    temperature=temperature, chunk_rows=chunk_rows, kl_coef=kl_coef)
                 engine.backward(loss)
                 engine.step()  # an optimizer step only at the accumulation boundary
                 epoch_stats.append(stats)
             steps += 1
         epochs_run += 1
         all_stats += epoch_stats
-        if pc.early_stop_kl is not None:
+        if ppo.early_stop_kl is not None:
             # Early stop on the approximate KL to the rollout policy (Spinning Up PPO,
             # `target_kl`), token-weighted over every rank: each rank must take the same
             # decision, or they enter different collectives.
             kl_sum, tokens = all_sum([sum(s.approx_kl for s in epoch_stats),
                                       sum(s.tokens for s in epoch_stats)])
-            if kl_sum / max(tokens, 1.0) > pc.early_stop_kl:
+            if kl_sum / max(tokens, 1.0) > ppo.early_stop_kl:
                 break
     # Every minibatch has `accum` micro-batches, so the plain mean of the micro-batch losses is
     # the mean over minibatches of their aggregated losses.

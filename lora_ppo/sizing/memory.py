@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 from lora_ppo.errors import UserError
+from lora_ppo.generation.continuous import PREFILL_SHARE, continuous_slack
 from lora_ppo.rl.logprobs import chunk_rows
+from lora_ppo.runtime.ds_config import read_ds_config, zero_stage
 from lora_ppo.sizing.arch import Arch, lora_param_count, param_counts, read_arch
 
 MIB = 2**20
@@ -120,7 +122,7 @@ class Shapes:
 
     `group`: samples that share one encoded prompt (rollout.samples_per_prompt with
     model.shared_prompt, else 1); `cache_slack`: KV-cache columns beyond prompt + new tokens
-    (continuous batching shifts its rows left when they fill up: ppo/sampling.py)."""
+    (continuous batching shifts its rows left when they fill up: generation/continuous.py)."""
 
     micro_batch: int
     generation_batch: int
@@ -146,8 +148,6 @@ class Shapes:
 
 
 def shapes_from_config(cfg) -> Shapes:
-    from lora_ppo.ppo.sampling import continuous_slack  # the sampler's own cache width
-
     n = cfg.rollout.samples_per_prompt
     samples = cfg.rollout.batch_size * n
     # the update keeps groups together only when minibatches hold whole groups (update.py)
@@ -161,8 +161,6 @@ def shapes_from_config(cfg) -> Shapes:
 
 def _ds_settings(cfg) -> tuple[int, int, bool]:
     """(zero stage, reduce_bucket_size, overlap_comm) of the run's DeepSpeed config."""
-    from lora_ppo.runtime.ds_config import read_ds_config, zero_stage
-
     raw, _ = read_ds_config(cfg.deepspeed.config)
     zero = raw.get("zero_optimization", {})
     stage = zero_stage(raw)
@@ -175,11 +173,9 @@ def _generation_bytes(arch: Arch, sh: Shapes, s: int) -> tuple[int, int]:
     """(KV cache, generation transient): the static KV cache of one decode batch (prompt + new
     tokens + the continuous batching's slack per row), plus the largest of: one layer's columns
     being shifted; a prefill's widest layer and the cache it writes besides the decode batch's
-    (ppo/sampling.py). Continuous batching prefills at most a quarter of the slots' prompts at
+    (generation/continuous.py). Continuous batching prefills at most a quarter of the slots' prompts at
     a time into their own cache, copied in; batched decoding prefills the batch's distinct
     prompts into the decode cache itself, and a group's rows are copies of its prompt's."""
-    from lora_ppo.ppo.sampling import PREFILL_SHARE  # the sampler's own bound
-
     gb, T = sh.generation_batch, sh.prompt_len + sh.new_tokens + sh.cache_slack
     kv_row = 2 * arch.kv_heads * arch.head_dim  # K and V elements per token and layer
     kv_cache = arch.layers * gb * T * kv_row * s
@@ -289,9 +285,9 @@ def estimate_memory(cfg, arch: Arch, device: str = "gpu",
     # more than one row (bitsandbytes/autograd/_functions.py, matmul_4bit / MatMul8bitLt).
     dequant = max(i * o for i, o in arch.linears().values()) * s if q.mode != "none" else 0
     generation, scoring, update = generation + dequant, scoring + dequant, update + dequant
-    if q.mode == "none" and s == 4 and cfg.rollout.merge_for_generation and stage != 3:
+    if q.mode == "none" and s == 4 and cfg.rollout.fold_for_generation and stage != 3:
         # An fp32 base generates with the policy merged into new copies of the adapted
-        # weights (modeling/generation.py::merged_policy): one more copy of the decoder linears meanwhile.
+        # weights (generation/folded.py::folded_policy): one more copy of the decoder linears meanwhile.
         targeted = (param_counts(arch).linear if cfg.lora.target_modules == ["all-linear"] else
                     arch.layers * sum(i * o for n, (i, o) in arch.linears().items()
                                       if n in cfg.lora.target_modules))

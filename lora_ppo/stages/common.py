@@ -23,13 +23,19 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from peft import PeftModel, get_peft_model
 
 from lora_ppo.config import Config
 from lora_ppo.config.load import save_config
 from lora_ppo.errors import UserError
+from lora_ppo.io import checkpoint as ck
+from lora_ppo.io.atomic import atomic_output_dir
 from lora_ppo.io.data import encode_prompts, hold_out, render_prompt
 from lora_ppo.io.metrics import MetricsLogger, peak_memory_mib
 from lora_ppo.io.run_dir import Start, clear, earlier_run
+from lora_ppo.modeling.actor_critic import adapter_fits, check_adapter_dir, lora_config
+from lora_ppo.modeling.loading import load_base_model, load_tokenizer, resolve_model_path
+from lora_ppo.modeling.lora_grad import lora_b_grads_in_fast_order
 from lora_ppo.runtime.dist import DistInfo, seed_everything, setup_distributed
 from lora_ppo.runtime.ds_config import run_ds_config
 from lora_ppo.runtime.engine import create_engine, gathered_trainable
@@ -95,8 +101,6 @@ def setup_stage(cfg: Config, name: str, read_rows: Callable[[str, str], list[dic
     `read_rows(spec, field)` reads them, split into training and held-out rows (no model yet).
     An earlier run of the stage in output_dir is refused unless `resume` or `overwrite`
     (io/run_dir.py); nothing is written here."""
-    from lora_ppo.modeling.loading import load_tokenizer, resolve_model_path
-
     sec = getattr(cfg, name)
     run_dir = Path(cfg.output_dir) / name
     start = earlier_run(cfg.output_dir, name, resume, overwrite, run_dir)
@@ -117,12 +121,6 @@ def load_stage_model(st: Stage, init_adapter: Optional[str] = None, field: str =
     """The base, loaded once as `train` loads it, with one trainable LoRA adapter ("default", so
     save_pretrained writes a plain PEFT dir): fresh from `cfg.lora`, or the weights and
     settings of `init_adapter`."""
-    from peft import PeftModel, get_peft_model
-
-    from lora_ppo.modeling.actor_critic import _lora_config, adapter_fits, check_adapter_dir
-    from lora_ppo.modeling.loading import load_base_model
-    from lora_ppo.modeling.lora_grad import lora_b_grads_in_fast_order
-
     if init_adapter:
         check_adapter_dir(init_adapter, field)
     base = load_base_model(st.cfg, st.model_path, st.dist.device)
@@ -130,7 +128,7 @@ def load_stage_model(st: Stage, init_adapter: Optional[str] = None, field: str =
         with adapter_fits(init_adapter, field, st.model_path):
             model = PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
     else:
-        model = get_peft_model(base, _lora_config(st.cfg))
+        model = get_peft_model(base, lora_config(st.cfg.lora))
     lora_b_grads_in_fast_order(model, ["default"])
     return model
 
@@ -209,8 +207,6 @@ def fit(st: Stage, n_train: int, train_step: Callable[[list[int]], dict],
             save_checkpoint(st, write_output)
     logger.close()
     # step 4. the stage's output adapter, whole or not at all
-    from lora_ppo.io.atomic import atomic_output_dir
-
     with gathered_trainable(st.engine):  # collective under ZeRO-3: every rank enters
         if rank == 0:
             with atomic_output_dir(output_path(st), force=True) as tmp:
@@ -233,8 +229,6 @@ def save_checkpoint(st: Stage, write_output: Callable[[Path], None]) -> Path:
     """`<run_dir>/checkpoints/step-N/`: the output adapter as it is now (`adapter/`), the
     DeepSpeed state without the frozen base, RNG per rank, state.json and config.yaml, sealed
     and renamed into place by the protocol PPO uses (checkpoint.write_checkpoint)."""
-    from lora_ppo.io import checkpoint as ck
-
     def weights(tmp: Path) -> None:
         (tmp / "adapter").mkdir()
         write_output(tmp / "adapter")
@@ -253,15 +247,11 @@ def save_checkpoint(st: Stage, write_output: Callable[[Path], None]) -> Path:
 
 def load_checkpoint(st: Stage, path: Path) -> None:
     """Restore LoRA weights, head, optimizer, LR schedule, RNG and step from a stage checkpoint."""
-    from lora_ppo.io import checkpoint as ck
-    from lora_ppo.io import resume as restore
-
     c = ck.open_checkpoint(path)
     if c.state.get("stage") != st.name:
         raise UserError(f"checkpoint {c.path} is from stage {c.state.get('stage', 'train')!r}, not "
                         f"{st.name!r}; resume it with its own command")
-    restore.check_fit(c, st.cfg, st.model_path, STAGE_MUST_MATCH,
-                      ck.run_facts(st.dist, st.engine))
-    restore.load_engine_state(c, st.engine)
+    ck.check_fit(c, st.cfg, st.model_path, STAGE_MUST_MATCH, ck.run_facts(st.dist, st.engine))
+    ck.load_engine_state(c, st.engine)
     st.step = int(c.state["step"])
     torch.set_rng_state(torch.load(c.path / f"rank-{st.dist.rank}.pt")["torch"])

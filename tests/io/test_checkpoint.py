@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from lora_ppo.config.load import config_to_dict
 from lora_ppo.errors import UserError
 from lora_ppo.io import checkpoint as ckpt
-from lora_ppo.io import resume as restore
 from lora_ppo.io.atomic import atomic_output_dir
+from lora_ppo.ppo import checkpoint as restore
 
 VOLATILE = ("time/", "memory/", "tokens_per_s")  # wall-clock and RSS differ between runs
 
@@ -107,7 +107,7 @@ def test_layout_keep_and_no_frozen_base(trained):
     assert module and all("lora_" in k or k.startswith("value_head.") for k in module)
     state = json.loads((step / "state.json").read_text())
     assert (state["step"], state["episode"], state["world_size"]) == (3, 24, 1)
-    assert state["sampler"] == {"epoch": 0, "position": 24}
+    assert state["prompts"] == {"epoch": 0, "position": 24}
     assert state["kl_ctl"]["value"] != 0.05  # adaptive KL moved
     assert state["base"]["config_sha256"] and state["base"]["weights"]
     # the adapter dir is a plain PEFT dir with peft's own key names (no adapter name in them)
@@ -123,7 +123,7 @@ def test_load_restores_the_run(trained, tiny_model_dir, low_ids_reward):
     run = setup(cfg)
     restore.load(run, step)
     assert (run.step, run.episode) == (3, 24)
-    assert run.sampler.state_dict() == {"epoch": 0, "position": 24}
+    assert run.prompts.state_dict() == {"epoch": 0, "position": 24}
     state = json.loads((step / "state.json").read_text())
     assert run.kl_ctl.value == state["kl_ctl"]["value"]
     saved = torch.load(step / "rank-0.pt", weights_only=True)

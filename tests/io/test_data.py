@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lora_ppo.errors import UserError
-from lora_ppo.io.data import PromptSampler, hold_out, load_prompts, render_prompt
+from lora_ppo.io.data import PromptCycle, hold_out, load_prompts, render_prompt
 
 PROMPTS = ["review of the pizza :", "my review of the movie :", "the blender review :"]
 
@@ -47,14 +47,14 @@ def test_builtin_prompts():
 
 
 def test_sampler_cycles_reshuffles_and_resumes():
-    s = PromptSampler(list("abcde"), seed=3)
+    s = PromptCycle(list("abcde"), seed=3)
     first_pass = s.take(5)
     second_pass = s.take(5)
     assert sorted(first_pass) == sorted(second_pass) == list("abcde")
     assert first_pass != second_pass  # reshuffled on the second pass (seed 3)
     state = s.state_dict()
     nxt = s.take(7)
-    t = PromptSampler(list("abcde"), seed=3)
+    t = PromptCycle(list("abcde"), seed=3)
     t.load_state_dict(state)
     assert t.take(7) == nxt
 

@@ -14,8 +14,8 @@ from helpers import clean_env, run_cli, tiny_config
 from safetensors.torch import load_file, save_file
 
 from lora_ppo.errors import UserError
-from lora_ppo.io import checkpoint as ckpt
 from lora_ppo.io.export import export, merge
+from lora_ppo.ppo import checkpoint as ppo_checkpoint
 
 # Loads a merged model with peft made unimportable, and dumps its logits and greedy generation.
 PLAIN_LOAD = """
@@ -52,7 +52,7 @@ def _trained_checkpoint(model_dir: Path, out: Path, *overrides: str) -> dict:
         logprobs, _, values = run.ac(query, torch.ones_like(query), response, torch.ones(2, 4),
                                      temperature=1.0, chunk_size=64)
     run.step, run.episode = 3, 24
-    return {"path": ckpt.save(run), "run": run, "ids": torch.cat([query, response], 1),
+    return {"path": ppo_checkpoint.save(run), "run": run, "ids": torch.cat([query, response], 1),
             "logprobs": logprobs, "values": values}
 
 

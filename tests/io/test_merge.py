@@ -20,9 +20,11 @@ from safetensors.torch import load_file
 
 from lora_ppo.errors import UserError
 from lora_ppo.io import checkpoint as ckpt
+from lora_ppo.io import lora_delta, shards
 from lora_ppo.io import merge as streaming
 from lora_ppo.io.atomic import TMP_TAG, owner_tag, remove_stale
 from lora_ppo.io.export import TOLERANCE, merge
+from lora_ppo.ppo import checkpoint as ppo_checkpoint
 
 CONFIGS = {
     "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=2, vocab_size=96, n_positions=64)),
@@ -99,15 +101,15 @@ def _adapter(base: Path, out: Path, seed: int = 1, **lora) -> Path:
 def _stream(base: Path, adapter: Path, out: Path, into: str = "original", qcfg=None,
             dtype=torch.float32, max_shard_bytes=None) -> streaming.View:
     """The streaming merge as lora_ppo.io.export.merge runs it, without a training checkpoint."""
-    layout = streaming.read_layout(str(base))
-    structure = streaming.model_structure(str(base), False, qcfg)
-    a = streaming.read_adapter(adapter, layout, structure)
-    view = streaming.View(into, torch.float32, structure, streaming.untied_keys(a, structure))
-    shards = streaming.plan_shards(layout, view.untied, dtype, max_shard_bytes)
+    index = shards.read_index(str(base))
+    structure = shards.model_structure(str(base), False, qcfg)
+    a = lora_delta.read_adapter(adapter, index, structure)
+    view = streaming.View(into, torch.float32, structure, lora_delta.untied_keys(a, structure))
+    plan = shards.plan_shards(index, view.untied, dtype, max_shard_bytes)
     out.mkdir()
-    streaming.write_merged(layout, a, view, shards, out, dtype, torch.device("cpu"),
+    streaming.write_merged(index, a, view, plan, out, dtype, torch.device("cpu"),
                            log=lambda s: None)
-    streaming.write_model_files(layout, structure, out, dtype, view.untied)
+    shards.write_model_files(index, structure, out, dtype, view.untied)
     return view
 
 
@@ -199,8 +201,8 @@ def test_untouched_tie_stays_tied_and_shards_follow_the_base(bases, tmp_path):
     adapter = _adapter(bases["gpt2"], tmp_path / "adapter", target_modules=["c_attn"])
     view = _stream(bases["gpt2"], adapter, tmp_path / "same", dtype=torch.bfloat16)
     assert view.untied == {}
-    base_files = json.loads((bases["gpt2"] / streaming.INDEX).read_text())["weight_map"]
-    index = json.loads((tmp_path / "same" / streaming.INDEX).read_text())
+    base_files = json.loads((bases["gpt2"] / shards.INDEX).read_text())["weight_map"]
+    index = json.loads((tmp_path / "same" / shards.INDEX).read_text())
     assert len(set(index["weight_map"].values())) == len(set(base_files.values())) > 1
     assert index["weight_map"].keys() == base_files.keys()
     assert index["metadata"]["total_size"] == sum(f.stat().st_size for f in (tmp_path / "same").glob(
@@ -215,7 +217,7 @@ def test_untouched_tie_stays_tied_and_shards_follow_the_base(bases, tmp_path):
     assert len(list((tmp_path / "cut").glob("*.safetensors"))) > len(set(base_files.values()))
     _stream(bases["gpt2"], adapter, tmp_path / "one", max_shard_bytes=10**9)
     assert [p.name for p in (tmp_path / "one").glob("*.safetensors")] == ["model.safetensors"]
-    assert not (tmp_path / "one" / streaming.INDEX).exists()
+    assert not (tmp_path / "one" / shards.INDEX).exists()
 
 
 def _header_bytes(path: Path) -> int:
@@ -231,7 +233,7 @@ def test_dequantized_view_is_what_bitsandbytes_loads_4bit_and_8bit(bases):
 
     for mode in ("4bit", "8bit"):
         qcfg = _bnb_config(mode)
-        structure = streaming.model_structure(str(bases["gpt2"]), False, qcfg)
+        structure = shards.model_structure(str(bases["gpt2"]), False, qcfg)
         view = streaming.View("dequantized", torch.float32, structure, {})
         model = AutoModelForCausalLM.from_pretrained(bases["gpt2"], dtype=torch.float32,
                                                      quantization_config=qcfg, device_map={"": "cpu"})
@@ -276,7 +278,7 @@ def _trained_checkpoint(model_dir: Path, out: Path, *overrides: str) -> Path:
         for p in run.ac.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.1)
     run.step, run.episode = 2, 16
-    return ckpt.save(run)
+    return ppo_checkpoint.save(run)
 
 
 @pytest.fixture(scope="module")

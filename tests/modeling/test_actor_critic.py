@@ -6,8 +6,9 @@ import pytest
 import torch
 from helpers import make_adapter_dir, tiny_config
 
-from lora_ppo.modeling.actor_critic import CRITIC, POLICY, REFERENCE, REWARD, build_actor_critic
+from lora_ppo.modeling.actor_critic import build_actor_critic
 from lora_ppo.modeling.loading import load_base_model, load_tokenizer
+from lora_ppo.modeling.roles import CRITIC, POLICY, REFERENCE, REWARD
 
 CPU = torch.device("cpu")
 

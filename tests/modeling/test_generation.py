@@ -1,4 +1,4 @@
-"""The policy folded into the base weights for generation (modeling/generation.py) is what peft's
+"""The policy folded into the base weights for generation (generation/folded.py) is what peft's
 own forward computes, for every adapter a user brings: plain LoRA, rsLoRA, DoRA (its magnitude
 and weight norm) and lora_bias (into a bias the base may not have), on Llama, GPT-2 (Conv1D:
 fan_in_fan_out) and Qwen2 (biases on q/k/v); and the setup's check refuses to fold what does
@@ -12,9 +12,9 @@ from families import build_family_model
 from helpers import make_adapter_dir, tiny_config
 
 from lora_ppo.modeling.actor_critic import POLICY, build_actor_critic
-from lora_ppo.modeling.generation import can_merge_for_generation, merged_policy
+from lora_ppo.generation.folded import can_fold, folded_policy
 from lora_ppo.modeling.loading import load_base_model, load_tokenizer
-from lora_ppo.modeling.seams import check_seams
+from lora_ppo.ppo.seams import check_seams
 
 CPU = torch.device("cpu")
 ADAPTERS = {"plain": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True},
@@ -43,12 +43,12 @@ def test_the_fold_is_peft_s_forward(family_dirs, tmp_path, family, kind):
     model = family_dirs[family]
     sft = make_adapter_dir(model, tmp_path / "sft", seed=1, **ADAPTERS[kind])
     ac, _, _ = _ac(model, tmp_path / "run", f"model.init_adapter={sft}")
-    assert can_merge_for_generation(ac.peft_model)
+    assert can_fold(ac.peft_model)
     before = {n: p for n, p in ac.causal_lm.named_parameters()}
     ids = torch.randint(16, 500, (3, 11), generator=torch.Generator().manual_seed(0))
     with ac.role(POLICY, train=False), torch.no_grad():
         unmerged = ac.causal_lm(input_ids=ids).logits
-        with merged_policy(ac.peft_model):
+        with folded_policy(ac.peft_model):
             folded = ac.causal_lm(input_ids=ids).logits
         again = ac.causal_lm(input_ids=ids).logits
         with ac.peft_model.disable_adapter():
@@ -61,7 +61,7 @@ def test_the_fold_is_peft_s_forward(family_dirs, tmp_path, family, kind):
 
 
 def _plain_lora_fold(m):
-    """What generation.folded did before: W + get_delta_weight, nothing else."""
+    """What the fold was before: W + get_delta_weight, nothing else."""
     base = m.get_base_layer()
     return base.weight + m.get_delta_weight(POLICY), None
 
@@ -73,15 +73,15 @@ def test_a_fold_that_is_not_exact_is_given_up_with_one_line(tiny_model_dir, tmp_
     unfolded, said in one line naming the field."""
     sft = make_adapter_dir(tiny_model_dir, tmp_path / "sft", seed=1, use_dora=True)
     ac, cfg, tok = _ac(tiny_model_dir, tmp_path / "run", f"model.init_adapter={sft}")
-    assert check_seams(ac, cfg, tok.pad_token_id).merge_for_generation
-    import lora_ppo.modeling.generation as generation
+    assert check_seams(ac, cfg, tok.pad_token_id).decode.fold
+    import lora_ppo.generation.folded as folded
 
-    monkeypatch.setattr(generation, "folded", _plain_lora_fold)
+    monkeypatch.setattr(folded, "folded_layer", _plain_lora_fold)
     seams = check_seams(ac, cfg, tok.pad_token_id)
-    assert not seams.merge_for_generation and seams.continuous_batching
+    assert not seams.decode.fold and seams.decode.continuous_batching
     assert seams.notes == ("model type llama: the policy folded into the base weights does not "
                            "decode what the forward scores; it generates unfolded "
-                           "(rollout.merge_for_generation=false)",)
+                           "(rollout.fold_for_generation=false)",)
 
 
 def test_a_variant_that_is_not_folded_generates_unfolded_with_one_line(tiny_model_dir, tmp_path):
@@ -90,9 +90,9 @@ def test_a_variant_that_is_not_folded_generates_unfolded_with_one_line(tiny_mode
     sft = make_adapter_dir(tiny_model_dir, tmp_path / "sft", seed=1,
                            alora_invocation_tokens=[5, 6])
     ac, cfg, tok = _ac(tiny_model_dir, tmp_path / "run", f"model.init_adapter={sft}")
-    assert not can_merge_for_generation(ac.peft_model)
+    assert not can_fold(ac.peft_model)
     seams = check_seams(ac, cfg, tok.pad_token_id)
-    assert not seams.merge_for_generation
+    assert not seams.decode.fold
     assert seams.notes == ("model.init_adapter: the policy's ALoraLinearVariant layers cannot be "
                            "folded into the base weights exactly; it generates unfolded "
-                           "(rollout.merge_for_generation=false)",)
+                           "(rollout.fold_for_generation=false)",)

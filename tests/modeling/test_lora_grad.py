@@ -10,8 +10,8 @@ from helpers import make_adapter_dir, tiny_config
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from lora_ppo.modeling.actor_critic import CRITIC, POLICY, REFERENCE, REWARD
 from lora_ppo.modeling.lora_grad import lora_b_grads_in_fast_order
+from lora_ppo.modeling.roles import CRITIC, POLICY, REFERENCE, REWARD
 from lora_ppo.ppo.loop import setup
 
 

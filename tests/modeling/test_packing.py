@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from helpers import make_adapter_dir, tiny_config
+from helpers import make_adapter_dir, tiny_config, update_with
 
-from lora_ppo.modeling.generation import can_merge_for_generation, decodes_in_fp32, merged_policy
+from lora_ppo.generation.folded import can_fold, decodes_in_fp32, folded_policy
+from lora_ppo.generation.generate import generate
 from lora_ppo.modeling.packing import PADDED, Attention, Layout, pack
-from lora_ppo.ppo.loop import collect_rollout, rollout_of, sample_responses, setup
-from lora_ppo.ppo.rollout import generate
+from lora_ppo.ppo.collect import collect, generate_samples, score_samples
+from lora_ppo.ppo.loop import setup
 
 STOPS = "rollout.stop_token_ids=[" + ",".join(str(i) for i in range(300, 340)) + "]"
 
@@ -74,7 +75,7 @@ def test_packed_forward_equals_the_padded_one(tiny_model_dir, tmp_path):
     adapter, with gradient flowing (the update's path): the same to fp32 round-off."""
     for mode in ("shared", "adapter"):
         run = _run(tiny_model_dir, tmp_path / mode, f"value.mode={mode}")
-        s = sample_responses(run, run.sampler.take(8))
+        s = generate_samples(run, run.prompts.take(8))
         lengths = s.response_mask.sum(1)
         assert lengths.min() < lengths.max() and s.query_mask.sum(1).unique().numel() > 1
         batch = (s.query_ids, s.query_mask, s.response_ids, s.response_mask)
@@ -102,7 +103,7 @@ def test_packed_forward_equals_the_padded_one(tiny_model_dir, tmp_path):
 
 def test_a_trimmed_micro_batch_scores_as_the_full_width_one(tiny_model_dir, tmp_path):
     run = _run(tiny_model_dir, tmp_path / "run", "model.padding_free=false")
-    ro = collect_rollout(run, run.sampler.take(8))
+    ro = collect(run, run.prompts.take(8))[0]
     short = ro.response_mask.sum(1).argsort()[:2]  # the two shortest responses
     mb = ro.index(short)
     assert mb.response_ids.shape[1] < ro.response_ids.shape[1]  # trimmed
@@ -121,14 +122,15 @@ def test_generation_with_the_merged_policy_is_exact_and_restores_the_weights(tin
     sft = make_adapter_dir(tiny_model_dir, tmp_path / "sft", seed=1, dropout=0.1)
     run = _run(tiny_model_dir, tmp_path / "run", f"model.init_adapter={sft}")
     ac, cfg = run.ac, run.cfg
-    assert can_merge_for_generation(ac.peft_model)
+    assert can_fold(ac.peft_model)
     base = {n: (p, p.detach().clone()) for n, p in ac.named_parameters() if "lora_" not in n}
-    ids = [run.tokenizer(p)["input_ids"] for p in run.sampler.take(6)]
+    ids = [list(p.ids) for p in run.prompts.take(6)]
     draws = {}
     for merge in (False, True):
-        rc = dataclasses.replace(cfg.rollout, merge_for_generation=merge)
+        rc = dataclasses.replace(cfg.rollout, fold_for_generation=merge)
         torch.manual_seed(11)
-        draws[merge] = generate(ac, ids, rc, run.stop_ids, run.tokenizer.pad_token_id)
+        draws[merge] = generate(ac, ids, rc, run.seams.decode, run.stop_ids,
+                                run.tokenizer.pad_token_id)
     assert torch.equal(draws[False].response_ids, draws[True].response_ids)
     for n, p in ac.named_parameters():
         if "lora_" not in n:
@@ -137,7 +139,7 @@ def test_generation_with_the_merged_policy_is_exact_and_restores_the_weights(tin
     q = torch.tensor([ids[0]])
     with torch.no_grad():
         want = ac.causal_lm(input_ids=q).logits
-        with merged_policy(ac.peft_model):
+        with folded_policy(ac.peft_model):
             got = ac.causal_lm(input_ids=q).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert (want - ac.causal_lm(input_ids=q).logits).abs().max() == 0
@@ -149,8 +151,7 @@ def test_an_update_trains_the_same_adapter_padding_free_or_not(tiny_model_dir, t
     with length-sorted micro-batches: the weights move the same way (Adam turns round-off in
     near-zero gradient components into up to lr-sized steps, so the moves are compared as a
     whole, and the tokens are not all equal in length)."""
-    from lora_ppo.ppo.loop import add_advantages, add_rewards, compute_scores
-    from lora_ppo.ppo.update import ppo_update
+    from lora_ppo.ppo.loop import add_advantages, add_rewards
 
     moves = {}
     for free in (False, True):
@@ -159,12 +160,11 @@ def test_an_update_trains_the_same_adapter_padding_free_or_not(tiny_model_dir, t
                    f"reward.function={low_ids_reward}")
         if not free:
             torch.manual_seed(5)
-            ro = collect_rollout(run, run.sampler.take(8))
-            raw, _ = compute_scores(run, [""] * 8, ro)
-            ro = add_advantages(run, add_rewards(run, ro, raw))
+            ro, raw = collect(run, run.prompts.take(8))
+            ro = add_advantages(run, add_rewards(run, ro, raw, run.kl_ctl.value))
             assert ro.response_mask.sum(1).unique().numel() > 2
         before = {n: p.detach().clone() for n, p in run.ac.named_parameters() if p.requires_grad}
-        ppo_update(run.engine, run.ac, ro, run.cfg, torch.Generator().manual_seed(0))
+        update_with(run, ro, torch.Generator().manual_seed(0))
         moves[free] = torch.cat([(p.detach() - before[n]).flatten()
                                  for n, p in run.ac.named_parameters() if p.requires_grad])
     assert moves[False].norm() > 0
@@ -181,12 +181,12 @@ def test_the_samplers_logprobs_and_values_are_the_scoring_forwards(tiny_model_di
                "rollout.generation_batch_size=3")
     ac, rc = run.ac, run.cfg.rollout
     assert decodes_in_fp32(ac.peft_model)
-    ids = [run.tokenizer(p)["input_ids"] for p in run.sampler.take(7)]
+    ids = [list(p.ids) for p in run.prompts.take(7)]
     drawn = {}
     for static in (True, False):
         torch.manual_seed(4)
-        drawn[static] = generate(ac, ids, dataclasses.replace(
-            rc, static_kv_cache=static), run.stop_ids, run.tokenizer.pad_token_id, score=True)
+        drawn[static] = generate(ac, ids, rc, run.seams.decode._replace(static_kv_cache=static),
+                                 run.stop_ids, run.tokenizer.pad_token_id, score=True)
     s = drawn[True]
     assert torch.equal(s.response_ids, drawn[False].response_ids)
     assert s.response_mask.sum(1).unique().numel() > 1 and s.values.abs().max() > 0.1
@@ -198,7 +198,7 @@ def test_the_samplers_logprobs_and_values_are_the_scoring_forwards(tiny_model_di
     torch.testing.assert_close(s.logprobs, lp * m, rtol=0, atol=1e-5)
     torch.testing.assert_close(s.values, v * m, rtol=0, atol=1e-5)
     # the rollout takes them as they are, and still runs the reference forward
-    ro = rollout_of(run, s)
+    ro = score_samples(run, s)
     assert torch.equal(ro.logprobs, s.logprobs) and ro.ref_logprobs is not None
 
 
@@ -238,8 +238,8 @@ def test_a_shared_prompt_row_equals_separate_sequences(tiny_model_dir, tmp_path)
     sequences give, to fp32 round-off, with far fewer tokens."""
     run = _grouped_run(tiny_model_dir, tmp_path / "run")
     torch.manual_seed(2)
-    prompts = [p for p in run.sampler.take(2) for _ in range(4)]
-    s = sample_responses(run, prompts)
+    prompts = [p for p in run.prompts.take(2) for _ in range(4)]
+    s = generate_samples(run, prompts)
     batch = (s.query_ids, s.query_mask, s.response_ids, s.response_mask)
     m = s.response_mask
     assert m.sum(1).unique().numel() > 1
@@ -267,8 +267,7 @@ def test_an_update_trains_the_same_adapter_grouped_or_not(tiny_model_dir, tmp_pa
     """One update on one rollout (one minibatch of 2 micro-batches, so both lay out the same
     samples): grouped rows and padded ones move the weights the same way (compared as a whole:
     Adam turns round-off in near-zero gradient components into lr-sized steps)."""
-    from lora_ppo.ppo.loop import add_advantages, add_rewards, compute_scores
-    from lora_ppo.ppo.update import ppo_update
+    from lora_ppo.ppo.loop import add_advantages, add_rewards
 
     moves, ro = {}, None
     for name in ("grouped", "padded"):
@@ -277,14 +276,13 @@ def test_an_update_trains_the_same_adapter_grouped_or_not(tiny_model_dir, tmp_pa
                            f"reward.function={low_ids_reward}")
         if ro is None:
             torch.manual_seed(5)
-            prompts = [p for p in run.sampler.take(2) for _ in range(4)]
-            ro = collect_rollout(run, prompts)
-            raw, _ = compute_scores(run, prompts, ro)
-            ro = add_advantages(run, add_rewards(run, ro, raw))
+            prompts = [p for p in run.prompts.take(2) for _ in range(4)]
+            ro, raw = collect(run, prompts)
+            ro = add_advantages(run, add_rewards(run, ro, raw, run.kl_ctl.value))
         if name == "padded":
             run.ac.layout = PADDED
         before = {n: p.detach().clone() for n, p in run.ac.named_parameters() if p.requires_grad}
-        ppo_update(run.engine, run.ac, ro, run.cfg, torch.Generator().manual_seed(0))
+        update_with(run, ro, torch.Generator().manual_seed(0))
         moves[name] = torch.cat([(p.detach() - before[n]).flatten()
                                  for n, p in run.ac.named_parameters() if p.requires_grad])
     assert moves["padded"].norm() > 0
@@ -313,14 +311,14 @@ def test_continuous_batching_and_batch_size_do_not_change_a_rows_tokens(tiny_mod
     a prompt, varied lengths)."""
     run = _grouped_run(tiny_model_dir, tmp_path / "run")
     rc = run.cfg.rollout
-    ids = [run.tokenizer(p)["input_ids"] for p in run.sampler.take(3) for _ in range(4)]
+    ids = [list(p.ids) for p in run.prompts.take(3) for _ in range(4)]
     drawn = {}
     for continuous, slots in ((True, 3), (False, 3), (False, 12), (True, 5)):
         torch.manual_seed(9)
         drawn[continuous, slots] = generate(
-            run.ac, ids, dataclasses.replace(rc, continuous_batching=continuous,
-                                             generation_batch_size=slots),
-            run.stop_ids, run.tokenizer.pad_token_id, score=True)
+            run.ac, ids, dataclasses.replace(rc, generation_batch_size=slots),
+            run.seams.decode._replace(continuous_batching=continuous), run.stop_ids,
+            run.tokenizer.pad_token_id, score=True)
     first = drawn[True, 3]
     assert first.response_mask.sum(1).unique().numel() > 2
     for other in drawn.values():

@@ -1,4 +1,4 @@
-"""The setup's seam checks (modeling/seams.py) catch each class of defect they exist for, on the
+"""The setup's seam checks (ppo/seams.py) catch each class of defect they exist for, on the
 architecture that has it, and fall back or refuse with one line."""
 
 from __future__ import annotations
@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from families import build_family_model
-from helpers import tiny_config
+from helpers import tiny_config, update_with
 
 from lora_ppo.errors import UserError
 from lora_ppo.modeling.actor_critic import build_actor_critic
 from lora_ppo.modeling.loading import load_base_model, load_tokenizer
 from lora_ppo.modeling.packing import PADDED
-from lora_ppo.modeling.seams import check_seams, seams_for
+from lora_ppo.ppo.seams import check_seams, seams_for
 from lora_ppo.rl.logprobs import IDENTITY
 
 CPU = torch.device("cpu")
@@ -37,7 +37,7 @@ def test_every_check_passes_on_llama_with_the_fastest_layout(family_dirs, tmp_pa
     before = {n: p.detach().clone() for n, p in ac.named_parameters()}
     seams = check_seams(ac, cfg, tok.pad_token_id)
     assert seams.layout.packed and seams.layout.group and seams.layout.attention is not None
-    assert seams.continuous_batching and seams.static_kv_cache and seams.notes == ()
+    assert seams.decode.continuous_batching and seams.decode.static_kv_cache and seams.notes == ()
     # the random adapter of the check is gone again, bit for bit
     assert all(torch.equal(p, before[n]) for n, p in ac.named_parameters())
 
@@ -53,7 +53,7 @@ def test_an_unknown_logit_post_processing_falls_back_to_the_models_own_logits(fa
     ac.logits_transform = IDENTITY
     seams = check_seams(ac, cfg, tok.pad_token_id)
     assert seams.own_logits and ac.own_logits and seams.layout == PADDED
-    assert seams.continuous_batching and seams.static_kv_cache  # the decode loop checked too
+    assert seams.decode.continuous_batching and seams.decode.static_kv_cache  # checked too
     line, = seams.notes
     assert line.startswith("model type cohere: lora_ppo's logits differ from the model's own "
                            "forward by ") and "\n" not in line
@@ -70,10 +70,10 @@ def test_a_family_whose_post_processing_is_unknown_trains_on_its_own_logits(
     the first minibatch has ratio 1, the update moves the adapter, and setup says so in one
     line."""
     import lora_ppo.modeling.actor_critic as actor_critic
-    from lora_ppo.modeling.actor_critic import POLICY, position_ids_from_mask
-    from lora_ppo.ppo.loop import (add_advantages, add_rewards, collect_rollout,
-                                   compute_scores, setup)
-    from lora_ppo.ppo.update import ppo_update
+    from lora_ppo.modeling.actor_critic import position_ids_from_mask
+    from lora_ppo.modeling.roles import POLICY
+    from lora_ppo.ppo.collect import collect
+    from lora_ppo.ppo.loop import add_advantages, add_rewards, setup
 
     monkeypatch.setattr(actor_critic, "logits_transform", lambda config: IDENTITY)
     monkeypatch.setenv("LORA_PPO_CACHE", str(tmp_path / "cache"))
@@ -82,9 +82,8 @@ def test_a_family_whose_post_processing_is_unknown_trains_on_its_own_logits(
     lines = [x for x in capsys.readouterr().out.splitlines() if "own forward's logits" in x]
     assert len(lines) == 1 and lines[0].startswith(f"model type {family}: ")
     assert run.ac.own_logits and run.ac.layout == PADDED
-    prompts = run.sampler.take(8)
-    ro = collect_rollout(run, prompts)
-    ro = add_advantages(run, add_rewards(run, ro, compute_scores(run, prompts, ro)[0]))
+    ro, raw = collect(run, run.prompts.take(8))
+    ro = add_advantages(run, add_rewards(run, ro, raw, run.kl_ctl.value))
     mask = torch.cat([ro.query_mask, ro.response_mask.long()], 1)
     with run.ac.role(POLICY, train=False), torch.no_grad():
         logits = run.ac.causal_lm(input_ids=torch.cat([ro.query_ids, ro.response_ids], 1),
@@ -95,7 +94,7 @@ def test_a_family_whose_post_processing_is_unknown_trains_on_its_own_logits(
         -1, ro.response_ids[..., None]).squeeze(-1) * ro.response_mask
     assert (ro.logprobs - theirs).abs().max() < 1e-5
     before = {n: p.detach().clone() for n, p in run.ac.named_parameters() if p.requires_grad}
-    stats = ppo_update(run.engine, run.ac, ro, run.cfg, torch.Generator().manual_seed(0))
+    stats = update_with(run, ro, torch.Generator().manual_seed(0))
     assert abs(stats.ratio - 1.0) < 1e-6 and abs(stats.approx_kl) < 1e-8, stats
     moved = [n for n, p in run.ac.named_parameters() if n in before
              and "lora_B" in n and not torch.equal(p, before[n])]

@@ -7,13 +7,14 @@ import json
 
 import pytest
 import torch
-from helpers import run_two_ranks, tiny_config, two_rank_yaml
+from helpers import run_two_ranks, tiny_config, two_rank_yaml, update_with
 from safetensors.torch import load_file
 
 from lora_ppo.errors import UserError
 from lora_ppo.io import checkpoint as ckpt
-from lora_ppo.ppo.loop import add_advantages, add_rewards, collect_rollout, compute_scores, setup
-from lora_ppo.ppo.update import ppo_update
+from lora_ppo.ppo import checkpoint as ppo_checkpoint
+from lora_ppo.ppo.collect import collect
+from lora_ppo.ppo.loop import add_advantages, add_rewards, setup
 
 STOPS = "rollout.stop_token_ids=[" + ",".join(str(i) for i in range(300, 340)) + "]"
 
@@ -30,9 +31,8 @@ def _grpo(model_dir, out, reward, *extra):
 def _rollout(run, prompts):
     n = run.cfg.rollout.samples_per_prompt
     grouped = [p for p in prompts for _ in range(n)]
-    ro = collect_rollout(run, grouped)
-    raw, _ = compute_scores(run, grouped, ro)
-    return add_advantages(run, add_rewards(run, ro, raw))
+    ro, raw = collect(run, grouped)
+    return add_advantages(run, add_rewards(run, ro, raw, run.kl_ctl.value))
 
 
 def test_grpo_builds_no_value_function_and_updates_only_the_policy(tiny_model_dir, tmp_path,
@@ -41,7 +41,7 @@ def test_grpo_builds_no_value_function_and_updates_only_the_policy(tiny_model_di
     assert run.cfg.algorithm.value_mode == "none" and run.ac.value_head is None
     trainable = [n for n, p in run.ac.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n and ".policy." in n for n in trainable)
-    ro = _rollout(run, run.sampler.take(4))
+    ro = _rollout(run, run.prompts.take(4))
     assert len(ro) == 16 and ro.values is None and ro.returns is None
     # Each group of 4 consecutive samples answers one prompt; GRPO's advantages of a group sum
     # to 0 (every token of a sample carries its sample's advantage).
@@ -50,7 +50,7 @@ def test_grpo_builds_no_value_function_and_updates_only_the_policy(tiny_model_di
     seq = ro.advantages.sum(1) / ro.response_mask.sum(1)
     assert seq.view(4, 4).sum(1).abs().max() < 1e-4
     before = {n: p.detach().clone() for n, p in run.ac.named_parameters() if p.requires_grad}
-    stats = ppo_update(run.engine, run.ac, ro, run.cfg, run.generator, run.kl_ctl.value)
+    stats = update_with(run, ro, run.generator)
     # the k3 KL term: 0 on the first minibatch (policy == reference), >= 0 after a step
     assert stats.value_loss is None and stats.kl_loss is not None and 0 <= stats.kl_loss < 0.05
     changed = [n for n, p in run.ac.named_parameters() if p.requires_grad
@@ -58,7 +58,7 @@ def test_grpo_builds_no_value_function_and_updates_only_the_policy(tiny_model_di
     assert changed
     # Nothing of a value function is checkpointed.
     run.step = 1
-    path = ckpt.save(run)
+    path = ppo_checkpoint.save(run)
     assert not (path / ckpt.VALUE_DIR).exists() and (path / ckpt.POLICY_DIR).is_dir()
 
 
@@ -69,9 +69,9 @@ def test_every_estimator_runs_an_update(tiny_model_dir, tmp_path, low_ids_reward
     run = _grpo(tiny_model_dir, tmp_path / "run", low_ids_reward,
                 f"ppo.advantage_estimator={estimator}")
     assert run.cfg.algorithm.kl_in == kl_in
-    ro = _rollout(run, run.sampler.take(4))
+    ro = _rollout(run, run.prompts.take(4))
     assert torch.isfinite(ro.advantages).all() and ro.advantages.abs().max() > 0
-    stats = ppo_update(run.engine, run.ac, ro, run.cfg, run.generator, run.kl_ctl.value)
+    stats = update_with(run, ro, run.generator)
     assert (stats.kl_loss is None) == (kl_in == "reward")
     assert abs(stats.ratio - 1.0) < 0.5
 
@@ -87,11 +87,11 @@ def test_kl_coef_zero_skips_the_reference_forward(tiny_model_dir, tmp_path, low_
 
     run.ac.peft_model.disable_adapter = counting  # the reference is the base, adapters disabled
     try:
-        ro = _rollout(run, run.sampler.take(4))
+        ro = _rollout(run, run.prompts.take(4))
     finally:
         run.ac.peft_model.disable_adapter = disable
     assert ro.ref_logprobs is None and ro.kl is None and not entered
-    stats = ppo_update(run.engine, run.ac, ro, run.cfg, run.generator, run.kl_ctl.value)
+    stats = update_with(run, ro, run.generator)
     assert stats.kl_loss is None
 
 
@@ -179,6 +179,6 @@ def test_a_critic_free_checkpoint_exports_without_a_value_function(tiny_model_di
 
     run = _grpo(tiny_model_dir, tmp_path / "run", low_ids_reward)
     run.step = 1
-    out = export(ckpt.save(run), tmp_path / "exported")
+    out = export(ppo_checkpoint.save(run), tmp_path / "exported")
     assert (out / "adapter_model.safetensors").is_file() and not (out / "value").exists()
     assert json.loads((out / "manifest.json").read_text())["value_mode"] == "none"

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
+from lora_ppo.generation.samples import left_pad
 from lora_ppo.ppo.dynamic import concat_rollouts, sample_until_full, sampling_metrics
-from lora_ppo.ppo.rollout import Rollout, left_pad
+from lora_ppo.ppo.rollout import Rollout
 
 PAD = 0
 

@@ -12,12 +12,13 @@ from helpers import (
     tiny_config,
     train_on_two_ranks,
     two_rank_yaml,
+    update_with,
     write_yaml,
 )
 
 from lora_ppo.io.metrics import REQUIRED
-from lora_ppo.ppo.loop import add_advantages, add_rewards, collect_rollout, compute_scores, setup
-from lora_ppo.ppo.update import ppo_update
+from lora_ppo.ppo.collect import collect
+from lora_ppo.ppo.loop import add_advantages, add_rewards, setup
 
 
 def _trainable(run):
@@ -38,13 +39,12 @@ def test_gradient_accumulation_matches_one_big_micro_batch(tiny_model_dir, tmp_p
     init = _trainable(r8)
     for n, p in _trainable(r2).items():
         assert torch.equal(p, init[n])
-    prompts = r8.sampler.take(8)
-    ro = collect_rollout(r8, prompts)
-    raw, _ = compute_scores(r8, prompts, ro)
+    prompts = r8.prompts.take(8)
+    ro, raw = collect(r8, prompts)
     assert raw.std() > 0  # a real learning signal
-    ro = add_advantages(r8, add_rewards(r8, ro, raw))
-    s2 = ppo_update(r2.engine, r2.ac, ro, r2.cfg, torch.Generator().manual_seed(0))
-    s8 = ppo_update(r8.engine, r8.ac, ro, r8.cfg, torch.Generator().manual_seed(0))
+    ro = add_advantages(r8, add_rewards(r8, ro, raw, r8.kl_ctl.value))
+    s2 = update_with(r2, ro, torch.Generator().manual_seed(0))
+    s8 = update_with(r8, ro, torch.Generator().manual_seed(0))
     assert s2.optimizer_steps == s8.optimizer_steps == 1
     w2, w8 = _trainable(r2), _trainable(r8)
     assert any(not torch.equal(w8[n], init[n]) for n in w8)  # the step changed something
@@ -121,7 +121,7 @@ def test_progress_bar_shows_the_reward_sources_own_score(tmp_path):
     """With reward.normalize the score PPO trains on is about 0; the bar shows the source's."""
     from lora_ppo.config.load import load_config
     from lora_ppo.io.metrics import MetricsLogger
-    from lora_ppo.ppo.loop import PPO_BAR
+    from lora_ppo.ppo.metrics import PPO_BAR
 
     cfg = load_config(None, ["logging.tensorboard=false"])
     logger = MetricsLogger(tmp_path, cfg, total=1, bar_keys=PPO_BAR)

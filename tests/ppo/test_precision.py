@@ -13,13 +13,10 @@ import pytest
 import torch
 from helpers import run_cli, tiny_config, write_yaml
 
-from lora_ppo.ppo.loop import add_advantages, add_rewards, collect_rollout, compute_scores, setup
-from lora_ppo.ppo.update import (
-    loss_normalizers,
-    micro_batch_loss,
-    sampler_correction,
-    sampler_metrics,
-)
+from lora_ppo.ppo.collect import collect
+from lora_ppo.ppo.loop import add_advantages, add_rewards, setup
+from lora_ppo.ppo.metrics import sampler_metrics
+from lora_ppo.ppo.update import loss_normalizers, micro_batch_loss, sampler_correction
 
 STOPS = "rollout.stop_token_ids=[" + ",".join(str(i) for i in range(300, 340)) + "]"
 # Every weight above 1e-9 is masked: the policy loss is 0 wherever the correction applies.
@@ -28,20 +25,20 @@ MASK_ALL = ("ppo.sampler_importance_sampling_mode=token_mask",
 
 
 def _rollout(run, n=8):
-    prompts = run.sampler.take(n)
-    ro = collect_rollout(run, prompts)
-    raw, _ = compute_scores(run, prompts, ro)
-    return add_advantages(run, add_rewards(run, ro, raw))
+    ro, raw = collect(run, run.prompts.take(n))
+    return add_advantages(run, add_rewards(run, ro, raw, run.kl_ctl.value))
 
 
 def _policy_loss(run, ro) -> float:
     """The first micro-batch's policy loss as the update computes it (forward only), every
     advantage +1: at ratio 1 each token's loss is -A * ratio = -1, so the token mean is -1 and
     0 where every weight is 0."""
-    ro.advantages = ro.response_mask.clone()
-    mb = ro.index(torch.arange(run.cfg.ppo.micro_batch_size))
-    norms = loss_normalizers(mb.response_mask, "token_mean")
-    _, stats = micro_batch_loss(run.engine, mb, run.cfg, norms, 0.0)
+    ro = dataclasses.replace(ro, advantages=ro.response_mask.clone())
+    micro = ro.index(torch.arange(run.cfg.ppo.micro_batch_size))
+    norms = loss_normalizers(micro.response_mask, "token_mean")
+    _, stats = micro_batch_loss(run.engine, micro, run.cfg.ppo, run.cfg.algorithm, norms,
+                                temperature=run.cfg.rollout.temperature,
+                                chunk_rows=run.chunk_rows, kl_coef=0.0)
     return stats.policy_loss
 
 

@@ -9,6 +9,7 @@ from helpers import make_adapter_dir, tiny_config
 
 from lora_ppo.config.load import load_config
 from lora_ppo.errors import UserError
+from lora_ppo.generation.samples import left_pad
 from lora_ppo.modeling.actor_critic import build_actor_critic
 from lora_ppo.modeling.loading import load_base_model, load_tokenizer
 from lora_ppo.ppo.reward_sources import (
@@ -17,7 +18,6 @@ from lora_ppo.ppo.reward_sources import (
     WeightedReward,
     make_reward_source,
 )
-from lora_ppo.ppo.rollout import left_pad
 
 CPU = torch.device("cpu")
 PROMPTS = ["review of the diner :", "my review of the movie :", "thoughts on the laptop :"]

@@ -6,10 +6,11 @@ import pytest
 import torch
 from helpers import tiny_config
 
+from lora_ppo.generation.samples import left_pad, truncate_after_stop
 from lora_ppo.modeling.loading import is_gradient_checkpointing
-from lora_ppo.ppo.loop import add_advantages, add_rewards, collect_rollout, compute_scores, setup
+from lora_ppo.ppo.collect import collect
+from lora_ppo.ppo.loop import add_advantages, add_rewards, setup
 from lora_ppo.ppo.reward_sources import FunctionReward, RewardError, load_function
-from lora_ppo.ppo.rollout import left_pad, truncate_after_stop
 from lora_ppo.ppo.update import micro_batch_loss
 from lora_ppo.rl.masked import masked_mean
 
@@ -62,19 +63,20 @@ def reward_file(tmp_path_factory):
 def test_first_update_sees_ratio_one_and_zero_kl(run):
     """LoRA B starts at zero and dropout is off: policy == reference, and the update's
     log-probs (train mode, grad, micro-batches) equal the rollout's (eval, no grad, chunks)."""
-    prompts = run.sampler.take(8)
-    ro = collect_rollout(run, prompts)
-    raw, _ = compute_scores(run, prompts, ro)
-    ro = add_advantages(run, add_rewards(run, ro, raw))
+    prompts = run.prompts.take(8)
+    ro, raw = collect(run, prompts)
+    ro = add_advantages(run, add_rewards(run, ro, raw, run.kl_ctl.value))
     assert ro.kl.abs().max().item() < 1e-5
     run.ac.train()
-    mb = ro.index(torch.arange(4))
-    lp, _, values = run.ac(mb.query_ids, mb.query_mask, mb.response_ids,
-                                   mb.response_mask, temperature=1.0, chunk_size=7)
-    m = mb.response_mask
-    assert ((lp - mb.logprobs) * m).abs().max().item() < 1e-5
-    assert ((values - mb.values) * m).abs().max().item() < 1e-5
-    _, stats = micro_batch_loss(run.engine, mb, run.cfg, mb.response_mask.sum().expand(4), 0.0)
+    micro = ro.index(torch.arange(4))
+    lp, _, values = run.ac(micro.query_ids, micro.query_mask, micro.response_ids,
+                           micro.response_mask, temperature=1.0, chunk_size=7)
+    m = micro.response_mask
+    assert ((lp - micro.logprobs) * m).abs().max().item() < 1e-5
+    assert ((values - micro.values) * m).abs().max().item() < 1e-5
+    _, stats = micro_batch_loss(run.engine, micro, run.cfg.ppo, run.cfg.algorithm,
+                                micro.response_mask.sum().expand(4), temperature=1.0,
+                                chunk_rows=run.chunk_rows, kl_coef=0.0)
     assert abs(stats.ratio / stats.tokens - 1.0) < 1e-5  # sums over the micro-batch's tokens
     assert stats.approx_kl / stats.tokens < 1e-6 and stats.clipfrac == 0.0
     # The score sits on the last real token: rewards sum to score - kl_coef * KL.
@@ -95,7 +97,7 @@ def test_generation_hygiene_restores_model_state(run):
     run.ac.train()
     try:
         assert is_gradient_checkpointing(lm)
-        collect_rollout(run, run.sampler.take(2))
+        collect(run, run.prompts.take(2))[0]
     finally:
         hook.remove()
     generation_calls = seen[:-2]  # the last two forwards are the scoring passes

@@ -190,7 +190,7 @@ def test_estimate_memory_by_hand(small_dir):
 
 def test_the_models_own_logits_are_counted_where_setup_takes_them(small_dir):
     """A family whose logit post-processing lora_ppo does not know trains on the model's own
-    forward's logits (modeling/seams.py), whole: in the update micro 2 x 4 new tokens x vocab
+    forward's logits (ppo/seams.py), whole: in the update micro 2 x 4 new tokens x vocab
     100 in bf16, twice (the logits, and what the post-processing keeps for its backward) =
     3200 B; in scoring gen batch 4 x 4 x 100 x 2 B once = 3200 B."""
     cfg, arch = small_cfg(small_dir), read_arch(str(small_dir))

@@ -11,11 +11,12 @@ import pytest
 import torch
 from helpers import make_adapter_dir, tiny_config
 
+from lora_ppo.generation.samples import left_pad
 from lora_ppo.io.data import hold_out
-from lora_ppo.modeling.actor_critic import REWARD, build_actor_critic
+from lora_ppo.modeling.actor_critic import build_actor_critic
 from lora_ppo.modeling.loading import load_base_model, load_tokenizer
+from lora_ppo.modeling.roles import REWARD
 from lora_ppo.ppo.reward_sources import AdapterReward
-from lora_ppo.ppo.rollout import left_pad
 from lora_ppo.stages.common import encode_pair
 from lora_ppo.stages.reward_model import (
     Pair,

@@ -1,5 +1,6 @@
 """The policy folded into the base weights for generation, and when that (and the sampler's own
-log-probs) is exact.
+log-probs) is exact. ("Folded", not "merged": the weights are put back after generation; a merge
+is the export that writes W + BA out, io/merge.py.)
 
 peft runs LoRA unmerged: three matmuls per linear per decoded token. For an unquantized fp32 base
 outside ZeRO-3 the sampler runs with the merged weights swapped in as new tensors, and the
@@ -21,7 +22,7 @@ What is folded is what peft's own `Linear.merge` (peft 0.21 tuners/lora/layer.py
 
 Any other LoRA variant (aLoRA, Arrow, ...) is not folded: the policy then generates unmerged.
 `modules_to_save` copies and LoRA on embeddings are not folded either: they run as peft runs them
-(exact). modeling/seams.py checks the folded decode loop against the scoring forward at setup.
+(exact). ppo/seams.py checks the folded decode loop against the scoring forward at setup.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from lora_ppo.modeling.actor_critic import POLICY
+from lora_ppo.modeling.roles import POLICY
 
 FOLDABLE_VARIANTS = ("DoraLinearVariant",)  # peft variants whose merge is folded exactly
 
@@ -75,15 +76,15 @@ def unfoldable(peft_model: nn.Module) -> Optional[str]:
     return None
 
 
-def can_merge_for_generation(peft_model: nn.Module) -> bool:
+def can_fold(peft_model: nn.Module) -> bool:
     """Exact enough only for an unquantized fp32 base (fp32 rounds W + BA at ~1e-7 relative),
-    only where the weights are whole on this device (not ZeRO-3), and only for what `folded`
-    folds exactly (module doc)."""
+    only where the weights are whole on this device (not ZeRO-3), and only for what
+    `folded_layer` folds exactly (module doc)."""
     return decodes_in_fp32(peft_model) and unfoldable(peft_model) is None and not any(
         hasattr(m.get_base_layer().weight, "ds_id") for m in policy_layers(peft_model))
 
 
-def folded(m: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
+def folded_layer(m: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
     """Layer `m`'s base weight and bias with the policy adapter merged, as peft's Linear.merge
     would compute them (module doc), in new tensors; the bias is None where the adapter leaves
     it alone. Call under no_grad."""
@@ -103,9 +104,9 @@ def folded(m: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
 
 
 @contextlib.contextmanager
-def merged_policy(peft_model: nn.Module) -> Iterator[None]:
+def folded_policy(peft_model: nn.Module) -> Iterator[None]:
     """The body runs with each policy layer's base weight (and bias, with lora_bias) replaced by
-    `folded`'s, so a decoded token costs one matmul per linear instead of three. The merged
+    `folded_layer`'s, so a decoded token costs one matmul per linear instead of three. The merged
     tensors are new and the originals are put back afterwards, untouched. Costs one copy of the
     adapted weights while it lasts."""
     swapped = []
@@ -113,7 +114,7 @@ def merged_policy(peft_model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for m in policy_layers(peft_model):
                 base = m.get_base_layer()
-                weight, bias = folded(m)
+                weight, bias = folded_layer(m)
                 swapped.append((m, base, base.weight, base.bias, list(m.merged_adapters)))
                 base.weight = nn.Parameter(weight, requires_grad=False)
                 if bias is not None:

@@ -1,4 +1,4 @@
-"""In-place surgery on transformers' KV caches, for the sampler (ppo/sampling.py): repeat a
+"""In-place surgery on transformers' KV caches, for the decode loop (sampler.py, continuous.py): repeat a
 prompt's rows for the rows that answer it, compact a batch, move every row's columns left. Each
 works on `cache.layers` (transformers 5's `Cache` of per-layer `keys` / `values`, (batch, heads,
 positions, head_dim)); nothing here knows about the model or the sampled tokens.

@@ -19,7 +19,7 @@ policy adapter made non-zero for the check and restored bit for bit after it:
             model's own detection of restarting position ids) against the padded forward; the
             first layout that agrees is used, one line saying so when it is not the preferred;
 4. decoding the sampler's log-probs, decoded as the run decodes (the policy folded into the
-            weights where rollout.merge_for_generation folds it, continuous batching with its
+            weights where rollout.fold_for_generation folds it, continuous batching with its
             cache's shift-left, the static cache) against the padded forward: the fold, then
             continuous batching, then the static cache, are given up, one line each, where they
             do not agree.
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata as md
 import json
 import os
 import time
@@ -46,8 +47,14 @@ from typing import NamedTuple, Optional
 import torch
 
 from lora_ppo.errors import UserError
-from lora_ppo.modeling.actor_critic import POLICY, ActorCritic
+from lora_ppo.generation.folded import can_fold, folded_policy, unfoldable
+from lora_ppo.generation.generate import DecodePath, sample
+from lora_ppo.generation.samples import left_pad
+from lora_ppo.io.atomic import atomic_write_text
+from lora_ppo.io.checkpoint import base_fingerprint
+from lora_ppo.modeling.actor_critic import ActorCritic, position_ids_from_mask
 from lora_ppo.modeling.packing import PADDED, Attention, Layout
+from lora_ppo.modeling.roles import POLICY
 from lora_ppo.rl.logprobs import transform_logits
 
 SEAM_VERSION = 2  # 2: the fold, the shift-left and the run's precision are checked
@@ -55,13 +62,12 @@ MASKS = ("sdpa", "eager")  # attention implementations that take an explicit 4-D
 
 
 class Seams(NamedTuple):
-    """What setup decided: the layout of scoring and update forwards, and the decode path."""
+    """What setup decided: the layout of scoring and update forwards, and the decode path. The
+    run keeps it beside the user's config (`Run.seams`), which it never rewrites."""
 
     layout: Layout
-    continuous_batching: bool
-    static_kv_cache: bool
+    decode: DecodePath
     notes: tuple[str, ...] = ()  # one line per fallback taken
-    merge_for_generation: bool = False  # the policy folded into the weights to generate
     own_logits: bool = False  # logits from the model's own forward (ActorCritic.use_own_logits)
 
 
@@ -109,8 +115,6 @@ def _probe(ac: ActorCritic, pad_id: int, gen: torch.Generator):
 
     shared = ids(5)
     prompts, responses = [shared, shared, ids(2), ids(12)], [ids(4), ids(6), ids(3), ids(8)]
-    from lora_ppo.ppo.sampling import left_pad
-
     q_ids, q_mask = left_pad(prompts, pad_id)
     width = max(len(r) for r in responses)
     r_ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
@@ -188,8 +192,6 @@ def _logits_diff(ac: ActorCritic, batch) -> float:
 def _own_diff(ac: ActorCritic, batch) -> float:
     """Log-probs of the probe responses through lora_ppo's scoring of the model's own logits
     (ActorCritic._own_logprobs) against the model's forward called plainly on the padded rows."""
-    from lora_ppo.modeling.actor_critic import position_ids_from_mask
-
     q_ids, q_mask, r_ids, r_mask = batch
     mask = torch.cat([q_mask, r_mask.long()], 1)
     logits = ac.causal_lm(input_ids=torch.cat([q_ids, r_ids], 1), attention_mask=mask,
@@ -242,66 +244,51 @@ def _layout_diff(ac: ActorCritic, batch, layout: Layout, reference: torch.Tensor
         return float("inf")
 
 
-class Decoding(NamedTuple):
-    """How the rollout decodes: the policy folded into the weights or not, continuous batching,
-    the static KV cache (the rollout.* fields of the same names)."""
-
-    merge: bool
-    continuous: bool
-    static: bool
-
-
 def _decode_diff(ac: ActorCritic, batch, reference: torch.Tensor, pad_id: int,
-                 how: Decoding) -> float:
+                 how: DecodePath) -> float:
     """The sampler's own log-probs of the probe responses (teacher-forced through the decode
     loop by drawing each probe token: uniforms are not needed, the tokens are given), decoded
     as the run will (`how`), against the padded forward's. Each probe twice, two slots: rows
     enter as others stop, and the continuous batch's cache (prompt + 8 + 8 columns for 8-token
-    responses, sampling.py::continuous_slack) fills up, so its rows are moved left too."""
-    from lora_ppo.modeling.generation import merged_policy
-    from lora_ppo.ppo.sampling import sample
-
+    responses, continuous.py::continuous_slack) fills up, so its rows are moved left too."""
     q_ids, q_mask, r_ids, r_mask = batch
     prompts = [q[m.bool()].tolist() for q, m in zip(q_ids.cpu(), q_mask.cpu())] * 2
     try:
-        with merged_policy(ac.peft_model) if how.merge else contextlib.nullcontext():
+        with folded_policy(ac.peft_model) if how.fold else contextlib.nullcontext():
             drawn = sample(ac, prompts, max_new_tokens=r_ids.shape[1], temperature=1.0,
-                           greedy=True, stop_ids=[-1], pad_id=pad_id, slots=2,
-                           continuous=how.continuous, static_cache=how.static, score=True,
-                           forced=r_ids.repeat(2, 1))
+                           greedy=True, stop_ids=[-1], pad_id=pad_id, generation_batch_size=2,
+                           continuous=how.continuous_batching, static_cache=how.static_kv_cache,
+                           score=True, forced=r_ids.repeat(2, 1))
     except Exception:  # noqa: BLE001 - a cache this model cannot use fails the check
         return float("inf")
     return _max(drawn.logprobs.to(r_mask.device) * r_mask.repeat(2, 1), reference.repeat(2, 1))
 
 
 def _decoding(ac: ActorCritic, cfg, batch, reference: torch.Tensor, pad_id: int,
-              notes: list[str]) -> Decoding:
+              notes: list[str]) -> DecodePath:
     """The fastest decode path that gives the forward's log-probs: give up the fold, then
     continuous batching, then the static cache, one line each; refuse when none does."""
-    from lora_ppo.modeling.generation import can_merge_for_generation, unfoldable
-
     kind, rc = ac.causal_lm.config.model_type, cfg.rollout
-    merge = (rc.merge_for_generation and ac.autocast is None
-             and can_merge_for_generation(ac.peft_model))
-    why = unfoldable(ac.peft_model) if rc.merge_for_generation else None
+    fold = rc.fold_for_generation and ac.autocast is None and can_fold(ac.peft_model)
+    why = unfoldable(ac.peft_model) if rc.fold_for_generation else None
     if why:
         notes.append(f"model.init_adapter: the policy's {why} cannot be folded into the base "
-                     "weights exactly; it generates unfolded (rollout.merge_for_generation="
+                     "weights exactly; it generates unfolded (rollout.fold_for_generation="
                      "false)")
-    how = Decoding(merge, rc.continuous_batching, rc.static_kv_cache)
+    how = DecodePath(rc.continuous_batching, rc.static_kv_cache, fold)
     while _decode_diff(ac, batch, reference, pad_id, how) > tolerance(ac):
-        if how.merge:
-            how = how._replace(merge=False)
+        if how.fold:
+            how = how._replace(fold=False)
             notes.append(f"model type {kind}: the policy folded into the base weights does not "
                          "decode what the forward scores; it generates unfolded "
-                         "(rollout.merge_for_generation=false)")
-        elif how.continuous:
-            how = how._replace(continuous=False)
+                         "(rollout.fold_for_generation=false)")
+        elif how.continuous_batching:
+            how = how._replace(continuous_batching=False)
             notes.append(f"model type {kind}: continuous batching does not decode what the "
                          "forward scores; rows decode in batches (rollout.continuous_"
                          "batching=false)")
-        elif how.static:
-            how = how._replace(static=False)
+        elif how.static_kv_cache:
+            how = how._replace(static_kv_cache=False)
             notes.append(f"model type {kind}: the static KV cache does not decode what the "
                          "forward scores; decoding uses a dynamic cache "
                          "(rollout.static_kv_cache=false)")
@@ -338,17 +325,13 @@ def check_seams(ac: ActorCritic, cfg, pad_id: int) -> Seams:
         if chosen[1] != candidates[0][1]:
             notes.append(f"model type {kind}: {candidates[0][0]} rows do not give the padded "
                          f"forward's log-probs; scoring and updates use {chosen[0]} rows")
-        how = _decoding(ac, cfg, batch, reference, pad_id, notes)
-    return Seams(chosen[1], how.continuous, how.static, tuple(notes), how.merge, ac.own_logits)
+        decode = _decoding(ac, cfg, batch, reference, pad_id, notes)
+    return Seams(chosen[1], decode, tuple(notes), ac.own_logits)
 
 
 # -- the cache of outcomes --------------------------------------------------------------------
 
 def _key(ac: ActorCritic, cfg, model_path: str) -> str:
-    import importlib.metadata as md
-
-    from lora_ppo.io.checkpoint import base_fingerprint
-
     versions = {}
     for name in ("torch", "transformers", "peft", "bitsandbytes"):
         try:
@@ -369,7 +352,7 @@ def _key(ac: ActorCritic, cfg, model_path: str) -> str:
             (Path(adapter) / "adapter_config.json").read_bytes()).hexdigest(),
         "wanted": [cfg.model.padding_free, cfg.model.shared_prompt,
                    cfg.rollout.samples_per_prompt > 1, cfg.rollout.continuous_batching,
-                   cfg.rollout.static_kv_cache, cfg.rollout.merge_for_generation],
+                   cfg.rollout.static_kv_cache, cfg.rollout.fold_for_generation],
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -383,17 +366,17 @@ def _to_json(s: Seams) -> dict:
     return {"packed": s.layout.packed, "group": s.layout.group,
             "attention": None if a is None else [a.implementation, a.window, list(a.layer_types),
                                                  str(a.dtype).removeprefix("torch.")],
-            "continuous_batching": s.continuous_batching, "static_kv_cache": s.static_kv_cache,
-            "notes": list(s.notes), "merge_for_generation": s.merge_for_generation,
-            "own_logits": s.own_logits}
+            "continuous_batching": s.decode.continuous_batching,
+            "static_kv_cache": s.decode.static_kv_cache, "fold": s.decode.fold,
+            "notes": list(s.notes), "own_logits": s.own_logits}
 
 
 def _from_json(d: dict) -> Seams:
     a = d["attention"]
     attention = None if a is None else Attention(a[0], a[1], tuple(a[2]), getattr(torch, a[3]))
-    return Seams(Layout(d["packed"], d["group"], attention), d["continuous_batching"],
-                 d["static_kv_cache"], tuple(d["notes"]), d["merge_for_generation"],
-                 d["own_logits"])
+    return Seams(Layout(d["packed"], d["group"], attention),
+                 DecodePath(d["continuous_batching"], d["static_kv_cache"], d["fold"]),
+                 tuple(d["notes"]), d["own_logits"])
 
 
 def seams_for(ac: ActorCritic, cfg, pad_id: int, model_path: str) -> tuple[Seams, Optional[str]]:
@@ -403,8 +386,8 @@ def seams_for(ac: ActorCritic, cfg, pad_id: int, model_path: str) -> tuple[Seams
     if mode == "off":
         best = preferred(ac, cfg)[0][1]
         rc = cfg.rollout
-        return Seams(best, rc.continuous_batching, rc.static_kv_cache, (),
-                     rc.merge_for_generation), None
+        return Seams(best, DecodePath(rc.continuous_batching, rc.static_kv_cache,
+                                      rc.fold_for_generation)), None
     path = _cache_dir() / f"{_key(ac, cfg, model_path)}.json"
     if mode == "auto" and path.is_file():
         try:
@@ -414,8 +397,6 @@ def seams_for(ac: ActorCritic, cfg, pad_id: int, model_path: str) -> tuple[Seams
     t0 = time.perf_counter()
     seams = check_seams(ac, cfg, pad_id)
     try:
-        from lora_ppo.io.atomic import atomic_write_text
-
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(_to_json(seams), indent=1))
     except OSError:

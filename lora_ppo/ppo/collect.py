@@ -1,0 +1,106 @@
+"""Step 1 of the loop, the rollout: this rank's share of the next prompts, each n times in a row
+(a group, never split across ranks), sampled by the generation engine, scored under the policy,
+value function and reference (rollout.py) and by the reward source; with
+rollout.dynamic_sampling, as many rounds as it takes (dynamic.py).
+
+    generate_samples  the policy's responses to prompts (lora_ppo/generation)
+    score_samples     old log-probs, values and reference log-probs (rollout.py)
+    reward_scores     the reward source's raw sequence scores
+    collect           the three, for one round of prompts
+    rollout_step      one round, or DAPO's dynamic sampling over several
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+
+from lora_ppo.generation.folded import decodes_in_fp32
+from lora_ppo.generation.generate import generate
+from lora_ppo.generation.samples import Samples
+from lora_ppo.io.data import Prompt
+from lora_ppo.io.metrics import PhaseClock
+from lora_ppo.ppo.dynamic import SamplingStats, sample_until_full
+from lora_ppo.ppo.rollout import Rollout, logprobs_and_values
+from lora_ppo.ppo.run import Run
+from lora_ppo.runtime.dist import all_sum
+
+
+def sampler_scores(run: Run, greedy: bool = False) -> bool:
+    """Whether the sampler's own log-probs (and shared-head values) stand in for the policy's
+    scoring forward: only where the two agree to fp32 round-off (docs/ppo.md, "Doing less work")."""
+    return (run.cfg.rollout.sampler_logprobs and not greedy
+            and run.ac.value_mode in ("shared", "none") and decodes_in_fp32(run.ac.peft_model))
+
+
+def generate_samples(run: Run, prompts: Sequence[Prompt], greedy: bool = False) -> Samples:
+    """The policy's responses to `prompts`. Under ZeRO-3 each layer's weights are gathered around
+    its own forward, one layer at a time (the whole model never is: that is what ZeRO-3 is for),
+    and every rank decodes the same number of steps (`run.synced`)."""
+    return generate(run.ac, [p.ids for p in prompts], run.cfg.rollout, run.seams.decode,
+                    run.stop_ids, run.tokenizer.pad_token_id, greedy=greedy, synced=run.synced,
+                    score=sampler_scores(run, greedy))
+
+
+def score_samples(run: Run, samples: Samples) -> Rollout:
+    """Old log-probs, values and reference log-probs of the samples."""
+    rollout = run.cfg.rollout
+    return logprobs_and_values(run.ac, samples, temperature=rollout.temperature,
+                               chunk_size=run.chunk_rows,
+                               batch_size=rollout.generation_batch_size,
+                               with_reference=run.cfg.algorithm.uses_reference)
+
+
+def decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    return [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
+            for row, m in zip(ids.cpu(), mask.cpu())]
+
+
+def reward_scores(run: Run, prompts: Sequence[Prompt], samples: Samples | Rollout
+                  ) -> tuple[torch.Tensor, list[str]]:
+    """Raw sequence scores (B,) from the reward source, and the decoded completions; needs only
+    the token ids and masks (an evaluation scores samples without any forward of its own)."""
+    completions = decode(run.tokenizer, samples.response_ids, samples.response_mask)
+    tensors = {"query_ids": samples.query_ids, "query_mask": samples.query_mask,
+               "response_ids": samples.response_ids, "response_mask": samples.response_mask,
+               "prompt_ids": [row[m.bool()].tolist() for row, m in
+                              zip(samples.query_ids.cpu(), samples.query_mask.cpu())],
+               "completion_ids": [row[m.bool()].tolist() for row, m in
+                                  zip(samples.response_ids.cpu(), samples.response_mask.cpu())]}
+    scores = run.reward([p.text for p in prompts], completions, tensors)
+    return scores.to(samples.response_mask.device), completions
+
+
+def collect(run: Run, prompts: Sequence[Prompt], clock: Optional[PhaseClock] = None
+            ) -> tuple[Rollout, torch.Tensor]:
+    """The rollout of `prompts` and its raw scores: generation, then scoring (the forwards and
+    the reward source), each timed by `clock`."""
+    clock = clock or PhaseClock()
+    with clock.phase("generation"):
+        samples = generate_samples(run, prompts)
+    with clock.phase("scoring"):
+        ro = score_samples(run, samples)
+        raw_scores, _ = reward_scores(run, prompts, ro)
+    return ro, raw_scores
+
+
+def next_prompts(run: Run) -> list[Prompt]:
+    """This rank's share of the next rollout.batch_size x world prompts, each
+    rollout.samples_per_prompt times in a row (a group, never split across ranks)."""
+    bs, n = run.cfg.rollout.batch_size, run.cfg.rollout.samples_per_prompt
+    mine = run.prompts.take(bs * run.dist.world_size)[run.dist.rank * bs:(run.dist.rank + 1) * bs]
+    return [p for p in mine for _ in range(n)]
+
+
+def rollout_step(run: Run, clock: PhaseClock
+                 ) -> tuple[Rollout, torch.Tensor, Optional[SamplingStats]]:
+    """Step 1: one round, or with rollout.dynamic_sampling as many as it takes for every group's
+    scores to vary (ppo/dynamic.py, DAPO)."""
+    rollout = run.cfg.rollout
+    if not rollout.dynamic_sampling:
+        return (*collect(run, next_prompts(run), clock), None)
+    return sample_until_full(lambda: collect(run, next_prompts(run), clock), rollout.batch_size,
+                             rollout.samples_per_prompt, rollout.max_extra_rounds,
+                             run.tokenizer.pad_token_id, all_sum)
