@@ -271,10 +271,10 @@ class PPOConfig:
     sampler_importance_sampling_correction: bool = True
     """Weight each token's policy loss by pi_old / pi_sampler (sampler_importance_sampling_mode),
     for the tokens drawn from the decode loop's distribution where it is not the one scored:
-    bf16 or fp16, a quantized base, torch autocast, where the two differ by ~1e-2 per token
-    (docs/ppo.md, "The sampled distribution in reduced precision"; TRL's
-    vllm_importance_sampling_correction, default true). Never applied where they agree, an
-    unquantized fp32 policy: its sampler's log-probs are the old log-probs (a weight of 1). The
+    bf16, fp16 or torch autocast, where the two differ by up to ~5e-2 per token (docs/ppo.md
+    detail 2d; TRL's vllm_importance_sampling_correction, default true). Never applied where the
+    forwards compute in fp32 (a 4-bit or 8-bit base with an fp32 compute dtype too): there the
+    two agree to round-off (the sampler's log-probs are the old ones, a weight of 1). The
     mismatch is logged either way (rollout/sampler_kl)."""
     sampler_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate",
                                               "sequence_mask"] = "sequence_mask"

@@ -60,10 +60,13 @@ def decodes_in_fp32(peft_model: nn.Module) -> bool:
 
 
 def sampler_agrees(ac) -> bool:
-    """Whether the sampler's distribution is the scored one to fp32 round-off: an fp32 policy
-    (`decodes_in_fp32`) without torch autocast. Elsewhere the update weighs the one against the
-    other (ppo/update.py::sampler_correction)."""
-    return ac.autocast is None and decodes_in_fp32(ac.peft_model)
+    """Whether the sampler's distribution is the scored one to fp32 round-off: the forwards
+    compute in fp32 (the model's float weights in fp32, a 4-bit or 8-bit base with them: the
+    base loads in its compute dtype, modeling/loading.py) without torch autocast. Elsewhere
+    (bf16, fp16, autocast) the update weighs the one against the other
+    (ppo/update.py::sampler_correction)."""
+    dtype = ac.causal_lm.get_input_embeddings().weight.dtype
+    return ac.autocast is None and dtype == torch.float32
 
 
 def unfoldable(peft_model: nn.Module) -> Optional[str]:
