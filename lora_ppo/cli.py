@@ -80,11 +80,12 @@ TRAINING = {
 def cmd_training(args) -> int:
     import importlib
 
+    from lora_ppo.builtin.specs import resolve_builtins
     from lora_ppo.config.load import load_config
 
     entry, _, done = TRAINING[args.command]
     module, _, name = entry.partition(":")
-    cfg = load_config(_config_path(args.config), args.overrides)
+    cfg = resolve_builtins(load_config(_config_path(args.config), args.overrides))
     getattr(importlib.import_module(module), name)(cfg, resume=args.resume,
                                                    overwrite=args.overwrite)
     print("done: " + done.format(out=Path(cfg.output_dir)))
@@ -130,12 +131,13 @@ def cmd_config_docs(args) -> int:
 def cmd_estimate(args) -> int:
     import json
 
+    from lora_ppo.builtin.specs import builtin_arch
     from lora_ppo.config.load import load_config
     from lora_ppo.sizing import memory as est
     from lora_ppo.sizing.arch import param_counts, read_arch
 
     cfg = load_config(_config_path(args.config), args.overrides)
-    arch = read_arch(cfg.model.path)
+    arch = builtin_arch(cfg.model.path) or read_arch(cfg.model.path)
     if args.gpu_mib <= 0:
         raise UserError(f"--gpu-mib {args.gpu_mib} must be > 0 (the card's memory in MiB)")
     if args.json:

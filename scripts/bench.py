@@ -172,6 +172,7 @@ def prompts_file(path: Path, prompt_len: int, n: int = 64) -> Path:
 
 
 def make_config(p: dict, model: Path, out_dir: Path):
+    from lora_ppo.builtin.specs import resolve_builtins
     from lora_ppo.config.load import load_config
 
     o = [f"model.path={model}", f"output_dir={out_dir}", f"quantization.mode={p['quant']}",
@@ -184,7 +185,11 @@ def make_config(p: dict, model: Path, out_dir: Path):
          f"ppo.total_updates={p['warmup'] + p['updates']}", f"deepspeed.config={p['ds_config']}",
          f"data.prompts={prompts_file(out_dir / 'prompts.txt', p['prompt_len'])}",
          "logging.progress=false", "logging.tensorboard=false", "checkpoint.every=0"]
-    return load_config(p["config"], o + p["set"])
+    cfg = load_config(p["config"], o + p["set"])
+    if "function" in cfg.reward.kinds and not cfg.reward.function:  # the built-in reward
+        cfg = load_config(p["config"], o + ["reward.function=lora_ppo.builtin.rewards:"
+                                            "positive_sentiment"] + p["set"])
+    return resolve_builtins(cfg)
 
 
 # --- one point -------------------------------------------------------------------------------

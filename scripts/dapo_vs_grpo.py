@@ -129,9 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     within = [r for r in dapo if r["tokens_so_far"] <= budget * 1.0001] or dapo[:1]
     pick = within[-1]
     from lora_ppo.builtin.demo import _arithmetic_check, check_export
-    from lora_ppo.modeling.loading import resolve_model_path
+    from lora_ppo.builtin.tiny import ensure_builtin_model
 
-    acc = {"base": check_export(resolve_model_path("builtin:arith"), _arithmetic_check(), 3, 1),
+    acc = {"base": check_export(str(ensure_builtin_model(size="arith")), _arithmetic_check(), 3, 1),
            "grpo": accuracy(args.out / "grpo" / "checkpoints" / f"step-{len(grpo)}",
                             args.out / "grpo" / "merged"),
            "dapo": accuracy(args.out / "dapo" / "checkpoints" / f"step-{pick['step']}",

@@ -76,16 +76,22 @@ def make_adapter_dir(model_dir: Path, out: Path, seed: int, head: bool = False,
 
 
 def tiny_config(model_dir: Path, out_dir: Path, *overrides: str):
-    """A Config for tests: tiny sizes, fp32, no quantization unless overridden."""
+    """A Config for tests: tiny sizes, fp32, no quantization unless overridden; the built-in
+    prompts, SFT and preference data and the sentiment reward unless overridden, their
+    `builtin:` names turned into files as the CLI does."""
+    from lora_ppo.builtin.specs import resolve_builtins
     from lora_ppo.config.load import load_config
 
     base = [f"model.path={model_dir}", f"output_dir={out_dir}", "quantization.mode=none",
+            "data.prompts=builtin:reviews", "sft.data=builtin:reviews",
+            "reward_model.data=builtin:preferences",
+            "reward.function=lora_ppo.builtin.rewards:positive_sentiment",
             "model.gradient_checkpointing=false", "model.max_prompt_length=16",
             "lora.r=4", "lora.alpha=8", "rollout.batch_size=8", "rollout.generation_batch_size=8",
             "rollout.max_new_tokens=6", "ppo.minibatch_size=8", "ppo.micro_batch_size=4",
             "ppo.total_updates=2", "ppo.epochs=1", "deepspeed.config=zero0",
             "logging.progress=false", "logging.tensorboard=false", "checkpoint.every=0"]
-    return load_config(None, base + list(overrides))
+    return resolve_builtins(load_config(None, base + list(overrides)))
 
 
 def two_rank_yaml(path: Path, model_dir: Path, out: Path, reward: str, *,
@@ -97,7 +103,7 @@ def two_rank_yaml(path: Path, model_dir: Path, out: Path, reward: str, *,
         "model": {"path": str(model_dir), "gradient_checkpointing": False,
                   "max_prompt_length": 16},
         "quantization": {"mode": "none"}, "lora": {"r": 4, "alpha": 8},
-        "reward": {"function": reward},
+        "reward": {"function": reward}, "data": {"prompts": "builtin:reviews"},
         "rollout": {"batch_size": 8, "generation_batch_size": 8, "max_new_tokens": 6},
         "ppo": {"total_updates": 2, "epochs": 1, "minibatch_size": 4, "micro_batch_size": 2,
                 **ppo},

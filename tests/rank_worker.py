@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from helpers import update_with
 
+from lora_ppo.builtin.specs import resolve_builtins
 from lora_ppo.cli import _quiet
 from lora_ppo.config.load import load_config
 from lora_ppo.generation.samples import Samples, left_pad
@@ -46,7 +47,7 @@ def global_batch(pad_id: int, width: int) -> tuple[Samples, torch.Tensor]:
 
 
 def one_update(cfg_path: str) -> dict:
-    cfg = load_config(cfg_path, [])
+    cfg = resolve_builtins(load_config(cfg_path, []))
     run = setup(cfg)
     rank, world = run.dist.rank, run.dist.world_size
     samples, scores = global_batch(run.tokenizer.pad_token_id, max(LENGTHS))

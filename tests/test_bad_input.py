@@ -144,7 +144,8 @@ def _base(model_dir, reward) -> list[str]:
             "lora.r=4", "lora.alpha=8", "rollout.batch_size=4", "rollout.generation_batch_size=4",
             "rollout.max_new_tokens=4", "ppo.minibatch_size=4", "ppo.micro_batch_size=4",
             "ppo.total_updates=2", "deepspeed.config=zero0", "logging.progress=false",
-            "logging.tensorboard=false", f"reward.function={reward}"]
+            "logging.tensorboard=false", f"reward.function={reward}", "data.prompts=builtin:reviews",
+            "sft.data=builtin:reviews", "reward_model.data=builtin:preferences"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.input for c in CASES])

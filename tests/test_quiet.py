@@ -16,6 +16,7 @@ def test_refused_4bit_load_is_one_stderr_line(tiny_model_dir, tmp_path, low_ids_
     weights.write_bytes(weights.read_bytes()[:50_000])
     res = run_cli("train", f"model.path={model}", f"output_dir={tmp_path / 'out'}",
                   "quantization.mode=4bit", f"reward.function={low_ids_reward}",
+                  "data.prompts=builtin:reviews",
                   env={"HF_HUB_OFFLINE": "1"})
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 2, res.stderr[-3000:]

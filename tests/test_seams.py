@@ -231,7 +231,8 @@ def test_micro_batch_split_gives_the_same_adapter(tiny_model_dir, tmp_path, low_
     for micro in (4, 2, 1):
         out = tmp_path / f"m{micro}"
         res = run_cli("train", f"model.path={tiny_model_dir}", f"output_dir={out}",
-                      "quantization.mode=none", "model.max_prompt_length=16", "lora.r=4",
+                      "data.prompts=builtin:reviews", "quantization.mode=none",
+                      "model.max_prompt_length=16", "lora.r=4",
                       "rollout.batch_size=8", "rollout.generation_batch_size=8",
                       "rollout.max_new_tokens=6", "ppo.minibatch_size=4",
                       f"ppo.micro_batch_size={micro}", "ppo.total_updates=3", "ppo.epochs=1",

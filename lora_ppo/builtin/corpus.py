@@ -200,6 +200,15 @@ def review_prompts(n: int, seed: int = 0) -> list[str]:
     return out
 
 
+def sft_pairs(n: int = 2000, seed: int = 7) -> list[dict]:
+    """Reviews of the corpus cut after their opening "... :" into prompt / response (SFT data)."""
+    rows = []
+    for text, _ in review_corpus(n, seed=seed):
+        cut = text.index(" :") + 2
+        rows.append({"prompt": text[:cut], "response": text[cut:]})
+    return rows
+
+
 def _broken(text: str, rng: random.Random) -> str:
     """A malformed version of a review body: cut short, its words shuffled, or a word repeated."""
     words = text.split()

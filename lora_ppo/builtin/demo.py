@@ -30,7 +30,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+from lora_ppo.builtin import arithmetic
+from lora_ppo.builtin.corpus import review_prompts
+from lora_ppo.builtin.rewards import arithmetic_correct, positive_sentiment
+from lora_ppo.builtin.specs import resolve_builtins
 from lora_ppo.config import Config
+from lora_ppo.errors import UserError
+from lora_ppo.io import checkpoint as ckpt
+from lora_ppo.io.export import merge
+from lora_ppo.io.run_dir import check_output_dir
+from lora_ppo.ppo.loop import train
+from lora_ppo.stages.reward_model import train_reward
 
 MARKER = ".lora_ppo_demo"  # in a demo's output_dir: a later demo may replace what is there
 
@@ -46,17 +56,11 @@ class Check(NamedTuple):
 
 
 def _review_check() -> Check:
-    from lora_ppo.builtin.corpus import review_prompts
-    from lora_ppo.builtin.rewards import positive_sentiment
-
     return Check("lexicon sentiment of 48 sampled reviews",
                  lambda seed: review_prompts(48, seed=seed), positive_sentiment, greedy=False)
 
 
 def _arithmetic_check() -> Check:
-    from lora_ppo.builtin import arithmetic
-    from lora_ppo.builtin.rewards import arithmetic_correct
-
     return Check("accuracy of 100 greedy answers", lambda seed: arithmetic.prompts(100, seed),
                  arithmetic_correct, greedy=True)
 
@@ -113,8 +117,6 @@ def check_export(model_dir: str, check: Check, max_new_tokens: int, seed: int) -
 def claim_output_dir(out: Path, overwrite: bool) -> None:
     """A demo replaces an earlier demo's outputs (the README runs it again to see the cached
     timings), but not a directory that holds anything else, unless `overwrite`."""
-    from lora_ppo.errors import UserError
-    from lora_ppo.io.run_dir import check_output_dir
 
     check_output_dir(out)
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists() and not overwrite:
@@ -126,18 +128,12 @@ def claim_output_dir(out: Path, overwrite: bool) -> None:
 
 def run_demo(cfg: Config, preset: str = "demo", overwrite: bool = False) -> dict:
     """Run the pipeline; returns a summary (also written to <output_dir>/demo_summary.json)."""
-    from lora_ppo.io import checkpoint as ckpt
-    from lora_ppo.io.export import merge
-    from lora_ppo.modeling.loading import resolve_model_path
-    from lora_ppo.ppo.loop import train
-    from lora_ppo.stages.reward_model import train_reward
-
     trains_reward, check = PRESETS[preset][0], PRESETS[preset][1]()
     t0 = time.perf_counter()
     out = Path(cfg.output_dir)
     claim_output_dir(out, overwrite)
     _say("stage 0/3: base model (built and pre-trained once, then cached)")
-    resolve_model_path(cfg.model.path)
+    cfg = resolve_builtins(cfg)
     t_model = time.perf_counter() - t0
 
     reward_dir = None

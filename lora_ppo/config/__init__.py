@@ -2,7 +2,6 @@
 generated reference (reference.py)."""
 
 from lora_ppo.config.load import config_to_dict, load_config, save_config
-from lora_ppo.config.sections import BUILTIN_MODEL
 from lora_ppo.config.tree import Config
 
-__all__ = ["BUILTIN_MODEL", "Config", "config_to_dict", "load_config", "save_config"]
+__all__ = ["Config", "config_to_dict", "load_config", "save_config"]

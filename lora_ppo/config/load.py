@@ -27,7 +27,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "rollout.max_new_tokens": _POSITIVE, "rollout.temperature": _POSITIVE,
     "rollout.samples_per_prompt": _POSITIVE,
     "rollout.top_k": _NONNEG, "rollout.top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "rollout.logits_chunk_mib": _POSITIVE, "model.max_prompt_length": _POSITIVE,
+    "model.logits_chunk_mib": _POSITIVE, "model.max_prompt_length": _POSITIVE,
     "ppo.total_updates": _POSITIVE, "ppo.epochs": _POSITIVE, "ppo.minibatch_size": _POSITIVE,
     "ppo.micro_batch_size": _POSITIVE,
     "ppo.gamma": _UNIT, "ppo.lam": _UNIT, "ppo.cliprange": _POSITIVE,
@@ -59,7 +59,8 @@ _CHECKS.update({"reward_model.margin": _NONNEG, "reward_model.head_init_std": _N
 # where each went instead of only that it is unknown.
 _OPTIM = ("learning_rate", "weight_decay", "lr_schedule", "warmup_steps", "max_grad_norm")
 MOVED = {f"ppo.{k}": f"ppo.optim.{k}" for k in _OPTIM}
-MOVED["rollout.logprob_chunk_size"] = "rollout.logits_chunk_mib (a size in MiB, not rows)"
+MOVED["rollout.logprob_chunk_size"] = "model.logits_chunk_mib (a size in MiB, not rows)"
+MOVED["rollout.logits_chunk_mib"] = "model.logits_chunk_mib"
 MOVED["rollout.merge_for_generation"] = "rollout.fold_for_generation"
 for _stage in ("sft", "reward_model"):
     MOVED.update({f"{_stage}.{k}": f"{_stage}.optim.{k}" for k in _OPTIM})

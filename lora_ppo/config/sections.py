@@ -10,14 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-BUILTIN_MODEL = "builtin:demo"
-
 
 @dataclass
 class ModelConfig:
-    path: str = BUILTIN_MODEL
-    """Local directory of the base causal LM (a hub id also works when online). `builtin:demo` builds
-    and caches a small review-writing Llama locally; `builtin:test` a tiny random one."""
+    path: Optional[str] = None
+    """Local directory of the base causal LM (a hub id also works when online)."""
     tokenizer_path: Optional[str] = None
     """Tokenizer directory when it is not the model directory."""
     init_adapter: Optional[str] = None
@@ -48,6 +45,11 @@ class ModelConfig:
     every run; `off`: trust the fastest layout unchecked."""
     max_prompt_length: int = 256
     """Prompts longer than this many tokens are cut from the left (the end of a prompt matters most)."""
+    logits_chunk_mib: float = 256.0
+    """MiB of fp32 logits made at a time when scoring, in the update and in SFT: the LM head runs over
+    rows of (batch*length) in chunks of this size whatever the vocabulary (one such chunk at a
+    time in the backward; about 5 with ppo.ent_coef != 0), instead of one batch x length x vocab
+    tensor. 256 MiB is 1700 rows of a 40k vocabulary, 440 of a 150k one."""
 
 
 @dataclass
@@ -93,7 +95,7 @@ class RewardConfig:
     source: Literal["function", "adapter", "model"] = "function"
     """Where scores come from: a Python `function`, the frozen reward `adapter` on the same base, or
     a separate sequence-classification `model`. For several at once, see `sources`."""
-    function: str = "lora_ppo.builtin.rewards:positive_sentiment"
+    function: Optional[str] = None
     """`module:function` or `path/to/file.py:function`, called as
     `fn(prompts=list[str], completions=list[str], **extra) -> list[float]` (TRL's convention)."""
     adapter: Optional[str] = None
@@ -194,13 +196,6 @@ class RolloutConfig:
     """With dynamic_sampling: the most sampling rounds per update after the first. A rollout still
     not full after them is filled with dropped groups, so every update has the same size (they
     carry no score signal, as in a run without dynamic sampling)."""
-    logits_chunk_mib: float = 256.0
-    """MiB of fp32 logits made at a time when scoring and in the update: the LM head runs over
-    rows of (batch*length) in chunks of this size whatever the vocabulary (one such chunk at a
-    time in the backward; about 5 with ppo.ent_coef != 0), instead of one batch x length x vocab
-    tensor. 256 MiB is 1700 rows of a 40k vocabulary, 440 of a 150k one."""
-
-
 @dataclass
 class OptimConfig:
     """AdamW and its learning-rate schedule (`ppo.optim`, `sft.optim`, `reward_model.optim`)."""
@@ -323,10 +318,8 @@ class PPOConfig:
 
 @dataclass
 class DataConfig:
-    prompts: str = "builtin:reviews"
-    """JSONL, Parquet, CSV or text file of prompts; `builtin:reviews` generates review openings,
-    `builtin:arithmetic` additions "a + b =" (for reward.function=lora_ppo.builtin.rewards:
-    arithmetic_correct)."""
+    prompts: Optional[str] = None
+    """JSONL, JSON, Parquet, CSV or text file of prompts."""
     prompt_column: str = "prompt"
     """Column that holds the prompt text (text files: one prompt per line)."""
     chat_template: bool = False

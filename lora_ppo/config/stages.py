@@ -52,9 +52,8 @@ class StageEvalConfig:
 
 @dataclass
 class SFTConfig:
-    data: str = "builtin:reviews"
-    """JSONL, Parquet or CSV file of prompt/response pairs; `builtin:reviews` makes 2000 reviews of
-    the synthetic corpus, each cut after its opening (`review of the diner :`) into a pair."""
+    data: Optional[str] = None
+    """JSONL, JSON, Parquet or CSV file of prompt/response pairs."""
     prompt_column: str = "prompt"
     """Column with the prompt text."""
     response_column: str = "response"
@@ -77,10 +76,8 @@ class SFTConfig:
 
 @dataclass
 class RewardModelConfig:
-    data: str = "builtin:preferences"
-    """JSONL, Parquet or CSV file of preference pairs; `builtin:preferences` makes 2000 pairs of
-    the synthetic corpus whose chosen review is the positive one and whose rejected one is the
-    negative rendering or, in a quarter of the pairs, a broken copy of the positive one."""
+    data: Optional[str] = None
+    """JSONL, JSON, Parquet or CSV file of preference pairs."""
     prompt_column: str = "prompt"
     """Column with the prompt text."""
     chosen_column: str = "chosen"

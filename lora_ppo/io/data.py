@@ -14,8 +14,6 @@ from typing import NamedTuple, Optional
 
 from lora_ppo.errors import UserError, first_line
 
-BUILTIN_PROMPTS = "builtin:reviews"
-BUILTIN_ARITHMETIC = "builtin:arithmetic"
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
             ".txt": "text"}
 
@@ -25,8 +23,10 @@ def read_rows(spec: str, columns: dict[str, str], field: str, text: bool = False
     one row per line, its column named "text"). `columns` maps each column to the config field
     that names it (a missing column's message names that field). Every column must exist and
     hold a value."""
-    path = Path(spec)
     kinds = ".jsonl, .json, .parquet, .csv" + (" or .txt" if text else "")
+    if not spec:
+        raise UserError(f"{field} is not set; give a {kinds} file")
+    path = Path(spec)
     if not path.is_file():
         raise UserError(f"{field}={spec} does not exist; give a {kinds} file")
     fmt = _FORMATS.get(path.suffix.lower())
@@ -90,17 +90,8 @@ def _check_jsonl(path: Path, field: str) -> None:
 
 def load_prompts(spec: str, column: str, field: str = "data.prompts",
                  column_field: str = "data.prompt_column") -> list[str]:
-    """Prompt strings from a table file (column `column`) or a text file (one per line);
-    `builtin:reviews` generates openings of product and movie reviews, `builtin:arithmetic`
-    additions "a + b =" (builtin/arithmetic.py). Blank prompts are dropped."""
-    if spec == BUILTIN_PROMPTS:
-        from lora_ppo.builtin.corpus import review_prompts
-
-        return review_prompts(512, seed=1234)
-    if spec == BUILTIN_ARITHMETIC:
-        from lora_ppo.builtin import arithmetic
-
-        return arithmetic.prompts(512, seed=1234)
+    """Prompt strings from a table file (column `column`) or a text file (one per line). Blank
+    prompts are dropped."""
     rows = read_rows(spec, {column: column_field}, field, text=True)
     prompts = [p for row in rows for p in row.values() if isinstance(p, str) and p.strip()]
     if not prompts:

@@ -40,12 +40,11 @@ def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_model_path(path: str) -> str:
-    """`builtin:<size>` -> the locally built and cached model; a directory; or a hub id."""
-    if path.startswith("builtin:"):
-        from lora_ppo.builtin.tiny import ensure_builtin_model
-
-        return str(ensure_builtin_model(size=path.split(":", 1)[1]))
+def resolve_model_path(path: str | None) -> str:
+    """A saved transformers model directory, or a hub id (when online or in the hub's cache)."""
+    if not path:
+        raise UserError("model.path is not set; point it at a saved transformers model "
+                        "directory")
     p = Path(path).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():

@@ -62,6 +62,22 @@ class Layout(NamedTuple):
 
 
 PADDED = Layout()
+EXPLICIT_MASKS = ("sdpa", "eager")  # attention implementations that take an explicit 4-D mask
+
+
+def explicit_attentions(config, dtype: torch.dtype) -> list[Attention]:
+    """The explicit masks a model's attention can take, most specific first: a dict by layer
+    type where the config has `layer_types` (Gemma 2/3, Qwen 2), then one mask for every layer
+    (with the model's sliding window, if any); none for other implementations (flash)."""
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl not in EXPLICIT_MASKS:
+        return []
+    window = getattr(config, "sliding_window", None)
+    out = []
+    if getattr(config, "layer_types", None):
+        out.append(Attention(impl, window, tuple(config.layer_types), dtype))
+    out.append(Attention(impl, window, (), dtype))
+    return out
 
 
 class Packed(NamedTuple):
@@ -73,8 +89,9 @@ class Packed(NamedTuple):
     real_tokens: int      # tokens packed (the rest of P*C is padding)
 
 
-def _rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: unit indices per row, each row's lengths summing to <= capacity."""
+def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: unit indices per row, each row's lengths summing to <= capacity.
+    The one packer of the toolkit: PPO's rows here, SFT's examples (stages/sft.py)."""
     rows: list[list[int]] = []
     room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
@@ -99,11 +116,11 @@ def _capacity(lengths: list[int], width_cost: Optional[float], max_width: int
     max_width unless that unit is longer. width_cost None: the longest unit."""
     longest, total = max(max(lengths), 1), sum(lengths)
     if width_cost is None:
-        return longest, _rows(lengths, longest)
+        return longest, first_fit(lengths, longest)
     widest = max(longest, min(total, max_width))
     # the longest unit, every eighth of the way to the widest row, and the widest itself
     widths = sorted({longest, widest, *range(longest, widest, max(1, (widest - longest) // 8))})
-    laid = [(c, _rows(lengths, c)) for c in widths]
+    laid = [(c, first_fit(lengths, c)) for c in widths]
     return min(laid, key=lambda cr: len(cr[1]) * cr[0] * (1.0 + cr[0] * width_cost))
 
 
@@ -173,10 +190,11 @@ def pack(query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_m
     mask = None if attention is None else mask_for(
         unit_of.view(shape), branch.view(shape), pos.view(shape), attention)
     return Packed(ids.view(shape).to(device), pos.view(shape).to(device),
-                  _to(mask, device), predicting.to(device), int(sum(lengths)))
+                  mask_to(mask, device), predicting.to(device), int(sum(lengths)))
 
 
-def _to(mask, device):
+def mask_to(mask, device):
+    """An attention mask, one tensor or a dict by layer type (or None), on `device`."""
     if mask is None:
         return None
     if isinstance(mask, dict):

@@ -40,6 +40,9 @@ class RewardSource(Protocol):
 
 def load_function(spec: str) -> Callable:
     """`package.module:function` or `path/to/file.py:function` -> the function."""
+    if not spec:
+        raise UserError("reward.function is not set; give 'module:function' or "
+                        "'file.py:function' (or another reward.source)")
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
         raise UserError(f"reward.function={spec!r} must be 'module:function' or 'file.py:function'")

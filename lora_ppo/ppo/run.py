@@ -46,7 +46,7 @@ class Run:
     model_path: str
     stop_ids: list[int]         # the ids that end a response (generation/samples.py)
     seams: Seams                # what setup decided for this model: layout, decode path
-    chunk_rows: int             # rows of logits per chunk (rollout.logits_chunk_mib at this vocab)
+    chunk_rows: int             # rows of logits per chunk (model.logits_chunk_mib at this vocab)
     synced: bool                # ranks decode in lockstep (ZeRO-3 over several ranks)
     step: int = 0
     episode: int = 0
@@ -97,7 +97,7 @@ def setup(cfg: Config, *, prompts: Optional[list[Prompt]] = None,
                moments=RunningMoments(), prompts=PromptCycle(train_prompts, cfg.seed),
                eval_prompts=eval_prompts, generator=torch.Generator().manual_seed(cfg.seed),
                output_dir=Path(cfg.output_dir), model_path=model_path, stop_ids=stop_ids,
-               seams=seams, chunk_rows=chunk_rows(ac.vocab, cfg.rollout.logits_chunk_mib),
+               seams=seams, chunk_rows=chunk_rows(ac.vocab, cfg.model.logits_chunk_mib),
                synced=dist.world_size > 1 and zero_stage(engine.config) == 3)
 
 

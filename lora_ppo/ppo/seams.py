@@ -53,12 +53,11 @@ from lora_ppo.generation.samples import left_pad
 from lora_ppo.io.atomic import atomic_write_text
 from lora_ppo.io.checkpoint import base_fingerprint
 from lora_ppo.modeling.actor_critic import ActorCritic, position_ids_from_mask
-from lora_ppo.modeling.packing import PADDED, Attention, Layout
+from lora_ppo.modeling.packing import PADDED, Attention, Layout, explicit_attentions
 from lora_ppo.modeling.roles import POLICY
 from lora_ppo.rl.logprobs import transform_logits
 
 SEAM_VERSION = 2  # 2: the fold, the shift-left and the run's precision are checked
-MASKS = ("sdpa", "eager")  # attention implementations that take an explicit 4-D mask
 
 
 class Seams(NamedTuple):
@@ -94,17 +93,10 @@ def _rtol(ac: ActorCritic) -> float:
 def preferred(ac: ActorCritic, cfg) -> list[tuple[str, Layout]]:
     """Candidate layouts, best first: a shared prompt (n > 1), an explicit mask, the model's
     detection of restarting positions, padded. Only those `cfg` allows."""
-    config = ac.causal_lm.config
     if not cfg.model.padding_free or ac.own_logits:
         return [("padded", PADDED)]
-    impl = getattr(config, "_attn_implementation", None) or "eager"
-    dtype = ac.causal_lm.get_input_embeddings().weight.dtype
-    window = getattr(config, "sliding_window", None)
-    masks = []
-    if impl in MASKS:
-        if getattr(config, "layer_types", None):  # a dict of masks by layer type
-            masks.append(Attention(impl, window, tuple(config.layer_types), dtype))
-        masks.append(Attention(impl, window, (), dtype))
+    masks = explicit_attentions(ac.causal_lm.config,
+                                ac.causal_lm.get_input_embeddings().weight.dtype)
     out = []
     if cfg.model.shared_prompt and cfg.rollout.samples_per_prompt > 1:
         out += [("shared prompt", Layout(True, True, a)) for a in masks]

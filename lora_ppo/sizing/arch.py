@@ -1,5 +1,5 @@
 """The numbers of a decoder-only transformer that memory and FLOPs depend on, read from its
-config.json alone (or `builtin.tiny.SIZES` for `builtin:` models), and its parameter counts."""
+config.json alone, and its parameter counts."""
 
 from __future__ import annotations
 
@@ -57,20 +57,11 @@ def arch_from_config(d: dict, source: str = "config.json") -> Arch:
                 checkpoint_bytes=_DTYPE_BYTES.get(d.get("dtype") or d.get("torch_dtype"), 4))
 
 
-def read_arch(model_path: str) -> Arch:
-    """Arch of `model.path`: `builtin:<size>`, a local model directory, or a cached hub id."""
-    if model_path.startswith("builtin:"):
-        from lora_ppo.builtin.tiny import SIZES
-
-        size = model_path.split(":", 1)[1]
-        if size not in SIZES:
-            raise UserError(f"model.path={model_path}: unknown built-in size; use one of "
-                            f"{', '.join('builtin:' + s for s in SIZES)}")
-        m = SIZES[size]["model"]
-        return Arch(vocab=m["vocab_size"], hidden=m["hidden_size"], layers=m["num_layers"],
-                    heads=m["num_heads"], kv_heads=m["num_kv_heads"],
-                    head_dim=m["hidden_size"] // m["num_heads"],
-                    intermediate=m["intermediate_size"], tied=False)
+def read_arch(model_path: str | None) -> Arch:
+    """Arch of `model.path`: a local model directory, or a cached hub id."""
+    if not model_path:
+        raise UserError("model.path is not set; point it at a saved transformers model "
+                        "directory")
     path = Path(model_path).expanduser() / "config.json"
     if not path.is_file():
         try:  # a hub id: only config.json is fetched (or read from the local hub cache)

@@ -237,7 +237,7 @@ def _update_bytes(cfg, arch: Arch, sh: Shapes, s: int, trainable: int) -> tuple[
     else:
         saved_one = tokens * (L * per_layer + 2 * H) * s
         layer_bwd = tokens * mlp_grads * s
-    rows = chunk_rows(arch.vocab, cfg.rollout.logits_chunk_mib)
+    rows = chunk_rows(arch.vocab, cfg.model.logits_chunk_mib)
     rows = min(rows, mb * sh.new_tokens)
     logits_bwd = (5 * rows * arch.vocab * 4 if cfg.ppo.ent_coef
                   else _logits_bytes(rows, arch.vocab, s) + (rows * arch.vocab * s if s < 4 else 0))
@@ -274,7 +274,7 @@ def estimate_memory(cfg, arch: Arch, device: str = "gpu",
         optim = 0  # ZeRO-Offload: master, grads and Adam state live in CPU memory
 
     kv_cache, generation = _generation_bytes(arch, sh, s)
-    scoring = _scoring_bytes(arch, sh, s, chunk_rows(arch.vocab, cfg.rollout.logits_chunk_mib))
+    scoring = _scoring_bytes(arch, sh, s, chunk_rows(arch.vocab, cfg.model.logits_chunk_mib))
     saved, update = _update_bytes(cfg, arch, sh, s, trainable)
     gb = sh.generation_batch
     if own_logits:

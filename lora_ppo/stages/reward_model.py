@@ -42,8 +42,6 @@ from lora_ppo.stages.common import (
     write_peft_adapter,
 )
 
-BUILTIN = "builtin:preferences"
-
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float
                        = 0.0) -> torch.Tensor:
@@ -79,10 +77,6 @@ class Pair(NamedTuple):
 
 def read_pairs(spec: str, sec, field: str) -> list[dict]:
     """Rows {"prompt", "chosen", "rejected", "margin"}."""
-    if spec == BUILTIN:
-        from lora_ppo.builtin.corpus import preference_pairs
-
-        return [{**r, "margin": sec.margin} for r in preference_pairs(2000, seed=7, broken=0.25)]
     names = ["prompt_column", "chosen_column", "rejected_column"] + (
         ["margin_column"] if sec.margin_column else [])
     section = field.split(".")[0]  # reward_model

@@ -7,8 +7,10 @@ The loss covers response tokens only (InstructGPT, Ouyang et al. 2022, sec. 3.5;
 Its output, `<output_dir>/adapter/`, is a plain PEFT adapter dir; PPO starts from it with
 `model.init_adapter`, and it then also is PPO's frozen reference (actor_critic.py).
 
-Packing (`sft.packing`) puts several whole examples into one row. Each keeps its own positions
-(0, 1, ...) and a block-diagonal causal mask stops it attending to its neighbours, so the packed
+Packing (`sft.packing`) puts several whole examples into one row (first-fit decreasing, the
+packer of modeling/packing.py). Each keeps its own positions (0, 1, ...) and the explicit mask PPO's
+packed rows use stops it attending to its neighbours (a sliding window and masks by layer type
+included: Mistral, Gemma 2/3), so the packed
 loss equals the unpacked one (tests/stages/test_sft.py checks it) while fewer tokens are padding.
 
 Logged per optimizer step (<output_dir>/sft/metrics.jsonl): `loss` (the formula above over the
@@ -19,7 +21,6 @@ included, over the step's time), `lr`, `epoch`, `time/step_s`, `memory/peak_mib`
 
 from __future__ import annotations
 
-import bisect
 import logging
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -31,6 +32,7 @@ from lora_ppo.errors import UserError
 from lora_ppo.io.data import read_rows
 from lora_ppo.modeling.actor_critic import position_ids_from_mask
 from lora_ppo.modeling.heads import logits_transform
+from lora_ppo.modeling.packing import Attention, explicit_attentions, first_fit, mask_for, mask_to
 from lora_ppo.rl.logprobs import chunk_rows, logprobs_and_entropy_from_hidden
 from lora_ppo.runtime.dist import all_sum
 from lora_ppo.stages.common import (
@@ -43,7 +45,6 @@ from lora_ppo.stages.common import (
 )
 
 log = logging.getLogger(__name__)
-BUILTIN = "builtin:reviews"
 
 
 class Example(NamedTuple):
@@ -53,25 +54,12 @@ class Example(NamedTuple):
 
 class Batch(NamedTuple):
     input_ids: torch.Tensor       # (B, L) long, right-padded
-    attention_mask: torch.Tensor  # (B, L) long; packed: (B, 1, L, L) block-diagonal causal
+    attention_mask: torch.Tensor | dict  # (B, L) long; packed: (B, 1, L, L) or {layer type: ...}
     position_ids: torch.Tensor    # (B, L) long, restarting at 0 for every packed example
     loss_mask: torch.Tensor       # (B, L) float, 1 on response tokens
 
 
-def builtin_pairs(n: int = 2000, seed: int = 7) -> list[dict]:
-    """Reviews of the synthetic corpus cut after their opening "... :" into prompt / response."""
-    from lora_ppo.builtin.corpus import review_corpus
-
-    rows = []
-    for text, _ in review_corpus(n, seed=seed):
-        cut = text.index(" :") + 2
-        rows.append({"prompt": text[:cut], "response": text[cut:]})
-    return rows
-
-
 def read_pairs(spec: str, sec, field: str) -> list[dict]:
-    if spec == BUILTIN:
-        return builtin_pairs()
     section = field.split(".")[0]  # sft
     rows = read_rows(spec, {sec.prompt_column: f"{section}.prompt_column",
                             sec.response_column: f"{section}.response_column"}, field)
@@ -99,30 +87,19 @@ def encode_examples(tokenizer, rows: list[dict], sec, max_prompt_length: int) ->
     return out
 
 
-def block_causal_mask(segments: torch.Tensor, eager: bool, dtype: torch.dtype) -> torch.Tensor:
-    """segments (B, L) -> (B, 1, L, L): i attends to j iff j <= i in the same segment.
+def collate(rows: list[list[Example]], pad_id: int,
+            attention: Optional[Attention] = None) -> Batch:
+    """Rows of one or (packed, `attention` given) several examples -> a right-padded Batch.
 
-    Padding is segment -1, so pads only see pads and no real token sees a pad. sdpa takes a
-    boolean mask (True = attend, as transformers' own sdpa_mask); eager adds a float mask.
-    """
-    L = segments.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    allowed = (segments[:, :, None] == segments[:, None, :]) & causal  # (B, L, L)
-    allowed = allowed[:, None]
-    if not eager:
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def collate(rows: list[list[Example]], pad_id: int, packed: bool, eager: bool = False,
-            dtype: torch.dtype = torch.float32) -> Batch:
-    """Rows of one or (packed) several examples -> a right-padded Batch."""
+    Packed, each example keeps its own positions and attends only to itself, through the
+    explicit mask of modeling/packing.py (a sliding window and masks by layer type included),
+    the one PPO's packed rows use; unpacked, a 2-D mask and positions that skip nothing."""
     width = max(sum(len(e.ids) for e in row) for row in rows)
     B = len(rows)
     ids = torch.full((B, width), pad_id, dtype=torch.long)
     mask = torch.zeros((B, width), dtype=torch.long)
     pos = torch.zeros((B, width), dtype=torch.long)
-    seg = torch.full((B, width), -1, dtype=torch.long)
+    unit = -1 - torch.arange(B * width).view(B, width)  # padding: a unit of its own, seen by none
     loss = torch.zeros((B, width))
     for b, row in enumerate(rows):
         at = 0
@@ -132,11 +109,11 @@ def collate(rows: list[list[Example]], pad_id: int, packed: bool, eager: bool = 
             loss[b, at:at + n] = torch.tensor(e.loss_mask, dtype=torch.float)
             pos[b, at:at + n] = torch.arange(n)
             mask[b, at:at + n] = 1
-            seg[b, at:at + n] = s
+            unit[b, at:at + n] = s
             at += n
-    if not packed:
+    if attention is None:
         return Batch(ids, mask, position_ids_from_mask(mask), loss)
-    return Batch(ids, block_causal_mask(seg, eager, dtype), pos, loss)
+    return Batch(ids, mask_for(unit, torch.zeros_like(unit), pos, attention), pos, loss)
 
 
 def sft_loss_sums(peft_model, batch: Batch, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +124,7 @@ def sft_loss_sums(peft_model, batch: Batch, chunk_size: int) -> tuple[torch.Tens
     """
     lm = peft_model.get_base_model()
     device = lm.get_input_embeddings().weight.device
-    b = Batch(*(t.to(device) for t in batch))
+    b = Batch(*(mask_to(t, device) for t in batch))
     h = lm.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask,
                          position_ids=b.position_ids, use_cache=False).last_hidden_state
     # the model's own distribution: what its forward does after the head (modeling/heads.py)
@@ -171,32 +148,11 @@ class SFTModel(torch.nn.Module):
         return sft_loss_sums(self.peft_model, batch, self.chunk_size)
 
 
-def pack(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Best-fit decreasing bin packing: indices of the examples in each row of `capacity`.
-
-    Each example goes, longest first, into the row with the least room that still fits it
-    (TRL's "bfd" packing strategy); examples are never split across rows.
-    """
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (room left, row), sorted
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        k = bisect.bisect_left(free, (lengths[i], -1))
-        if k == len(free):
-            rows.append([i])
-            room, row = capacity - lengths[i], len(rows) - 1
-        else:
-            room, row = free.pop(k)
-            rows[row].append(i)
-            room -= lengths[i]
-        if room > 0:
-            bisect.insort(free, (room, row))
-    return rows
-
-
 def make_rows(examples: list[Example], packed: bool, max_length: int) -> list[list[Example]]:
     if not packed:
         return [[e] for e in examples]
-    return [[examples[i] for i in row] for row in pack([len(e.ids) for e in examples], max_length)]
+    return [[examples[i] for i in row]
+            for row in first_fit([len(e.ids) for e in examples], max_length)]
 
 
 def train_sft(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> Path:
@@ -212,19 +168,20 @@ def train_sft(cfg: Config, resume: Optional[str] = None, overwrite: bool = False
                       max_len) if eval_rows else []
     peft_model = load_stage_model(st)
     lm = peft_model.get_base_model()
-    attn = lm.config._attn_implementation
-    if sec.packing and attn not in ("sdpa", "eager"):
-        raise UserError(f"sft.packing needs sdpa or eager attention, the model uses {attn}; "
-                        "set sft.packing=false")
-    eager, dtype = attn == "eager", lm.get_input_embeddings().weight.dtype
-    chunk = chunk_rows(peft_model.get_base_model().get_output_embeddings().out_features,
-                       cfg.rollout.logits_chunk_mib)
+    attention = None
+    if sec.packing:
+        masks = explicit_attentions(lm.config, lm.get_input_embeddings().weight.dtype)
+        if not masks:
+            raise UserError(f"sft.packing needs sdpa or eager attention, the model uses "
+                            f"{lm.config._attn_implementation}; set sft.packing=false")
+        attention = masks[0]
+    chunk = chunk_rows(lm.get_output_embeddings().out_features, cfg.model.logits_chunk_mib)
     start_training(st, SFTModel(peft_model, chunk), len(train))
     micro, accum = sec.train.micro_batch_size, sec.train.batch_size // sec.train.micro_batch_size
 
     def batches(rows: list[list[Example]]):
         for s in range(0, len(rows), micro):
-            yield collate(rows[s:s + micro], tok.pad_token_id, sec.packing, eager, dtype)
+            yield collate(rows[s:s + micro], tok.pad_token_id, attention)
 
     def train_step(idx: list[int]) -> dict:
         rows = [train[i] for i in idx]

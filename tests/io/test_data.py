@@ -41,9 +41,16 @@ def test_bad_prompt_files(files, spec, column, match):
         load_prompts(str(files / spec), column)
 
 
-def test_builtin_prompts():
-    prompts = load_prompts("builtin:reviews", "prompt")
+def test_builtin_prompts(tmp_path, monkeypatch):
+    """`builtin:reviews` becomes a cached JSONL at the edge (builtin/specs.py) that the core reads
+    as any prompts file; the core itself takes no built-in name."""
+    from lora_ppo.builtin.specs import data_file
+
+    monkeypatch.setenv("LORA_PPO_CACHE", str(tmp_path))
+    prompts = load_prompts(str(data_file("data.prompts", "reviews", ("prompt",))), "prompt")
     assert len(prompts) >= 100 and all(isinstance(p, str) and p for p in prompts)
+    with pytest.raises(UserError, match="does not exist"):
+        load_prompts("builtin:reviews", "prompt")
 
 
 def test_sampler_cycles_reshuffles_and_resumes():

@@ -134,11 +134,11 @@ def test_grpo_with_the_kl_in_the_reward_is_allowed_where_no_std_divides_it(tiny_
 
 
 def test_value_mode_none_predicts_less_memory_than_a_value_head():
+    from lora_ppo.builtin.specs import builtin_arch
     from lora_ppo.config.load import load_config
-    from lora_ppo.sizing.arch import read_arch
     from lora_ppo.sizing.memory import estimate_memory
 
-    arch = read_arch("builtin:demo")
+    arch = builtin_arch("builtin:demo")
     shared = estimate_memory(load_config(None, ["value.mode=adapter"]), arch)
     none = estimate_memory(load_config(None, ["ppo.advantage_estimator=grpo",
                                               "rollout.samples_per_prompt=4",

@@ -67,7 +67,7 @@ def test_it_learns_and_logs_every_metric(peaked_model_dir, tmp_path, low_ids_rew
         "model": {"path": str(peaked_model_dir), "gradient_checkpointing": False,
                   "max_prompt_length": 16},
         "quantization": {"mode": "none"}, "lora": {"r": 8, "alpha": 16},
-        "reward": {"function": low_ids_reward},
+        "reward": {"function": low_ids_reward}, "data": {"prompts": "builtin:reviews"},
         "rollout": {"batch_size": 16, "generation_batch_size": 16, "max_new_tokens": 8},
         "ppo": {"total_updates": 30, "epochs": 2, "minibatch_size": 8, "micro_batch_size": 8,
                 "optim": {"learning_rate": 0.003}, "kl_coef": 0.02},
@@ -94,7 +94,8 @@ def test_it_learns_and_logs_every_metric(peaked_model_dir, tmp_path, low_ids_rew
 def test_every_ds_config_runs_a_ppo_update(tiny_model_dir, tmp_path, low_ids_reward, ds_config):
     out = tmp_path / "run"
     res = run_cli("train", f"model.path={tiny_model_dir}", f"output_dir={out}",
-                  "quantization.mode=none", "model.max_prompt_length=16", "lora.r=4",
+                  "data.prompts=builtin:reviews", "quantization.mode=none",
+                  "model.max_prompt_length=16", "lora.r=4",
                   "rollout.batch_size=4", "rollout.generation_batch_size=4",
                   "rollout.max_new_tokens=4", "ppo.minibatch_size=4", "ppo.micro_batch_size=2",
                   "ppo.total_updates=1", "ppo.epochs=1", f"deepspeed.config={ds_config}",

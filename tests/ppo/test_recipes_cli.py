@@ -15,6 +15,7 @@ STOPS = "rollout.stop_token_ids=[" + ",".join(str(i) for i in range(300, 340)) +
 
 def _tiny(model_dir, out, reward, *extra) -> list[str]:
     return [f"model.path={model_dir}", f"output_dir={out}", "quantization.mode=none",
+            "data.prompts=builtin:reviews",
             "model.gradient_checkpointing=false", "model.max_prompt_length=16", "lora.r=4",
             "lora.alpha=8", "rollout.batch_size=4", "rollout.samples_per_prompt=4",
             "rollout.generation_batch_size=16", "rollout.max_new_tokens=6", STOPS,

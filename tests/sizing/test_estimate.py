@@ -52,7 +52,9 @@ def test_arch_reads_config_json_with_llama_defaults(small_dir):
 
 def test_builtin_arch_is_read_without_building(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_PPO_CACHE", str(tmp_path))
-    arch = read_arch("builtin:demo")
+    from lora_ppo.builtin.specs import builtin_arch
+
+    arch = builtin_arch("builtin:demo")
     assert (arch.vocab, arch.hidden, arch.layers, arch.kv_heads) == (1024, 128, 4, 2)
     assert list(tmp_path.iterdir()) == []  # nothing was built or written
 

@@ -10,17 +10,17 @@ import pytest
 import torch
 from helpers import tiny_config
 
+from lora_ppo.builtin.corpus import sft_pairs as builtin_pairs
 from lora_ppo.builtin.corpus import write_jsonl
 from lora_ppo.modeling.loading import load_base_model, load_tokenizer
+from lora_ppo.modeling.packing import Attention, explicit_attentions
+from lora_ppo.modeling.packing import first_fit as pack
 from lora_ppo.stages.common import encode_pair
 from lora_ppo.stages.sft import (
     Example,
-    block_causal_mask,
-    builtin_pairs,
     collate,
     encode_examples,
     make_rows,
-    pack,
     sft_loss_sums,
     train_sft,
 )
@@ -78,21 +78,24 @@ def test_cutting_keeps_the_end_of_the_prompt_and_the_start_of_the_response(tok):
     assert p == full_p[-3:] and r == full_r[:2]
 
 
-def test_best_fit_decreasing_packing_by_hand():
-    # Longest first: 6 opens row 0 (room 2); 5 and 4 fit nowhere: rows 1 (room 3), 2 (room 4);
-    # 3 goes to the tightest room that fits, row 1 (3 -> 0); 2 to row 0 (2 -> 0).
+def test_first_fit_decreasing_packing_by_hand():
+    # SFT packs with modeling/packing.py's packer. Longest first: 6 opens row 0 (room 2); 5 and
+    # 4 fit nowhere: rows 1 (room 3), 2 (room 4); 3 goes to the first room that fits, row 1
+    # (3 -> 0); 2 to row 0 (2 -> 0).
     assert pack([5, 3, 4, 2, 6], 8) == [[4, 3], [0, 1], [2]]
     assert pack([8, 1], 8) == [[0], [1]]
 
 
 def test_block_causal_mask_by_hand():
-    seg = torch.tensor([[0, 0, 1, -1]])
+    """SFT's packed rows take PPO's explicit mask (modeling/packing.py::mask_for): a row of two
+    examples and one padding slot, beside a row of four tokens."""
+    rows = [[Example([5, 6], [0, 1]), Example([7], [0])], [Example([1, 2, 3, 4], [0, 1, 1, 1])]]
     expected = torch.tensor([[1, 0, 0, 0],
                              [1, 1, 0, 0],
                              [0, 0, 1, 0],    # the second example sees only itself
                              [0, 0, 0, 1]]).bool()  # padding sees only padding
-    assert torch.equal(block_causal_mask(seg, eager=False, dtype=torch.float32)[0, 0], expected)
-    additive = block_causal_mask(seg, eager=True, dtype=torch.float32)[0, 0]
+    assert torch.equal(collate(rows, 0, Attention("sdpa")).attention_mask[0, 0], expected)
+    additive = collate(rows, 0, Attention("eager", dtype=torch.float32)).attention_mask[0, 0]
     assert torch.equal(additive == 0, expected)
     assert (additive[~expected] == torch.finfo(torch.float32).min).all()
 
@@ -115,11 +118,48 @@ def test_packed_loss_equals_unpacked_loss(tok, tiny_model_dir, attn):
     assert len(rows) < len(examples)  # several examples share a row
     with torch.no_grad():
         s_packed, n_packed = sft_loss_sums(
-            model, collate(rows, tok.pad_token_id, True, eager=attn == "eager"), 64)
+            model, collate(rows, tok.pad_token_id, explicit_attentions(base.config, torch.float32)[0]),
+            64)
         s_plain, n_plain = sft_loss_sums(
-            model, collate([[e] for e in examples], tok.pad_token_id, False), 64)
+            model, collate([[e] for e in examples], tok.pad_token_id), 64)
     assert n_packed == n_plain == sum(sum(e.loss_mask) for e in examples)
     torch.testing.assert_close(s_packed, s_plain, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_packed_sft_past_a_sliding_window_is_the_models_own_loss(tok, tiny_model_dir, tmp_path,
+                                                                  family):
+    """Packed rows on a sliding-window family (Mistral: one window on every layer; Gemma 2: a
+    mask per layer type), every example longer than the window of 8: the packed loss is the sum
+    of each example's own cross-entropy under the model's own forward (transformers builds the
+    window into its mask there). A block-diagonal causal mask without the window, SFT's own
+    before it packed with modeling/packing.py, lets tokens see past the window."""
+    from families import SLIDING_WINDOW, build_family_model
+    from peft import LoraConfig, get_peft_model
+
+    model_dir = build_family_model(family, tmp_path / family, tiny_model_dir)
+    cfg = tiny_config(model_dir, "x")
+    base = load_base_model(cfg, str(model_dir), CPU)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear")).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.2)
+    examples = encode_examples(tok, builtin_pairs(8), cfg.sft, 16)
+    assert min(len(e.ids) for e in examples) > SLIDING_WINDOW
+    rows = make_rows(examples, packed=True, max_length=96)
+    assert len(rows) < len(examples)
+    attention = explicit_attentions(base.config, torch.float32)[0]
+    assert attention.window == SLIDING_WINDOW
+    with torch.no_grad():
+        total, n = sft_loss_sums(model, collate(rows, tok.pad_token_id, attention), 64)
+        own = 0.0
+        for ex in examples:
+            labels = torch.tensor([ex.ids]).masked_fill(torch.tensor([ex.loss_mask]) == 0, -100)
+            own += model(input_ids=torch.tensor([ex.ids]), labels=labels).loss * sum(ex.loss_mask)
+    assert n == sum(sum(e.loss_mask) for e in examples)
+    torch.testing.assert_close(total, own, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["cohere", "granite"])
@@ -137,7 +177,7 @@ def test_sft_loss_is_the_models_own_loss(tok, tiny_model_dir, tmp_path, family):
     examples = encode_examples(tok, builtin_pairs(3), cfg.sft, 16)
     with torch.no_grad():
         for ex in examples:
-            batch = collate([[ex]], tok.pad_token_id, False)
+            batch = collate([[ex]], tok.pad_token_id)
             total, n = sft_loss_sums(model, batch, 64)
             labels = torch.tensor([ex.ids]).masked_fill(
                 torch.tensor([ex.loss_mask]) == 0, -100)
@@ -154,7 +194,7 @@ def _response_loss(model_dir, adapter, cfg, examples, tok):
         model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
     else:
         model = PeftModel.from_pretrained(base, str(adapter))
-    batch = collate([[e] for e in examples], tok.pad_token_id, False)
+    batch = collate([[e] for e in examples], tok.pad_token_id)
     with torch.no_grad():
         s, n = sft_loss_sums(model.eval(), batch, 64)
     return (s / n).item()
@@ -219,7 +259,8 @@ def test_resume_latest_restarts_a_run_killed_before_its_first_checkpoint(tiny_mo
 
     section, adapter = {"sft": ("sft", "adapter"),
                         "train-reward": ("reward_model", "reward_adapter")}[command]
-    args = [f"model.path={tiny_model_dir}", "quantization.mode=none",
+    args = [f"model.path={tiny_model_dir}", "quantization.mode=none", "sft.data=builtin:reviews",
+            "reward_model.data=builtin:preferences",
             "model.max_prompt_length=16", "lora.r=4", "lora.alpha=8", "checkpoint.every=2",
             "logging.progress=false", "logging.tensorboard=false",
             *(f"{section}.{k}" for k in ("train.max_steps=3", "train.batch_size=4",
