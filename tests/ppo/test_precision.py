@@ -98,7 +98,7 @@ def test_a_torch_autocast_deepspeed_config_trains_through_the_cli(tiny_model_dir
                                           "gradient_checkpointing": False,
                                           "max_prompt_length": 16},
         "quantization": {"mode": "none"}, "lora": {"r": 4},
-        "reward": {"function": low_ids_reward},
+        "reward": {"function": low_ids_reward}, "data": {"prompts": "builtin:reviews"},
         "rollout": {"batch_size": 4, "generation_batch_size": 4, "max_new_tokens": 4},
         "ppo": {"total_updates": 1, "epochs": 1, "minibatch_size": 4, "micro_batch_size": 2},
         "deepspeed": {"config": str(ds)}, "logging": {"progress": False, "tensorboard": False},
