@@ -2,6 +2,10 @@
 config-docs.
 
 Bad input exits with code 2 and one line on stderr; no traceback.
+
+Each command imports what it runs inside its own function, deliberately: `lora-ppo --help` and a
+usage error answer without loading torch, and `main` sets what DeepSpeed and MKL read when they
+load (DS_ACCELERATOR, MKL_NUM_THREADS) before anything imports them.
 Under the `deepspeed` launcher each rank gets `--local_rank=N`: it is accepted and ignored (the
 rank is read from the environment, which the launcher also sets).
 """

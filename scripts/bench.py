@@ -178,7 +178,7 @@ def make_config(p: dict, model: Path, out_dir: Path):
     o = [f"model.path={model}", f"output_dir={out_dir}", f"quantization.mode={p['quant']}",
          f"value.mode={p['value_mode']}", f"model.gradient_checkpointing={p['grad_ckpt']}",
          f"model.max_prompt_length={p['prompt_len']}", f"lora.r={p['lora_r']}",
-         f"lora.alpha={2 * p['lora_r']}", f"rollout.batch_size={p['batch']}",
+         f"lora.alpha={2 * p['lora_r']}", f"rollout.prompts_per_update={p['batch']}",
          f"rollout.generation_batch_size={p['gen_batch'] or p['batch']}",
          f"rollout.max_new_tokens={p['new_tokens']}", f"ppo.minibatch_size={p['batch']}",
          f"ppo.micro_batch_size={min(p['micro_batch'], p['batch'])}", f"ppo.epochs={p['epochs']}",
@@ -246,7 +246,7 @@ def phase_flops(run, arch, shapes: dict) -> dict:
 
     cfg = run.cfg
     lora = lora_param_count(arch, cfg.lora.r, cfg.lora.target_modules)
-    b, gb, q, r = cfg.rollout.batch_size * cfg.rollout.samples_per_prompt, \
+    b, gb, q, r = cfg.rollout.prompts_per_update * cfg.rollout.samples_per_prompt, \
         cfg.rollout.generation_batch_size, shapes["prompt_len"], shapes["resp_len"]
     chunks = [min(gb, b - s) for s in range(0, b, gb)]
     adapter = cfg.algorithm.value_mode == "adapter"

@@ -153,9 +153,9 @@ def train_checkpoint(base: Path, root: Path, env: dict) -> tuple[Path, list[str]
     from lora_ppo.io.checkpoint import complete_checkpoints
 
     run = root / "run"
-    cmd = ["train", f"model.path={base}", f"output_dir={run}",
-           "quantization.mode=4bit", "lora.r=16", "lora.alpha=32", "model.max_prompt_length=16",
-           "model.gradient_checkpointing=false", "rollout.batch_size=2",
+    cmd = ["train", f"model.path={base}", f"output_dir={run}", "data.prompts=builtin:reviews",
+           "reward.function=lora_ppo.builtin.rewards:positive_sentiment", "quantization.mode=4bit", "lora.r=16", "lora.alpha=32", "model.max_prompt_length=16",
+           "model.gradient_checkpointing=false", "rollout.prompts_per_update=2",
            "rollout.generation_batch_size=2", "rollout.max_new_tokens=4", "ppo.minibatch_size=2",
            "ppo.micro_batch_size=2", "ppo.total_updates=1", "ppo.epochs=1",
            "deepspeed.config=zero0", "logging.progress=false", "logging.tensorboard=false",

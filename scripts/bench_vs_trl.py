@@ -72,7 +72,7 @@ grpo-memory's (8 x 256 draws of 32000) see one early stop on either side. Each r
 
 What lora_ppo does differently (its defaults; the work differs, the maths does not):
 - a group's prompt is encoded once: prefilled once in generation, its KV copied to the n rows
-  (ppo/sampling.py), and one packed row holds the prompt + its n answers in the scoring
+  (generation/continuous.py), and one packed row holds the prompt + its n answers in the scoring
   (reference) forward and the update (model.shared_prompt; each answer attends to the prompt and
   itself);
 - continuous batching in generation (a finished row's slot takes the next row), a static KV
@@ -200,7 +200,7 @@ def lora_ppo_side(a) -> dict:
         f"model.path={a.model_dir}", f"output_dir={Path(a.out).with_suffix('.run')}",
         "quantization.mode=none", f"model.gradient_checkpointing={a.grad_ckpt}",
         f"model.max_prompt_length={w['prompt_len']}", "lora.r=8", "lora.alpha=16",
-        f"rollout.batch_size={w['batch']}", f"rollout.generation_batch_size={w['batch']}",
+        f"rollout.prompts_per_update={w['batch']}", f"rollout.generation_batch_size={w['batch']}",
         f"rollout.max_new_tokens={w['gen_len']}", f"rollout.stop_token_ids={stops}",
         f"ppo.minibatch_size={w['mini']}", f"ppo.micro_batch_size={w['mini']}", "ppo.epochs=4",
         "ppo.optim.learning_rate=1.41e-5", "ppo.kl_coef=0.2", "ppo.adaptive_kl=true",
@@ -305,7 +305,7 @@ def grpo_overrides(w: dict, model_dir: str, out_dir: str, reward: str, grad_ckpt
         f"lora.r={GRPO_PEER_ARGS['lora_r']}", f"lora.alpha={2 * GRPO_PEER_ARGS['lora_r']}",
         "lora.dropout=0.0", "lora.target_modules=[all-linear]",
         # generation batch = prompts x n, all decoded at once (TRL: one generate() call)
-        f"rollout.batch_size={w['prompts']}", f"rollout.samples_per_prompt={w['n']}",
+        f"rollout.prompts_per_update={w['prompts']}", f"rollout.samples_per_prompt={w['n']}",
         f"rollout.generation_batch_size={samples}", f"rollout.max_new_tokens={w['gen_len']}",
         f"rollout.stop_token_ids={stops}", "rollout.temperature=1.0",
         # GRPO: group advantages (std + 1e-4), beta * k3 KL in the loss, loss_type 'grpo'

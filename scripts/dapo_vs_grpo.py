@@ -2,7 +2,7 @@
 generated-token budget.
 
     python scripts/dapo_vs_grpo.py --out outputs/dapo-vs-grpo                  # the full size
-    python scripts/dapo_vs_grpo.py --out /tmp/dvg --updates 20 rollout.batch_size=8   # a quick look
+    python scripts/dapo_vs_grpo.py --out /tmp/dvg --updates 20 rollout.prompts_per_update=8   # a quick look
 
 1. plain GRPO: `lora-ppo train --config grpo` (the preset: the KL in the loss at 0.1, GRPO's
    per-sequence mean, a symmetric clip) for `--updates` updates. The response tokens it

@@ -8,7 +8,7 @@ response lengths that differ across ranks: the first half short, the second half
 all of it with the real model (old log-probs, values, reference log-probs), and keeps its own
 share of rows, rank r the r-th slice, whole groups. Scores are injected (a fixed tensor), so the
 reward function never runs. Then the loop's own steps 2-4: add_rewards, add_advantages, and
-ppo_update with one minibatch and one epoch. With world size W the config's rollout.batch_size
+ppo_update with one minibatch and one epoch. With world size W the config's rollout.prompts_per_update
 and ppo.minibatch_size are the global ones divided by W.
 """
 

@@ -47,7 +47,7 @@ def test_sampled_scored_and_updated_log_probs_are_the_models_own(family, tiny_mo
     model = build_family_model(family, tmp_path / family, tiny_model_dir)
     run = setup(tiny_config(
         model, tmp_path / "run", f"rollout.temperature={T}", "rollout.samples_per_prompt=2",
-        "rollout.batch_size=4", "rollout.max_new_tokens=10", "value.head_init_std=0.5",
+        "rollout.prompts_per_update=4", "rollout.max_new_tokens=10", "value.head_init_std=0.5",
         "model.gradient_checkpointing=true", "model.seam_check=always",
         "rollout.stop_token_ids=[" + ",".join(str(i) for i in range(300, 330)) + "]"))
     with torch.no_grad():  # B = 0 would make every adapter a no-op

@@ -141,7 +141,7 @@ def ws(tiny_model_dir, low_ids_reward, tmp_path_factory):
 
 def _base(model_dir, reward) -> list[str]:
     return [f"model.path={model_dir}", "quantization.mode=none", "model.max_prompt_length=16",
-            "lora.r=4", "lora.alpha=8", "rollout.batch_size=4", "rollout.generation_batch_size=4",
+            "lora.r=4", "lora.alpha=8", "rollout.prompts_per_update=4", "rollout.generation_batch_size=4",
             "rollout.max_new_tokens=4", "ppo.minibatch_size=4", "ppo.micro_batch_size=4",
             "ppo.total_updates=2", "deepspeed.config=zero0", "logging.progress=false",
             "logging.tensorboard=false", f"reward.function={reward}", "data.prompts=builtin:reviews",

@@ -41,6 +41,7 @@ def test_other_cpu_share_formula():
     assert load_bench().other_cpu_share(1.0, 1.5, 2.0, 2) == 0.0  # clock-tick rounding
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_phase_meter_sees_another_process_spinning():
     bench = load_bench()
@@ -80,6 +81,7 @@ _PEAK_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_per_phase_peak_rss_resets_between_phases():
     env = {**clean_env(), "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -93,6 +95,7 @@ def test_per_phase_peak_rss_resets_between_phases():
     assert 127 < peaks["large"] < 136, peaks
 
 
+@pytest.mark.integration
 def test_bench_one_update_on_a_tiny_model_writes_every_phase_and_field(tmp_path):
     out = tmp_path / "bench.json"
     res = run_bench(*TINY, "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
@@ -116,6 +119,7 @@ def test_bench_one_update_on_a_tiny_model_writes_every_phase_and_field(tmp_path)
     assert "| update |" in res.stdout  # the markdown table
 
 
+@pytest.mark.integration
 def test_bad_sweep_key_exits_2():
     res = run_bench("--sweep", "colour=red", "--malloc-default", timeout=120)
     assert res.returncode == 2 and "--sweep" in res.stderr and "Traceback" not in res.stderr

@@ -37,7 +37,7 @@ def _pipeline_yaml(path, model_dir, out):
                          "optim": {"learning_rate": 0.003}, "eval": {"size": 32}},
         "reward": {"source": "adapter", "adapter": str(out / "reward_adapter")},
         "data": {"prompts": "builtin:reviews"},
-        "rollout": {"batch_size": 8, "generation_batch_size": 8, "max_new_tokens": 6},
+        "rollout": {"prompts_per_update": 8, "generation_batch_size": 8, "max_new_tokens": 6},
         "ppo": {"total_updates": 2, "epochs": 1, "minibatch_size": 8, "micro_batch_size": 4,
                 "optim": {"learning_rate": 0.001}},
     })

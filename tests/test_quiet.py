@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 from helpers import run_cli
 
 
+@pytest.mark.integration
 def test_refused_4bit_load_is_one_stderr_line(tiny_model_dir, tmp_path, low_ids_reward):
     # bitsandbytes is imported while the 4-bit base loads; `kernels` >= 0.19 then warns that it
     # skips its publisher trust check offline (HF_HUB_OFFLINE=1, as in conftest), unless silenced.

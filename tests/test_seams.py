@@ -48,6 +48,7 @@ def _rollout(run, n):
 
 # -- 1. the rollout samples from the distribution PPO scores --------------------------------------
 
+@pytest.mark.integration
 def test_sampled_first_token_follows_the_scored_distribution(tiny_model_dir, tmp_path):
     """A checkpoint generation_config.json that sets top_k, top_p, repetition_penalty, min_p and
     no_repeat_ngram_size must not change what is sampled: the first response token of 4096
@@ -59,7 +60,7 @@ def test_sampled_first_token_follows_the_scored_distribution(tiny_model_dir, tmp
         "no_repeat_ngram_size": 1, "temperature": 0.3, "bos_token_id": 1, "eos_token_id": 2}))
     n = 4096
     run = setup(tiny_config(model_dir, tmp_path / "run", "rollout.max_new_tokens=1",
-                            f"rollout.batch_size={n}", "rollout.generation_batch_size=1024",
+                            f"rollout.prompts_per_update={n}", "rollout.generation_batch_size=1024",
                             "rollout.temperature=0.7", "ppo.minibatch_size=8",
                             "ppo.micro_batch_size=8"))
     prompt = encode(run.tokenizer, ["review of the pizza place :"], False, 16)[0]
@@ -70,7 +71,7 @@ def test_sampled_first_token_follows_the_scored_distribution(tiny_model_dir, tmp
     every = logprobs_and_values(run.ac, Samples(
         ro.query_ids[:1].expand(vocab, -1), ro.query_mask[:1].expand(vocab, -1),
         torch.arange(vocab)[:, None], torch.ones(vocab, 1), torch.zeros(vocab, dtype=torch.bool)),
-        temperature=0.7, chunk_size=1024, batch_size=512)
+        temperature=0.7, chunk_size=1024, generation_batch_size=512)
     p = every.logprobs[:, 0].double().exp()
     assert abs(p.sum().item() - 1) < 1e-4
     counts = torch.bincount(first, minlength=vocab).double()
@@ -92,6 +93,7 @@ def test_truncated_sampling_is_refused(tiny_model_dir, tmp_path, field, value):
 
 # -- 4. dropout, init/reward adapters, non-zero heads: the first minibatch has ratio 1 ---------
 
+@pytest.mark.integration
 @pytest.mark.parametrize("value_mode", ["shared", "adapter"])
 def test_first_minibatch_ratio_is_one_with_nontrivial_adapters(tiny_model_dir, tmp_path,
                                                                 value_mode):
@@ -116,6 +118,7 @@ def test_first_minibatch_ratio_is_one_with_nontrivial_adapters(tiny_model_dir, t
     assert stats.value_clipfrac == 0.0, stats
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind, lora", [
     ("dora", {"use_dora": True}), ("lora_bias", {"lora_bias": True}),
     ("rslora", {"use_rslora": True}), ("plain", {}),
@@ -141,6 +144,7 @@ def test_first_minibatch_ratio_is_one_with_the_adapter_a_user_brings(tiny_model_
 
 # -- 3. gradient checkpointing on and off give the same update --------------------------------
 
+@pytest.mark.integration
 @pytest.mark.parametrize("value_mode", ["shared", "adapter"])
 def test_checkpointing_on_and_off_train_the_same_weights(tiny_model_dir, tmp_path, low_ids_reward,
                                                          value_mode):
@@ -166,6 +170,7 @@ def test_checkpointing_on_and_off_train_the_same_weights(tiny_model_dir, tmp_pat
 
 # -- 6. the heads under bf16 ----------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_value_head_computes_in_fp32_under_bf16(tiny_model_dir, tmp_path):
     """DeepSpeed's bf16 casts every module parameter, the heads' too (their fp32 master copy
     lives in the optimizer); the head still computes in fp32, from the bf16 weights."""
@@ -183,6 +188,7 @@ def test_value_head_computes_in_fp32_under_bf16(tiny_model_dir, tmp_path):
 
 # -- 7. no hook leaks per rollout ---------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_rollouts_do_not_add_hooks(tiny_model_dir, tmp_path):
     run = setup(tiny_config(tiny_model_dir, tmp_path / "run", "model.gradient_checkpointing=true",
                             "rollout.max_new_tokens=3"))
@@ -200,6 +206,7 @@ def test_rollouts_do_not_add_hooks(tiny_model_dir, tmp_path):
 
 # -- 8. update statistics do not depend on the micro-batch split --------------------------------------
 
+@pytest.mark.integration
 def test_update_stats_do_not_depend_on_the_micro_batch_split(tiny_model_dir, tmp_path,
                                                              low_ids_reward):
     runs = {m: setup(tiny_config(tiny_model_dir, tmp_path / str(m), f"ppo.micro_batch_size={m}",
@@ -233,7 +240,7 @@ def test_micro_batch_split_gives_the_same_adapter(tiny_model_dir, tmp_path, low_
         res = run_cli("train", f"model.path={tiny_model_dir}", f"output_dir={out}",
                       "data.prompts=builtin:reviews", "quantization.mode=none",
                       "model.max_prompt_length=16", "lora.r=4",
-                      "rollout.batch_size=8", "rollout.generation_batch_size=8",
+                      "rollout.prompts_per_update=8", "rollout.generation_batch_size=8",
                       "rollout.max_new_tokens=6", "ppo.minibatch_size=4",
                       f"ppo.micro_batch_size={micro}", "ppo.total_updates=3", "ppo.epochs=1",
                       "ppo.optim.learning_rate=0.01", "value.head_init_std=0.3",
@@ -278,6 +285,7 @@ EARLY_STOP_KL = 0.0025  # rank 0 stops after epoch 1 of update 1 (0.0031), rank 
 
 # -- 6. what the model's own settings say: a LoRA on lm_head, 8-bit kernels, EOS lists ---------
 
+@pytest.mark.integration
 @pytest.mark.parametrize("ds_config", ["zero2", "zero3"])
 def test_a_lora_on_lm_head_is_scored_and_trained_under_zero3(tiny_model_dir, tmp_path,
                                                               low_ids_reward, ds_config):
@@ -308,6 +316,7 @@ def test_a_lora_on_lm_head_is_scored_and_trained_under_zero3(tiny_model_dir, tmp
     assert all((after[n] - before[n]).abs().max() > 1e-4 for n in before), ds_config
 
 
+@pytest.mark.integration
 def test_8bit_first_minibatch_ratio_is_one(tiny_model_dir, tmp_path, low_ids_reward):
     """bitsandbytes 8-bit on a CPU ran MatMul8bitLt for the rollout (eval mode) and
     MatMul8bitFp in the update (train mode): first-minibatch max |log ratio| 0.058."""
@@ -322,6 +331,7 @@ def test_8bit_first_minibatch_ratio_is_one(tiny_model_dir, tmp_path, low_ids_rew
     assert abs(stats.approx_kl) < 1e-8 and stats.clipfrac == 0.0, stats
 
 
+@pytest.mark.integration
 def test_every_eos_id_of_generation_config_ends_a_response(tiny_model_dir, tmp_path, capsys):
     """Llama 3 and Qwen 2.5 instruct checkpoints list several EOS ids in generation_config.json;
     the sampler stopped at the tokenizer's EOS only, so responses ran past the others and

@@ -1,8 +1,9 @@
 """Loading the config tree (tree.py) from YAML and `section.key=value` overrides, strictly.
 
-An unknown key, a wrong type or a value outside its allowed range fails here, with one line that
-names the field, the value and what is allowed (litgpt's strictness); combinations of fields are
-checked by `Config.__post_init__`.
+An unknown key, a wrong type or a value outside its allowed range (written beside the field,
+`Annotated[type, CHECK]`, config/checks.py) fails here, with one line that names the field, the
+value and what is allowed (litgpt's strictness); combinations of fields are checked by
+`Config.__post_init__`.
 """
 
 from __future__ import annotations
@@ -14,46 +15,9 @@ from typing import Any, Literal
 
 import yaml
 
+from lora_ppo.config.checks import Check
 from lora_ppo.config.tree import Config
 from lora_ppo.errors import UserError, first_line
-
-# Per-field range checks: (predicate, "what is allowed").
-_POSITIVE = (lambda v: v > 0, "a number > 0")
-_NONNEG = (lambda v: v >= 0, "a number >= 0")
-_UNIT = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
-_CHECKS: dict[str, tuple[Any, str]] = {
-    "lora.r": _POSITIVE, "lora.alpha": _POSITIVE, "lora.dropout": (lambda v: 0 <= v < 1, "[0, 1)"),
-    "rollout.batch_size": _POSITIVE, "rollout.generation_batch_size": _POSITIVE,
-    "rollout.max_new_tokens": _POSITIVE, "rollout.temperature": _POSITIVE,
-    "rollout.samples_per_prompt": _POSITIVE,
-    "rollout.top_k": _NONNEG, "rollout.top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "model.logits_chunk_mib": _POSITIVE, "model.max_prompt_length": _POSITIVE,
-    "ppo.total_updates": _POSITIVE, "ppo.epochs": _POSITIVE, "ppo.minibatch_size": _POSITIVE,
-    "ppo.micro_batch_size": _POSITIVE,
-    "ppo.gamma": _UNIT, "ppo.lam": _UNIT, "ppo.cliprange": _POSITIVE,
-    "ppo.cliprange_value": _POSITIVE, "ppo.vf_coef": _NONNEG, "ppo.ent_coef": _NONNEG,
-    "ppo.kl_coef": _NONNEG, "ppo.target_kl": _POSITIVE, "ppo.kl_horizon": _POSITIVE,
-    "ppo.early_stop_kl": _POSITIVE, "reward.clip": _POSITIVE,
-    "ppo.cliprange_high": _POSITIVE, "reward.overlong_buffer": _POSITIVE,
-    "ppo.sampler_importance_sampling_clip_max": _POSITIVE,
-    "ppo.sampler_importance_sampling_clip_min": _NONNEG,
-    "reward.overlong_penalty": _NONNEG, "rollout.max_extra_rounds": _NONNEG,
-    "data.eval_every": _NONNEG, "data.eval_size": _NONNEG,
-    "checkpoint.every": _NONNEG, "checkpoint.keep": _POSITIVE,
-}
-
-
-for _section in ("ppo", "sft", "reward_model"):
-    _CHECKS.update({f"{_section}.optim.learning_rate": _POSITIVE,
-                    f"{_section}.optim.max_grad_norm": _POSITIVE,
-                    f"{_section}.optim.weight_decay": _NONNEG,
-                    f"{_section}.optim.warmup_steps": _NONNEG})
-for _stage in ("sft", "reward_model"):
-    _CHECKS.update({f"{_stage}.train.{k}": _POSITIVE for k in (
-        "max_length", "epochs", "max_steps", "batch_size", "micro_batch_size")})
-    _CHECKS.update({f"{_stage}.eval.{k}": _NONNEG for k in ("size", "every")})
-_CHECKS.update({"reward_model.margin": _NONNEG, "reward_model.head_init_std": _NONNEG,
-                "reward.model_label": _NONNEG})
 
 # Keys that moved into a composed section (ppo.optim, sft.train, ...): an old config is told
 # where each went instead of only that it is unknown.
@@ -62,11 +26,20 @@ MOVED = {f"ppo.{k}": f"ppo.optim.{k}" for k in _OPTIM}
 MOVED["rollout.logprob_chunk_size"] = "model.logits_chunk_mib (a size in MiB, not rows)"
 MOVED["rollout.logits_chunk_mib"] = "model.logits_chunk_mib"
 MOVED["rollout.merge_for_generation"] = "rollout.fold_for_generation"
+MOVED["rollout.batch_size"] = "rollout.prompts_per_update (prompts, not samples)"
 for _stage in ("sft", "reward_model"):
     MOVED.update({f"{_stage}.{k}": f"{_stage}.optim.{k}" for k in _OPTIM})
     MOVED.update({f"{_stage}.{k}": f"{_stage}.train.{k}" for k in (
         "epochs", "max_steps", "batch_size", "micro_batch_size", "max_length")})
     MOVED.update({f"{_stage}.eval_{k}": f"{_stage}.eval.{k}" for k in ("data", "size", "every")})
+
+
+def field_type(tp: Any) -> tuple[Any, list[Check]]:
+    """A field's annotation -> (its type, the range checks written beside it with Annotated)."""
+    if typing.get_origin(tp) is typing.Annotated:
+        base, *extra = typing.get_args(tp)
+        return base, [e for e in extra if isinstance(e, Check)]
+    return tp, []
 
 
 def type_name(tp: Any) -> str:
@@ -124,7 +97,7 @@ def _build(cls: type, data: Any, prefix: str, default: Any = None) -> Any:
     if not isinstance(data, dict):
         raise UserError(f"{prefix or 'config'} must be a mapping of keys to values, got {data!r}")
     default = cls() if default is None else default
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -136,14 +109,14 @@ def _build(cls: type, data: Any, prefix: str, default: Any = None) -> Any:
     kwargs = {}
     for name, value in data.items():
         path = f"{prefix}.{name}" if prefix else name
-        tp = hints[name]
+        tp, checks = field_type(hints[name])
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, path, getattr(default, name))
             continue
         value = _coerce(value, tp, path)
-        check = _CHECKS.get(path)
-        if check is not None and value is not None and not check[0](value):
-            raise UserError(f"{path}={value!r} is out of range: must be {check[1]}")
+        for check in checks:
+            if value is not None and not check.ok(value):
+                raise UserError(f"{path}={value!r} is out of range: must be {check.allowed}")
         kwargs[name] = value
     return dataclasses.replace(default, **kwargs)
 

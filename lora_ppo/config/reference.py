@@ -8,7 +8,7 @@ import dataclasses
 import inspect
 import typing
 
-from lora_ppo.config.load import type_name
+from lora_ppo.config.load import field_type, type_name
 from lora_ppo.config.tree import Config
 
 
@@ -47,7 +47,7 @@ def config_reference() -> str:
              "`section.key=value` (nested sections: `ppo.optim.learning_rate=1e-5`).", ""]
     for title, section in _sections(Config(), "top level"):
         cls = type(section)
-        docs, hints = field_docs(cls), typing.get_type_hints(cls)
+        docs, hints = field_docs(cls), typing.get_type_hints(cls, include_extras=True)
         rows = [f for f in dataclasses.fields(section)
                 if not dataclasses.is_dataclass(getattr(section, f.name))]
         if not rows:
@@ -59,7 +59,8 @@ def config_reference() -> str:
         for f in rows:
             name = f.name if title == "top level" else f"{title}.{f.name}"
             doc = docs.get(f.name, "").replace("\n", " ").replace("|", "\\|")
-            tp = type_name(hints[f.name]).replace("|", "\\|")
+            base, checks = field_type(hints[f.name])
+            tp = "; ".join([type_name(base), *(c.allowed for c in checks)]).replace("|", "\\|")
             lines.append(f"| `{name}` | {tp} | `{_default(getattr(section, f.name))}` | {doc} |")
         lines.append("")
     return "\n".join(lines)

@@ -8,7 +8,9 @@ docs/config.md is generated from these files and cannot drift).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
+
+from lora_ppo.config.checks import NONNEG, OPEN_UNIT, POSITIVE, PROBABILITY, UNIT
 
 
 @dataclass
@@ -43,9 +45,9 @@ class ModelConfig:
     an exact path (one line each) or refuse (ppo/seams.py). `auto`: once per model,
     settings and library versions (the outcome is cached under $LORA_PPO_CACHE/seams); `always`:
     every run; `off`: trust the fastest layout unchecked."""
-    max_prompt_length: int = 256
+    max_prompt_length: Annotated[int, POSITIVE] = 256
     """Prompts longer than this many tokens are cut from the left (the end of a prompt matters most)."""
-    logits_chunk_mib: float = 256.0
+    logits_chunk_mib: Annotated[float, POSITIVE] = 256.0
     """MiB of fp32 logits made at a time when scoring, in the update and in SFT: the LM head runs over
     rows of (batch*length) in chunks of this size whatever the vocabulary (one such chunk at a
     time in the backward; about 5 with ppo.ent_coef != 0), instead of one batch x length x vocab
@@ -66,11 +68,11 @@ class QuantizationConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = 16
+    r: Annotated[int, POSITIVE] = 16
     """LoRA rank of the policy (and critic) adapter."""
-    alpha: int = 32
+    alpha: Annotated[int, POSITIVE] = 32
     """LoRA scaling numerator: the update is scaled by alpha / r."""
-    dropout: float = 0.0
+    dropout: Annotated[float, PROBABILITY] = 0.0
     """LoRA dropout. PPO needs 0: dropout makes the update's log-probs differ from the rollout's,
     so the ratio is not 1 on the first minibatch (lm-human-preferences runs PPO without dropout)."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
@@ -100,18 +102,18 @@ class RewardConfig:
     `fn(prompts=list[str], completions=list[str], **extra) -> list[float]` (TRL's convention)."""
     adapter: Optional[str] = None
     """Directory of a reward adapter with its score head (from `lora-ppo train-reward`)."""
-    clip: Optional[float] = None
+    clip: Annotated[Optional[float], POSITIVE] = None
     """Clip scores to [-clip, clip] after the EOS penalty."""
     normalize: bool = False
     """Normalise scores by a running mean and std over all scores seen so far."""
     missing_eos_penalty: Optional[float] = None
     """Subtracted from the score of a response that never emitted EOS (TRL's missing_eos_penalty)."""
-    overlong_buffer: Optional[int] = None
+    overlong_buffer: Annotated[Optional[int], POSITIVE] = None
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), the interval L_cache in tokens: a
     response longer than rollout.max_new_tokens - overlong_buffer loses overlong_penalty x
     (excess / overlong_buffer) of its score, linearly up to the whole overlong_penalty at
     rollout.max_new_tokens. Added before the EOS penalty, clipping and normalisation. None: off."""
-    overlong_penalty: float = 1.0
+    overlong_penalty: Annotated[float, NONNEG] = 1.0
     """The penalty at rollout.max_new_tokens when overlong_buffer is set (DAPO: 1, half the
     distance between a right answer's reward of +1 and a wrong one's -1)."""
     # -- the SFT / reward-model stages (lora_ppo.stages) added these ------------------------------
@@ -121,7 +123,7 @@ class RewardConfig:
     so its vocabulary may differ from the policy's. Costs a second model in memory."""
     model_tokenizer: Optional[str] = None
     """Tokenizer directory of the `model` reward model when it is not the model directory."""
-    model_label: int = 0
+    model_label: Annotated[int, NONNEG] = 0
     """Which logit of the `model` reward model is the score (0 for a one-logit reward model; e.g.
     1 = the positive class of a two-class sentiment classifier)."""
     sources: list[Literal["function", "adapter", "model"]] = field(default_factory=list)
@@ -144,26 +146,27 @@ class RewardConfig:
 
 @dataclass
 class RolloutConfig:
-    batch_size: int = 64
-    """Prompts per PPO update (rollout size)."""
-    generation_batch_size: int = 16
+    prompts_per_update: Annotated[int, POSITIVE] = 64
+    """Prompts per PPO update on each rank (the rollout's prompts; with samples_per_prompt n, the
+    rollout holds prompts_per_update x n samples)."""
+    generation_batch_size: Annotated[int, POSITIVE] = 16
     """Rows decoded at once (the decode batch, and the sequences per scoring forward); lower it
     if generation runs out of memory."""
-    max_new_tokens: int = 128
+    max_new_tokens: Annotated[int, POSITIVE] = 128
     """Most tokens generated per response."""
-    temperature: float = 1.0
+    temperature: Annotated[float, POSITIVE] = 1.0
     """Sampling temperature; log-probs are taken at the same temperature. Responses are drawn
     from exactly softmax(logits / temperature), whatever the checkpoint's generation_config.json
     says (docs/ppo.md, "Sampling exactly the scored distribution")."""
-    top_k: int = 0
+    top_k: Annotated[int, NONNEG] = 0
     """Must stay 0 (off). Top-k sampling is refused: PPO scores the full softmax, and the KL of a
     truncated policy to the reference is infinite wherever their supports differ."""
-    top_p: float = 1.0
+    top_p: Annotated[float, OPEN_UNIT] = 1.0
     """Must stay 1.0 (off), for the reason given under `top_k`."""
-    samples_per_prompt: int = 1
-    """Responses sampled per prompt (n); `batch_size` counts prompts, so a rollout holds
-    batch_size x n samples. The n samples of a prompt form a group, kept together (and on one
-    rank) for the group baselines of ppo.advantage_estimator (GRPO, RLOO)."""
+    samples_per_prompt: Annotated[int, POSITIVE] = 1
+    """Responses sampled per prompt (n): a rollout holds prompts_per_update x n samples. The n
+    samples of a prompt form a group, kept together (and on one rank) for the group baselines
+    of ppo.advantage_estimator (GRPO, RLOO)."""
     fold_for_generation: bool = True
     """Generate with the policy adapter folded into the base weights (one matmul per linear per
     token instead of three), and put the base weights back untouched afterwards (a fold, not the
@@ -190,9 +193,9 @@ class RolloutConfig:
     dynamic_sampling: bool = False
     """DAPO's dynamic sampling (Yu et al. 2025, §3.2): groups whose scores, as the reward source
     gave them, are all equal (no score signal) are dropped, and further rounds of fresh prompts
-    are sampled until every rank holds `batch_size` groups whose scores vary, at most
+    are sampled until every rank holds `prompts_per_update` groups whose scores vary, at most
     `max_extra_rounds` more. Needs samples_per_prompt >= 2. Metrics: sampling/* (docs/metrics.md)."""
-    max_extra_rounds: int = 3
+    max_extra_rounds: Annotated[int, NONNEG] = 3
     """With dynamic_sampling: the most sampling rounds per update after the first. A rollout still
     not full after them is filled with dropped groups, so every update has the same size (they
     carry no score signal, as in a run without dynamic sampling)."""
@@ -200,27 +203,27 @@ class RolloutConfig:
 class OptimConfig:
     """AdamW and its learning-rate schedule (`ppo.optim`, `sft.optim`, `reward_model.optim`)."""
 
-    learning_rate: float = 1e-5
+    learning_rate: Annotated[float, POSITIVE] = 1e-5
     """AdamW learning rate of the trainable weights (LoRA adapters and heads)."""
-    weight_decay: float = 0.0
+    weight_decay: Annotated[float, NONNEG] = 0.0
     """AdamW weight decay."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     """Learning-rate schedule over all optimizer steps."""
-    warmup_steps: int = 0
+    warmup_steps: Annotated[int, NONNEG] = 0
     """Optimizer steps of linear warmup."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: Annotated[float, POSITIVE] = 1.0
     """Gradient clipping (global L2 norm), done by DeepSpeed."""
 
 
 @dataclass
 class PPOConfig:
-    total_updates: int = 200
+    total_updates: Annotated[int, POSITIVE] = 200
     """Number of PPO updates (rollout + optimisation rounds)."""
-    epochs: int = 4
+    epochs: Annotated[int, POSITIVE] = 4
     """Passes over each rollout."""
-    minibatch_size: int = 16
+    minibatch_size: Annotated[int, POSITIVE] = 16
     """Samples (not prompts) per optimizer step."""
-    micro_batch_size: int = 4
+    micro_batch_size: Annotated[int, POSITIVE] = 4
     """Samples per forward/backward; minibatch_size / micro_batch_size is the gradient
     accumulation."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -247,13 +250,13 @@ class PPOConfig:
     rollout.max_new_tokens: no length normalisation, Dr. GRPO). `auto`: seq_mean_token_mean for
     grpo, constant for dr_grpo, token_mean for the others (TRL 1.16's GRPO default,
     loss_type=dapo, is token_mean). token_mean counts the tokens of every rank's minibatch."""
-    gamma: float = 1.0
+    gamma: Annotated[float, UNIT] = 1.0
     """Discount factor of GAE (and of the REINFORCE++ reward-to-go)."""
-    lam: float = 0.95
+    lam: Annotated[float, UNIT] = 0.95
     """GAE lambda."""
-    cliprange: float = 0.2
+    cliprange: Annotated[float, POSITIVE] = 0.2
     """Policy ratio clip epsilon (the lower one when cliprange_high is set)."""
-    cliprange_high: Optional[float] = None
+    cliprange_high: Annotated[Optional[float], POSITIVE] = None
     """Upper clip epsilon of the policy ratio, clip(ratio, 1 - cliprange, 1 + cliprange_high):
     DAPO's clip-higher (Yu et al. 2025, §3.1, eps_low 0.2 / eps_high 0.28) leaves more room to
     raise the probability of unlikely tokens. None: cliprange (symmetric)."""
@@ -277,15 +280,15 @@ class PPOConfig:
     product of its token ratios); `truncate` clips them to [clip_min, clip_max] (truncated IS,
     Yao et al. 2025; OpenRLHF's tis), `mask` zeroes those outside (masked IS; OpenRLHF's icepop
     is token_mask). TRL's vllm_importance_sampling_mode, with its default."""
-    sampler_importance_sampling_clip_max: Optional[float] = 3.0
+    sampler_importance_sampling_clip_max: Annotated[Optional[float], POSITIVE] = 3.0
     """Upper bound of the weights (TRL's vllm_importance_sampling_clip_max, 3.0); null: none."""
-    sampler_importance_sampling_clip_min: Optional[float] = None
+    sampler_importance_sampling_clip_min: Annotated[Optional[float], NONNEG] = None
     """Lower bound of the weights (TRL's vllm_importance_sampling_clip_min); null: none."""
-    cliprange_value: float = 0.2
+    cliprange_value: Annotated[float, POSITIVE] = 0.2
     """Value clip around the rollout's values."""
-    vf_coef: float = 0.1
+    vf_coef: Annotated[float, NONNEG] = 0.1
     """Weight of the value loss."""
-    ent_coef: float = 0.0
+    ent_coef: Annotated[float, NONNEG] = 0.0
     """Weight of the entropy bonus."""
     whiten_advantages: bool = True
     """Whiten GAE's advantages over the valid tokens of the rollout of every rank (the group
@@ -304,15 +307,15 @@ class PPOConfig:
     """Per-token KL estimator (k1 = logp - logp_ref, k2, k3; joschu.net/blog/kl-approx.html).
     `auto`: k1 in the reward, k3 in the loss (GRPO's choice: >= 0 per token), but k2 in the loss
     for reinforce_pp_baseline (Hu et al. 2025 v2; OpenRLHF's `--kl_estimator k2`)."""
-    kl_coef: float = 0.05
+    kl_coef: Annotated[float, NONNEG] = 0.05
     """Initial (or fixed) coefficient of the KL penalty."""
     adaptive_kl: bool = False
     """Adapt kl_coef towards target_kl (Ziegler et al. 2019)."""
-    target_kl: float = 6.0
+    target_kl: Annotated[float, POSITIVE] = 6.0
     """Target sequence KL of the adaptive controller (nats)."""
-    kl_horizon: int = 10000
+    kl_horizon: Annotated[int, POSITIVE] = 10000
     """Horizon of the adaptive controller (samples)."""
-    early_stop_kl: Optional[float] = None
+    early_stop_kl: Annotated[Optional[float], POSITIVE] = None
     """Stop the epochs of an update once the approximate KL to the rollout policy exceeds this."""
 
 
@@ -326,9 +329,9 @@ class DataConfig:
     """Wrap each prompt as a user turn with the tokenizer's chat template."""
     eval_prompts: Optional[str] = None
     """Held-out prompts for periodic evaluation; none: a slice of `prompts` is held out."""
-    eval_every: int = 0
+    eval_every: Annotated[int, NONNEG] = 0
     """Evaluate every this many updates; 0 turns evaluation off."""
-    eval_size: int = 16
+    eval_size: Annotated[int, NONNEG] = 16
     """Number of held-out prompts per evaluation."""
 
 
@@ -356,7 +359,7 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 50
+    every: Annotated[int, NONNEG] = 50
     """Save a checkpoint every this many updates (and at the end); 0 saves only at the end."""
-    keep: int = 2
+    keep: Annotated[int, POSITIVE] = 2
     """Keep the newest this many checkpoints."""

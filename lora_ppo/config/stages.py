@@ -12,8 +12,9 @@ Both compose the same three parts: `train` (epochs, batch sizes, sequence length
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Annotated, Optional
 
+from lora_ppo.config.checks import NONNEG, POSITIVE
 from lora_ppo.config.sections import OptimConfig
 
 
@@ -21,17 +22,17 @@ from lora_ppo.config.sections import OptimConfig
 class StageTrainConfig:
     """How a stage iterates over its rows (`sft.train`, `reward_model.train`)."""
 
-    epochs: int = 1
+    epochs: Annotated[int, POSITIVE] = 1
     """Passes over the training rows."""
-    max_steps: Optional[int] = None
+    max_steps: Annotated[Optional[int], POSITIVE] = None
     """Stop after this many optimizer steps; none: run all epochs."""
-    batch_size: int = 16
+    batch_size: Annotated[int, POSITIVE] = 16
     """Rows per optimizer step on each rank: examples (packed rows with sft.packing) or
     preference pairs."""
-    micro_batch_size: int = 4
+    micro_batch_size: Annotated[int, POSITIVE] = 4
     """Rows per forward/backward (both responses of a pair go in one forward); batch_size /
     micro_batch_size is the gradient accumulation."""
-    max_length: int = 512
+    max_length: Annotated[int, POSITIVE] = 512
     """Most tokens per sequence: the prompt is first cut from the left to
     model.max_prompt_length, then the response is cut at the end."""
 
@@ -43,10 +44,10 @@ class StageEvalConfig:
     data: Optional[str] = None
     """Held-out rows in the format of the stage's `data`; none: `size` rows of `data` are held
     out (a seeded random slice)."""
-    size: int = 64
+    size: Annotated[int, NONNEG] = 64
     """Held-out rows: SFT's eval loss, the reward model's accuracy and score statistics; 0 turns
     evaluation off."""
-    every: int = 0
+    every: Annotated[int, NONNEG] = 0
     """Evaluate every this many optimizer steps (and always at the end); 0: only at the end."""
 
 
@@ -84,7 +85,7 @@ class RewardModelConfig:
     """Column with the preferred response."""
     rejected_column: str = "rejected"
     """Column with the other response."""
-    margin: float = 0.0
+    margin: Annotated[float, NONNEG] = 0.0
     """Margin m of the loss -log sigmoid(r_chosen - r_rejected - m) (Llama 2, Touvron et al. 2023,
     eq. 2): the chosen score must beat the rejected one by m."""
     margin_column: Optional[str] = None
@@ -98,7 +99,7 @@ class RewardModelConfig:
     init_adapter: Optional[str] = None
     """Start the reward LoRA from this PEFT adapter (e.g. the SFT output), as InstructGPT starts its
     reward model from the SFT model; none: fresh LoRA weights (lora.*)."""
-    head_init_std: float = 0.02
+    head_init_std: Annotated[float, NONNEG] = 0.02
     """Std of the score head's initial weights (transformers' initializer_range)."""
     train: StageTrainConfig = field(default_factory=StageTrainConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(learning_rate=1e-4,

@@ -80,9 +80,9 @@ class Config:
                 "on minibatch edges; make it a multiple"
             )
         n = self.rollout.samples_per_prompt
-        samples = self.rollout.batch_size * n
+        samples = self.rollout.prompts_per_update * n
         if samples % self.ppo.minibatch_size:
-            what = f"rollout.batch_size={self.rollout.batch_size}" + (
+            what = f"rollout.prompts_per_update={self.rollout.prompts_per_update}" + (
                 f" x rollout.samples_per_prompt={n} = {samples} samples" if n > 1 else "")
             raise UserError(f"{what} is not a multiple of ppo.minibatch_size="
                             f"{self.ppo.minibatch_size}: every minibatch must be full; make it a "

@@ -145,9 +145,10 @@ class _Batch:
         return kv, torch.stack(hs)
 
 
-def decode_continuous(s: Sampler, slots: int) -> None:
-    """Decode every row of `s` with continuous batching over `slots` rows (module doc)."""
-    b = _Batch(s, slots)
+def decode_continuous(s: Sampler, generation_batch_size: int) -> None:
+    """Decode every row of `s` with continuous batching over `generation_batch_size` slots, the
+    rows of the batch's static cache (module doc)."""
+    b = _Batch(s, generation_batch_size)
     while True:
         free = b.free()
         if b.pending < b.n_rows and len(free):

@@ -88,15 +88,39 @@ def _check_jsonl(path: Path, field: str) -> None:
                                 "object with named columns; write one object per line")
 
 
-def load_prompts(spec: str, column: str, field: str = "data.prompts",
+def load_prompts(spec, column: str, field: str = "data.prompts",
                  column_field: str = "data.prompt_column") -> list[str]:
-    """Prompt strings from a table file (column `column`) or a text file (one per line). Blank
-    prompts are dropped."""
-    rows = read_rows(spec, {column: column_field}, field, text=True)
+    """Prompt strings from a table file (column `column`), a text file (one per line), or rows
+    in memory (`in_memory_rows`: a `datasets.Dataset` or a list of dicts). Blank prompts are
+    dropped."""
+    if isinstance(spec, (str, Path)) or spec is None:
+        rows = read_rows(spec, {column: column_field}, field, text=True)
+    else:
+        rows = [{column: r[column]} for r in in_memory_rows(spec, {column: column_field}, field)]
     prompts = [p for row in rows for p in row.values() if isinstance(p, str) and p.strip()]
     if not prompts:
-        raise UserError(f"{field}={spec} holds no non-empty prompt in column {column!r}")
+        raise UserError(f"{field}={_shown(spec)} holds no non-empty prompt in column {column!r}")
     return prompts
+
+
+def _shown(spec) -> str:
+    return spec if isinstance(spec, (str, Path)) else f"<{type(spec).__name__} in memory>"
+
+
+def in_memory_rows(data, columns: dict[str, str], field: str) -> list[dict]:
+    """Rows of a `datasets.Dataset` (or anything with `to_list()`) or a list of dicts, each
+    holding `columns` (column -> the config field naming it, for the message)."""
+    rows = data.to_list() if hasattr(data, "to_list") else data
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"{field}: give a file path, a datasets.Dataset or a list of dicts, not "
+                        f"{type(data).__name__}")
+    if not rows:
+        raise UserError(f"{field}: the {type(data).__name__} holds no rows")
+    for c, name in columns.items():
+        if c not in rows[0]:
+            raise UserError(f"{field}: the rows have no column {c!r} (columns: "
+                            f"{', '.join(rows[0])}); set {name} to one of them")
+    return rows
 
 
 def hold_out(rows: list, eval_rows: Optional[list], size: int, seed: int,

@@ -49,7 +49,7 @@ def score_samples(run: Run, samples: Samples) -> Rollout:
     rollout = run.cfg.rollout
     return logprobs_and_values(run.ac, samples, temperature=rollout.temperature,
                                chunk_size=run.chunk_rows,
-                               batch_size=rollout.generation_batch_size,
+                               generation_batch_size=rollout.generation_batch_size,
                                with_reference=run.cfg.algorithm.uses_reference)
 
 
@@ -87,9 +87,9 @@ def collect(run: Run, prompts: Sequence[Prompt], clock: Optional[PhaseClock] = N
 
 
 def next_prompts(run: Run) -> list[Prompt]:
-    """This rank's share of the next rollout.batch_size x world prompts, each
+    """This rank's share of the next rollout.prompts_per_update x world prompts, each
     rollout.samples_per_prompt times in a row (a group, never split across ranks)."""
-    bs, n = run.cfg.rollout.batch_size, run.cfg.rollout.samples_per_prompt
+    bs, n = run.cfg.rollout.prompts_per_update, run.cfg.rollout.samples_per_prompt
     mine = run.prompts.take(bs * run.dist.world_size)[run.dist.rank * bs:(run.dist.rank + 1) * bs]
     return [p for p in mine for _ in range(n)]
 
@@ -101,6 +101,6 @@ def rollout_step(run: Run, clock: PhaseClock
     rollout = run.cfg.rollout
     if not rollout.dynamic_sampling:
         return (*collect(run, next_prompts(run), clock), None)
-    return sample_until_full(lambda: collect(run, next_prompts(run), clock), rollout.batch_size,
+    return sample_until_full(lambda: collect(run, next_prompts(run), clock), rollout.prompts_per_update,
                              rollout.samples_per_prompt, rollout.max_extra_rounds,
                              run.tokenizer.pad_token_id, all_sum)

@@ -6,7 +6,7 @@ under GRPO its advantages are 0, and as more prompts become easy (or stay too ha
 carry a gradient. DAPO over-samples and filters them (eq. 11, the constraint
 0 < |{o_i correct}| < G); verl does it with `filter_groups` and `max_num_gen_batches`.
 
-    round 1..k   every rank samples `rollout.batch_size` fresh prompts x n and scores them
+    round 1..k   every rank samples `rollout.prompts_per_update` fresh prompts x n and scores them
                  (`collect`: the loop's own step 1), keeps the groups whose raw scores vary, up
                  to the groups it still lacks, and sets the rest aside
     stop         when no rank lacks a group (decided on the sum over ranks, so every rank runs
@@ -19,7 +19,7 @@ carry a gradient. DAPO over-samples and filters them (eq. 11, the constraint
 
 Groups never straddle ranks or rounds: each round's rollout holds whole groups, n consecutive
 rows, and the rows kept are whole groups. Prompts are consumed as without dynamic sampling, one
-`rollout.batch_size x world` slice per round.
+`rollout.prompts_per_update x world` slice per round.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ METRICS = ("sampling/rounds", "sampling/frac_dropped_groups", "sampling/frac_fil
 
 def sampling_metrics(stats: SamplingStats | None, rollout_groups: int, group_size: int) -> dict:
     """The sampling/* metrics (docs/metrics.md); None without dynamic sampling.
-    `rollout_groups`: the groups of one rollout over all ranks (batch_size x world).
+    `rollout_groups`: the groups of one rollout over all ranks (prompts_per_update x world).
     `sampling/raw_scores` is the mean over every response sampled, kept or dropped: the rollout's
     own `objective/raw_scores` leaves out the tied groups, so it is no estimate of the policy's
     score."""

@@ -143,7 +143,7 @@ def ppo_step(run: Run, on_phase: Optional[Callable[[str], None]] = None) -> Step
     # step 4. PPO epochs on the engine
     with clock.phase("update"):
         stats = update(run, ro, kl_coef)
-    bs, n, world = run.cfg.rollout.batch_size, run.cfg.rollout.samples_per_prompt, \
+    bs, n, world = run.cfg.rollout.prompts_per_update, run.cfg.rollout.samples_per_prompt, \
         run.dist.world_size
     run.step += 1
     run.episode += n * (bs * world if sampling is None else int(sampling.groups))
@@ -168,13 +168,16 @@ def evaluate(run: Run, logger: MetricsLogger) -> dict:
     return out
 
 
-def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> Run:
+def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False, *,
+          dataset=None, eval_dataset=None, reward_fn: Optional[Callable] = None) -> Run:
     """Run PPO and return the finished run. `resume`: "latest" or a checkpoint path;
-    `overwrite`: replace an earlier run in output_dir (else it is refused, io/run_dir.py)."""
+    `overwrite`: replace an earlier run in output_dir (else it is refused, io/run_dir.py).
+    `dataset`, `eval_dataset`, `reward_fn`: in-memory data and a callable in place of what the
+    config names (ppo/run.py::setup)."""
     # Check the output_dir and find the checkpoint before loading anything, so a bad --resume
     # or a used output_dir fails at once, and nothing is written before every check passed.
     start = earlier_run(cfg.output_dir, "train", resume, overwrite, cfg.output_dir)
-    run = setup(cfg)
+    run = setup(cfg, dataset=dataset, eval_dataset=eval_dataset, reward_fn=reward_fn)
     rank0 = run.dist.rank == 0
     if start.checkpoint is not None:
         ckpt.load(run, start.checkpoint)  # refuses a checkpoint this config cannot continue
@@ -196,7 +199,7 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) ->
         out = ppo_step(run)
         # step 6. log, evaluate, checkpoint
         row = update_metrics(run, out.rollout, out.stats, out.kl_coef, out.seconds)
-        row.update(sampling_metrics(out.sampling, cfg.rollout.batch_size * run.dist.world_size,
+        row.update(sampling_metrics(out.sampling, cfg.rollout.prompts_per_update * run.dist.world_size,
                                     cfg.rollout.samples_per_prompt))
         if cfg.data.eval_every and run.step % cfg.data.eval_every == 0:
             row.update(evaluate(run, logger))

@@ -91,7 +91,7 @@ SAMPLER_METRICS = ("rollout/sampler_kl", "sampling/sampling_logp_difference/mean
                    "sampling/importance_sampling_ratio/mean", "sampling/importance_sampling_ratio/max")
 
 
-def sampler_metrics(ac, ro: Rollout, pc) -> dict:
+def sampler_metrics(ac, ro: Rollout, ppo) -> dict:
     """The sampled distribution against the scored one over every rank's rollout (formulas in
     docs/metrics.md): the KL, TRL's log-prob differences, and TRL's importance-weight stats
     where the correction applies (per token, or per response at the sequence level)."""
@@ -99,9 +99,9 @@ def sampler_metrics(ac, ro: Rollout, pc) -> dict:
     if ro.sampler_logprobs is None:
         return out
     m = sampler_mismatch(ro.logprobs, ro.sampler_logprobs, ro.response_mask)
-    w = sampler_correction(ac, ro, pc)
+    w = sampler_correction(ac, ro, ppo)
     real = ro.response_mask > 0
-    if w is not None and pc.sampler_importance_sampling_mode.startswith("sequence"):
+    if w is not None and ppo.sampler_importance_sampling_mode.startswith("sequence"):
         w, real = w[:, :1], real.any(1, keepdim=True)  # one weight per response
     w = ro.response_mask.new_zeros(0) if w is None else w[real]
     kl, diff, tokens, w_sum, w_n = all_sum([m.kl, m.abs_diff, m.tokens, float(w.sum()),

@@ -114,8 +114,8 @@ class AdapterReward:
 
     name = "adapter"
 
-    def __init__(self, ac: ActorCritic, batch_size: int):
-        self.ac, self.batch_size = ac, batch_size
+    def __init__(self, ac: ActorCritic, generation_batch_size: int):
+        self.ac, self.generation_batch_size = ac, generation_batch_size
 
     @torch.no_grad()
     def __call__(self, prompts, completions, rollout_tensors) -> torch.Tensor:
@@ -125,8 +125,8 @@ class AdapterReward:
         self.ac.eval()
         scores = []
         try:
-            for s in range(0, q_ids.shape[0], self.batch_size):
-                sl = slice(s, s + self.batch_size)
+            for s in range(0, q_ids.shape[0], self.generation_batch_size):
+                sl = slice(s, s + self.generation_batch_size)
                 ids = torch.cat([q_ids[sl], r_ids[sl]], 1)
                 mask = torch.cat([q_mask[sl], r_mask[sl].long()], 1)
                 last = q_ids.shape[1] + last_token_index(r_mask[sl])
@@ -150,7 +150,8 @@ class ModelReward:
 
     name = "model"
 
-    def __init__(self, path: str, tokenizer_path: str | None, label: int, batch_size: int,
+    def __init__(self, path: str, tokenizer_path: str | None, label: int,
+                 generation_batch_size: int,
                  device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -171,7 +172,7 @@ class ModelReward:
         if not 0 <= label < cfg.num_labels:
             raise UserError(f"reward.model_label={label} but reward.model={path} has "
                             f"{cfg.num_labels} logit(s); use 0..{cfg.num_labels - 1}")
-        self.label, self.batch_size, self.device = label, batch_size, device
+        self.label, self.generation_batch_size, self.device = label, generation_batch_size, device
         self.max_length = min(tok.model_max_length,
                               getattr(cfg, "max_position_embeddings", None) or 1 << 30)
 
@@ -184,8 +185,8 @@ class ModelReward:
     def __call__(self, prompts, completions, rollout_tensors) -> torch.Tensor:
         texts = [p + c for p, c in zip(prompts, completions)]
         scores = []
-        for s in range(0, len(texts), self.batch_size):
-            chunk = texts[s:s + self.batch_size]
+        for s in range(0, len(texts), self.generation_batch_size):
+            chunk = texts[s:s + self.generation_batch_size]
             logits, enc = self._logits(chunk, padded=True)
             ids, mask = enc["input_ids"], enc["attention_mask"]
             last = ids[torch.arange(len(chunk)), mask.sum(1) - 1]
@@ -220,10 +221,11 @@ class WeightedReward:
         return total
 
 
-def check_reward_sources(cfg) -> Callable | None:
+def check_reward_sources(cfg, function: Callable | None = None) -> Callable | None:
     """Fail before the base model loads: import the reward function (a missing file or name or a
     syntax error is found now, not after the model and engine are set up) and check that the
-    reward adapter and model directories are there. Returns the function, or None."""
+    reward adapter and model directories are there. Returns the function, or None. `function`:
+    a callable given in Python, which stands in for reward.function."""
     r = cfg.reward
     if "adapter" in r.kinds:
         check_adapter_dir(r.adapter, "reward.adapter")
@@ -233,7 +235,9 @@ def check_reward_sources(cfg) -> Callable | None:
     if "model" in r.kinds and Path(r.model).exists() and not (Path(r.model) / "config.json").is_file():
         raise UserError(f"reward.model={r.model} has no config.json; point it at a saved "
                         "sequence-classification model directory")
-    return load_function(r.function) if "function" in r.kinds else None
+    if "function" not in r.kinds:
+        return None
+    return function if function is not None else load_function(r.function)
 
 
 def _make_one(kind: str, cfg, ac: ActorCritic, function: Callable | None) -> RewardSource:
@@ -244,7 +248,8 @@ def _make_one(kind: str, cfg, ac: ActorCritic, function: Callable | None) -> Rew
                            cfg.rollout.generation_batch_size, ac.device,
                            resolve_compute_dtype(cfg.quantization.compute_dtype, ac.device),
                            cfg.model.trust_remote_code)
-    return FunctionReward(cfg.reward.function, function)
+    name = cfg.reward.function or getattr(function, "__qualname__", "function")
+    return FunctionReward(name, function)
 
 
 def make_reward_source(cfg, ac: ActorCritic, function: Callable | None = None) -> RewardSource:

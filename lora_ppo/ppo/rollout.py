@@ -73,10 +73,11 @@ class Rollout:
 
 @torch.no_grad()
 def logprobs_and_values(ac: ActorCritic, samples: Samples, *, temperature: float,
-                        chunk_size: int, batch_size: int, with_reference: bool = True) -> Rollout:
+                        chunk_size: int, generation_batch_size: int,
+                        with_reference: bool = True) -> Rollout:
     """The rollout: `samples` with their old log-probs, values (with a value function) and
     reference log-probs (`with_reference`; without it the reference forward is skipped),
-    computed in chunks of `batch_size` sequences."""
+    computed in chunks of `generation_batch_size` sequences."""
     query_ids, query_mask, response_ids, response_mask, has_eos = samples[:5]
     # the sampler's own log-probs (and shared-head values) stand for the policy forward
     from_sampler = samples.scored and samples.logprobs is not None and (
@@ -86,8 +87,8 @@ def logprobs_and_values(ac: ActorCritic, samples: Samples, *, temperature: float
     device = ac.device
     parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "values": [], "ref_logprobs": []}
     try:
-        for s in range(0, query_ids.shape[0], batch_size):
-            batch = [t[s:s + batch_size].to(device)
+        for s in range(0, query_ids.shape[0], generation_batch_size):
+            batch = [t[s:s + generation_batch_size].to(device)
                      for t in (query_ids, query_mask, response_ids, response_mask)]
             mask = batch[3]
             with ac.precision():  # the run's autocast, as the update's forwards run under it

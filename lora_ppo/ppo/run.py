@@ -52,12 +52,15 @@ class Run:
     episode: int = 0
 
 
-def setup(cfg: Config, *, prompts: Optional[list[Prompt]] = None,
+def setup(cfg: Config, *, dataset=None, eval_dataset=None, reward_fn: Optional[Callable] = None,
+          prompts: Optional[list[Prompt]] = None,
           on_base_loaded: Optional[Callable[[torch.nn.Module], None]] = None) -> Run:
     """Build every part of a run; the cheap checks (model path, DeepSpeed config, reward
     function, prompts) come before the base model is loaded. Writes nothing.
 
-    `prompts`: the training prompts as token ids, in place of `data.prompts` (a benchmark that
+    In place of what the config names, from Python: `dataset` / `eval_dataset` (a
+    datasets.Dataset or a list of dicts) for data.prompts / data.eval_prompts, `reward_fn` (a
+    callable) for reward.function. `prompts`: the training prompts as token ids (a benchmark that
     feeds exact ids; no held-out prompts then). `on_base_loaded(base)`: called once the base
     model is loaded, before the adapters (a benchmark's memory meter)."""
     model_path = resolve_model_path(cfg.model.path)  # fail on a bad path before anything starts
@@ -67,9 +70,9 @@ def setup(cfg: Config, *, prompts: Optional[list[Prompt]] = None,
     ds_config = run_ds_config(cfg, dist.world_size, dist.device, "ppo")
     if cfg.model.init_adapter:
         check_adapter_dir(cfg.model.init_adapter, "model.init_adapter")
-    reward_fn = check_reward_sources(cfg)
+    reward_fn = check_reward_sources(cfg, reward_fn)
     train_prompts, eval_prompts = (prompts, []) if prompts is not None else read_prompts(
-        cfg, tokenizer)
+        cfg, tokenizer, dataset, eval_dataset)
     base = load_base_model(cfg, model_path, dist.device)
     if on_base_loaded is not None:
         on_base_loaded(base)
@@ -86,7 +89,7 @@ def setup(cfg: Config, *, prompts: Optional[list[Prompt]] = None,
         for line in (checked, *seams.notes):
             if line:
                 print(line, flush=True)
-    samples = cfg.rollout.batch_size * cfg.rollout.samples_per_prompt
+    samples = cfg.rollout.prompts_per_update * cfg.rollout.samples_per_prompt
     steps_per_update = cfg.ppo.epochs * samples // cfg.ppo.minibatch_size
     engine = create_engine(ac, ds_config=ds_config, optim=cfg.ppo.optim,
                            total_steps=cfg.ppo.total_updates * steps_per_update)
@@ -101,17 +104,21 @@ def setup(cfg: Config, *, prompts: Optional[list[Prompt]] = None,
                synced=dist.world_size > 1 and zero_stage(engine.config) == 3)
 
 
-def read_prompts(cfg: Config, tokenizer) -> tuple[list[Prompt], list[Prompt]]:
+def read_prompts(cfg: Config, tokenizer, dataset=None, eval_dataset=None
+                 ) -> tuple[list[Prompt], list[Prompt]]:
     """(training prompts, held-out prompts), rendered as the policy reads them (chat template)
-    and encoded."""
+    and encoded; from the files the config names, or `dataset` / `eval_dataset` in memory."""
     d = cfg.data
 
-    def read(spec: str, field: str) -> list[str]:
+    def read(spec, field: str) -> list[str]:
         return [render_prompt(tokenizer, p, d.chat_template)
                 for p in load_prompts(spec, d.prompt_column, field)]
 
-    held = read(d.eval_prompts, "data.eval_prompts") if d.eval_prompts and d.eval_every else None
-    train, held = hold_out(read(d.prompts, "data.prompts"), held,
+    eval_spec = eval_dataset if eval_dataset is not None else d.eval_prompts
+    held = (read(eval_spec, "data.eval_prompts")
+            if eval_spec is not None and d.eval_every else None)
+    train_spec = dataset if dataset is not None else d.prompts
+    train, held = hold_out(read(train_spec, "data.prompts"), held,
                            d.eval_size if d.eval_every else 0, cfg.seed, "data.eval_size")
     n = cfg.model.max_prompt_length
     return (encode(tokenizer, train, d.chat_template, n),

@@ -276,14 +276,14 @@ def _decoding(ac: ActorCritic, cfg, batch, reference: torch.Tensor, pad_id: int,
               notes: list[str]) -> DecodePath:
     """The fastest decode path that gives the forward's log-probs: give up the fold, then
     continuous batching, then the static cache, one line each; refuse when none does."""
-    kind, rc = ac.causal_lm.config.model_type, cfg.rollout
-    fold = rc.fold_for_generation and ac.autocast is None and can_fold(ac.peft_model)
-    why = unfoldable(ac.peft_model) if rc.fold_for_generation else None
+    kind, rollout = ac.causal_lm.config.model_type, cfg.rollout
+    fold = rollout.fold_for_generation and ac.autocast is None and can_fold(ac.peft_model)
+    why = unfoldable(ac.peft_model) if rollout.fold_for_generation else None
     if why:
         notes.append(f"model.init_adapter: the policy's {why} cannot be folded into the base "
                      "weights exactly; it generates unfolded (rollout.fold_for_generation="
                      "false)")
-    how = DecodePath(rc.continuous_batching, rc.static_kv_cache, fold)
+    how = DecodePath(rollout.continuous_batching, rollout.static_kv_cache, fold)
     while _decode_diff(ac, batch, reference, pad_id, how) > tolerance(ac):
         if how.fold:
             how = how._replace(fold=False)
@@ -393,9 +393,9 @@ def seams_for(ac: ActorCritic, cfg, pad_id: int, model_path: str) -> tuple[Seams
     mode = cfg.model.seam_check
     if mode == "off":
         best = preferred(ac, cfg)[0][1]
-        rc = cfg.rollout
-        return Seams(best, DecodePath(rc.continuous_batching, rc.static_kv_cache,
-                                      rc.fold_for_generation)), None
+        rollout = cfg.rollout
+        return Seams(best, DecodePath(rollout.continuous_batching, rollout.static_kv_cache,
+                                      rollout.fold_for_generation)), None
     path = _cache_dir() / f"{_key(ac, cfg, model_path)}.json"
     if mode == "auto" and path.is_file():
         try:

@@ -110,18 +110,18 @@ def micro_batch_loss(engine, micro: Rollout, ppo, algorithm, normalizer: torch.T
     return loss, MicroStats(*stats.tolist())
 
 
-def sampler_correction(ac, ro: Rollout, pc) -> Optional[torch.Tensor]:
+def sampler_correction(ac, ro: Rollout, ppo) -> Optional[torch.Tensor]:
     """(B, R) importance weights pi_old / pi_sampler of `ro`'s tokens (ppo.sampler_importance_
     sampling_*; rl/sampler_correction.py), or None where none apply: the correction is off, the
     rollout has no sampler log-probs, or the sampler's distribution is the scored one (an fp32
     policy without autocast: its log-probs are the old log-probs, every weight 1)."""
-    if (not pc.sampler_importance_sampling_correction or ro.sampler_logprobs is None
+    if (not ppo.sampler_importance_sampling_correction or ro.sampler_logprobs is None
             or sampler_agrees(ac)):
         return None
     return sampler_weights(ro.logprobs, ro.sampler_logprobs, ro.response_mask,
-                           pc.sampler_importance_sampling_mode,
-                           pc.sampler_importance_sampling_clip_max,
-                           pc.sampler_importance_sampling_clip_min)
+                           ppo.sampler_importance_sampling_mode,
+                           ppo.sampler_importance_sampling_clip_max,
+                           ppo.sampler_importance_sampling_clip_min)
 
 
 def loss_mask(ro: Rollout, mask_truncated: bool) -> torch.Tensor:

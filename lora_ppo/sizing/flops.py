@@ -40,7 +40,7 @@ def scoring_flops(arch: Arch, batch: int, prompt_len: int, resp_len: int, lora_p
                   reference: bool = True) -> float:
     """Policy and reference forwards over prompt+response with logits on the response; in
     value.mode=adapter one more critic forward (no logits). `policy=False`: the sampler's own
-    log-probs stood in for the policy's forward (ppo/loop.py::sampler_scores); `reference=False`:
+    log-probs stood in for the policy's forward (ppo/collect.py::sampler_scores); `reference=False`:
     no KL needs the reference."""
     seq, rows = prompt_len + resp_len, batch * resp_len
     total = forward_flops(arch, batch, seq, lora_params=lora_params, logit_rows=rows) * policy

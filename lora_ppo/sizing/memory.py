@@ -149,7 +149,7 @@ class Shapes:
 
 def shapes_from_config(cfg) -> Shapes:
     n = cfg.rollout.samples_per_prompt
-    samples = cfg.rollout.batch_size * n
+    samples = cfg.rollout.prompts_per_update * n
     # the update keeps groups together only when minibatches hold whole groups (update.py)
     group = (n if cfg.model.shared_prompt and cfg.model.padding_free
              and cfg.ppo.minibatch_size % n == 0 else 1)
@@ -329,7 +329,7 @@ class Suggestion(NamedTuple):
 def suggest_batch_sizes(cfg, arch: Arch, gpu_mib: float, device: str = "gpu",
                         headroom: float = 0.1, own_logits: bool = False) -> Suggestion:
     """The largest micro_batch_size (a divisor of ppo.minibatch_size) and generation_batch_size
-    (a divisor of rollout.batch_size) whose phases fit in (1 - headroom) * gpu_mib.
+    (a divisor of rollout.prompts_per_update) whose phases fit in (1 - headroom) * gpu_mib.
 
     headroom covers what the estimate leaves out: the CUDA context lives outside the allocator,
     and fragmentation makes reserved memory exceed allocated (typically 5-10%).
@@ -343,7 +343,7 @@ def suggest_batch_sizes(cfg, arch: Arch, gpu_mib: float, device: str = "gpu",
 
     micro = next((m for m in _divisors_desc(cfg.ppo.minibatch_size)
                   if est(m, 1).phases["update"] <= budget), None)
-    gen = next((g for g in _divisors_desc(cfg.rollout.batch_size)
+    gen = next((g for g in _divisors_desc(cfg.rollout.prompts_per_update)
                 if max(est(1, g).phases["generation"], est(1, g).phases["scoring"]) <= budget),
                None)
     return Suggestion(micro, gen, est(micro or 1, gen or 1), budget)

@@ -177,12 +177,13 @@ def train_reward(cfg: Config, resume: Optional[str] = None, overwrite: bool = Fa
         for s in range(0, len(idx), micro):
             pairs = [train[i] for i in idx[s:s + micro]]
             # Through the engine: ZeRO-3 counts its micro-steps in engine.forward (update.py).
-            rc, rr = pair_scores(st.engine, pairs, tok.pad_token_id, st.dist.device)
-            margin = torch.tensor([p.margin for p in pairs], device=rc.device)
-            losses = bradley_terry_loss(rc, rr, margin)
+            r_chosen, r_rejected = pair_scores(st.engine, pairs, tok.pad_token_id,
+                                               st.dist.device)
+            margin = torch.tensor([p.margin for p in pairs], device=r_chosen.device)
+            losses = bradley_terry_loss(r_chosen, r_rejected, margin)
             st.engine.backward(losses.mean())  # DeepSpeed divides by the accumulation steps
             st.engine.step()
-            sums = [a + b for a, b in zip(sums, stat_sums(rc, rr, losses))]
+            sums = [a + b for a, b in zip(sums, stat_sums(r_chosen, r_rejected, losses))]
         n_tok = float(sum(len(train[i].chosen) + len(train[i].rejected) for i in idx))
         *sums, n_tok = all_sum(sums + [n_tok])
         return {**metrics_from_sums(sums), "tokens/all": n_tok}
@@ -194,10 +195,10 @@ def train_reward(cfg: Config, resume: Optional[str] = None, overwrite: bool = Fa
         sums = [0.0] * 7
         for s in range(0, len(shard), micro):
             pairs = shard[s:s + micro]
-            rc, rr = pair_scores(model, pairs, tok.pad_token_id, st.dist.device)
-            margin = torch.tensor([p.margin for p in pairs], device=rc.device)
-            sums = [a + b for a, b in zip(sums, stat_sums(rc, rr, bradley_terry_loss(rc, rr,
-                                                                                      margin)))]
+            r_chosen, r_rejected = pair_scores(model, pairs, tok.pad_token_id, st.dist.device)
+            margin = torch.tensor([p.margin for p in pairs], device=r_chosen.device)
+            losses = bradley_terry_loss(r_chosen, r_rejected, margin)
+            sums = [a + b for a, b in zip(sums, stat_sums(r_chosen, r_rejected, losses))]
         return metrics_from_sums(all_sum(sums), "eval/")
 
     fit(st, len(train), train_step, evaluate if evals else None,

@@ -23,7 +23,7 @@ def test_demo_pipeline_at_reduced_size(tiny_model_dir, tmp_path):
     res = run_cli("demo", f"output_dir={out}", f"model.path={tiny_model_dir}",
                   "model.max_prompt_length=16", "reward_model.train.max_steps=6",
                   "reward_model.eval.every=3", "reward_model.eval.size=16",
-                  "reward_model.train.max_length=64", "rollout.batch_size=8",
+                  "reward_model.train.max_length=64", "rollout.prompts_per_update=8",
                   "rollout.generation_batch_size=8", "rollout.max_new_tokens=6",
                   "ppo.total_updates=3", "ppo.minibatch_size=8", "ppo.micro_batch_size=4",
                   "ppo.optim.learning_rate=0.01", "data.eval_every=3", "data.eval_size=2",

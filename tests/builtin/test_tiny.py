@@ -23,6 +23,7 @@ def model_dir(tmp_path_factory):
     return tiny.build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
+@pytest.mark.integration
 def test_saved_dir_loads_offline_with_plain_transformers(model_dir):
     assert (model_dir / "model.safetensors").is_file()
     # A fresh interpreter with the hub switched off and no lora_ppo import: what a user gets.

@@ -52,7 +52,8 @@ def test_yaml_and_overrides(tmp_path):
     (["lora.r=0"], "lora.r=0 is out of range"),
     (["quantization.mode=3bit"], "quantization.mode='3bit' is not one of 'none', '8bit', '4bit'"),
     (["ppo.minibatch_size=6", "ppo.micro_batch_size=4"], "ppo.minibatch_size=6 is not a multiple"),
-    (["rollout.batch_size=20"], "rollout.batch_size=20 is not a multiple of ppo.minibatch_size=16"),
+    (["rollout.prompts_per_update=20"],
+     "rollout.prompts_per_update=20 is not a multiple of ppo.minibatch_size=16"),
     (["reward.source=adapter"], "reward.source=adapter needs reward.adapter"),
     (["ppo.gamma=1.5"], "ppo.gamma=1.5 is out of range"),
     (["ppo"], "not of the form section.key=value"),
@@ -70,6 +71,7 @@ def test_bad_values_name_field_value_and_fix(overrides, expected):
     (["lora.r=0"], "lora.r=0 is out of range"),
     (["model.path=/no/such/model"], "model.path=/no/such/model does not exist"),
 ])
+@pytest.mark.integration
 def test_cli_bad_config_is_one_line_and_exit_2(args, expected, tmp_path):
     res = run_cli("train", f"output_dir={tmp_path / 'out'}", *args)
     assert res.returncode == 2, res.stderr
@@ -79,6 +81,7 @@ def test_cli_bad_config_is_one_line_and_exit_2(args, expected, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written on bad input
 
 
+@pytest.mark.integration
 def test_cli_missing_config_file(tmp_path):
     res = run_cli("train", "--config", str(tmp_path / "nope.yaml"))
     assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
@@ -97,5 +100,5 @@ def test_the_trl_grpo_preset_has_trl_1_16s_grpo_defaults():
     assert not alg.uses_reference and p.kl_coef == 0
     assert (p.cliprange, p.cliprange_high, p.importance_sampling_level) == (0.2, None, "token")
     assert p.epochs == 1 and r.samples_per_prompt == 8 and r.temperature == 1.0
-    assert p.minibatch_size == r.batch_size * r.samples_per_prompt  # steps_per_generation = 1
+    assert p.minibatch_size == r.prompts_per_update * r.samples_per_prompt  # steps_per_generation = 1
     assert p.optim.lr_schedule == "linear" and not p.mask_truncated_completions

@@ -89,6 +89,7 @@ def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["b"]
 
 
+@pytest.mark.integration
 def test_layout_keep_and_no_frozen_base(trained):
     out, _ = trained
     root = out / "checkpoints"
@@ -115,6 +116,7 @@ def test_layout_keep_and_no_frozen_base(trained):
     assert keys and all(k.startswith("base_model.model.") and ".policy." not in k for k in keys)
 
 
+@pytest.mark.integration
 def test_load_restores_the_run(trained, tiny_model_dir, low_ids_reward):
     from lora_ppo.ppo.loop import setup
 
@@ -139,6 +141,7 @@ def test_load_restores_the_run(trained, tiny_model_dir, low_ids_reward):
     assert adam and all(int(s["step"]) == 3 for s in adam.values())  # one step per update
 
 
+@pytest.mark.integration
 def test_corrupt_and_truncated_files_are_refused(trained, tmp_path):
     out, _ = trained
     bad = shutil.copytree(out / "checkpoints" / "step-3", tmp_path / "step-3")
@@ -169,6 +172,7 @@ def _other_base(model_dir: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.integration
 def test_incompatible_checkpoints_are_refused(trained, tmp_path):
     from lora_ppo.ppo.loop import setup
 
@@ -205,7 +209,7 @@ def _crash_config(tmp_path, name, model_dir, reward, *, seed, checkpoint_every, 
         "quantization": {"mode": "none"}, "lora": {"r": 4, "alpha": 8},
         "reward": {"function": reward, "normalize": True},
         "data": {"prompts": "builtin:reviews"},
-        "rollout": {"batch_size": 8, "generation_batch_size": 8, "max_new_tokens": 6},
+        "rollout": {"prompts_per_update": 8, "generation_batch_size": 8, "max_new_tokens": 6},
         "ppo": {"minibatch_size": 4, "micro_batch_size": 2, "adaptive_kl": True,
                 "target_kl": 0.01, "kl_horizon": 100, **ppo},
         "deepspeed": {"config": "zero2"},

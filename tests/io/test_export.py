@@ -83,6 +83,7 @@ def _response_logprobs(model, ids: torch.Tensor, query_len: int) -> torch.Tensor
     return logits.log_softmax(-1).gather(-1, ids[:, query_len:, None]).squeeze(-1)
 
 
+@pytest.mark.integration
 def test_export_is_a_plain_peft_adapter(shared, tmp_path):
     out = export(shared["path"], tmp_path / "exported")
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
@@ -105,6 +106,7 @@ def test_export_is_a_plain_peft_adapter(shared, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["exported"]  # no temp dir left beside it
 
 
+@pytest.mark.integration
 def test_export_of_a_run_dir_takes_its_latest_complete_checkpoint(shared, tmp_path):
     run_dir = shared["path"].parent.parent
     incomplete = run_dir / "checkpoints" / "step-9"  # newer, but never sealed
@@ -123,6 +125,7 @@ def test_export_of_a_run_dir_takes_its_latest_complete_checkpoint(shared, tmp_pa
     assert not (tmp_path / "nothing").exists()
 
 
+@pytest.mark.integration
 def test_export_critic_adapter_and_head(quantized, tmp_path):
     from peft import get_peft_model_state_dict
 
@@ -136,6 +139,7 @@ def test_export_critic_adapter_and_head(quantized, tmp_path):
     assert (out / "value" / "value_head.safetensors").is_file()
 
 
+@pytest.mark.integration
 def test_merged_model_loads_without_peft(shared, tmp_path):
     out = tmp_path / "merged"
     report = merge(shared["path"], out, dtype="fp32", max_shard_size="200KB")
@@ -161,6 +165,7 @@ def test_merged_model_loads_without_peft(shared, tmp_path):
     assert torch.equal(plain["gen"], gen)
 
 
+@pytest.mark.integration
 def test_merge_of_a_4bit_trained_adapter(quantized, tmp_path, capsys):
     out = tmp_path / "merged"
     report = merge(quantized["path"], out, dtype="fp32")
@@ -179,6 +184,7 @@ def test_merge_of_a_4bit_trained_adapter(quantized, tmp_path, capsys):
                                    atol=1e-4)
 
 
+@pytest.mark.integration
 def test_failed_merge_check_writes_nothing(shared, tmp_path):
     with pytest.raises(UserError, match="merge check failed.*nothing was written"):
         merge(shared["path"], tmp_path / "merged", dtype="bf16", tolerance=1e-9)

@@ -308,6 +308,7 @@ def _plain_logits(model_dir: Path) -> torch.Tensor:
         return model(input_ids=IDS).logits
 
 
+@pytest.mark.integration
 def test_dequantized_merge_behaves_like_the_4bit_model(q4, tmp_path):
     trained = _trained_logits(q4)
     fp32 = merge(q4, tmp_path / "deq32", dtype="fp32", into="dequantized")
@@ -327,6 +328,7 @@ def test_dequantized_merge_behaves_like_the_4bit_model(q4, tmp_path):
     assert manifest["merge"]["into"] == "dequantized" and manifest["merge"]["dtype"] == "bf16"
 
 
+@pytest.mark.integration
 def test_tensor_check_alone_and_bad_arguments(q4, tmp_path, capsys):
     report = merge(q4, tmp_path / "m", verify="tensors", max_shard_size="50KB")
     assert report.max_logit_diff is None and report.tensors_checked == 14  # 7 kinds x 2 layers
@@ -340,6 +342,7 @@ def test_tensor_check_alone_and_bad_arguments(q4, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+@pytest.mark.integration
 def test_dequantized_needs_a_quantized_run_and_cli_default_is_bf16(tiny_model_dir, tmp_path, capsys):
     from lora_ppo.cli import main
 
@@ -355,6 +358,7 @@ def test_dequantized_needs_a_quantized_run_and_cli_default_is_bf16(tiny_model_di
     assert len(err) == 1 and "is a file, not a directory" in err[0]
 
 
+@pytest.mark.integration
 def test_stale_temp_dirs_of_dead_processes_are_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
@@ -411,6 +415,7 @@ def test_bench_merge_script_runs(tmp_path):
     shutil.rmtree(tmp_path / "cache")
 
 
+@pytest.mark.integration
 def test_a_run_started_from_a_dora_adapter_merges_into_what_it_trained(tiny_model_dir, tmp_path):
     """Training accepts a DoRA starting adapter (and trains its magnitude); `lora-ppo merge` used
     to refuse it (use_dora). Now its checks pass (peft's merge of sampled modules, logits on the

@@ -116,6 +116,7 @@ def test_reference_is_the_sft_adapter_when_training_starts_from_one(tiny_model_d
     assert not any(p.requires_grad for n, p in ac.named_parameters() if f".{REFERENCE}." in n)
 
 
+@pytest.mark.integration
 def test_role_switch_restores_adapter_and_mode_after_an_exception(tiny_model_dir, adapters,
                                                                    tmp_path):
     _, ac = _model(tiny_model_dir, tmp_path, "value.mode=adapter")
@@ -131,6 +132,7 @@ def test_role_switch_restores_adapter_and_mode_after_an_exception(tiny_model_dir
     assert [n for n, p in ac.named_parameters() if p.requires_grad] == trainable
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("mode, layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
 def test_quantized_base_trains_only_the_policy_adapter(wide_model_dir, tmp_path, mode, layer):
     cfg, ac = _model(wide_model_dir, tmp_path, f"quantization.mode={mode}", "value.mode=adapter")
@@ -163,6 +165,7 @@ def test_missing_pad_token_is_eos_and_padding_is_left(tiny_model_dir):
     assert tok.pad_token_id == tok.eos_token_id and tok.padding_side == "left"
 
 
+@pytest.mark.integration
 def test_4bit_gradients_are_the_same_after_a_no_grad_rollout_pass(wide_model_dir, tmp_path):
     # bitsandbytes repacks 4-bit weights for CPU inference on the first eval no-grad forward and
     # the repacked op has no autograd: without keep_4bit_differentiable_on_cpu the update after a

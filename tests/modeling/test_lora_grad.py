@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import types
 
+import pytest
 import torch
 from helpers import make_adapter_dir, tiny_config
 from peft import LoraConfig, get_peft_model
@@ -40,6 +41,7 @@ def test_the_fast_order_gives_the_same_gradients(tiny_model_dir):
         torch.testing.assert_close(fast[n], plain[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.integration
 def test_only_the_trainable_adapters_take_it(tiny_model_dir, tmp_path):
     init = make_adapter_dir(tiny_model_dir, tmp_path / "sft", seed=1)
     reward = make_adapter_dir(tiny_model_dir, tmp_path / "rm", seed=2, head=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 from helpers import make_adapter_dir, tiny_config, update_with
 
@@ -70,6 +71,7 @@ def test_rows_are_as_wide_as_their_attention_is_worth():
     assert pack(*_seqs([100, 70]), width_cost=wc, max_width=50).input_ids.shape == (2, 100)
 
 
+@pytest.mark.integration
 def test_packed_forward_equals_the_padded_one(tiny_model_dir, tmp_path):
     """Log-probs, entropy and values of varied-length sequences, shared value head and critic
     adapter, with gradient flowing (the update's path): the same to fp32 round-off."""
@@ -101,6 +103,7 @@ def test_packed_forward_equals_the_padded_one(tiny_model_dir, tmp_path):
             torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-5, msg=n)
 
 
+@pytest.mark.integration
 def test_a_trimmed_micro_batch_scores_as_the_full_width_one(tiny_model_dir, tmp_path):
     run = _run(tiny_model_dir, tmp_path / "run", "model.padding_free=false")
     ro = collect(run, run.prompts.take(8))[0]
@@ -114,6 +117,7 @@ def test_a_trimmed_micro_batch_scores_as_the_full_width_one(tiny_model_dir, tmp_
     torch.testing.assert_close(v * mb.response_mask, mb.values, rtol=0, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_generation_with_the_merged_policy_is_exact_and_restores_the_weights(tiny_model_dir,
                                                                               tmp_path):
     """An init adapter with random B (and dropout in its saved config): sampling with the policy
@@ -145,6 +149,7 @@ def test_generation_with_the_merged_policy_is_exact_and_restores_the_weights(tin
     assert (want - ac.causal_lm(input_ids=q).logits).abs().max() == 0
 
 
+@pytest.mark.integration
 def test_an_update_trains_the_same_adapter_padding_free_or_not(tiny_model_dir, tmp_path,
                                                                low_ids_reward):
     """One PPO update (2 optimizer steps) on the same rollout, padded as before or padding-free
@@ -172,6 +177,7 @@ def test_an_update_trains_the_same_adapter_padding_free_or_not(tiny_model_dir, t
     assert rel < 1e-3, rel
 
 
+@pytest.mark.integration
 def test_the_samplers_logprobs_and_values_are_the_scoring_forwards(tiny_model_dir, tmp_path):
     """rollout.sampler_logprobs: the log-probs and shared-head values kept while decoding (static
     KV cache, merged policy, left padding, several generation chunks, temperature) are what the
@@ -226,12 +232,13 @@ def test_shared_prompt_pack_by_hand():
 
 
 def _grouped_run(model_dir, out, *extra):
-    run = _run(model_dir, out, "rollout.samples_per_prompt=4", "rollout.batch_size=2",
+    run = _run(model_dir, out, "rollout.samples_per_prompt=4", "rollout.prompts_per_update=2",
                "rollout.generation_batch_size=3", "rollout.temperature=0.8", *extra)
     assert run.ac.layout.group and run.ac.layout.attention is not None  # the seam check's pick
     return run
 
 
+@pytest.mark.integration
 def test_a_shared_prompt_row_equals_separate_sequences(tiny_model_dir, tmp_path):
     """Log-probs, entropy, values and the gradients of a loss through them, with random non-zero
     adapters and value head: the grouped rows (each prompt once) give what padded separate
@@ -262,6 +269,7 @@ def test_a_shared_prompt_row_equals_separate_sequences(tiny_model_dir, tmp_path)
                                    atol=1e-5, msg=n)
 
 
+@pytest.mark.integration
 def test_an_update_trains_the_same_adapter_grouped_or_not(tiny_model_dir, tmp_path,
                                                            low_ids_reward):
     """One update on one rollout (one minibatch of 2 micro-batches, so both lay out the same
@@ -304,6 +312,7 @@ def test_minibatches_of_whole_groups_by_hand():
         assert (totals[:-1] >= totals[1:]).all()  # longest group first
 
 
+@pytest.mark.integration
 def test_continuous_batching_and_batch_size_do_not_change_a_rows_tokens(tiny_model_dir,
                                                                         tmp_path):
     """Each row draws from its own uniforms: continuous batching with 3 slots, batches of 3,

@@ -33,7 +33,7 @@ def _ac(model_dir, out, *overrides):
 
 def test_every_check_passes_on_llama_with_the_fastest_layout(family_dirs, tmp_path):
     ac, cfg, tok = _ac(family_dirs["llama"], tmp_path, "rollout.samples_per_prompt=4",
-                       "ppo.advantage_estimator=grpo", "rollout.batch_size=2")
+                       "ppo.advantage_estimator=grpo", "rollout.prompts_per_update=2")
     before = {n: p.detach().clone() for n, p in ac.named_parameters()}
     seams = check_seams(ac, cfg, tok.pad_token_id)
     assert seams.layout.packed and seams.layout.group and seams.layout.attention is not None
@@ -61,6 +61,7 @@ def test_an_unknown_logit_post_processing_falls_back_to_the_models_own_logits(fa
     assert "take the model's own forward's logits, on padded rows: 0.1 MiB more" in line
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("family", ["cohere", "gemma2"])
 def test_a_family_whose_post_processing_is_unknown_trains_on_its_own_logits(
         family_dirs, tmp_path, monkeypatch, capsys, low_ids_reward, family):

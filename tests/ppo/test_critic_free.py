@@ -21,7 +21,7 @@ STOPS = "rollout.stop_token_ids=[" + ",".join(str(i) for i in range(300, 340)) +
 
 def _grpo(model_dir, out, reward, *extra):
     return setup(tiny_config(model_dir, out, "ppo.advantage_estimator=grpo",
-                             "rollout.samples_per_prompt=4", "rollout.batch_size=4",
+                             "rollout.samples_per_prompt=4", "rollout.prompts_per_update=4",
                              "rollout.generation_batch_size=16", "ppo.minibatch_size=8",
                              "ppo.micro_batch_size=4", "ppo.optim.learning_rate=0.01",
                              f"reward.function={reward}", "rollout.max_new_tokens=6", STOPS,
@@ -35,6 +35,7 @@ def _rollout(run, prompts):
     return add_advantages(run, add_rewards(run, ro, raw, run.kl_ctl.value))
 
 
+@pytest.mark.integration
 def test_grpo_builds_no_value_function_and_updates_only_the_policy(tiny_model_dir, tmp_path,
                                                                   low_ids_reward):
     run = _grpo(tiny_model_dir, tmp_path / "run", low_ids_reward)
@@ -64,6 +65,7 @@ def test_grpo_builds_no_value_function_and_updates_only_the_policy(tiny_model_di
 
 @pytest.mark.parametrize("estimator, kl_in", [("dr_grpo", "loss"), ("rloo", "reward"),
                                               ("reinforce_pp", "reward")])
+@pytest.mark.integration
 def test_every_estimator_runs_an_update(tiny_model_dir, tmp_path, low_ids_reward, estimator,
                                         kl_in):
     run = _grpo(tiny_model_dir, tmp_path / "run", low_ids_reward,
@@ -76,6 +78,7 @@ def test_every_estimator_runs_an_update(tiny_model_dir, tmp_path, low_ids_reward
     assert abs(stats.ratio - 1.0) < 0.5
 
 
+@pytest.mark.integration
 def test_kl_coef_zero_skips_the_reference_forward(tiny_model_dir, tmp_path, low_ids_reward):
     run = _grpo(tiny_model_dir, tmp_path / "run", low_ids_reward, "ppo.kl_coef=0")
     entered = []
@@ -100,8 +103,8 @@ def test_kl_coef_zero_skips_the_reference_forward(tiny_model_dir, tmp_path, low_
     (["value.mode=none"], "value.mode=none leaves ppo.advantage_estimator=gae without"),
     (["ppo.advantage_estimator=rloo", "rollout.samples_per_prompt=2", "value.mode=shared"],
      "value.mode=shared trains a value function that ppo.advantage_estimator=rloo never uses"),
-    (["rollout.samples_per_prompt=3", "rollout.batch_size=8", "ppo.minibatch_size=16"],
-     "rollout.batch_size=8 x rollout.samples_per_prompt=3 = 24 samples is not a multiple"),
+    (["rollout.samples_per_prompt=3", "rollout.prompts_per_update=8", "ppo.minibatch_size=16"],
+     "rollout.prompts_per_update=8 x rollout.samples_per_prompt=3 = 24 samples is not a multiple"),
     # issue 20 item 9: the KL noise of a tied group divided by its near-zero std
     (["ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4", "ppo.kl_in=reward"],
      "ppo.advantage_estimator=grpo with ppo.kl_in=reward divides each sample's KL penalty by "
@@ -142,7 +145,7 @@ def test_value_mode_none_predicts_less_memory_than_a_value_head():
     shared = estimate_memory(load_config(None, ["value.mode=adapter"]), arch)
     none = estimate_memory(load_config(None, ["ppo.advantage_estimator=grpo",
                                               "rollout.samples_per_prompt=4",
-                                              "rollout.batch_size=16"]), arch)
+                                              "rollout.prompts_per_update=16"]), arch)
     for phase in ("generation", "scoring", "update"):
         assert none.phases[phase] < shared.phases[phase], phase
 
@@ -155,7 +158,7 @@ def test_grpo_on_two_ranks_and_resume(tiny_model_dir, low_ids_reward, tmp_path):
     cfg = two_rank_yaml(tmp_path / "cfg.yaml", tiny_model_dir, tmp_path / "run", low_ids_reward,
                         checkpoint_every=1, advantage_estimator="grpo",
                         optim={"learning_rate": 0.01})
-    grouped = ["rollout.samples_per_prompt=2", "rollout.batch_size=4"]
+    grouped = ["rollout.samples_per_prompt=2", "rollout.prompts_per_update=4"]
     run_two_ranks("--module", "lora_ppo", "train", "--config", str(cfg), *grouped)
     root = tmp_path / "run" / "checkpoints"
     final = load_file(root / "step-2" / "policy" / "adapter_model.safetensors")
@@ -173,6 +176,7 @@ def test_grpo_on_two_ranks_and_resume(tiny_model_dir, low_ids_reward, tmp_path):
         assert torch.equal(final[k], again[k]), k
 
 
+@pytest.mark.integration
 def test_a_critic_free_checkpoint_exports_without_a_value_function(tiny_model_dir, tmp_path,
                                                                    low_ids_reward):
     from lora_ppo.io.export import export

@@ -25,12 +25,13 @@ def _trainable(run):
     return {n: p.detach().clone() for n, p in run.ac.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.integration
 def test_gradient_accumulation_matches_one_big_micro_batch(tiny_model_dir, tmp_path, low_ids_reward):
     """micro 2 x accumulation 4 == micro 8 x accumulation 1 after one optimizer step (ZeRO-2)."""
     runs = {}
     for micro in (2, 8):
         cfg = tiny_config(tiny_model_dir, tmp_path / str(micro), "deepspeed.config=zero2",
-                          "rollout.batch_size=8", "ppo.minibatch_size=8",
+                          "rollout.prompts_per_update=8", "ppo.minibatch_size=8",
                           f"ppo.micro_batch_size={micro}", "ppo.epochs=1", "ppo.optim.learning_rate=0.01",
                           f"reward.function={low_ids_reward}")
         runs[micro] = setup(cfg)  # same seed: same LoRA init
@@ -68,7 +69,7 @@ def test_it_learns_and_logs_every_metric(peaked_model_dir, tmp_path, low_ids_rew
                   "max_prompt_length": 16},
         "quantization": {"mode": "none"}, "lora": {"r": 8, "alpha": 16},
         "reward": {"function": low_ids_reward}, "data": {"prompts": "builtin:reviews"},
-        "rollout": {"batch_size": 16, "generation_batch_size": 16, "max_new_tokens": 8},
+        "rollout": {"prompts_per_update": 16, "generation_batch_size": 16, "max_new_tokens": 8},
         "ppo": {"total_updates": 30, "epochs": 2, "minibatch_size": 8, "micro_batch_size": 8,
                 "optim": {"learning_rate": 0.003}, "kl_coef": 0.02},
         "deepspeed": {"config": "zero0"}, "logging": {"progress": False, "tensorboard": True},
@@ -96,7 +97,7 @@ def test_every_ds_config_runs_a_ppo_update(tiny_model_dir, tmp_path, low_ids_rew
     res = run_cli("train", f"model.path={tiny_model_dir}", f"output_dir={out}",
                   "data.prompts=builtin:reviews", "quantization.mode=none",
                   "model.max_prompt_length=16", "lora.r=4",
-                  "rollout.batch_size=4", "rollout.generation_batch_size=4",
+                  "rollout.prompts_per_update=4", "rollout.generation_batch_size=4",
                   "rollout.max_new_tokens=4", "ppo.minibatch_size=4", "ppo.micro_batch_size=2",
                   "ppo.total_updates=1", "ppo.epochs=1", f"deepspeed.config={ds_config}",
                   f"reward.function={low_ids_reward}", "logging.progress=false",

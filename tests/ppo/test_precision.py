@@ -42,6 +42,7 @@ def _policy_loss(run, ro) -> float:
     return stats.policy_loss
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("value_mode", ["shared", "adapter"])
 def test_in_fp32_the_sampler_is_the_scored_policy_and_nothing_is_corrected(
         tiny_model_dir, tmp_path, value_mode):
@@ -61,6 +62,7 @@ def test_in_fp32_the_sampler_is_the_scored_policy_and_nothing_is_corrected(
     assert _policy_loss(run, ro) == pytest.approx(-1.0, abs=1e-5)
 
 
+@pytest.mark.integration
 def test_in_bf16_the_mismatch_is_logged_and_the_correction_enters_the_loss(tiny_model_dir,
                                                                           tmp_path):
     """bf16 (DeepSpeed's precision; ~400x slower than fp32 on a CPU, so 8 short samples): the
@@ -82,7 +84,7 @@ def test_in_bf16_the_mismatch_is_logged_and_the_correction_enters_the_loss(tiny_
     assert _policy_loss(run, ro) == pytest.approx(-1.0, abs=2e-2)  # bf16: ratio 1 +- 1e-2
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_torch_autocast_deepspeed_config_trains_through_the_cli(tiny_model_dir, tmp_path,
                                                                  low_ids_reward):
     """DeepSpeed 0.19 runs the engine's forwards under torch.autocast on a CPU too: the LoRA B
@@ -99,7 +101,7 @@ def test_a_torch_autocast_deepspeed_config_trains_through_the_cli(tiny_model_dir
                                           "max_prompt_length": 16},
         "quantization": {"mode": "none"}, "lora": {"r": 4},
         "reward": {"function": low_ids_reward}, "data": {"prompts": "builtin:reviews"},
-        "rollout": {"batch_size": 4, "generation_batch_size": 4, "max_new_tokens": 4},
+        "rollout": {"prompts_per_update": 4, "generation_batch_size": 4, "max_new_tokens": 4},
         "ppo": {"total_updates": 1, "epochs": 1, "minibatch_size": 4, "micro_batch_size": 2},
         "deepspeed": {"config": str(ds)}, "logging": {"progress": False, "tensorboard": False},
         "checkpoint": {"every": 0}})

@@ -44,7 +44,7 @@ def _yaml(path, model_dir, adapter, out, case, world):
         "quantization": {"mode": "none"}, "lora": {"r": 4, "alpha": 8},
         "data": {"prompts": "builtin:reviews"},
         "reward": {"function": "lora_ppo.builtin.rewards:positive_sentiment"},
-        "rollout": {"batch_size": rows // n, "samples_per_prompt": n,
+        "rollout": {"prompts_per_update": rows // n, "samples_per_prompt": n,
                     "generation_batch_size": 16, "max_new_tokens": 6},
         "ppo": {"advantage_estimator": estimator, "total_updates": 1, "epochs": 1,
                 "minibatch_size": rows, "micro_batch_size": 4,

@@ -17,7 +17,7 @@ def _tiny(model_dir, out, reward, *extra) -> list[str]:
     return [f"model.path={model_dir}", f"output_dir={out}", "quantization.mode=none",
             "data.prompts=builtin:reviews",
             "model.gradient_checkpointing=false", "model.max_prompt_length=16", "lora.r=4",
-            "lora.alpha=8", "rollout.batch_size=4", "rollout.samples_per_prompt=4",
+            "lora.alpha=8", "rollout.prompts_per_update=4", "rollout.samples_per_prompt=4",
             "rollout.generation_batch_size=16", "rollout.max_new_tokens=6", STOPS,
             "ppo.minibatch_size=8", "ppo.micro_batch_size=4", "ppo.total_updates=2",
             "ppo.epochs=1", "ppo.optim.learning_rate=0.01", "deepspeed.config=zero0",
@@ -112,7 +112,7 @@ def test_dynamic_sampling_on_two_ranks(tiny_model_dir, tmp_path, rewards):
                         rewards["parity"], advantage_estimator="grpo", scale_rewards="batch",
                         mask_truncated_completions=True, optim={"learning_rate": 0.01})
     run_two_ranks("--module", "lora_ppo", "train", "--config", str(cfg),
-                  "rollout.samples_per_prompt=2", "rollout.batch_size=4",
+                  "rollout.samples_per_prompt=2", "rollout.prompts_per_update=4",
                   "rollout.dynamic_sampling=true", "rollout.max_extra_rounds=3", STOPS)
     rows = _rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2]

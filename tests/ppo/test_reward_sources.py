@@ -91,7 +91,7 @@ def test_model_reward_scores_the_decoded_text_with_its_own_tokenizer(rm_dir, pol
     text = PROMPTS[1] + COMPLETIONS[1]
     assert rm_tok(text)["input_ids"] != policy_tok(text)["input_ids"]  # the vocabularies differ
     expected = _expected(rm_dir, label=1)
-    src = ModelReward(str(rm_dir), None, label=1, batch_size=2, device=CPU, dtype=torch.float32)
+    src = ModelReward(str(rm_dir), None, label=1, generation_batch_size=2, device=CPU, dtype=torch.float32)
     scores = src(PROMPTS, COMPLETIONS, _rollout_tensors(policy_tok))
     torch.testing.assert_close(scores, expected, rtol=0, atol=1e-5)
     # The policy's ids are not even valid input for the reward model (its vocab has 300 ids).
@@ -99,7 +99,7 @@ def test_model_reward_scores_the_decoded_text_with_its_own_tokenizer(rm_dir, pol
 
 
 def test_model_reward_label_and_a_pad_token_that_ends_a_text(rm_dir, policy_tok):
-    src = ModelReward(str(rm_dir), None, label=0, batch_size=8, device=CPU, dtype=torch.float32)
+    src = ModelReward(str(rm_dir), None, label=0, generation_batch_size=8, device=CPU, dtype=torch.float32)
     # Make the pad token the last token of the first text (" ."): transformers' pooling would
     # then read that row one token early; ModelReward scores such a row on its own.
     last = src.tokenizer(PROMPTS[0] + COMPLETIONS[0])["input_ids"][-1]
@@ -108,7 +108,7 @@ def test_model_reward_label_and_a_pad_token_that_ends_a_text(rm_dir, policy_tok)
     scores = src(PROMPTS, COMPLETIONS, _rollout_tensors(policy_tok))
     torch.testing.assert_close(scores, _expected(rm_dir, label=0), rtol=0, atol=1e-5)
     with pytest.raises(UserError, match="reward.model_label=2 but"):
-        ModelReward(str(rm_dir), None, label=2, batch_size=8, device=CPU, dtype=torch.float32)
+        ModelReward(str(rm_dir), None, label=2, generation_batch_size=8, device=CPU, dtype=torch.float32)
 
 
 def test_weighted_sum_of_a_function_and_a_model(rm_dir, policy_tok, tiny_model_dir, tmp_path):

@@ -60,6 +60,7 @@ def reward_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.integration
 def test_first_update_sees_ratio_one_and_zero_kl(run):
     """LoRA B starts at zero and dropout is off: policy == reference, and the update's
     log-probs (train mode, grad, micro-batches) equal the rollout's (eval, no grad, chunks)."""
@@ -85,6 +86,7 @@ def test_first_update_sees_ratio_one_and_zero_kl(run):
     assert masked_mean(ro.advantages, ro.response_mask).abs().item() < 1e-5
 
 
+@pytest.mark.integration
 def test_generation_hygiene_restores_model_state(run):
     """Generation runs in eval mode (so transformers' checkpointing, active only in training,
     stays out of it) and feeds one new token per step after the prompt (the KV cache is used);

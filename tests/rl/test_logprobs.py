@@ -172,6 +172,7 @@ def _peak_extra_bytes(mode, N, H, V, chunk):
     return json.loads(proc.stdout.strip().splitlines()[-1])["extra_bytes"]
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_chunked_scoring_memory_stays_far_below_full_logits():
     # B*T = 2048 tokens, V = 32000: one float32 (B*T, V) tensor is 2048 * 32000 * 4 B = 262 MB.
@@ -186,6 +187,7 @@ def test_chunked_scoring_memory_stays_far_below_full_logits():
     assert chunked < full_logits_bytes / 8, (chunked, full_logits_bytes / 8)
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 @pytest.mark.parametrize("chunk", [2048, 512])
 def test_scoring_without_entropy_grad_holds_one_logits_buffer(chunk):

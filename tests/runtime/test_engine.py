@@ -119,6 +119,7 @@ def reference(x_batches, *, max_grad_norm):
     return model.adapter.weight.detach().clone()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_every_config_trains_adapter_only_and_clips(dist, name):
     model, engine = build(name, micro=2, accum=1, max_grad_norm=0.5)
@@ -150,6 +151,7 @@ def test_every_config_trains_adapter_only_and_clips(dist, name):
             assert model.adapter.weight.shape == (3, 4) and model.base.weight.numel() == 0
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["zero0", "zero2"])
 def test_grad_accumulation_matches_full_batch(dist, name):
     x, y = batch(8, seed=3)
@@ -184,6 +186,7 @@ def test_grad_accumulation_matches_full_batch(dist, name):
                                atol=1e-5, rtol=0)
 
 
+@pytest.mark.integration
 def test_bf16_zero0_first_adam_step_is_step_one(dist):
     # DeepSpeed's FP16_UnfusedOptimizer (bf16/fp16 at stage 0) takes a dummy step at init;
     # create_engine clears it, so the first real AdamW update has step-1 bias correction.
@@ -208,6 +211,7 @@ def test_bf16_zero0_first_adam_step_is_step_one(dist):
                                    atol=1e-5, rtol=0)
 
 
+@pytest.mark.integration
 def test_engine_steps_scheduler_once_per_optimizer_step(dist):
     # linear, warmup 2 of 10: multipliers 0, 0.5, 1.0, 0.875 after 0..3 optimizer steps.
     model, engine = build("zero2", micro=1, accum=2, schedule="linear", warmup_steps=2)

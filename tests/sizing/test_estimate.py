@@ -33,7 +33,7 @@ def small_cfg(model_dir, *overrides):
         f"model.path={model_dir}", "quantization.mode=none", "lora.r=4",
         "lora.target_modules=[all-linear]", "value.mode=shared",
         "model.gradient_checkpointing=false", "model.max_prompt_length=8",
-        "rollout.max_new_tokens=4", "rollout.batch_size=8", "rollout.generation_batch_size=4",
+        "rollout.max_new_tokens=4", "rollout.prompts_per_update=8", "rollout.generation_batch_size=4",
         "ppo.minibatch_size=8", "ppo.micro_batch_size=2", "deepspeed.config=zero0",
         *overrides])
 
@@ -211,7 +211,7 @@ def test_a_shared_prompt_is_counted_once(small_dir):
     model.shared_prompt every sample carries its own copy."""
     arch = read_arch(str(small_dir))
     grpo = ("ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4",
-            "rollout.batch_size=2", "value.mode=none")
+            "rollout.prompts_per_update=2", "value.mode=none")
     sh = est.shapes_from_config(small_cfg(small_dir, *grpo))
     assert sh.group == 4 and sh.tokens(2) == 16 and sh.tokens(4) == 24
     assert sh.tokens(6) == 3 * 8 + 6 * 4  # 6 consecutive rows can touch 3 groups
@@ -274,6 +274,7 @@ def test_suggestion_picks_largest_sizes_that_fit(small_dir):
     assert "does not fit" in est.format_table(none.estimate, none)
 
 
+@pytest.mark.integration
 def test_cli_estimate_table_json_and_bad_input(tmp_path, small_dir):
     good = write_yaml(tmp_path / "good.yaml", {"model": {"path": str(small_dir)},
                                                "quantization": {"mode": "4bit"}})

@@ -88,6 +88,7 @@ def trained(tiny_model_dir, tmp_path_factory):
     return cfg, train_reward(cfg)
 
 
+@pytest.mark.integration
 def test_reward_model_learns_the_preference_and_writes_the_adapter_layout(trained):
     from safetensors.torch import load_file
 
@@ -106,6 +107,7 @@ def test_reward_model_learns_the_preference_and_writes_the_adapter_layout(traine
     assert {k: tuple(v.shape) for k, v in head.items()} == {"weight": (1, 64), "bias": (1,)}
 
 
+@pytest.mark.integration
 def test_saved_adapter_as_ppo_reward_source_gives_the_trained_scores(trained, tiny_model_dir,
                                                                      tmp_path):
     cfg, out = trained
@@ -140,7 +142,7 @@ def test_saved_adapter_as_ppo_reward_source_gives_the_trained_scores(trained, ti
             r_ids[i, :len(r)], r_mask[i, :len(r)] = torch.tensor(r), 1.0
         tensors = {"query_ids": q_ids, "query_mask": q_mask, "response_ids": r_ids,
                    "response_mask": r_mask}
-        scores[key] = AdapterReward(ac, batch_size=16)([""] * len(enc), [""] * len(enc), tensors)
+        scores[key] = AdapterReward(ac, generation_batch_size=16)([""] * len(enc), [""] * len(enc), tensors)
     accuracy = (scores["chosen"] > scores["rejected"]).float().mean().item()
     assert accuracy == logged["eval/accuracy"]
     assert scores["chosen"].mean().item() == pytest.approx(logged["eval/reward/chosen"], abs=1e-4)
@@ -148,6 +150,7 @@ def test_saved_adapter_as_ppo_reward_source_gives_the_trained_scores(trained, ti
                                                               abs=1e-4)
 
 
+@pytest.mark.integration
 def test_reward_adapter_can_start_from_the_sft_adapter(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 

@@ -207,6 +207,7 @@ def _sft_config(model_dir, out, data, *extra):
                        "sft.train.max_length=48", "lora.r=8", "lora.alpha=16", *extra)
 
 
+@pytest.mark.integration
 def test_sft_lowers_the_response_loss_and_writes_a_plain_peft_adapter(tok, tiny_model_dir,
                                                                         tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", builtin_pairs(16))
@@ -229,6 +230,7 @@ def test_sft_lowers_the_response_loss_and_writes_a_plain_peft_adapter(tok, tiny_
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.25
 
 
+@pytest.mark.integration
 def test_resume_from_a_checkpoint_reproduces_the_adapter(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
@@ -247,6 +249,7 @@ def test_resume_from_a_checkpoint_reproduces_the_adapter(tiny_model_dir, tmp_pat
     assert steps == [1, 2, 3, 4]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("command", ["sft", "train-reward"])
 def test_resume_latest_restarts_a_run_killed_before_its_first_checkpoint(tiny_model_dir,
                                                                           tmp_path, command):
@@ -288,6 +291,7 @@ def test_resume_latest_restarts_a_run_killed_before_its_first_checkpoint(tiny_mo
     assert steps == [1, 2, 3]
 
 
+@pytest.mark.integration
 def test_sft_on_a_4bit_base_lowers_the_loss(tok, tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", builtin_pairs(16))
     cfg = _sft_config(tiny_model_dir, tmp_path / "out", data, "quantization.mode=4bit",
@@ -321,6 +325,7 @@ def test_bad_stage_config_fails_at_load_time(overrides, expected):
     (["sft.response_column=answer"], "set sft.response_column to one of them"),
     (["sft.eval.size=0", "--resume", "{out}/sft/checkpoints/step-3"], "not a complete checkpoint"),
 ])
+@pytest.mark.integration
 def test_cli_bad_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, args, expected):
     from helpers import run_cli
 
