@@ -45,9 +45,10 @@ def sample(ac: ActorCritic, prompts: list[list[int]], *, max_new_tokens: int,
     Runs under the active role and mode (the caller: eval mode under the policy). `score`: also
     the log-prob of each drawn token under the distribution it was drawn from; `values`
     (default: `score`): also the shared value head on the same state (value.mode=shared), what
-    the rollout's scoring forward computes, asked where the two agree to fp32 round-off. `synced`: every rank runs the same forwards (ZeRO-3 gathers weights
-    collectively). `forced` (B, max_new_tokens): take these tokens instead of drawing (teacher
-    forcing: the setup's check of the decode loop, ppo/seams.py).
+    the rollout's scoring forward computes, asked where the two agree to fp32 round-off.
+    `synced`: every rank runs the same forwards (ZeRO-3 gathers weights collectively).
+    `forced` (B, max_new_tokens): take these tokens instead of drawing (teacher forcing: the
+    setup's check of the decode loop, ppo/seams.py).
     """
     if not greedy and uniforms is None:
         raise ValueError("sampling needs uniforms (B, max_new_tokens); greedy does not")

@@ -11,8 +11,8 @@ import torch
 from families import build_family_model
 from helpers import make_adapter_dir, tiny_config
 
-from lora_ppo.modeling.actor_critic import POLICY, build_actor_critic
 from lora_ppo.generation.folded import can_fold, folded_policy
+from lora_ppo.modeling.actor_critic import POLICY, build_actor_critic
 from lora_ppo.modeling.loading import load_base_model, load_tokenizer
 from lora_ppo.ppo.seams import check_seams
 
@@ -39,7 +39,8 @@ def _ac(model_dir, out, *overrides):
 def test_the_fold_is_peft_s_forward(family_dirs, tmp_path, family, kind):
     """Logits of the model's own forward with the policy folded equal peft's unmerged forward
     (fp32 round-off); before, a DoRA fold differed by the magnitude / norm factor and a
-    lora_bias fold left the bias out. (peft refuses DoRA with lora_bias.) The base's tensors are the same objects afterwards."""
+    lora_bias fold left the bias out (peft refuses DoRA with lora_bias). The base's tensors are
+    the same objects afterwards."""
     model = family_dirs[family]
     sft = make_adapter_dir(model, tmp_path / "sft", seed=1, **ADAPTERS[kind])
     ac, _, _ = _ac(model, tmp_path / "run", f"model.init_adapter={sft}")
