@@ -137,6 +137,7 @@ def cmd_estimate(args) -> int:
 
     from lora_ppo.builtin.specs import builtin_arch
     from lora_ppo.config.load import load_config
+    from lora_ppo.modeling.loading import quantization_mode
     from lora_ppo.sizing import memory as est
     from lora_ppo.sizing.arch import param_counts, read_arch
 
@@ -150,7 +151,7 @@ def cmd_estimate(args) -> int:
         return 0
     sug = est.suggest_batch_sizes(cfg, arch, args.gpu_mib, args.device, own_logits=args.own_logits)
     title = (f"{cfg.model.path}: {param_counts(arch).total / 1e6:.1f}M params, "
-             f"quantization {cfg.quantization.mode}, {args.device} "
+             f"quantization {quantization_mode(cfg.quantization, args.device)}, {args.device} "
              f"({'bf16' if args.device == 'gpu' else 'fp32'})")
     print(est.format_table(est.estimate_memory(cfg, arch, args.device, own_logits=args.own_logits),
                            sug, title))
@@ -183,9 +184,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _merge_args(sp) -> None:
     """merge's own flags (lora_ppo/io/export.py::merge)."""
-    sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
-                    help="dtype of the written weights (default bf16); the merge itself is "
-                         "computed in fp32 per tensor")
+    sp.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                    help="dtype of the written weights (default auto: the dtype the base is "
+                         "stored in); the merge itself is computed in fp32 per tensor")
     sp.add_argument("--into", choices=["original", "dequantized"], default="original",
                     help="original: the base's own unquantized weights (default); dequantized: "
                          "the 4-bit/8-bit weights the policy was trained on, dequantized, so the "

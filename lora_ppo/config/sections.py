@@ -56,8 +56,10 @@ class ModelConfig:
 
 @dataclass
 class QuantizationConfig:
-    mode: Literal["none", "8bit", "4bit"] = "4bit"
-    """Load the base with bitsandbytes in 4-bit or 8-bit, or unquantized (`none`)."""
+    mode: Literal["auto", "none", "8bit", "4bit"] = "auto"
+    """Load the base with bitsandbytes in 4-bit or 8-bit, or unquantized (`none`). `auto`: 4bit
+    on a GPU (QLoRA's memory), none on a CPU (where the memory does not decide what fits and
+    4-bit matmuls cost time)."""
     quant_type: Literal["nf4", "fp4"] = "nf4"
     """4-bit data type (QLoRA's NormalFloat4 or plain FP4)."""
     double_quant: bool = True
@@ -354,7 +356,11 @@ class LoggingConfig:
     progress: bool = True
     """Show a progress bar with ETA and key metrics (rank 0)."""
     num_samples: int = 2
-    """Samples printed as text at each evaluation."""
+    """Samples printed as text at each evaluation and every `completions_every` updates."""
+    completions_every: Annotated[int, NONNEG] = 10
+    """Every this many updates, print `num_samples` of the rollout's completions (prompt ->
+    completion, score) above the progress bar and log them to TensorBoard as text (TRL's
+    log_completions); 0 turns it off."""
 
 
 @dataclass

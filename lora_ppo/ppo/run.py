@@ -15,8 +15,14 @@ import torch
 from lora_ppo.config import Config
 from lora_ppo.generation.samples import stop_ids_of
 from lora_ppo.io.data import Prompt, PromptCycle, encode, hold_out, load_prompts, render_prompt
+from lora_ppo.io.metrics import check_logging
 from lora_ppo.modeling.actor_critic import ActorCritic, build_actor_critic, check_adapter_dir
-from lora_ppo.modeling.loading import load_base_model, load_tokenizer, resolve_model_path
+from lora_ppo.modeling.loading import (
+    load_base_model,
+    load_tokenizer,
+    quantization_mode,
+    resolve_model_path,
+)
 from lora_ppo.ppo.reward_sources import RewardSource, check_reward_sources, make_reward_source
 from lora_ppo.ppo.seams import Seams, seams_for
 from lora_ppo.rl.kl import AdaptiveKLController, FixedKLController
@@ -67,10 +73,12 @@ def setup(cfg: Config, *, dataset=None, eval_dataset=None, reward_fn: Optional[C
     dist = setup_distributed()
     seed_everything(cfg.seed + dist.rank)  # ranks sample different responses
     tokenizer = load_tokenizer(cfg.model, model_path)
-    ds_config = run_ds_config(cfg, dist.world_size, dist.device, "ppo")
+    quantization = quantization_mode(cfg.quantization, dist.device.type)
+    ds_config = run_ds_config(cfg, dist.world_size, dist.device, "ppo", quantization != "none")
     if cfg.model.init_adapter:
         check_adapter_dir(cfg.model.init_adapter, "model.init_adapter")
     reward_fn = check_reward_sources(cfg, reward_fn)
+    check_logging(cfg.logging)
     train_prompts, eval_prompts = (prompts, []) if prompts is not None else read_prompts(
         cfg, tokenizer, dataset, eval_dataset)
     base = load_base_model(cfg, model_path, dist.device)

@@ -53,6 +53,7 @@ from lora_ppo.generation.samples import left_pad
 from lora_ppo.io.atomic import atomic_write_text
 from lora_ppo.io.checkpoint import base_fingerprint
 from lora_ppo.modeling.actor_critic import ActorCritic, position_ids_from_mask
+from lora_ppo.modeling.loading import quantization_mode
 from lora_ppo.modeling.packing import PADDED, Attention, Layout, explicit_attentions
 from lora_ppo.modeling.roles import POLICY
 from lora_ppo.rl.logprobs import transform_logits
@@ -322,7 +323,8 @@ def check_seams(ac: ActorCritic, cfg, pad_id: int) -> Seams:
         d = _modes_diff(ac, batch)
         if not d <= tol:
             raise UserError(
-                f"model type {kind} with quantization.mode={cfg.quantization.mode}: a train-mode "
+                f"model type {kind} with quantization.mode={quantization_mode(cfg.quantization)}: "
+                "a train-mode "
                 f"forward differs from an eval-mode one by {d:.3g} (dropout left in the model, "
                 "or a kernel chosen by the mode), so the first PPO ratio would not be 1; try "
                 "quantization.mode=none or 4bit")
@@ -349,7 +351,8 @@ def _key(ac: ActorCritic, cfg, model_path: str) -> str:
     adapter = cfg.model.init_adapter
     facts = {
         "seam_version": SEAM_VERSION, "base": base_fingerprint(model_path), "versions": versions,
-        "quantization": [cfg.quantization.mode, cfg.quantization.quant_type,
+        "quantization": [quantization_mode(cfg.quantization, ac.device.type),
+                         cfg.quantization.quant_type,
                          cfg.quantization.double_quant],
         "dtype": str(ac.causal_lm.get_input_embeddings().weight.dtype),
         "precision": [cfg.deepspeed.precision, str(ac.autocast)],

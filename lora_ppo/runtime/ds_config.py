@@ -213,9 +213,11 @@ def refuse_unsupported(zero_stage: int, quantized: bool, world_size: int) -> Non
                         "quantization, or turn quantization off for zero3")
 
 
-def run_ds_config(cfg, world_size: int, device: torch.device, section: str) -> dict:
+def run_ds_config(cfg, world_size: int, device: torch.device, section: str,
+                  quantized: bool) -> dict:
     """The DeepSpeed config of a run: `cfg.deepspeed.config` filled from the batch sizes and
-    optimizer of `section` ("ppo", "sft" or "reward_model"), refused where it cannot work."""
+    optimizer of `section` ("ppo", "sft" or "reward_model"), refused where it cannot work
+    (`quantized`: the base is loaded in 4-bit or 8-bit)."""
     if section == "ppo":
         batch, micro = cfg.ppo.minibatch_size, cfg.ppo.micro_batch_size
         names = ("ppo.minibatch_size", "ppo.micro_batch_size")
@@ -229,7 +231,7 @@ def run_ds_config(cfg, world_size: int, device: torch.device, section: str) -> d
         max_grad_norm=getattr(cfg, section).optim.max_grad_norm,
         precision=resolve_precision(cfg.deepspeed.precision, device), source=source,
         fields=(*names, f"{section}.optim.max_grad_norm"))
-    refuse_unsupported(zero_stage(out), cfg.quantization.mode != "none", world_size)
+    refuse_unsupported(zero_stage(out), quantized, world_size)
     validate(out, source)
     return out
 

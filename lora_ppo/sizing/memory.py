@@ -26,6 +26,7 @@ from typing import NamedTuple, Optional
 
 from lora_ppo.errors import UserError
 from lora_ppo.generation.continuous import PREFILL_SHARE, continuous_slack
+from lora_ppo.modeling.loading import quantization_mode
 from lora_ppo.rl.logprobs import chunk_rows
 from lora_ppo.runtime.ds_config import read_ds_config, zero_stage
 from lora_ppo.sizing.arch import Arch, lora_param_count, param_counts, read_arch
@@ -257,7 +258,8 @@ def estimate_memory(cfg, arch: Arch, device: str = "gpu",
     s = 2 if device == "gpu" else 4  # activation bytes: bf16 on a GPU (auto), fp32 on a CPU
     precision = "bf16" if device == "gpu" else "fp32"
     q = cfg.quantization
-    weights = weight_bytes(arch, q.mode, q.double_quant, s)
+    mode = quantization_mode(q, device)  # auto: 4bit on a GPU, none on a CPU
+    weights = weight_bytes(arch, mode, q.double_quant, s)
     lora = lora_param_count(arch, cfg.lora.r, cfg.lora.target_modules)
     value_mode = cfg.algorithm.value_mode
     n_train = 2 if value_mode == "adapter" else 1
@@ -283,9 +285,9 @@ def estimate_memory(cfg, arch: Arch, device: str = "gpu",
 
     # bitsandbytes dequantizes one linear's weight to the compute dtype for each matmul with
     # more than one row (bitsandbytes/autograd/_functions.py, matmul_4bit / MatMul8bitLt).
-    dequant = max(i * o for i, o in arch.linears().values()) * s if q.mode != "none" else 0
+    dequant = max(i * o for i, o in arch.linears().values()) * s if mode != "none" else 0
     generation, scoring, update = generation + dequant, scoring + dequant, update + dequant
-    if q.mode == "none" and s == 4 and cfg.rollout.fold_for_generation and stage != 3:
+    if mode == "none" and s == 4 and cfg.rollout.fold_for_generation and stage != 3:
         # An fp32 base generates with the policy merged into new copies of the adapted
         # weights (generation/folded.py::folded_policy): one more copy of the decoder linears meanwhile.
         targeted = (param_counts(arch).linear if cfg.lora.target_modules == ["all-linear"] else
@@ -299,7 +301,7 @@ def estimate_memory(cfg, arch: Arch, device: str = "gpu",
         weights += (param_counts(rm).total - (0 if rm.tied else rm.vocab * rm.hidden)) * s
         scoring += gb * (sh.prompt_len + sh.new_tokens) * _nograd_layer_peak(rm) * s
     mapped = 0
-    if device == "cpu" and q.mode != "none":
+    if device == "cpu" and mode != "none":
         # transformers maps model.safetensors privately (mmap) and keeps the unquantized weights
         # as views into it, so the pages of the linear weights, read while quantizing, stay in
         # the RSS. Clean pages the kernel may drop, but RSS (and VmHWM) counts them.

@@ -343,7 +343,10 @@ def test_tensor_check_alone_and_bad_arguments(q4, tmp_path, capsys):
 
 
 @pytest.mark.integration
-def test_dequantized_needs_a_quantized_run_and_cli_default_is_bf16(tiny_model_dir, tmp_path, capsys):
+def test_dequantized_needs_a_quantized_run_and_cli_default_is_the_bases_dtype(
+        tiny_model_dir, tmp_path, capsys):
+    """The CLI's merge writes the base's own dtype unless asked (an fp32 base was written in bf16
+    by default, issue 28), and bf16 when asked."""
     from lora_ppo.cli import main
 
     path = _trained_checkpoint(tiny_model_dir, tmp_path / "run")
@@ -352,6 +355,9 @@ def test_dequantized_needs_a_quantized_run_and_cli_default_is_bf16(tiny_model_di
     assert main(["merge", str(path), "--out", str(tmp_path / "cli")]) == 0
     assert "shard 1/1 model.safetensors" in capsys.readouterr().out
     assert {t.dtype for t in load_file(tmp_path / "cli" / "model.safetensors").values()} == {
+        torch.float32}  # the tiny base is stored in fp32
+    assert main(["merge", str(path), "--out", str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    assert {t.dtype for t in load_file(tmp_path / "bf16" / "model.safetensors").values()} == {
         torch.bfloat16}
     assert main(["export", str(path), "--out", str(tmp_path / "cli" / "model.safetensors" / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -81,3 +81,4 @@ def test_the_weight_multiplies_the_token_loss_and_its_gradient():
         assert out.loss.item() == pytest.approx(want - math.exp(0.1), abs=1e-6)
         assert logprobs.grad[0, 0].item() == pytest.approx(want, abs=1e-6)
         assert weights.grad is None and out.ratio_mean.item() == pytest.approx(math.exp(0.1))
+
