@@ -146,13 +146,15 @@ def cmd_estimate(args) -> int:
     if args.gpu_mib <= 0:
         raise UserError(f"--gpu-mib {args.gpu_mib} must be > 0 (the card's memory in MiB)")
     if args.json:
-        print(json.dumps(est.report(cfg, arch, args.device, args.gpu_mib), indent=1))
+        print(json.dumps(est.report(cfg, arch, args.device, args.gpu_mib, args.own_logits),
+                         indent=1))
         return 0
-    sug = est.suggest_batch_sizes(cfg, arch, args.gpu_mib, args.device)
+    sug = est.suggest_batch_sizes(cfg, arch, args.gpu_mib, args.device, own_logits=args.own_logits)
     title = (f"{cfg.model.path}: {param_counts(arch).total / 1e6:.1f}M params, "
              f"quantization {quantization_mode(cfg.quantization, args.device)}, {args.device} "
              f"({'bf16' if args.device == 'gpu' else 'fp32'})")
-    print(est.format_table(est.estimate_memory(cfg, arch, args.device), sug, title))
+    print(est.format_table(est.estimate_memory(cfg, arch, args.device, own_logits=args.own_logits),
+                           sug, title))
     return 0
 
 
@@ -166,6 +168,9 @@ def _estimate_parser(sub) -> None:
                    help="gpu: CUDA allocator peak in bf16; cpu: peak RSS over the pre-load "
                         "baseline in fp32 (what benchmarks/bench.py measures on a CPU)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.add_argument("--own-logits", action="store_true",
+                   help="count the model's own forward's logits, which setup takes (one line "
+                        "says so) for a family whose logit post-processing lora_ppo does not know")
     e.set_defaults(fn=cmd_estimate)
 
 

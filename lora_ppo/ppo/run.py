@@ -29,7 +29,7 @@ from lora_ppo.rl.kl import AdaptiveKLController, FixedKLController
 from lora_ppo.rl.logprobs import chunk_rows
 from lora_ppo.rl.rewards import RunningMoments
 from lora_ppo.runtime.dist import DistInfo, broadcast_object, seed_everything, setup_distributed
-from lora_ppo.runtime.ds_config import run_ds_config, zero_stage
+from lora_ppo.runtime.ds_config import autocast_dtype, run_ds_config, zero_stage
 from lora_ppo.runtime.engine import create_engine
 
 
@@ -86,9 +86,12 @@ def setup(cfg: Config, *, dataset=None, eval_dataset=None, reward_fn: Optional[C
         on_base_loaded(base)
     stop_ids = stop_ids_of(tokenizer, base.generation_config, cfg.rollout.stop_token_ids)
     ac = build_actor_critic(cfg, base)
+    ac.autocast = autocast_dtype(ds_config)  # sampling and scoring run under it as the update
     # Every rank checks its own copy; all take rank 0's decisions, so they decode and lay out
     # batches alike.
     seams, checked = broadcast_object(seams_for(ac, cfg, tokenizer.pad_token_id, model_path))
+    if seams.own_logits:
+        ac.use_own_logits()
     ac.layout = seams.layout
     if dist.rank == 0:
         for line in (checked, *seams.notes):
