@@ -31,7 +31,7 @@ from lora_ppo.modeling.heads import REWARD_HEAD_FILE, ScalarHead, load_scalar_he
 from lora_ppo.modeling.loading import disable_dropout, set_gradient_checkpointing
 from lora_ppo.modeling.lora_grad import lora_b_grads_in_fast_order
 from lora_ppo.modeling.own_logits import own_logprobs
-from lora_ppo.modeling.packing import PADDED, Layout, Packed, pack
+from lora_ppo.modeling.packing import PADDED, Layout, Packed, pack, position_ids_from_mask
 from lora_ppo.modeling.roles import CRITIC, POLICY, REFERENCE, REWARD
 from lora_ppo.rl.logprobs import IDENTITY, logprobs_and_entropy_from_hidden
 
@@ -52,13 +52,6 @@ def width_cost(config) -> Optional[float]:
     if getattr(config, "_attn_implementation", None) in (None, "eager"):
         return None
     return 1.0 / (6 * config.get_text_config().hidden_size)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as `generate` computes them, so scoring sees the same
-    positions the sampler saw. (B, L) -> (B, L)."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.clamp_(min=0)
 
 
 class ActorCritic(nn.Module):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lora_ppo.modeling.packing import position_ids_from_mask
 from lora_ppo.rl.logprobs import logprobs_and_entropy_from_hidden
 
 
@@ -23,8 +24,6 @@ def model_logits(ac, ids: Tensor, mask: Tensor, keep: Tensor) -> Tensor:
     """(N, V): the model's own forward's logits at the N True places of `keep` (B, L), computed
     there only where the forward takes a boolean `logits_to_keep` (transformers 5's
     slice_logits_to_keep), else at every position and then picked."""
-    from lora_ppo.modeling.actor_critic import position_ids_from_mask
-
     kw = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
               use_cache=False)
     if ac.keep_mask:

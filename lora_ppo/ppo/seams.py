@@ -52,11 +52,13 @@ from lora_ppo.generation.generate import DecodePath, sample
 from lora_ppo.generation.samples import left_pad
 from lora_ppo.io.atomic import atomic_write_text
 from lora_ppo.io.checkpoint import base_fingerprint
-from lora_ppo.modeling.actor_critic import ActorCritic, position_ids_from_mask
+from lora_ppo.modeling.actor_critic import ActorCritic
 from lora_ppo.modeling.loading import quantization_mode
-from lora_ppo.modeling.packing import PADDED, Attention, Layout, explicit_attentions
+from lora_ppo.modeling.packing import PADDED, Attention, Layout, explicit_attentions, position_ids_from_mask
 from lora_ppo.modeling.roles import POLICY
 from lora_ppo.rl.logprobs import transform_logits
+from lora_ppo.runtime.ds_config import resolve_precision
+from lora_ppo.sizing.memory import own_logits_bytes
 
 SEAM_VERSION = 2  # 2: the fold, the shift-left and the run's precision are checked
 
@@ -156,8 +158,6 @@ def _in_run_precision(ac: ActorCritic, cfg):
     deepspeed.precision bf16 or fp16 DeepSpeed casts every float parameter of the module to it
     when the engine is built, after these checks (engine.py::_cast_module_mixed_precision);
     here they are cast for the body, and the original tensors put back after it."""
-    from lora_ppo.runtime.ds_config import resolve_precision
-
     precision = resolve_precision(cfg.deepspeed.precision, ac.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -214,8 +214,6 @@ def _own_logits(ac: ActorCritic, cfg, batch, d: float) -> str:
     """Fall back to the model's own forward's logits, where lora_ppo's own differ by `d`; the
     one line saying so and what it costs (sizing/memory.py::own_logits_bytes), or a refusal
     where even that path does not give the model's log-probs."""
-    from lora_ppo.sizing.memory import own_logits_bytes
-
     kind = ac.causal_lm.config.model_type
     ac.use_own_logits()
     d_own = _own_diff(ac, batch)

@@ -71,7 +71,7 @@ def test_a_family_whose_post_processing_is_unknown_trains_on_its_own_logits(
     the first minibatch has ratio 1, the update moves the adapter, and setup says so in one
     line."""
     import lora_ppo.modeling.actor_critic as actor_critic
-    from lora_ppo.modeling.actor_critic import position_ids_from_mask
+    from lora_ppo.modeling.packing import position_ids_from_mask
     from lora_ppo.modeling.roles import POLICY
     from lora_ppo.ppo.collect import collect
     from lora_ppo.ppo.loop import add_advantages, add_rewards, setup
