@@ -45,6 +45,7 @@ from lora_ppo.config import Config
 from lora_ppo.config.load import load_config
 from lora_ppo.errors import UserError, first_line
 from lora_ppo.io.atomic import check_sealed, fsync_path, remove_dir, replace_dir, seal, sha256_file
+from lora_ppo.modeling.loading import quantization_mode
 from lora_ppo.runtime.engine import gathered_trainable
 
 FORMAT = 1
@@ -269,10 +270,16 @@ def write_checkpoint(root: Path, step: int, keep: int, dist, engine, rank_state:
     return final
 
 
-def run_facts(dist, engine) -> dict:
-    """What a checkpoint records of the run besides its config: world size, ZeRO stage and
-    precision (compared by check_fit)."""
-    return {"world_size": dist.world_size, **_engine_facts(engine)}
+def run_facts(dist, engine, quantization: str) -> dict:
+    """What a checkpoint records of the run besides its config: world size, ZeRO stage,
+    precision and the base's quantization (`auto` resolved), compared by check_fit."""
+    return {"world_size": dist.world_size, **_engine_facts(engine), "quantization": quantization}
+
+
+def trained_quantization(ck: Checkpoint) -> str:
+    """The quantization the checkpoint's base was trained in: its recorded fact (a checkpoint
+    of quantization.mode=auto), else the mode its config names."""
+    return ck.state.get("quantization") or quantization_mode(ck.cfg.quantization)
 
 
 # -- resuming --------------------------------------------------------------------------------------
@@ -286,6 +293,8 @@ def check_fit(ck: Checkpoint, cfg: Config, model_path: str, facts: dict, command
 
     check_base(ck, model_path)
     check_changes(ck.cfg, cfg, command, int(ck.state.get("step", 0)), ck.path / CONFIG)
+    if "quantization" in facts and "quantization" not in ck.state:  # saved before the fact was
+        ck.state["quantization"] = trained_quantization(ck)
     bad = [f"{k}: {ck.state[k]!r} in the checkpoint, {v!r} now"
            for k, v in facts.items() if k in ck.state and ck.state[k] != v]
     if bad:

@@ -43,6 +43,7 @@ from lora_ppo.io.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
+from lora_ppo.modeling.loading import quantization_mode
 from lora_ppo.modeling.roles import CRITIC, POLICY
 from lora_ppo.ppo.run import Run
 from lora_ppo.runtime.engine import gathered_trainable
@@ -50,7 +51,9 @@ from lora_ppo.runtime.engine import gathered_trainable
 
 def ppo_facts(run: Run) -> dict:
     """The protocol's run facts and the value mode with `auto` resolved (compared on resume)."""
-    return {**run_facts(run.dist, run.engine), "value_mode": run.cfg.algorithm.value_mode}
+    return {**run_facts(run.dist, run.engine,
+                        quantization_mode(run.cfg.quantization, run.dist.device.type)),
+            "value_mode": run.cfg.algorithm.value_mode}
 
 
 def save_adapters(ac, out: Path) -> None:

@@ -15,15 +15,21 @@ import torch
 from lora_ppo.config import Config
 from lora_ppo.generation.samples import stop_ids_of
 from lora_ppo.io.data import Prompt, PromptCycle, encode, hold_out, load_prompts, render_prompt
+from lora_ppo.io.metrics import check_logging
 from lora_ppo.modeling.actor_critic import ActorCritic, build_actor_critic, check_adapter_dir
-from lora_ppo.modeling.loading import load_base_model, load_tokenizer, resolve_model_path
+from lora_ppo.modeling.loading import (
+    load_base_model,
+    load_tokenizer,
+    quantization_mode,
+    resolve_model_path,
+)
 from lora_ppo.ppo.reward_sources import RewardSource, check_reward_sources, make_reward_source
 from lora_ppo.ppo.seams import Seams, seams_for
 from lora_ppo.rl.kl import AdaptiveKLController, FixedKLController
 from lora_ppo.rl.logprobs import chunk_rows
 from lora_ppo.rl.rewards import RunningMoments
 from lora_ppo.runtime.dist import DistInfo, broadcast_object, seed_everything, setup_distributed
-from lora_ppo.runtime.ds_config import run_ds_config, zero_stage
+from lora_ppo.runtime.ds_config import autocast_dtype, run_ds_config, zero_stage
 from lora_ppo.runtime.engine import create_engine
 
 
@@ -67,10 +73,12 @@ def setup(cfg: Config, *, dataset=None, eval_dataset=None, reward_fn: Optional[C
     dist = setup_distributed()
     seed_everything(cfg.seed + dist.rank)  # ranks sample different responses
     tokenizer = load_tokenizer(cfg.model, model_path)
-    ds_config = run_ds_config(cfg, dist.world_size, dist.device, "ppo")
+    quantization = quantization_mode(cfg.quantization, dist.device.type)
+    ds_config = run_ds_config(cfg, dist.world_size, dist.device, "ppo", quantization != "none")
     if cfg.model.init_adapter:
         check_adapter_dir(cfg.model.init_adapter, "model.init_adapter")
     reward_fn = check_reward_sources(cfg, reward_fn)
+    check_logging(cfg.logging)
     train_prompts, eval_prompts = (prompts, []) if prompts is not None else read_prompts(
         cfg, tokenizer, dataset, eval_dataset)
     base = load_base_model(cfg, model_path, dist.device)
@@ -78,9 +86,12 @@ def setup(cfg: Config, *, dataset=None, eval_dataset=None, reward_fn: Optional[C
         on_base_loaded(base)
     stop_ids = stop_ids_of(tokenizer, base.generation_config, cfg.rollout.stop_token_ids)
     ac = build_actor_critic(cfg, base)
+    ac.autocast = autocast_dtype(ds_config)  # sampling and scoring run under it as the update
     # Every rank checks its own copy; all take rank 0's decisions, so they decode and lay out
     # batches alike.
     seams, checked = broadcast_object(seams_for(ac, cfg, tokenizer.pad_token_id, model_path))
+    if seams.own_logits:
+        ac.use_own_logits()
     ac.layout = seams.layout
     if dist.rank == 0:
         for line in (checked, *seams.notes):

@@ -31,10 +31,15 @@ from lora_ppo.errors import Interrupted, UserError
 from lora_ppo.io import checkpoint as ck
 from lora_ppo.io.atomic import atomic_output_dir
 from lora_ppo.io.data import encode_prompts, hold_out, render_prompt
-from lora_ppo.io.metrics import MetricsLogger, peak_memory_mib
+from lora_ppo.io.metrics import MetricsLogger, check_logging, peak_memory_mib
 from lora_ppo.io.run_dir import Start, clear, earlier_run
 from lora_ppo.modeling.actor_critic import adapter_fits, check_adapter_dir, lora_config
-from lora_ppo.modeling.loading import load_base_model, load_tokenizer, resolve_model_path
+from lora_ppo.modeling.loading import (
+    load_base_model,
+    load_tokenizer,
+    quantization_mode,
+    resolve_model_path,
+)
 from lora_ppo.modeling.lora_grad import lora_b_grads_in_fast_order
 from lora_ppo.runtime.dist import DistInfo, seed_everything, setup_distributed
 from lora_ppo.runtime.ds_config import run_ds_config
@@ -106,7 +111,9 @@ def setup_stage(cfg: Config, name: str, read_rows: Callable[[Any, str], list[dic
     dist = setup_distributed()
     seed_everything(cfg.seed + dist.rank)
     tokenizer = load_tokenizer(cfg.model, model_path)
-    ds_config = run_ds_config(cfg, dist.world_size, dist.device, name)
+    check_logging(cfg.logging)
+    ds_config = run_ds_config(cfg, dist.world_size, dist.device, name,
+                              quantization_mode(cfg.quantization, dist.device.type) != "none")
     eval_spec = eval_dataset if eval_dataset is not None else sec.eval.data
     eval_rows = read_rows(eval_spec, f"{name}.eval.data") if eval_spec is not None else None
     train_spec = dataset if dataset is not None else sec.data
@@ -243,7 +250,7 @@ def save_checkpoint(st: Stage, write_output: Callable[[Path], None]) -> Path:
 
     def state(tmp: Path) -> None:
         meta = {"format": ck.FORMAT, "stage": st.name, "step": st.step,
-                **ck.run_facts(st.dist, st.engine), "base": ck.base_fingerprint(st.model_path)}
+                **stage_facts(st), "base": ck.base_fingerprint(st.model_path)}
         (tmp / ck.STATE).write_text(json.dumps(meta, indent=1))
         save_config(st.cfg, tmp / ck.CONFIG)
 
@@ -253,13 +260,19 @@ def save_checkpoint(st: Stage, write_output: Callable[[Path], None]) -> Path:
                                state)
 
 
+def stage_facts(st: Stage) -> dict:
+    """The protocol's run facts of a stage, its base's quantization resolved."""
+    return ck.run_facts(st.dist, st.engine,
+                        quantization_mode(st.cfg.quantization, st.dist.device.type))
+
+
 def load_checkpoint(st: Stage, path: Path) -> None:
     """Restore LoRA weights, head, optimizer, LR schedule, RNG and step from a stage checkpoint."""
     c = ck.open_checkpoint(path)
     if c.state.get("stage") != st.name:
         raise UserError(f"checkpoint {c.path} is from stage {c.state.get('stage', 'train')!r}, not "
                         f"{st.name!r}; resume it with its own command")
-    ck.check_fit(c, st.cfg, st.model_path, ck.run_facts(st.dist, st.engine), st.name)
+    ck.check_fit(c, st.cfg, st.model_path, stage_facts(st), st.name)
     ck.load_engine_state(c, st.engine)
     st.step = int(c.state["step"])
     torch.set_rng_state(torch.load(c.path / f"rank-{st.dist.rank}.pt")["torch"])
