@@ -24,7 +24,8 @@ from lora_ppo.modeling.loading import (
     resolve_model_path,
 )
 from lora_ppo.ppo.reward_sources import RewardSource, check_reward_sources, make_reward_source
-from lora_ppo.ppo.seams import Seams, seams_for
+from lora_ppo.ppo.seam_cache import seams_for
+from lora_ppo.ppo.seams import Seams
 from lora_ppo.rl.kl import AdaptiveKLController, FixedKLController
 from lora_ppo.rl.logprobs import chunk_rows
 from lora_ppo.rl.rewards import RunningMoments

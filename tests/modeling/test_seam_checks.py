@@ -12,7 +12,8 @@ from lora_ppo.errors import UserError
 from lora_ppo.modeling.actor_critic import build_actor_critic
 from lora_ppo.modeling.loading import load_base_model, load_tokenizer
 from lora_ppo.modeling.packing import PADDED
-from lora_ppo.ppo.seams import check_seams, seams_for
+from lora_ppo.ppo.seam_cache import seams_for
+from lora_ppo.ppo.seams import check_seams
 from lora_ppo.rl.logprobs import IDENTITY
 
 CPU = torch.device("cpu")
