@@ -38,6 +38,7 @@ from lora_ppo.io.resume import (
     in_memory_fields,
     saved_run,
 )
+from lora_ppo.io.run_dir import check_flags
 
 PRESETS = Path(__file__).resolve().parent / "builtin" / "presets"
 # What each command runs, and which config field each Python object stands in for.
@@ -102,6 +103,7 @@ def run_command(command: str, config, overrides, resume: Optional[str], overwrit
     """Everything the CLI's training commands and the functions above do: the config, the
     Python objects, the resumed run's config, then the entry point of ENTRY. Returns the
     config used and what the entry point returned."""
+    check_flags(resume, overwrite)  # before the saved config is read
     objects = {k: v for k, v in (objects or {}).items() if v is not None}
     cfg, notes = prepare(command, config, overrides, resume, objects, reward_weights)
     if os.environ.get("RANK", "0") == "0":
