@@ -49,6 +49,7 @@ SAFE = {
 # rollouts sample from, and turning it on holds data.eval_size prompts out of the training set);
 # batch and chunk sizes (rollout.generation_batch_size, ppo.micro_batch_size, ...: other matmul
 # shapes, other round-off, and the decode batch decides which random number goes to which row).
+
 # The sections each command reads; a change elsewhere does not concern its run.
 _STAGE = ("output_dir", "seed", "model", "quantization", "lora", "deepspeed", "logging",
           "checkpoint")
