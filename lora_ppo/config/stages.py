@@ -58,10 +58,18 @@ class SFTConfig:
     prompt_column: str = "prompt"
     """Column with the prompt text."""
     response_column: str = "response"
-    """Column with the response text; the loss covers its tokens only."""
+    """Column with the response text; the loss covers its tokens only. Prompt and response may
+    also be conversations (TRL's conversational format: lists of messages), rendered with the
+    tokenizer's chat template; a response then lists the messages that follow the prompt (TRL's
+    `completion`, one assistant message)."""
+    messages_column: str = "messages"
+    """Column of whole conversations (TRL's conversational language-modeling format), read when
+    the data has no `prompt_column`: the last message, an assistant turn, is the response the
+    loss covers, the messages before it the prompt."""
     chat_template: bool = False
-    """Render each pair as a user turn and an assistant turn with the tokenizer's chat template
-    (use with data.chat_template=true in `train`)."""
+    """Render each pair of strings as a user turn and an assistant turn with the tokenizer's chat
+    template (use with data.chat_template=true in `train`); conversations are always rendered
+    with it."""
     append_eos: bool = True
     """End each response with EOS unless the chat template already put one in it, so the model
     learns to stop as PPO's responses stop."""
