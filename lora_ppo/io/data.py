@@ -2,7 +2,9 @@
 
 Files are read through `datasets` (JSONL, JSON, Parquet, CSV; prompts also from a text file, one
 per line). The same functions serve PPO's prompts and the SFT / reward-model stages' rows, so a
-file is read, split and rendered with a chat template the same way by every command.
+file is read, split and rendered with a chat template the same way by every command. A prompt
+is a string or a conversation (TRL's conversational format, a list of messages), which the chat
+template renders; a PPO prompt keeps its row's other columns for the reward function.
 """
 
 from __future__ import annotations

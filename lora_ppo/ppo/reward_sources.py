@@ -179,7 +179,12 @@ def check_signature(fn: Callable, name: str, columns: dict[str, list[str]]) -> N
     """Refuse, at setup, a reward function that cannot take what every call passes (KEYWORDS and
     the columns of each dataset it is called on: `columns`, where -> its columns): a required
     argument that is neither, or, without **kwargs, a keyword it has no argument for. Also a
-    column named as one of KEYWORDS. A callable without a signature (a builtin) is not checked."""
+    column named as one of KEYWORDS, and an async function (TRL awaits those on an event loop of
+    its own). A callable without a signature (a builtin) is not checked."""
+    if inspect.iscoroutinefunction(fn):
+        raise UserError(f"reward function {name} is async, and reward functions are called "
+                        "synchronously here; call it in a plain function, e.g. "
+                        "`def f(**kw): return asyncio.run(g(**kw))`")
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):

@@ -124,6 +124,10 @@ class Scorer:
         return [0.0] * len(completions)
 
 
+async def _async_reward(completions, **kwargs):
+    return [0.0] * len(completions)
+
+
 WHERE = "data.prompts=c.jsonl"
 KEYWORDS = ("prompts, completions, completion_ids, trainer_state, log_extra, log_metric, "
             "prompt_ids")
@@ -157,6 +161,8 @@ def test_signatures_that_take_every_call(fn, columns):
     (correct, ["answer", "prompt_ids"],
      f"{WHERE}: column 'prompt_ids' has the name of a keyword every reward function call gets "
      f"({KEYWORDS}); rename that column"),
+    (_async_reward, [], "reward function f is async, and reward functions are called "
+                        "synchronously here; call it in a plain function"),
 ])
 def test_signatures_that_cannot_are_refused_in_one_line(fn, columns, message):
     with pytest.raises(UserError) as e:
