@@ -137,6 +137,7 @@ def cmd_estimate(args) -> int:
 
     from lora_ppo.builtin.specs import builtin_arch
     from lora_ppo.config.load import load_config
+    from lora_ppo.modeling.loading import quantization_mode
     from lora_ppo.sizing import memory as est
     from lora_ppo.sizing.arch import param_counts, read_arch
 
@@ -145,13 +146,15 @@ def cmd_estimate(args) -> int:
     if args.gpu_mib <= 0:
         raise UserError(f"--gpu-mib {args.gpu_mib} must be > 0 (the card's memory in MiB)")
     if args.json:
-        print(json.dumps(est.report(cfg, arch, args.device, args.gpu_mib), indent=1))
+        print(json.dumps(est.report(cfg, arch, args.device, args.gpu_mib, args.own_logits),
+                         indent=1))
         return 0
-    sug = est.suggest_batch_sizes(cfg, arch, args.gpu_mib, args.device)
+    sug = est.suggest_batch_sizes(cfg, arch, args.gpu_mib, args.device, own_logits=args.own_logits)
     title = (f"{cfg.model.path}: {param_counts(arch).total / 1e6:.1f}M params, "
-             f"quantization {cfg.quantization.mode}, {args.device} "
+             f"quantization {quantization_mode(cfg.quantization, args.device)}, {args.device} "
              f"({'bf16' if args.device == 'gpu' else 'fp32'})")
-    print(est.format_table(est.estimate_memory(cfg, arch, args.device), sug, title))
+    print(est.format_table(est.estimate_memory(cfg, arch, args.device, own_logits=args.own_logits),
+                           sug, title))
     return 0
 
 
@@ -163,8 +166,11 @@ def _estimate_parser(sub) -> None:
     e.add_argument("--gpu-mib", type=float, default=24576, help="memory of the card (MiB)")
     e.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
                    help="gpu: CUDA allocator peak in bf16; cpu: peak RSS over the pre-load "
-                        "baseline in fp32 (what scripts/bench.py measures on a CPU)")
+                        "baseline in fp32 (what benchmarks/bench.py measures on a CPU)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.add_argument("--own-logits", action="store_true",
+                   help="count the model's own forward's logits, which setup takes (one line "
+                        "says so) for a family whose logit post-processing lora_ppo does not know")
     e.set_defaults(fn=cmd_estimate)
 
 
@@ -178,9 +184,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _merge_args(sp) -> None:
     """merge's own flags (lora_ppo/io/export.py::merge)."""
-    sp.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
-                    help="dtype of the written weights (default bf16); the merge itself is "
-                         "computed in fp32 per tensor")
+    sp.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                    help="dtype of the written weights (default auto: the dtype the base is "
+                         "stored in); the merge itself is computed in fp32 per tensor")
     sp.add_argument("--into", choices=["original", "dequantized"], default="original",
                     help="original: the base's own unquantized weights (default); dequantized: "
                          "the 4-bit/8-bit weights the policy was trained on, dequantized, so the "

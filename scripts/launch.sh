@@ -5,7 +5,7 @@
 #   NUM_GPUS=4 scripts/launch.sh train --config my.yaml              # 4 GPUs on this node
 #   HOSTFILE=hostfile scripts/launch.sh train --config my.yaml       # every slot in the hostfile
 #
-# Stages: train, sft, train-reward, bench (scripts/bench.py). Environment:
+# Stages: train, sft, train-reward, bench (benchmarks/bench.py). Environment:
 #   NUM_GPUS     GPUs on this node (default: all that nvidia-smi lists, else 1)
 #   HOSTFILE     DeepSpeed hostfile ("node1 slots=8" per line) for multi-node runs; the launcher
 #                starts the other nodes over passwordless ssh (pdsh), so run this on the first node
@@ -42,6 +42,6 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
 fi
 case "$stage" in
   train|sft|train-reward) exec "$launcher" "${args[@]}" --module lora_ppo "$stage" "$@" ;;
-  bench) exec "$launcher" "${args[@]}" scripts/bench.py "$@" ;;
+  bench) exec "$launcher" "${args[@]}" benchmarks/bench.py "$@" ;;
   *) echo "unknown stage '$stage'; use train, sft, train-reward or bench" >&2; exit 2 ;;
 esac

@@ -45,10 +45,13 @@ def write_yaml(path: Path, data: dict) -> Path:
 
 
 def make_adapter_dir(model_dir: Path, out: Path, seed: int, head: bool = False,
-                     dropout: float = 0.0, targets="all-linear") -> Path:
+                     dropout: float = 0.0, targets="all-linear", **lora) -> Path:
     """A real PEFT LoRA adapter (random B, so it changes the model) saved with save_pretrained,
     plus a score head when `head` (the layout of a reward adapter). `dropout` is the
-    lora_dropout written into its adapter_config.json, as SFT recipes often leave it."""
+    lora_dropout written into its adapter_config.json, as SFT recipes often leave it. `lora`:
+    more LoraConfig fields (use_dora, lora_bias, use_rslora, modules_to_save, ...); every
+    lora_B (a lora_bias's bias too) gets std 0.2, and a DoRA magnitude stays the norm of the
+    base weight it was made from, so m / ||W + s B A|| differs from 1."""
     import torch
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
@@ -57,11 +60,13 @@ def make_adapter_dir(model_dir: Path, out: Path, seed: int, head: bool = False,
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
-                                                 target_modules=targets))
+                                                 target_modules=targets, **lora))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.2)
+            elif "modules_to_save" in name:  # a trained copy: not the base's any more
+                p.add_(torch.randn_like(p) * 0.05)
     peft_model.save_pretrained(out)
     if head:
         h = base.config.hidden_size

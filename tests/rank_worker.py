@@ -54,7 +54,8 @@ def one_update(cfg_path: str) -> dict:
     ro = score_samples(run, samples)  # every rank scores the whole batch: the same old log-probs
     share = torch.arange(rank * ROWS // world, (rank + 1) * ROWS // world, device=scores.device)
     ro = ro.index(share.to(ro.query_ids.device))
-    ro = add_advantages(run, add_rewards(run, ro, scores[share].to(ro.query_ids.device)))
+    ro = add_advantages(run, add_rewards(run, ro, scores[share].to(ro.query_ids.device),
+                                         run.kl_ctl.value))
     before = trainable(run.ac)
     update_with(run, ro, run.generator)
     return {"before": before, "weights": trainable(run.ac), "rank": rank, "world_size": world}

@@ -1,4 +1,5 @@
-"""scripts/bench.py: the per-phase measurements, and a real run on a tiny model."""
+"""benchmarks/bench.py and the meters every benchmark shares (benchmarks/meters.py): the
+per-phase measurements, and a real run on a tiny model."""
 
 import importlib.util
 import json
@@ -12,7 +13,8 @@ import time
 import pytest
 from helpers import REPO, clean_env
 
-BENCH = REPO / "scripts" / "bench.py"
+BENCH = REPO / "benchmarks" / "bench.py"
+METERS = REPO / "benchmarks" / "meters.py"
 TINY = ["--vocab", "512", "--hidden", "64", "--intermediate", "128", "--layers", "2",
         "--heads", "4", "--kv-heads", "2", "--batch", "4", "--micro-batch", "2",
         "--prompt-len", "8", "--new-tokens", "4", "--updates", "1", "--warmup", "0",
@@ -22,8 +24,8 @@ PHASE_FIELDS = {"seconds", "tokens", "tokens_per_s", "flops", "flops_per_s", "ma
                 "prediction_error", "other_cpu_share", "contention"}
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
+def load(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -37,21 +39,20 @@ def run_bench(*args, env=None, timeout=300):
 
 def test_other_cpu_share_formula():
     # 3 busy CPU-seconds on the machine, 1 of them ours, over 2 s on 2 CPUs: 2 / 4 = 50%
-    assert load_bench().other_cpu_share(3.0, 1.0, 2.0, 2) == 0.5
-    assert load_bench().other_cpu_share(1.0, 1.5, 2.0, 2) == 0.0  # clock-tick rounding
+    meters = load(METERS)
+    assert meters.other_cpu_share(3.0, 1.0, 2.0, 2) == 0.5
+    assert meters.other_cpu_share(1.0, 1.5, 2.0, 2) == 0.0  # clock-tick rounding
 
 
 @pytest.mark.integration
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_phase_meter_sees_another_process_spinning():
-    bench = load_bench()
-    import torch
-
+    meters = load(METERS)
     spinner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\n"
                                 "while time.time() - t < 3: pass"])
     try:
         time.sleep(0.3)  # let it start
-        with bench.PhaseMeter(torch.device("cpu"), 0) as meter:
+        with meters.PhaseMeter(0) as meter:
             time.sleep(1.5)  # we use ~no CPU; the spinner uses one CPU all along
     finally:
         spinner.wait()
@@ -60,21 +61,32 @@ def test_phase_meter_sees_another_process_spinning():
     assert meter.own_cpu_s < 0.3
 
 
+def test_step_clock_laps_from_the_previous_lap():
+    meters = load(METERS)
+    clock = meters.StepClock()
+    clock.start()
+    time.sleep(0.2)
+    first = clock.lap()
+    time.sleep(0.1)
+    second = clock.lap()  # from the first lap's end, not from start()
+    assert 0.2 <= first["wall_s"] < 0.3 and 0.1 <= second["wall_s"] < 0.2, (first, second)
+    assert first["cpu_s"] < 0.1 and 0 <= second["other_cpu_load"] <= 1
+
+
 # Per-phase peaks in a fresh process with the bench's malloc setting: a 64 MiB block allocated
 # and freed before a phase must not show in that phase, and two phases report their own peaks.
 _PEAK_SCRIPT = textwrap.dedent("""
     import importlib.util, json, sys
     import torch
-    spec = importlib.util.spec_from_file_location("bench", sys.argv[1])
-    bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
-    cpu = torch.device("cpu")
-    base = bench._status_bytes("VmRSS")
+    spec = importlib.util.spec_from_file_location("meters", sys.argv[1])
+    meters = importlib.util.module_from_spec(spec); spec.loader.exec_module(meters)
+    base = meters.status_bytes("VmRSS")
     x = torch.ones(16 * 2**20)  # 64 MiB, touched
     del x
-    with bench.PhaseMeter(cpu, base) as small:
+    with meters.PhaseMeter(base) as small:
         y = torch.ones(4 * 2**20)  # 16 MiB
         del y
-    with bench.PhaseMeter(cpu, base) as large:
+    with meters.PhaseMeter(base) as large:
         z = torch.ones(32 * 2**20)  # 128 MiB
         del z
     print(json.dumps({"small": small.peak_bytes / 2**20, "large": large.peak_bytes / 2**20}))
@@ -85,7 +97,7 @@ _PEAK_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_per_phase_peak_rss_resets_between_phases():
     env = {**clean_env(), "MALLOC_MMAP_THRESHOLD_": "65536"}
-    proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(BENCH)], env=env,
+    proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(METERS)], env=env,
                           capture_output=True, text=True, timeout=120)
     if proc.returncode != 0 and "clear_refs" in proc.stderr:
         pytest.skip("this kernel does not let a process reset its peak RSS")

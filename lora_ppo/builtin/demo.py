@@ -39,6 +39,7 @@ from lora_ppo.errors import UserError
 from lora_ppo.io import checkpoint as ckpt
 from lora_ppo.io.export import merge
 from lora_ppo.io.run_dir import check_output_dir
+from lora_ppo.modeling.loading import quantization_mode
 from lora_ppo.ppo.loop import train
 from lora_ppo.stages.reward_model import train_reward
 
@@ -147,7 +148,7 @@ def run_demo(cfg: Config, preset: str = "demo", overwrite: bool = False) -> dict
     t_reward = time.perf_counter() - t0 - t_model
 
     alg = cfg.algorithm
-    _say(f"stage 2/3: {alg.estimator.upper()}, {cfg.quantization.mode} base, LoRA policy, "
+    _say(f"stage 2/3: {alg.estimator.upper()}, {quantization_mode(cfg.quantization)} base, LoRA policy, "
          f"reward {cfg.reward.source}, value function {alg.value_mode}, "
          f"{alg.group_size} sample(s) per prompt, DeepSpeed {cfg.deepspeed.config}")
     run = train(cfg, overwrite=True)

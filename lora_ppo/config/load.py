@@ -9,6 +9,7 @@ value and what is allowed (litgpt's strictness); combinations of fields are chec
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +41,67 @@ def field_type(tp: Any) -> tuple[Any, list[Check]]:
         base, *extra = typing.get_args(tp)
         return base, [e for e in extra if isinstance(e, Check)]
     return tp, []
+
+
+# TRL's names for fields lora_ppo has under another name (GRPOConfig 1.16 and PPOConfig 0.11):
+# an unknown key that is one of them is told the field to write instead (docs/coming_from_trl.md).
+TRL_NAMES = {
+    "num_generations": "rollout.samples_per_prompt",
+    "max_completion_length": "rollout.max_new_tokens",
+    "response_length": "rollout.max_new_tokens",
+    "max_prompt_length": "model.max_prompt_length",
+    "temperature": "rollout.temperature",
+    "generation_batch_size": "rollout.generation_batch_size",
+    "beta": "ppo.kl_coef",
+    "init_kl_coef": "ppo.kl_coef",
+    "kl_coef": "ppo.kl_coef",
+    "epsilon": "ppo.cliprange",
+    "epsilon_high": "ppo.cliprange_high",
+    "cliprange": "ppo.cliprange",
+    "cliprange_value": "ppo.cliprange_value",
+    "num_iterations": "ppo.epochs",
+    "num_ppo_epochs": "ppo.epochs",
+    "ppo_epochs": "ppo.epochs",
+    "loss_type": "ppo.loss_aggregation",
+    "scale_rewards": "ppo.scale_rewards",
+    "importance_sampling_level": "ppo.importance_sampling_level",
+    "mask_truncated_completions": "ppo.mask_truncated_completions",
+    "vllm_importance_sampling_correction": "ppo.sampler_importance_sampling_correction",
+    "vllm_importance_sampling_mode": "ppo.sampler_importance_sampling_mode",
+    "vllm_importance_sampling_clip_max": "ppo.sampler_importance_sampling_clip_max",
+    "vllm_importance_sampling_cap": "ppo.sampler_importance_sampling_clip_max",
+    "vllm_importance_sampling_clip_min": "ppo.sampler_importance_sampling_clip_min",
+    "entropy_coef": "ppo.ent_coef",
+    "vf_coef": "ppo.vf_coef",
+    "gamma": "ppo.gamma",
+    "lam": "ppo.lam",
+    "learning_rate": "ppo.optim.learning_rate",
+    "lr_scheduler_type": "ppo.optim.lr_schedule",
+    "warmup_steps": "ppo.optim.warmup_steps",
+    "weight_decay": "ppo.optim.weight_decay",
+    "max_grad_norm": "ppo.optim.max_grad_norm",
+    "mini_batch_size": "ppo.minibatch_size",
+    "per_device_train_batch_size": "ppo.micro_batch_size",
+    "reward_weights": "reward.weights",
+    "missing_eos_penalty": "reward.missing_eos_penalty",
+    "model_name_or_path": "model.path",
+    "model_name": "model.path",
+    "sft_model_path": "model.path",
+    "num_train_epochs": "ppo.total_updates",
+    "max_steps": "ppo.total_updates",
+    "total_episodes": "ppo.total_updates",
+    "output_dir": "output_dir",
+    "seed": "seed",
+}
+
+
+def _did_you_mean(key: str, fields, prefix: str) -> str:
+    """The hint after an unknown key: the field of TRL's name, else the closest field name."""
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf in TRL_NAMES:
+        return f"; did you mean {TRL_NAMES[leaf]} (TRL's {leaf})?"
+    close = difflib.get_close_matches(leaf, list(fields), n=1, cutoff=0.75)
+    return f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
 
 
 def type_name(tp: Any) -> str:
@@ -105,7 +167,8 @@ def _build(cls: type, data: Any, prefix: str, default: Any = None) -> Any:
         if key in MOVED:
             raise UserError(f"config key '{key}' moved to '{MOVED[key]}'; write it there")
         where = f"section '{prefix}'" if prefix else "the top level"
-        raise UserError(f"unknown config key '{key}' in {where}; allowed keys: {', '.join(fields)}")
+        raise UserError(f"unknown config key '{key}' in {where}{_did_you_mean(key, fields, prefix)}"
+                        f" (allowed keys: {', '.join(fields)})")
     kwargs = {}
     for name, value in data.items():
         path = f"{prefix}.{name}" if prefix else name

@@ -56,8 +56,10 @@ class ModelConfig:
 
 @dataclass
 class QuantizationConfig:
-    mode: Literal["none", "8bit", "4bit"] = "4bit"
-    """Load the base with bitsandbytes in 4-bit or 8-bit, or unquantized (`none`)."""
+    mode: Literal["auto", "none", "8bit", "4bit"] = "auto"
+    """Load the base with bitsandbytes in 4-bit or 8-bit, or unquantized (`none`). `auto`: 4bit
+    on a GPU (QLoRA's memory), none on a CPU (where the memory does not decide what fits and
+    4-bit matmuls cost time)."""
     quant_type: Literal["nf4", "fp4"] = "nf4"
     """4-bit data type (QLoRA's NormalFloat4 or plain FP4)."""
     double_quant: bool = True
@@ -268,6 +270,24 @@ class PPOConfig:
     Zheng et al. 2025, eq. 7; TRL's importance_sampling_level). GSPO clips much tighter
     (cliprange 3e-4, cliprange_high 4e-4) and averages per response
     (loss_aggregation=seq_mean_token_mean)."""
+    sampler_importance_sampling_correction: bool = True
+    """Weight each token's policy loss by pi_old / pi_sampler (sampler_importance_sampling_mode),
+    for the tokens drawn from the decode loop's distribution where it is not the one scored:
+    bf16, fp16 or torch autocast, where the two differ by up to ~5e-2 per token (docs/ppo.md
+    detail 2d; TRL's vllm_importance_sampling_correction, default true). Never applied where the
+    forwards compute in fp32 (a 4-bit or 8-bit base with an fp32 compute dtype too): there the
+    two agree to round-off (the sampler's log-probs are the old ones, a weight of 1). The
+    mismatch is logged either way (rollout/sampler_kl)."""
+    sampler_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate",
+                                              "sequence_mask"] = "sequence_mask"
+    """How the weights are taken (rl/sampler_correction.py): per token, or one per response (the
+    product of its token ratios); `truncate` clips them to [clip_min, clip_max] (truncated IS,
+    Yao et al. 2025; OpenRLHF's tis), `mask` zeroes those outside (masked IS; OpenRLHF's icepop
+    is token_mask). TRL's vllm_importance_sampling_mode, with its default."""
+    sampler_importance_sampling_clip_max: Annotated[Optional[float], POSITIVE] = 3.0
+    """Upper bound of the weights (TRL's vllm_importance_sampling_clip_max, 3.0); null: none."""
+    sampler_importance_sampling_clip_min: Annotated[Optional[float], NONNEG] = None
+    """Lower bound of the weights (TRL's vllm_importance_sampling_clip_min); null: none."""
     cliprange_value: Annotated[float, POSITIVE] = 0.2
     """Value clip around the rollout's values."""
     vf_coef: Annotated[float, NONNEG] = 0.1
@@ -341,7 +361,11 @@ class LoggingConfig:
     progress: bool = True
     """Show a progress bar with ETA and key metrics (rank 0)."""
     num_samples: int = 2
-    """Samples printed as text at each evaluation."""
+    """Samples printed as text at each evaluation and every `completions_every` updates."""
+    completions_every: Annotated[int, NONNEG] = 10
+    """Every this many updates, print `num_samples` of the rollout's completions (prompt ->
+    completion, score) above the progress bar and log them to TensorBoard as text (TRL's
+    log_completions); 0 turns it off."""
 
 
 @dataclass

@@ -145,6 +145,10 @@ class Config:
     def _check_recipes(self) -> None:
         """The DAPO / GSPO / TRL-style options: each where its estimator defines it."""
         a, p, r = self.algorithm, self.ppo, self.rollout
+        low, high = p.sampler_importance_sampling_clip_min, p.sampler_importance_sampling_clip_max
+        if low is not None and high is not None and low >= high:
+            raise UserError(f"ppo.sampler_importance_sampling_clip_min={low} must be below "
+                            f"ppo.sampler_importance_sampling_clip_max={high}; lower it")
         if p.scale_rewards != "auto" and a.estimator != "grpo":
             raise UserError(f"ppo.scale_rewards={p.scale_rewards} applies to ppo.advantage_estimator"
                             f"=grpo only; {a.estimator} defines its own scaling: leave "

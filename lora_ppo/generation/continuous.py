@@ -74,10 +74,12 @@ class _Batch:
         free, self.pending = free[:len(new)], self.pending + len(new)
         kv, h = self._encode([s.prompts[i] for i in new.tolist()])
         if not self.cache.layers[0].is_initialized:
-            first = kv[0]
-            self.cache.early_initialization(self.slots, [k.shape[1] for k, _ in first],
-                                            [k.shape[3] for k, _ in first], first[0][0].dtype,
-                                            s.device)
+            # each layer shaped and typed as the prefill wrote it: under autocast the keys
+            # (rope in fp32) and the values (a bf16 matmul) differ in dtype, which
+            # Cache.early_initialization's one dtype cannot hold
+            for layer, (k, v) in zip(self.cache.layers, kv[0]):
+                layer.lazy_initialization(k.new_empty(self.slots, k.shape[1], 0, k.shape[3]),
+                                          v.new_empty(self.slots, v.shape[1], 0, v.shape[3]))
         for slot, i, layers in zip(free.tolist(), new.tolist(), kv):
             n = len(s.prompts[i])  # the prompt ends at the current column
             for layer, (k, v) in zip(self.cache.layers, layers):

@@ -23,10 +23,12 @@ from lora_ppo.modeling.roles import POLICY
 
 class DecodePath(NamedTuple):
     """How the decode loop runs for a model: what the user allows (`rollout.continuous_batching`,
-    `rollout.static_kv_cache`) less what the setup's check found inexact (ppo/seams.py)."""
+    `rollout.static_kv_cache`, `rollout.fold_for_generation`) less what the setup's check found
+    inexact (ppo/seams.py)."""
 
     continuous_batching: bool = True
     static_kv_cache: bool = True
+    fold: bool = True  # the policy folded into the base weights, where that is exact (folded.py)
 
 
 @torch.no_grad()
@@ -34,23 +36,25 @@ def sample(ac: ActorCritic, prompts: list[list[int]], *, max_new_tokens: int,
            temperature: float, greedy: bool, stop_ids: list[int], pad_id: int,
            generation_batch_size: int, uniforms: Optional[Tensor] = None,
            continuous: bool = True, synced: bool = False, static_cache: bool = True,
-           score: bool = False, forced: Optional[Tensor] = None) -> Drawn:
+           score: bool = False, forced: Optional[Tensor] = None,
+           values: Optional[bool] = None) -> Drawn:
     """Responses (B, R), R <= max_new_tokens, to `prompts` (B lists of ids; rows answering the
     same prompt share its encoding). Each token is drawn from softmax(model logits / T) in
     float32 by inverse CDF at `uniforms` (B, max_new_tokens) (argmax when `greedy`); after a
     row's first stop id it holds `pad_id`. At most `generation_batch_size` rows decode at once.
     Runs under the active role and mode (the caller: eval mode under the policy). `score`: also
-    the log-prob of each drawn token and the shared value head on the same state
-    (value.mode=shared), what the rollout's scoring forward computes; asked only where the two
-    agree to fp32 round-off. `synced`: every rank runs the same forwards (ZeRO-3 gathers weights
-    collectively). `forced` (B, max_new_tokens): take these tokens instead of drawing (teacher
-    forcing: the setup's check of the decode loop, ppo/seams.py).
+    the log-prob of each drawn token under the distribution it was drawn from; `values`
+    (default: `score`): also the shared value head on the same state (value.mode=shared), what
+    the rollout's scoring forward computes, asked where the two agree to fp32 round-off.
+    `synced`: every rank runs the same forwards (ZeRO-3 gathers weights collectively).
+    `forced` (B, max_new_tokens): take these tokens instead of drawing (teacher forcing: the
+    setup's check of the decode loop, ppo/seams.py).
     """
     if not greedy and uniforms is None:
         raise ValueError("sampling needs uniforms (B, max_new_tokens); greedy does not")
     s = Sampler(ac, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                 greedy=greedy, stop_ids=stop_ids, pad_id=pad_id, uniforms=uniforms, score=score,
-                forced=forced)
+                forced=forced, values=score if values is None else values)
     config = ac.causal_lm.config
     if continuous and static_cache and not synced and continuous_batching_fits(
             StaticCache(config=config, max_cache_len=1)):
@@ -68,21 +72,27 @@ def generate(ac: ActorCritic, prompt_ids: Sequence[Sequence[int]], rollout, deco
     """Sample responses with the policy (at most `rollout.generation_batch_size` rows at once).
     `rollout`: the config's RolloutConfig (max_new_tokens, temperature, the batch size, whether
     to fold the adapter); `decode`: the decode path setup chose for this model. `synced`: every
-    rank runs the same forwards (ZeRO-3 gathers weights collectively in each one). `score`:
-    keep the sampler's log-probs (and shared-head values) of the drawn tokens. The uniforms
-    behind every draw come from torch's global generator, one row per prompt, so a seeded run
-    draws the same tokens whatever the batching."""
+    rank runs the same forwards (ZeRO-3 gathers weights collectively in each one). The
+    sampler's log-probs of the drawn tokens are kept (not `greedy`): in reduced precision the
+    decode loop's distribution is not the scored one, and the update weighs the one against the
+    other (rl/sampler_correction.py). `score`: they (and the shared-head values) stand for the
+    scoring forward, where the two agree to fp32 round-off (never under the run's autocast,
+    `ActorCritic.precision`, which the whole decode loop runs under). The uniforms behind every
+    draw come from torch's global generator, one row per prompt, so a seeded run draws the same
+    tokens whatever the batching."""
     query_ids, query_mask = left_pad(prompt_ids, pad_id)
     uniforms = None if greedy else torch.rand(len(prompt_ids), rollout.max_new_tokens)
-    fold = rollout.fold_for_generation and can_fold(ac.peft_model)
-    with ac.role(POLICY, train=False), (folded_policy(ac.peft_model) if fold
-                                        else contextlib.nullcontext()):
+    score = score and ac.autocast is None  # autocast: bf16 matmuls, not fp32
+    fold = (rollout.fold_for_generation and decode.fold and ac.autocast is None
+            and can_fold(ac.peft_model))
+    with ac.role(POLICY, train=False), ac.precision(), (folded_policy(ac.peft_model) if fold
+                                                        else contextlib.nullcontext()):
         drawn = sample(ac, [list(p) for p in prompt_ids], max_new_tokens=rollout.max_new_tokens,
                        temperature=rollout.temperature, greedy=greedy, stop_ids=stop_ids,
                        pad_id=pad_id, generation_batch_size=rollout.generation_batch_size,
                        uniforms=uniforms, continuous=decode.continuous_batching, synced=synced,
-                       static_cache=decode.static_kv_cache, score=score)
+                       static_cache=decode.static_kv_cache, score=not greedy, values=score)
     response_ids, response_mask, has_eos = truncate_after_stop(drawn.tokens, stop_ids, pad_id)
     return Samples(query_ids, query_mask, response_ids, response_mask, has_eos,
                    None if drawn.logprobs is None else drawn.logprobs * response_mask,
-                   None if drawn.values is None else drawn.values * response_mask)
+                   None if drawn.values is None else drawn.values * response_mask, score)

@@ -101,23 +101,29 @@ class Sampler:
     """One `sample` call's state: the model pieces, what each row has drawn, the stop rule."""
 
     def __init__(self, ac: ActorCritic, prompts, *, max_new_tokens, temperature, greedy,
-                 stop_ids, pad_id, uniforms, score, forced=None):
+                 stop_ids, pad_id, uniforms, score, forced=None, values=False):
         self.ac, self.prompts, self.pad_id = ac, [tuple(p) for p in prompts], pad_id
-        self.decoder = ac.causal_lm.get_decoder()
+        # With the model's own logits (ActorCritic.use_own_logits) each step runs the whole
+        # `*ForCausalLM.forward` on the new tokens and "the state" of a row is its logits row.
+        self.own = ac.own_logits
+        self.decoder = ac.causal_lm if self.own else ac.causal_lm.get_decoder()
         self.cache_kw = cache_keyword(type(self.decoder))
+        self.head = (lambda x: x) if self.own else ac.lm_head
         self.device = ac.device
         self.max_new, self.temperature = max_new_tokens, temperature
         self.uniforms = None if greedy else uniforms.to(self.device)
         self.forced = None if forced is None else forced.to(self.device)
         self.stops = torch.tensor(stop_ids, device=self.device)
-        self.with_values = score and ac.value_mode == "shared"
+        self.with_values = values and ac.value_mode == "shared" and not self.own
         self.out = _Out(len(prompts), max_new_tokens, pad_id, score, self.with_values)
 
     def forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache) -> Tensor:
-        """The trunk's last hidden state (k, H) of each row, its cache updated in place."""
+        """The trunk's last hidden state (k, H) of each row (with the model's own logits: its
+        logits (k, V)), its cache updated in place."""
+        kw = {self.cache_kw: cache, **({"logits_to_keep": 1} if self.own else {})}
         out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
-                           use_cache=True, **{self.cache_kw: cache})
-        return out.last_hidden_state[:, -1]
+                           use_cache=True, **kw)
+        return (out.logits if self.own else out.last_hidden_state)[:, -1]
 
     def prefill(self, prompts: list[tuple[int, ...]], cache, static_width: int = 0) -> Tensor:
         """Encode left-padded `prompts` into `cache`; their last hidden states (k, H). A static
@@ -136,7 +142,7 @@ class Sampler:
         ZeRO-3's gathering heads alike, also a rank whose rows have all stopped), but only the
         live rows draw and are recorded; the others return pad and stopped."""
         if live is not None:
-            z_all = self.ac.lm_head(h)
+            z_all = self.head(h)
             v_all = self.ac.value_head(h) if self.with_values else None
             stopped = torch.ones(len(rows), dtype=torch.bool, device=self.device)
             tok = torch.full((len(rows),), self.pad_id, dtype=torch.long, device=self.device)
@@ -145,7 +151,7 @@ class Sampler:
                 stopped[idx], tok[idx] = self._draw(rows[idx], z_all[idx],
                                                     None if v_all is None else v_all[idx])
             return stopped, tok
-        return self._draw(rows, self.ac.lm_head(h),
+        return self._draw(rows, self.head(h),
                           self.ac.value_head(h) if self.with_values else None)
 
     def _draw(self, rows: Tensor, logits: Tensor, v: Optional[Tensor]) -> tuple[Tensor, Tensor]:

@@ -46,6 +46,7 @@ from lora_ppo.config import Config
 from lora_ppo.config.load import config_to_dict, load_config
 from lora_ppo.errors import UserError, first_line
 from lora_ppo.io.atomic import check_sealed, fsync_path, remove_dir, replace_dir, seal, sha256_file
+from lora_ppo.modeling.loading import quantization_mode
 from lora_ppo.runtime.engine import gathered_trainable
 
 log = logging.getLogger(__name__)
@@ -275,10 +276,16 @@ def write_checkpoint(root: Path, step: int, keep: int, dist, engine, rank_state:
     return final
 
 
-def run_facts(dist, engine) -> dict:
-    """What a checkpoint records of the run besides its config: world size, ZeRO stage and
-    precision (compared by check_fit)."""
-    return {"world_size": dist.world_size, **_engine_facts(engine)}
+def run_facts(dist, engine, quantization: str) -> dict:
+    """What a checkpoint records of the run besides its config: world size, ZeRO stage,
+    precision and the base's quantization (`auto` resolved), compared by check_fit."""
+    return {"world_size": dist.world_size, **_engine_facts(engine), "quantization": quantization}
+
+
+def trained_quantization(ck: Checkpoint) -> str:
+    """The quantization the checkpoint's base was trained in: its recorded fact (a checkpoint
+    of quantization.mode=auto), else the mode its config names."""
+    return ck.state.get("quantization") or quantization_mode(ck.cfg.quantization)
 
 
 # -- resuming --------------------------------------------------------------------------------------
@@ -303,7 +310,9 @@ def check_fit(ck: Checkpoint, cfg: Config, model_path: str, fields: tuple[str, .
     check_base(ck, model_path)
     changed = _changed(config_to_dict(ck.cfg), config_to_dict(cfg))
     changed.pop("output_dir", None)
-    if ck.cfg.quantization.mode == "4bit":
+    if "quantization" in facts and "quantization" not in ck.state:  # saved before the fact was
+        ck.state["quantization"] = trained_quantization(ck)
+    if trained_quantization(ck) == "4bit":
         fields = fields + MUST_MATCH_4BIT
     bad = [f"{k}: {changed[k][0]!r} in the checkpoint, {changed[k][1]!r} now"
            for k in fields if k in changed]

@@ -6,7 +6,8 @@ export  the policy adapter as a standard PEFT directory (`PeftModel.from_pretrai
         tokenizer and manifest.json (base path and fingerprint, step, config).
 merge   the policy adapter folded into the base weights shard by shard in bounded memory
         (lora_ppo/io/merge.py), saved as safetensors with config and tokenizer: a plain
-        transformers model, bf16 by default (the merge itself is fp32 per tensor).
+        transformers model, in the base's own dtype by default (the merge itself is fp32 per
+        tensor).
 
 Into which weights (`into`):
   original     the checkpoint's own unquantized weights (the default). After 4-bit or 8-bit
@@ -50,6 +51,7 @@ from lora_ppo.io.checkpoint import (
     base_fingerprint,
     check_base,
     open_checkpoint,
+    trained_quantization,
 )
 from lora_ppo.io.merge_check import (
     PROBE_TEXTS,
@@ -140,6 +142,17 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path
 
 # -- merge ------------------------------------------------------------------------------------------
 
+def base_dtype(model_path: str) -> str:
+    """The dtype the base checkpoint is stored in (its config.json's `dtype`, `torch_dtype` in
+    older files), as one of DTYPES' names; fp32 where it says nothing (transformers' default)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    stored = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "")
+    names = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    return names.get(stored.removeprefix("torch."), "fp32")
+
+
 def _check_args(dtype: str, into: str, verify: str, quant: str, device: str) -> torch.device:
     for flag, value, allowed in (("--dtype", dtype, DTYPES), ("--into", into, INTO),
                                  ("--verify", verify, VERIFY)):
@@ -164,7 +177,7 @@ def _job(ck: Checkpoint, model_path: str, into: str, dtype: torch.dtype,
     from transformers.utils.hub import convert_file_size_to_int
 
     load_dtype = training_dtype(ck)
-    qcfg = quantization_config(ck.cfg.quantization, load_dtype)
+    qcfg = quantization_config(ck.cfg.quantization, load_dtype, trained_quantization(ck))
     index = shards.read_index(model_path)
     structure = shards.model_structure(model_path, ck.cfg.model.trust_remote_code, qcfg)
     adapter = lora_delta.read_adapter(ck.path / POLICY_DIR, index, structure)
@@ -179,15 +192,18 @@ def _job(ck: Checkpoint, model_path: str, into: str, dtype: torch.dtype,
     return MergeJob(index, structure, adapter, view, plan, base_bytes)
 
 
-def merge(checkpoint: str | Path, out: str | Path, dtype: str = "bf16", force: bool = False,
+def merge(checkpoint: str | Path, out: str | Path, dtype: str = "auto", force: bool = False,
           max_shard_size: Optional[str | int] = None, tolerance: Optional[float] = None,
           into: str = "original", device: str = "cpu", verify: str = "auto") -> MergeReport:
     """Merge the policy adapter into the base (`into`: original or dequantized weights), shard
-    by shard, and save it in `dtype` to `out`. Fails (UserError, `out` untouched) when a check
+    by shard, and save it in `dtype` to `out` (`auto`: the dtype the base is stored in, so an
+    fp32 base is not rounded to bf16 unasked). Fails (UserError, `out` untouched) when a check
     fails: the tensor check always, the probe's logits against `tolerance` (default:
     TOLERANCE[dtype] times the logit scale) when it runs."""
     ck, model_path = _prepare(checkpoint, out, force)
-    quant = ck.cfg.quantization.mode
+    quant = trained_quantization(ck)
+    if dtype == "auto":
+        dtype = base_dtype(model_path)
     dev = _check_args(dtype, into, verify, quant, device)
     tokenizer = _load_tokenizer(ck, model_path)
     t0 = time.perf_counter()

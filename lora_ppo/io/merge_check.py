@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import re
 import warnings
@@ -22,7 +23,7 @@ import torch
 
 from lora_ppo.errors import UserError
 from lora_ppo.io import merge as streaming
-from lora_ppo.io.checkpoint import POLICY_DIR, Checkpoint
+from lora_ppo.io.checkpoint import POLICY_DIR, Checkpoint, trained_quantization
 from lora_ppo.io.lora_delta import PEFT_PREFIX, Adapter
 from lora_ppo.io.shards import Shard, Structure, TensorIndex, open_safetensors
 from lora_ppo.modeling.loading import DTYPES, load_base_model
@@ -194,9 +195,12 @@ def probe(ck: Checkpoint, model_path: str, job: MergeJob, out: Path, tokenizer,
 
     policy = str(ck.path / POLICY_DIR)
     trained = None
-    if ck.cfg.quantization.mode != "none":
+    quant = trained_quantization(ck)
+    if quant != "none":  # the base as training loaded it, in the mode it was trained in
+        cfg = dataclasses.replace(ck.cfg, quantization=dataclasses.replace(
+            ck.cfg.quantization, mode=quant))
         trained = _logits_and_free(PeftModel.from_pretrained(
-            load_base_model(ck.cfg, model_path, device), policy), tokenizer, device)
+            load_base_model(cfg, model_path, device), policy), tokenizer, device)
     base = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch.float32, trust_remote_code=ck.cfg.model.trust_remote_code)
     with torch.no_grad():

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from lora_ppo.config.load import config_to_dict
+from lora_ppo.errors import UserError
 
 # The names every line of metrics.jsonl carries (TRL's names, so dashboards carry over).
 REQUIRED = (
@@ -55,12 +56,22 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def check_logging(logging) -> None:
+    """Refuse, before anything loads, a logging backend that is asked for but not installed."""
+    if logging.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("logging.wandb=true but wandb is not installed; pip install wandb "
+                            "(or lora-ppo[wandb]), or set logging.wandb=false") from None
+
+
 class MetricsLogger:
     def __init__(self, output_dir: Path, cfg, total: int, start: int = 0, enabled: bool = True,
                  desc: str = "ppo", unit: str = "update",
                  bar_keys: tuple[tuple[str, str], ...] = ()):
         """`bar_keys`: (metric, short name) pairs shown on the progress bar after each row."""
-        self.enabled, self.bar_keys = enabled, bar_keys
+        self.enabled, self.bar_keys, self.desc = enabled, bar_keys, desc
         self.path = Path(output_dir) / "metrics.jsonl"
         self.tb = self.wandb = self.bar = None
         if not enabled:
@@ -69,15 +80,11 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
-        if cfg.logging.wandb:
-            try:
-                import wandb
-            except ImportError:
-                print("logging.wandb=true but wandb is not installed; skipping W&B",
-                      file=sys.stderr)
-            else:
-                self.wandb = wandb.init(project=cfg.logging.wandb_project,
-                                        config=config_to_dict(cfg), dir=str(output_dir))
+        if cfg.logging.wandb:  # installed: check_logging refused it at setup otherwise
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.logging.wandb_project,
+                                    config=config_to_dict(cfg), dir=str(output_dir))
         if cfg.logging.progress:
             from tqdm import tqdm
 
@@ -107,6 +114,12 @@ class MetricsLogger:
                                   if isinstance(row.get(k), (int, float)) and math.isfinite(row[k])},
                                  refresh=False)
             self.bar.update(1)
+
+    def phase(self, name: str) -> None:
+        """Show the phase an update is in on the bar (`ppo [generation]`): a long update no
+        longer sits silent at its count (PhaseClock calls it as each phase starts)."""
+        if self.bar is not None:
+            self.bar.set_description_str(f"{self.desc} [{name}]", refresh=True)
 
     def text(self, tag: str, lines: list[str], step: int) -> None:
         """Samples as text: on the console (above the bar) and in TensorBoard."""

@@ -79,14 +79,27 @@ def load_tokenizer(cfg: ModelConfig, model_path: str):
     return tok
 
 
-def quantization_config(q: QuantizationConfig, compute_dtype: torch.dtype):
+def quantization_mode(q: QuantizationConfig, device_type: str | None = None) -> str:
+    """quantization.mode with `auto` resolved: 4bit on a GPU, none on a CPU. `device_type`
+    ("cuda"/"gpu" or "cpu"): the device the base is for; None: this machine's."""
+    if q.mode != "auto":
+        return q.mode
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return "4bit" if device_type in ("cuda", "gpu") else "none"
+
+
+def quantization_config(q: QuantizationConfig, compute_dtype: torch.dtype,
+                        mode: str | None = None):
+    """transformers' BitsAndBytesConfig of `q` (`mode`: the mode already resolved), or None."""
     from transformers import BitsAndBytesConfig
 
-    if q.mode == "4bit":
+    mode = mode or quantization_mode(q)
+    if mode == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
                                   bnb_4bit_use_double_quant=q.double_quant,
                                   bnb_4bit_compute_dtype=compute_dtype)
-    if q.mode == "8bit":
+    if mode == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
 
@@ -98,7 +111,8 @@ def load_base_model(cfg: Config, model_path: str, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     dtype = resolve_compute_dtype(cfg.quantization.compute_dtype, device)
-    qcfg = quantization_config(cfg.quantization, dtype)
+    qcfg = quantization_config(cfg.quantization, dtype,
+                               quantization_mode(cfg.quantization, device.type))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
         try:

@@ -43,19 +43,22 @@ from lora_ppo.io.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
+from lora_ppo.modeling.loading import quantization_mode
 from lora_ppo.modeling.roles import CRITIC, POLICY
 from lora_ppo.ppo.run import Run
 from lora_ppo.runtime.engine import gathered_trainable
 
 # Config fields a checkpoint is tied to: they change the shapes of the saved tensors or what the
 # saved weights mean (which base numerics the adapter was trained against).
-MUST_MATCH = ("model.init_adapter", "quantization.mode", "lora.r", "lora.alpha",
-              "lora.target_modules")  # and the resolved value mode: ppo_facts
+MUST_MATCH = ("model.init_adapter", "lora.r", "lora.alpha",
+              "lora.target_modules")  # and the quantization and value mode resolved: ppo_facts
 
 
 def ppo_facts(run: Run) -> dict:
     """The protocol's run facts and the value mode with `auto` resolved (compared on resume)."""
-    return {**run_facts(run.dist, run.engine), "value_mode": run.cfg.algorithm.value_mode}
+    return {**run_facts(run.dist, run.engine,
+                        quantization_mode(run.cfg.quantization, run.dist.device.type)),
+            "value_mode": run.cfg.algorithm.value_mode}
 
 
 def save_adapters(ac, out: Path) -> None:

@@ -10,12 +10,13 @@ from lora_ppo.io.metrics import MetricsLogger, peak_memory_mib
 from lora_ppo.ppo.reward_sources import RewardError, function_source
 from lora_ppo.ppo.rollout import Rollout
 from lora_ppo.ppo.run import Run
-from lora_ppo.ppo.update import PPOStats
+from lora_ppo.ppo.update import PPOStats, sampler_correction
 from lora_ppo.rl.advantages import zero_std_groups
 from lora_ppo.rl.losses import explained_variance
 from lora_ppo.rl.masked import masked_mean
 from lora_ppo.rl.rewards import overlong_penalty
-from lora_ppo.runtime.dist import all_gather_objects, all_mean, all_sum
+from lora_ppo.rl.sampler_correction import sampler_mismatch
+from lora_ppo.runtime.dist import all_gather_cat, all_gather_objects, all_mean, all_sum
 
 # The progress bar: the reward source's own score (before clipping and normalisation), the KL
 # to the reference, the value loss.
@@ -71,6 +72,7 @@ def update_metrics(run: Run, ro: Rollout, stats: PPOStats, beta: float,
     names = list(local)
     nan = float("nan")  # None crosses the all-reduce as NaN and is logged as null
     row = dict(zip(names, all_mean([nan if local[k] is None else local[k] for k in names])))
+    row.update(sampler_metrics(run.ac, ro, run.cfg.ppo))  # the sampled vs the scored policy
     tokens = (mask.sum() + ro.query_mask.sum()).item() * run.dist.world_size
     t_rollout = seconds.get("generation", 0.0) + seconds.get("scoring", 0.0)
     t_update = seconds.get("update", 0.0)
@@ -99,7 +101,7 @@ def add_logged_metrics(run: Run, row: dict, prefix: str = "") -> dict:
     clash = [n for n in names if prefix + n in row]
     if clash:
         raise RewardError(f"reward function {fn.name} passed {clash[0]!r} to log_metric, the name "
-                          f"of a metric lora_ppo logs itself; choose another name")
+                          "of a metric lora_ppo logs itself; choose another name")
     sums = all_sum([x for n in names for x in (sum(logged.get(n, ())), len(logged.get(n, ())))])
     return {**row, **{prefix + n: total / count
                       for n, total, count in zip(names, sums[0::2], sums[1::2])}}
@@ -112,6 +114,41 @@ def log_extras(run: Run, logger: MetricsLogger, step: int, prefix: str = "") -> 
     fn = function_source(run.reward)
     extra = fn.log.take_extra() if fn is not None else {}
     n = run.cfg.logging.num_samples
-    lines = [f"{column}: " + ", ".join(repr(v) for v in values[:n]) for column, values in extra.items()]
+    lines = [f"{column}: " + ", ".join(repr(v) for v in values[:n])
+             for column, values in extra.items()]
     if lines and n:
         logger.text(f"{prefix}reward/log_extra", lines, step)
+
+
+SAMPLER_METRICS = ("rollout/sampler_kl", "sampling/sampling_logp_difference/mean",
+                   "sampling/sampling_logp_difference/max", "sampling/importance_sampling_ratio/min",
+                   "sampling/importance_sampling_ratio/mean", "sampling/importance_sampling_ratio/max")
+
+
+def sampler_metrics(ac, ro: Rollout, ppo) -> dict:
+    """The sampled distribution against the scored one over every rank's rollout (formulas in
+    docs/metrics.md): the KL, TRL's log-prob differences, and TRL's importance-weight stats
+    where the correction applies (per token, or per response at the sequence level)."""
+    out = dict.fromkeys(SAMPLER_METRICS)
+    if ro.sampler_logprobs is None:
+        return out
+    m = sampler_mismatch(ro.logprobs, ro.sampler_logprobs, ro.response_mask)
+    w = sampler_correction(ac, ro, ppo)
+    real = ro.response_mask > 0
+    if w is not None and ppo.sampler_importance_sampling_mode.startswith("sequence"):
+        w, real = w[:, :1], real.any(1, keepdim=True)  # one weight per response
+    w = ro.response_mask.new_zeros(0) if w is None else w[real]
+    kl, diff, tokens, w_sum, w_n = all_sum([m.kl, m.abs_diff, m.tokens, float(w.sum()),
+                                            float(w.numel())])
+    inf = float("inf")
+    local = torch.tensor([m.max_abs_diff, float(w.max()) if w.numel() else -inf,
+                          -float(w.min()) if w.numel() else -inf], device=ro.response_mask.device)
+    top = all_gather_cat(local[None]).amax(0).tolist()  # maxima over ranks
+    out.update({"rollout/sampler_kl": kl / max(tokens, 1.0),
+                "sampling/sampling_logp_difference/mean": diff / max(tokens, 1.0),
+                "sampling/sampling_logp_difference/max": top[0]})
+    if w_n:
+        out.update({"sampling/importance_sampling_ratio/min": -top[2],
+                    "sampling/importance_sampling_ratio/mean": w_sum / w_n,
+                    "sampling/importance_sampling_ratio/max": top[1]})
+    return out

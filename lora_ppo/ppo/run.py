@@ -15,8 +15,14 @@ import torch
 from lora_ppo.config import Config
 from lora_ppo.generation.samples import stop_ids_of
 from lora_ppo.io.data import Prompt, PromptCycle, encode_rows, hold_out, load_prompts
+from lora_ppo.io.metrics import check_logging
 from lora_ppo.modeling.actor_critic import ActorCritic, build_actor_critic, check_adapter_dir
-from lora_ppo.modeling.loading import load_base_model, load_tokenizer, resolve_model_path
+from lora_ppo.modeling.loading import (
+    load_base_model,
+    load_tokenizer,
+    quantization_mode,
+    resolve_model_path,
+)
 from lora_ppo.ppo.reward_sources import (
     RewardSource,
     check_reward_sources,
@@ -24,12 +30,13 @@ from lora_ppo.ppo.reward_sources import (
     function_name,
     make_reward_source,
 )
-from lora_ppo.ppo.seams import Seams, seams_for
+from lora_ppo.ppo.seam_cache import seams_for
+from lora_ppo.ppo.seams import Seams
 from lora_ppo.rl.kl import AdaptiveKLController, FixedKLController
 from lora_ppo.rl.logprobs import chunk_rows
 from lora_ppo.rl.rewards import RunningMoments
 from lora_ppo.runtime.dist import DistInfo, broadcast_object, seed_everything, setup_distributed
-from lora_ppo.runtime.ds_config import run_ds_config, zero_stage
+from lora_ppo.runtime.ds_config import autocast_dtype, run_ds_config, zero_stage
 from lora_ppo.runtime.engine import create_engine
 
 
@@ -73,10 +80,12 @@ def setup(cfg: Config, *, dataset=None, eval_dataset=None, reward_fn: Optional[C
     dist = setup_distributed()
     seed_everything(cfg.seed + dist.rank)  # ranks sample different responses
     tokenizer = load_tokenizer(cfg.model, model_path)
-    ds_config = run_ds_config(cfg, dist.world_size, dist.device, "ppo")
+    quantization = quantization_mode(cfg.quantization, dist.device.type)
+    ds_config = run_ds_config(cfg, dist.world_size, dist.device, "ppo", quantization != "none")
     if cfg.model.init_adapter:
         check_adapter_dir(cfg.model.init_adapter, "model.init_adapter")
     reward_fn = check_reward_sources(cfg, reward_fn)
+    check_logging(cfg.logging)
     train_prompts, eval_prompts = (prompts, []) if prompts is not None else read_prompts(
         cfg, tokenizer, dataset, eval_dataset)
     if reward_fn is not None:  # now that the columns it will be called with are known
@@ -87,9 +96,12 @@ def setup(cfg: Config, *, dataset=None, eval_dataset=None, reward_fn: Optional[C
         on_base_loaded(base)
     stop_ids = stop_ids_of(tokenizer, base.generation_config, cfg.rollout.stop_token_ids)
     ac = build_actor_critic(cfg, base)
+    ac.autocast = autocast_dtype(ds_config)  # sampling and scoring run under it as the update
     # Every rank checks its own copy; all take rank 0's decisions, so they decode and lay out
     # batches alike.
     seams, checked = broadcast_object(seams_for(ac, cfg, tokenizer.pad_token_id, model_path))
+    if seams.own_logits:
+        ac.use_own_logits()
     ac.layout = seams.layout
     if dist.rank == 0:
         for line in (checked, *seams.notes):
@@ -116,9 +128,12 @@ def prompt_columns(cfg: Config, train: list[Prompt], held: list[Prompt], dataset
     the config field and its file, or the dataset in memory): the training prompts', and a
     separate evaluation set's."""
     def where(in_memory, field: str, spec) -> str:
-        return f"{field}={spec}" if in_memory is None else f"the {type(in_memory).__name__} in memory"
+        return (f"{field}={spec}" if in_memory is None
+                else f"the {type(in_memory).__name__} in memory")
 
-    out = {where(dataset, "data.prompts", cfg.data.prompts): list(train[0].columns)} if train else {}
+    out = {}
+    if train:
+        out[where(dataset, "data.prompts", cfg.data.prompts)] = list(train[0].columns)
     if held and (eval_dataset is not None or cfg.data.eval_prompts):
         out[where(eval_dataset, "data.eval_prompts", cfg.data.eval_prompts)] = list(held[0].columns)
     return out

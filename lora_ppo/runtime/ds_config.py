@@ -12,7 +12,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -131,11 +131,41 @@ def fill_ds_config(raw: dict, *, micro_batch_size: int, grad_accum_steps: int, w
                             f"{training_source(fields)[key]} = {shown}; "
                             "write \"auto\" or change one of them")
         node[leaf] = expected
+    autocast_dtype(out, precision, source)  # refuses a torch_autocast block that cannot work
     left = [p for p in _auto_paths(out) if p not in _DS_OWN_AUTO]
     if left:
         raise UserError(f"{source}: {', '.join(left)} is \"auto\" but lora_ppo only fills "
                         f"{', '.join(wanted)}; write a value")
     return out
+
+
+# DeepSpeed's names of the dtypes torch autocast computes in (runtime/config.py DtypeEnum).
+AUTOCAST_DTYPES = {name: torch.bfloat16 for name in ("bf16", "bfloat16", "torch.bfloat16")} | {
+    name: torch.float16 for name in ("fp16", "float16", "half", "torch.float16")}
+
+
+def autocast_dtype(ds_config: dict, precision: str = "fp32", source: str = "deepspeed config"
+                   ) -> Optional[torch.dtype]:
+    """The dtype of the config's torch autocast, or None without one: DeepSpeed 0.19 enters
+    `torch.autocast(device, dtype)` around every engine forward when `torch_autocast.enabled`
+    (engine.py::forward, runtime/torch_autocast.py::autocast_if_enabled; on a CPU too, as
+    `cpu`), with fp32 weights and optimizer: torch's mixed precision. DeepSpeed calls it the
+    alternative to its own bf16/fp16 sections ("to use torch's native autocast instead,
+    configure the torch_autocast section"), so with deepspeed.precision bf16 or fp16 it is
+    refused, as is a dtype it does not name (autocast would pick the device's default)."""
+    block = ds_config.get("torch_autocast")
+    if not isinstance(block, dict) or block.get("enabled", False) is not True:
+        return None
+    if precision != "fp32":
+        raise UserError(f"{source}: torch_autocast.enabled=true with deepspeed.precision="
+                        f"{precision}: torch autocast is DeepSpeed's alternative to its {precision}"
+                        " mixed precision, not an addition; set deepspeed.precision=fp32 (fp32 "
+                        "weights, forwards under autocast) or remove the torch_autocast block")
+    name = block.get("dtype")
+    if name not in AUTOCAST_DTYPES:
+        raise UserError(f"{source}: torch_autocast.dtype={json.dumps(name)} is not a dtype "
+                        "autocast computes in; write \"bfloat16\" or \"float16\"")
+    return AUTOCAST_DTYPES[name]
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -183,9 +213,11 @@ def refuse_unsupported(zero_stage: int, quantized: bool, world_size: int) -> Non
                         "quantization, or turn quantization off for zero3")
 
 
-def run_ds_config(cfg, world_size: int, device: torch.device, section: str) -> dict:
+def run_ds_config(cfg, world_size: int, device: torch.device, section: str,
+                  quantized: bool) -> dict:
     """The DeepSpeed config of a run: `cfg.deepspeed.config` filled from the batch sizes and
-    optimizer of `section` ("ppo", "sft" or "reward_model"), refused where it cannot work."""
+    optimizer of `section` ("ppo", "sft" or "reward_model"), refused where it cannot work
+    (`quantized`: the base is loaded in 4-bit or 8-bit)."""
     if section == "ppo":
         batch, micro = cfg.ppo.minibatch_size, cfg.ppo.micro_batch_size
         names = ("ppo.minibatch_size", "ppo.micro_batch_size")
@@ -199,7 +231,7 @@ def run_ds_config(cfg, world_size: int, device: torch.device, section: str) -> d
         max_grad_norm=getattr(cfg, section).optim.max_grad_norm,
         precision=resolve_precision(cfg.deepspeed.precision, device), source=source,
         fields=(*names, f"{section}.optim.max_grad_norm"))
-    refuse_unsupported(zero_stage(out), cfg.quantization.mode != "none", world_size)
+    refuse_unsupported(zero_stage(out), quantized, world_size)
     validate(out, source)
     return out
 

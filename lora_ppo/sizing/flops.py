@@ -1,6 +1,6 @@
 """Matmul FLOPs of each phase of a PPO update, from the architecture alone (estimate.Arch).
 
-scripts/bench.py divides them by the measured time of each phase to report achieved FLOP/s as a
+benchmarks/bench.py divides them by the measured time of each phase to report achieved FLOP/s as a
 share of the machine's matmul peak; tests/sizing/test_estimate.py checks `forward_flops` against
 torch's FLOP counter on a real model.
 """

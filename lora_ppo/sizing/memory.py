@@ -10,7 +10,7 @@ the training config. Every phase of an update peaks at
                     update:     saved activations of one micro-batch + the backward's temporaries
 
 and the run's peak is the largest phase. `device="gpu"` predicts the CUDA allocator peak
-(torch.cuda.max_memory_allocated, bf16 compute); `device="cpu"` predicts what scripts/bench.py
+(torch.cuda.max_memory_allocated, bf16 compute); `device="cpu"` predicts what benchmarks/bench.py
 measures on a CPU: peak resident memory (VmHWM) minus the resident memory before the model was
 loaded, in fp32 (docs/benchmarks.md compares the two and gives the error).
 
@@ -26,6 +26,7 @@ from typing import NamedTuple, Optional
 
 from lora_ppo.errors import UserError
 from lora_ppo.generation.continuous import PREFILL_SHARE, continuous_slack
+from lora_ppo.modeling.loading import quantization_mode
 from lora_ppo.rl.logprobs import chunk_rows
 from lora_ppo.runtime.ds_config import read_ds_config, zero_stage
 from lora_ppo.sizing.arch import Arch, lora_param_count, param_counts, read_arch
@@ -33,7 +34,7 @@ from lora_ppo.sizing.arch import Arch, lora_param_count, param_counts, read_arch
 MIB = 2**20
 # What the CPU measurement sees besides tensors: pages of shared libraries' code first run by a
 # forward/backward/generate (file-backed, so they count in RSS), allocator and thread state.
-# scripts/bench.py measured 28-40 MiB of it on a 0.3M-parameter model, whose tensors are
+# benchmarks/bench.py measured 28-40 MiB of it on a 0.3M-parameter model, whose tensors are
 # about 1 MiB (docs/benchmarks.md, "Calibration"); the spread is page-cache dependent.
 CPU_RUNTIME_OVERHEAD = 36 * MIB
 
@@ -198,6 +199,14 @@ def _logits_bytes(rows: int, vocab: int, s: int) -> int:
     return rows * vocab * (4 + (s if s < 4 else 0))
 
 
+def own_logits_bytes(positions: int, vocab: int, s: int, grad: bool) -> int:
+    """What the model's own forward's logits add where lora_ppo takes them (a post-processing
+    of the head's output it does not know; ActorCritic.use_own_logits): the (positions, V)
+    logits whole in the activation dtype, and with a gradient as much again for what that
+    post-processing keeps for its backward (one tensor, e.g. a tanh's output)."""
+    return positions * vocab * s * (2 if grad else 1)
+
+
 def _scoring_bytes(arch: Arch, sh: Shapes, s: int, chunk: int) -> int:
     """No grad, one generation batch: the trunk's output, then the widest of one layer and one
     logits chunk."""
@@ -239,15 +248,18 @@ def _update_bytes(cfg, arch: Arch, sh: Shapes, s: int, trainable: int) -> tuple[
 
 
 def estimate_memory(cfg, arch: Arch, device: str = "gpu",
-                    shapes: Optional[Shapes] = None) -> MemoryEstimate:
-    """Predicted peak of each phase of an update (see the module docstring for what is counted)."""
+                    shapes: Optional[Shapes] = None, own_logits: bool = False) -> MemoryEstimate:
+    """Predicted peak of each phase of an update (see the module docstring for what is counted).
+    `own_logits`: the run takes the model's own forward's logits (`own_logits_bytes`), as the
+    setup's check decides for a family whose logit post-processing lora_ppo does not know."""
     if device not in ("gpu", "cpu"):
         raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
     sh = shapes or shapes_from_config(cfg)
     s = 2 if device == "gpu" else 4  # activation bytes: bf16 on a GPU (auto), fp32 on a CPU
     precision = "bf16" if device == "gpu" else "fp32"
     q = cfg.quantization
-    weights = weight_bytes(arch, q.mode, q.double_quant, s)
+    mode = quantization_mode(q, device)  # auto: 4bit on a GPU, none on a CPU
+    weights = weight_bytes(arch, mode, q.double_quant, s)
     lora = lora_param_count(arch, cfg.lora.r, cfg.lora.target_modules)
     value_mode = cfg.algorithm.value_mode
     n_train = 2 if value_mode == "adapter" else 1
@@ -267,12 +279,15 @@ def estimate_memory(cfg, arch: Arch, device: str = "gpu",
     scoring = _scoring_bytes(arch, sh, s, chunk_rows(arch.vocab, cfg.model.logits_chunk_mib))
     saved, update = _update_bytes(cfg, arch, sh, s, trainable)
     gb = sh.generation_batch
+    if own_logits:
+        update += own_logits_bytes(sh.micro_batch * sh.new_tokens, arch.vocab, s, grad=True)
+        scoring += own_logits_bytes(gb * sh.new_tokens, arch.vocab, s, grad=False)
 
     # bitsandbytes dequantizes one linear's weight to the compute dtype for each matmul with
     # more than one row (bitsandbytes/autograd/_functions.py, matmul_4bit / MatMul8bitLt).
-    dequant = max(i * o for i, o in arch.linears().values()) * s if q.mode != "none" else 0
+    dequant = max(i * o for i, o in arch.linears().values()) * s if mode != "none" else 0
     generation, scoring, update = generation + dequant, scoring + dequant, update + dequant
-    if q.mode == "none" and s == 4 and cfg.rollout.fold_for_generation and stage != 3:
+    if mode == "none" and s == 4 and cfg.rollout.fold_for_generation and stage != 3:
         # An fp32 base generates with the policy merged into new copies of the adapted
         # weights (generation/folded.py::folded_policy): one more copy of the decoder linears meanwhile.
         targeted = (param_counts(arch).linear if cfg.lora.target_modules == ["all-linear"] else
@@ -286,7 +301,7 @@ def estimate_memory(cfg, arch: Arch, device: str = "gpu",
         weights += (param_counts(rm).total - (0 if rm.tied else rm.vocab * rm.hidden)) * s
         scoring += gb * (sh.prompt_len + sh.new_tokens) * _nograd_layer_peak(rm) * s
     mapped = 0
-    if device == "cpu" and q.mode != "none":
+    if device == "cpu" and mode != "none":
         # transformers maps model.safetensors privately (mmap) and keeps the unquantized weights
         # as views into it, so the pages of the linear weights, read while quantizing, stay in
         # the RSS. Clean pages the kernel may drop, but RSS (and VmHWM) counts them.
@@ -314,7 +329,7 @@ class Suggestion(NamedTuple):
 
 
 def suggest_batch_sizes(cfg, arch: Arch, gpu_mib: float, device: str = "gpu",
-                        headroom: float = 0.1) -> Suggestion:
+                        headroom: float = 0.1, own_logits: bool = False) -> Suggestion:
     """The largest micro_batch_size (a divisor of ppo.minibatch_size) and generation_batch_size
     (a divisor of rollout.prompts_per_update) whose phases fit in (1 - headroom) * gpu_mib.
 
@@ -326,7 +341,7 @@ def suggest_batch_sizes(cfg, arch: Arch, gpu_mib: float, device: str = "gpu",
 
     def est(mb: int, gb: int) -> MemoryEstimate:
         return estimate_memory(cfg, arch, device, dataclasses.replace(
-            base, micro_batch=mb, generation_batch=gb))
+            base, micro_batch=mb, generation_batch=gb), own_logits)
 
     micro = next((m for m in _divisors_desc(cfg.ppo.minibatch_size)
                   if est(m, 1).phases["update"] <= budget), None)
@@ -356,10 +371,10 @@ def format_table(est: MemoryEstimate, sug: Optional[Suggestion] = None,
     return "\n".join(lines)
 
 
-def report(cfg, arch: Arch, device: str, gpu_mib: float) -> dict:
+def report(cfg, arch: Arch, device: str, gpu_mib: float, own_logits: bool = False) -> dict:
     """Everything `lora-ppo estimate --json` prints, in MiB."""
-    est = estimate_memory(cfg, arch, device)
-    sug = suggest_batch_sizes(cfg, arch, gpu_mib, device)
+    est = estimate_memory(cfg, arch, device, own_logits=own_logits)
+    sug = suggest_batch_sizes(cfg, arch, gpu_mib, device, own_logits=own_logits)
     return {"device": device, "arch": arch.__dict__,
             "params": param_counts(arch).total,
             "lora_params_per_adapter": lora_param_count(arch, cfg.lora.r, cfg.lora.target_modules),

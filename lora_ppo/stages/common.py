@@ -37,17 +37,22 @@ from lora_ppo.io.data import (
     render_prompt,
     template_messages,
 )
-from lora_ppo.io.metrics import MetricsLogger, peak_memory_mib
+from lora_ppo.io.metrics import MetricsLogger, check_logging, peak_memory_mib
 from lora_ppo.io.run_dir import Start, clear, earlier_run
 from lora_ppo.modeling.actor_critic import adapter_fits, check_adapter_dir, lora_config
-from lora_ppo.modeling.loading import load_base_model, load_tokenizer, resolve_model_path
+from lora_ppo.modeling.loading import (
+    load_base_model,
+    load_tokenizer,
+    quantization_mode,
+    resolve_model_path,
+)
 from lora_ppo.modeling.lora_grad import lora_b_grads_in_fast_order
 from lora_ppo.runtime.dist import DistInfo, seed_everything, setup_distributed
 from lora_ppo.runtime.ds_config import run_ds_config
 from lora_ppo.runtime.engine import create_engine, gathered_trainable
 
 # Fields a stage checkpoint is tied to: they change saved shapes or what the weights mean.
-STAGE_MUST_MATCH = ("quantization.mode", "lora.r", "lora.alpha", "lora.target_modules",
+STAGE_MUST_MATCH = ("lora.r", "lora.alpha", "lora.target_modules",
                     "reward_model.init_adapter", "reward_model.margin_column")
 
 
@@ -129,7 +134,9 @@ def setup_stage(cfg: Config, name: str, read_rows: Callable[[str, str], list[dic
     dist = setup_distributed()
     seed_everything(cfg.seed + dist.rank)
     tokenizer = load_tokenizer(cfg.model, model_path)
-    ds_config = run_ds_config(cfg, dist.world_size, dist.device, name)
+    check_logging(cfg.logging)
+    ds_config = run_ds_config(cfg, dist.world_size, dist.device, name,
+                              quantization_mode(cfg.quantization, dist.device.type) != "none")
     eval_rows = read_rows(sec.eval.data, f"{name}.eval.data") if sec.eval.data else None
     train_rows, eval_rows = hold_out(read_rows(sec.data, f"{name}.data"), eval_rows,
                                      sec.eval.size, cfg.seed, f"{name}.eval.size")
@@ -256,7 +263,7 @@ def save_checkpoint(st: Stage, write_output: Callable[[Path], None]) -> Path:
 
     def state(tmp: Path) -> None:
         meta = {"format": ck.FORMAT, "stage": st.name, "step": st.step,
-                **ck.run_facts(st.dist, st.engine), "base": ck.base_fingerprint(st.model_path)}
+                **stage_facts(st), "base": ck.base_fingerprint(st.model_path)}
         (tmp / ck.STATE).write_text(json.dumps(meta, indent=1))
         save_config(st.cfg, tmp / ck.CONFIG)
 
@@ -266,13 +273,19 @@ def save_checkpoint(st: Stage, write_output: Callable[[Path], None]) -> Path:
                                state)
 
 
+def stage_facts(st: Stage) -> dict:
+    """The protocol's run facts of a stage, its base's quantization resolved."""
+    return ck.run_facts(st.dist, st.engine,
+                        quantization_mode(st.cfg.quantization, st.dist.device.type))
+
+
 def load_checkpoint(st: Stage, path: Path) -> None:
     """Restore LoRA weights, head, optimizer, LR schedule, RNG and step from a stage checkpoint."""
     c = ck.open_checkpoint(path)
     if c.state.get("stage") != st.name:
         raise UserError(f"checkpoint {c.path} is from stage {c.state.get('stage', 'train')!r}, not "
                         f"{st.name!r}; resume it with its own command")
-    ck.check_fit(c, st.cfg, st.model_path, STAGE_MUST_MATCH, ck.run_facts(st.dist, st.engine))
+    ck.check_fit(c, st.cfg, st.model_path, STAGE_MUST_MATCH, stage_facts(st))
     ck.load_engine_state(c, st.engine)
     st.step = int(c.state["step"])
     torch.set_rng_state(torch.load(c.path / f"rank-{st.dist.rank}.pt")["torch"])

@@ -29,8 +29,8 @@ from torch import nn
 from lora_ppo.config import Config
 from lora_ppo.errors import UserError
 from lora_ppo.io.data import read_table, require_columns, require_text, require_values
-from lora_ppo.modeling.actor_critic import position_ids_from_mask
 from lora_ppo.modeling.heads import REWARD_HEAD_FILE, ScalarHead
+from lora_ppo.modeling.packing import position_ids_from_mask
 from lora_ppo.rl.rewards import last_token_index
 from lora_ppo.runtime.dist import all_sum
 from lora_ppo.stages.common import (

@@ -30,9 +30,15 @@ import torch
 from lora_ppo.config import Config
 from lora_ppo.errors import UserError
 from lora_ppo.io.data import read_table, require_columns, require_text, require_values
-from lora_ppo.modeling.actor_critic import position_ids_from_mask
 from lora_ppo.modeling.heads import logits_transform
-from lora_ppo.modeling.packing import Attention, explicit_attentions, first_fit, mask_for, mask_to
+from lora_ppo.modeling.packing import (
+    Attention,
+    explicit_attentions,
+    first_fit,
+    mask_for,
+    mask_to,
+    position_ids_from_mask,
+)
 from lora_ppo.rl.logprobs import chunk_rows, logprobs_and_entropy_from_hidden
 from lora_ppo.runtime.dist import all_sum
 from lora_ppo.stages.common import (

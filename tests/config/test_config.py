@@ -14,7 +14,12 @@ from lora_ppo.errors import UserError
 def test_defaults_load_and_every_field_is_documented():
     cfg = load_config()
     assert isinstance(cfg, Config)
-    assert cfg.quantization.mode == "4bit" and cfg.grad_accum_steps == 4
+    # quantization: 4-bit on a GPU, none on a CPU unless asked (4-bit was the default on a CPU)
+    from lora_ppo.modeling.loading import quantization_mode
+
+    assert cfg.quantization.mode == "auto" and cfg.grad_accum_steps == 4
+    assert quantization_mode(cfg.quantization, "cuda") == "4bit"
+    assert quantization_mode(cfg.quantization, "cpu") == "none"
     import dataclasses
 
     from lora_ppo.config.reference import _sections
@@ -50,7 +55,7 @@ def test_yaml_and_overrides(tmp_path):
     (["nosuch.key=1"], "unknown config key 'nosuch'"),
     (["ppo.epochs=two"], "ppo.epochs='two' is not an integer"),
     (["lora.r=0"], "lora.r=0 is out of range"),
-    (["quantization.mode=3bit"], "quantization.mode='3bit' is not one of 'none', '8bit', '4bit'"),
+    (["quantization.mode=3bit"], "quantization.mode='3bit' is not one of 'auto', 'none', '8bit', '4bit'"),
     (["ppo.minibatch_size=6", "ppo.micro_batch_size=4"], "ppo.minibatch_size=6 is not a multiple"),
     (["rollout.prompts_per_update=20"],
      "rollout.prompts_per_update=20 is not a multiple of ppo.minibatch_size=16"),
@@ -102,3 +107,13 @@ def test_the_trl_grpo_preset_has_trl_1_16s_grpo_defaults():
     assert p.epochs == 1 and r.samples_per_prompt == 8 and r.temperature == 1.0
     assert p.minibatch_size == r.prompts_per_update * r.samples_per_prompt  # steps_per_generation = 1
     assert p.optim.lr_schedule == "linear" and not p.mask_truncated_completions
+
+
+def test_trls_field_names_point_at_lora_ppos():
+    """A TRL config's vllm_importance_sampling_* keys are told the field to write."""
+    with pytest.raises(UserError, match=r"did you mean ppo.sampler_importance_sampling_mode "
+                                        r"\(TRL's vllm_importance_sampling_mode\)"):
+        load_config(None, ["ppo.vllm_importance_sampling_mode=token_mask"])
+    with pytest.raises(UserError, match=r"ppo.sampler_importance_sampling_clip_min=4.0 must be "
+                                        r"below ppo.sampler_importance_sampling_clip_max=3.0"):
+        load_config(None, ["ppo.sampler_importance_sampling_clip_min=4.0"])

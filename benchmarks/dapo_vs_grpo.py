@@ -1,8 +1,8 @@
 """GRPO with DAPO's settings against plain GRPO on the built-in arithmetic task, at the same
 generated-token budget.
 
-    python scripts/dapo_vs_grpo.py --out outputs/dapo-vs-grpo                  # the full size
-    python scripts/dapo_vs_grpo.py --out /tmp/dvg --updates 20 rollout.prompts_per_update=8   # a quick look
+    python benchmarks/dapo_vs_grpo.py --out outputs/dapo-vs-grpo                               # full size
+    python benchmarks/dapo_vs_grpo.py --out /tmp/dvg --updates 20 rollout.prompts_per_update=8  # a look
 
 1. plain GRPO: `lora-ppo train --config grpo` (the preset: the KL in the loss at 0.1, GRPO's
    per-sequence mean, a symmetric clip) for `--updates` updates. The response tokens it
@@ -16,7 +16,7 @@ generated-token budget.
 3. Both results merged into the unquantized base and asked 100 additions greedily with plain
    transformers (the demo's export check), and the base too.
 
-Writes OUT/report.md: the reward and KL per generated token side by side (scripts/curves.py),
+Writes OUT/report.md: the reward and KL per generated token side by side (benchmarks/curves.py),
 the share of groups whose scores tied (GRPO trains on them with advantage 0, DAPO drops them),
 the greedy accuracies, and what each run cost. `section.key=value` overrides go to both runs.
 """
@@ -84,7 +84,7 @@ def report(args, grpo: list[dict], dapo: list[dict], pick: dict, acc: dict, secs
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [
         "# GRPO with DAPO's settings against plain GRPO (arithmetic, `--preset grpo`)", "",
-        f"Command: `python scripts/dapo_vs_grpo.py --out {args.out} --updates {args.updates}"
+        f"Command: `python benchmarks/dapo_vs_grpo.py --out {args.out} --updates {args.updates}"
         + "".join(f" {o}" for o in args.overrides) + "`", "",
         f"Budget: {budget:,.0f} generated response tokens (plain GRPO's {len(grpo)} updates). "
         f"DAPO had generated {pick['tokens_so_far']:,.0f} by update {pick['step']}, the last "

@@ -1,17 +1,17 @@
-"""The prepared GPU check: one JSON with what only a GPU can show (run by scripts/gpu_check.sh).
+"""The prepared GPU check: one JSON with what only a GPU can show (run by benchmarks/gpu_check.sh).
 
     1. the demo pipeline (`lora-ppo demo`) with CUDA bitsandbytes 4-bit and bf16: its summary
        and wall time;
-    2. scripts/bench.py at a ~1B-parameter Llama shape with a 32k vocabulary (hidden 2048, 16
+    2. benchmarks/bench.py at a ~1B-parameter Llama shape with a 32k vocabulary (hidden 2048, 16
        layers, 16 heads, 8 KV heads, intermediate 5632): generation and update tokens/s, the
        share of the matmul peak, and the allocator peak of each phase against the estimator's
        prediction (`lora-ppo estimate --device gpu`), unquantized and 4-bit;
     3. the critic-free demo (`lora-ppo demo --preset grpo`);
-    4. the grouped long-prompt GRPO workload of scripts/bench_vs_trl.py (`grpo-long`: 4 prompts
+    4. the grouped long-prompt GRPO workload of benchmarks/bench_vs_trl.py (`grpo-long`: 4 prompts
        x 8 answers, 256-token prompts, answers ending at one of 512 stop ids, cap 48), lora_ppo's
-       side only, bf16 on the GPU, at the 70M shape (hidden 768, 8 layers, vocab 8192) with
-       random token ids as prompts (the peer's files are not on the GPU machine): tokens/s, the
-       step's phases, the allocator peak above the loaded model, and which paths it took.
+       side only (benchmarks/lora_ppo_side.py), bf16 on the GPU, at the 70M shape (hidden 768,
+       8 layers, vocab 8192) with the comparison's prompts: tokens/s, the step's phases, the
+       allocator peak above the loaded model, and which paths it took.
 
 Sized to finish in under 8 minutes on one H100 or H200 (step 4 is estimated at about a minute
 more: a 70M model built and 4 GRPO steps). Without a GPU it refuses in one line.
@@ -28,58 +28,47 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 BENCH_1B = ["--vocab", "32000", "--hidden", "2048", "--intermediate", "5632", "--layers", "16",
             "--heads", "16", "--kv-heads", "8", "--batch", "16", "--micro-batch", "4",
             "--prompt-len", "128", "--new-tokens", "128", "--epochs", "1", "--updates", "2",
             "--warmup", "1", "--lora-r", "16", "--grad-ckpt"]
 
 
-# scripts/bench_vs_trl.py's llama70m, built with lora_ppo's own builder (its tokenizer may hold
-# fewer ids than the model's 8192 rows: the prompts use the ids it has, sampling any of 8192)
-GRPO_SHAPE = {"vocab_size": 8192, "hidden_size": 768, "intermediate_size": 2048, "num_layers": 8,
-              "num_heads": 12, "num_kv_heads": 12, "max_position_embeddings": 2048}
+# benchmarks/bench_vs_trl.py's model of the workload, built as the comparison builds it
 _BUILD = """
-import json, sys
+import sys
+from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from lora_ppo.builtin.tiny import build_tiny_model
-build_tiny_model(sys.argv[2], **json.loads(sys.argv[3]))
+import bench_vs_trl, workload
+print(bench_vs_trl.build_model(workload.WORKLOADS[sys.argv[2]]["model"], Path(sys.argv[3])))
 """
 
 
-def _bench_vs_trl():
-    import importlib.util
-
-    path = REPO / "scripts" / "bench_vs_trl.py"
-    spec = importlib.util.spec_from_file_location("bench_vs_trl", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def grpo_long(py: str, work: Path, shape: dict | None = None, precision: str = "bf16",
-              steps: int = 4, timeout: int = 240) -> dict:
-    """bench_vs_trl.py's grpo-long workload, lora_ppo's side alone, in its own process."""
-    model = work / "grpo_model"
-    step = _run([py, "-c", _BUILD, str(REPO), str(model), json.dumps(shape or GRPO_SHAPE)], 180)
+def grpo_long(py: str, work: Path, precision: str = "bf16", steps: int = 4,
+              timeout: int = 240) -> dict:
+    """bench_vs_trl.py's grpo-long workload, lora_ppo's side alone (benchmarks/lora_ppo_side.py),
+    in its own process, on every thread torch takes."""
+    step = _run([py, "-c", _BUILD, str(HERE), "grpo-long", str(work)], 180)
     if step["exit"] != 0:
         return step
-    w = {**_bench_vs_trl().GRPO_WORKLOADS["grpo-long"], "steps": steps}
+    model = work / "models" / "llama70m"
     out = work / "grpo_long.json"
-    step = _run([py, "scripts/bench_vs_trl.py", "--side", "lora_ppo_grpo", "--model-dir",
-                 str(model), "--workload-json", json.dumps(w), "--precision", precision,
-                 "--threads", "0", "--random-prompts", "--out", str(out)], timeout)
+    step = _run([py, str(HERE / "lora_ppo_side.py"), "--workload", "grpo-long", "--steps",
+                 str(steps), "--model-dir", str(model), "--precision", precision,
+                 "--threads", "0", "--out", str(out)], timeout)
     if out.is_file():
         res = json.loads(out.read_text())
         s = res["summary"]
-        step["workload"] = w
+        step["workload"] = res["workload"]
         step["device"] = res["device"]
         step["summary"] = {k: s.get(k) for k in (
             "gen_tokens_per_s", "median_step_s", "median_rollout_s", "median_update_s",
             "gen_tokens_per_step", "mean_resp_len", "gpu_peak_mib", "gpu_peak_above_load_mib",
             "rss_above_load_mib", "stop_token_counted")}
         step["gen_s"] = [r["gen_s"] for r in res["steps"]]
-        step["settings"] = {k: v for k, v in res["settings"].items() if k != "stop_ids"}
+        step["settings"] = res["settings"]
     return step
 
 
@@ -119,7 +108,7 @@ def main() -> int:
         report["demo_4bit_bf16"] = step
     for name, quant in (("bench_1b_none", "none"), ("bench_1b_4bit", "4bit")):
         out = work / f"{name}.json"
-        step = _run([py, "scripts/bench.py", *BENCH_1B, "--quant", quant, "--cache-dir",
+        step = _run([py, "benchmarks/bench.py", *BENCH_1B, "--quant", quant, "--cache-dir",
                      str(work / "cache"), "--out", str(out)], 150)
         if out.is_file():
             run = json.loads(out.read_text())["runs"][0]

@@ -1,6 +1,6 @@
 """Reward and KL of several runs against the response tokens each had generated so far.
 
-    python scripts/curves.py ppo=outputs/demo-ppo/metrics.jsonl grpo=outputs/demo-grpo4/metrics.jsonl
+    python benchmarks/curves.py ppo=outputs/demo-ppo/metrics.jsonl grpo=outputs/demo-grpo4/metrics.jsonl
 
 Runs that sample different numbers of responses per update (GRPO's groups against PPO's one
 response per prompt) are compared per generated token, not per update: each row of

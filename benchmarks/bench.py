@@ -1,8 +1,8 @@
 """Benchmark the three phases of a PPO update on a locally built Llama of any size.
 
-    python scripts/bench.py --hidden 512 --layers 4 --updates 2 --out bench.json
-    python scripts/bench.py --sweep seq=64,128,256 --sweep quant=none,4bit --out sweep.json
-    deepspeed --num_gpus 1 scripts/bench.py --hidden 2048 --layers 16 --out gpu.json
+    python benchmarks/bench.py --hidden 512 --layers 4 --updates 2 --out bench.json
+    python benchmarks/bench.py --sweep seq=64,128,256 --sweep quant=none,4bit --out sweep.json
+    deepspeed --num_gpus 1 benchmarks/bench.py --hidden 2048 --layers 16 --out gpu.json
 
 Each update runs the real pieces of lora_ppo.ppo.loop: `loop.setup` builds the run, then
     generation  the sampler (lora_ppo/generation)
@@ -35,7 +35,6 @@ import contextlib
 import itertools
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -44,8 +43,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+sys.path.insert(0, str(HERE))
+
+import meters  # noqa: E402
+from meters import other_cpu_share  # noqa: E402
 
 from lora_ppo.errors import UserError  # noqa: E402
 
@@ -55,65 +58,7 @@ SWEEP_KEYS = {"seq": int, "prompt_len": int, "new_tokens": int, "batch": int, "m
               "hidden": int, "layers": int, "vocab": int, "ds_config": str}
 
 
-# --- measurement -----------------------------------------------------------------------------
-
-def _status_bytes(key: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(key + r":\s+(\d+)", text).group(1)) * 1024
-
-
-def _cpu_busy_s() -> tuple[float, int]:
-    """(busy CPU-seconds of the whole machine since boot, number of CPUs) from /proc/stat."""
-    lines = Path("/proc/stat").read_text().splitlines()
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, lines[0].split()[1:9])
-    ncpu = sum(1 for line in lines if re.match(r"cpu\d", line))
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), ncpu
-
-
-def other_cpu_share(busy_s: float, own_s: float, seconds: float, ncpu: int) -> float:
-    """Share of the machine's CPU capacity used by other processes: busy CPU-seconds of the
-    machine (/proc/stat) minus this process's (and its ranks') CPU-seconds, over wall x CPUs."""
-    return max(0.0, busy_s - own_s) / (max(seconds, 1e-9) * ncpu)
-
-
-def _own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-class PhaseMeter:
-    """Wall time, peak memory over a baseline, and other processes' CPU use during a block."""
-
-    def __init__(self, device, baseline: int):
-        self.device, self.baseline = device, baseline
-
-    def __enter__(self) -> PhaseMeter:
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-        self.busy0, self.ncpu = _cpu_busy_s()
-        self.own0, self.t0 = _own_cpu_s(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = _status_bytes("VmHWM")
-        self.seconds = time.perf_counter() - self.t0
-        busy, _ = _cpu_busy_s()
-        self.own_cpu_s = _own_cpu_s() - self.own0
-        self.busy_s = busy - self.busy0
-        self.peak_bytes = peak - self.baseline
-        self.other_share = other_cpu_share(self.busy_s, self.own_cpu_s, self.seconds, self.ncpu)
-
+# --- measurement (the meters: benchmarks/meters.py) -------------------------------------------
 
 def matmul_peak_flops(device, dtype, n: int = 1024, reps: int = 5) -> float:
     """Best FLOP/s of an n x n matmul over `reps` timed tries (after one warm-up)."""
@@ -207,20 +152,20 @@ def _preload() -> None:
     import lora_ppo.ppo.loop  # noqa: F401
 
 
-def one_update(run, meters) -> dict:
+def one_update(run, phase: dict) -> dict:
     """One update of the loop (lora_ppo.ppo.loop.ppo_step, as `train` runs it), each of its
-    phases (generation, scoring, update) under its PhaseMeter; returns shapes and token
+    phases (generation, scoring, update) under its meters.PhaseMeter; returns shapes and token
     counts."""
     from lora_ppo.ppo.loop import ppo_step
 
     active = []  # the meter of the phase now running
 
     def on_phase(name: str) -> None:
-        if active and active[-1] is meters[name]:
+        if active and active[-1] is phase[name]:
             return  # scoring is entered twice in a row: the forwards, then rewards/advantages
         if active:
             active.pop().__exit__(None, None, None)
-        active.append(meters[name].__enter__())
+        active.append(phase[name].__enter__())
 
     out = ppo_step(run, on_phase)
     active.pop().__exit__(None, None, None)
@@ -310,17 +255,18 @@ def run_point(p: dict) -> dict:
     out_dir = Path(tempfile.mkdtemp(prefix="lora_ppo_bench_"))
     cfg = make_config(p, model, out_dir)
     baseline = (torch.cuda.memory_allocated(dist.device) if dist.device.type == "cuda"
-                else _status_bytes("VmRSS"))
+                else meters.status_bytes("VmRSS"))
     t0 = time.perf_counter()
     run = loop.setup(cfg)
     setup_s = time.perf_counter() - t0
     arch = read_arch(str(model))
     records = []
     for i in range(p["warmup"] + p["updates"]):
-        meters = {k: PhaseMeter(dist.device, baseline) for k in ("generation", "scoring", "update")}
-        shapes = one_update(run, meters)
+        cuda = dist.device if dist.device.type == "cuda" else None
+        phase = {k: meters.PhaseMeter(baseline, cuda) for k in ("generation", "scoring", "update")}
+        shapes = one_update(run, phase)
         if i >= p["warmup"]:
-            records.append((shapes, meters))
+            records.append((shapes, phase))
     shutil.rmtree(out_dir, ignore_errors=True)  # config.yaml and prompts.txt of this point
     device = "gpu" if dist.device.type == "cuda" else "cpu"
     pred = est.estimate_memory(cfg, arch, device)

@@ -1,7 +1,7 @@
 """Peak memory and time of `lora-ppo merge` on a locally built model of several hundred MB.
 
-    python scripts/bench_merge.py --out merge_bench.json                   # the documented run
-    python scripts/bench_merge.py --hidden 64 --layers 2 --vocab 512 --base-shard-size 200KB
+    python benchmarks/bench_merge.py --out merge_bench.json                   # the documented run
+    python benchmarks/bench_merge.py --hidden 64 --layers 2 --vocab 512 --base-shard-size 200KB
 
 1. A random-init Llama (lora_ppo.builtin.tiny.build_tiny_model), re-saved in shards of
    --base-shard-size, fp32, with its tokenizer: the base.
@@ -153,12 +153,14 @@ def train_checkpoint(base: Path, root: Path, env: dict) -> tuple[Path, list[str]
     from lora_ppo.io.checkpoint import complete_checkpoints
 
     run = root / "run"
-    cmd = ["train", f"model.path={base}", f"output_dir={run}", "data.prompts=builtin:reviews",
-           "reward.function=lora_ppo.builtin.rewards:positive_sentiment", "quantization.mode=4bit", "lora.r=16", "lora.alpha=32", "model.max_prompt_length=16",
+    cmd = ["train", f"model.path={base}", f"output_dir={run}",
+           "quantization.mode=4bit", "lora.r=16", "lora.alpha=32", "model.max_prompt_length=16",
            "model.gradient_checkpointing=false", "rollout.prompts_per_update=2",
            "rollout.generation_batch_size=2", "rollout.max_new_tokens=4", "ppo.minibatch_size=2",
            "ppo.micro_batch_size=2", "ppo.total_updates=1", "ppo.epochs=1",
            "deepspeed.config=zero0", "logging.progress=false", "logging.tensorboard=false",
+           "data.prompts=builtin:reviews",
+           "reward.function=lora_ppo.builtin.rewards:positive_sentiment",
            # Random text earns the same reward everywhere, so the policy loss has no gradient;
            # a value head that starts off 0 gives the shared trunk's LoRA B one, and B leaves 0.
            "value.head_init_std=0.1", "ppo.optim.learning_rate=1e-3"]
@@ -171,11 +173,11 @@ def train_checkpoint(base: Path, root: Path, env: dict) -> tuple[Path, list[str]
 
 
 def model_facts(base: Path) -> dict:
-    from lora_ppo.io.merge import read_layout
+    from lora_ppo.io.shards import read_index
 
-    layout = read_layout(str(base))
-    files = [base / f for f in layout.files]
-    sizes = {k: math.prod(s) * 4 for k, (_, s, _) in layout.tensors.items()}
+    index = read_index(str(base))
+    files = [base / f for f in index.files]
+    sizes = {k: math.prod(s) * 4 for k, (_, s, _) in index.tensors.items()}
     return {"bytes": sum(f.stat().st_size for f in files), "shards": len(files),
             "largest_shard_bytes": max(f.stat().st_size for f in files),
             "largest_tensor_bytes": max(sizes.values()),
