@@ -94,6 +94,10 @@ CASES = [
     Case("reward.function in a file with a syntax error",
          ["train", BASE, "reward.function={ws}/broken.py:f", "output_dir={ws}/new"],
          "failed: SyntaxError"),
+    Case("a reward function needing a column the prompts lack (the model's weights truncated)",
+         ["train", BASE, "model.path={ws}/truncated", "reward.function={ws}/rewards.py:needs_answer",
+          "output_dir={ws}/new"],
+         "reward function {ws}/rewards.py:needs_answer needs argument 'answer'"),
     Case("a prompts file with a malformed JSONL line",
          ["train", BASE, "data.prompts={ws}/bad.jsonl", "output_dir={ws}/new"],
          "line 2 is not valid JSON"),
@@ -145,7 +149,8 @@ def ws(tiny_model_dir, low_ids_reward, tmp_path_factory):
     raw["zero_optimization"]["stage"] = 5
     (ws / "stage5.json").write_text(json.dumps(raw))
     (ws / "a_file").write_text("not a directory\n")
-    (ws / "rewards.py").write_text("def f(prompts, completions, **kw):\n    return [0.0]\n")
+    (ws / "rewards.py").write_text("def f(prompts, completions, **kw):\n    return [0.0]\n"
+                                   "def needs_answer(completions, answer, **kw):\n    return []\n")
     (ws / "broken.py").write_text("def f(prompts, completions, **kw)\n    return []\n")
     return ws
 

@@ -26,7 +26,13 @@ from lora_ppo.io.run_dir import clear, earlier_run
 from lora_ppo.ppo import checkpoint as ckpt
 from lora_ppo.ppo.collect import generate_samples, reward_scores, rollout_step
 from lora_ppo.ppo.dynamic import SamplingStats, sampling_metrics
-from lora_ppo.ppo.metrics import PPO_BAR, sequence_kl, update_metrics
+from lora_ppo.ppo.metrics import (
+    PPO_BAR,
+    add_logged_metrics,
+    log_extras,
+    sequence_kl,
+    update_metrics,
+)
 from lora_ppo.ppo.rollout import Rollout
 from lora_ppo.ppo.run import Run, setup
 from lora_ppo.ppo.update import PPOStats, ppo_update
@@ -80,7 +86,7 @@ def add_rewards(run: Run, ro: Rollout, raw_scores: torch.Tensor, kl_coef: float)
     # Without a reference forward (kl_coef 0) the KL is 0 by construction and is not logged.
     ref = ro.logprobs if ro.ref_logprobs is None else ro.ref_logprobs
     coef = kl_coef if alg.kl_in == "reward" else 0.0
-    rewards, kl = compute_rewards(scores, ro.logprobs, ref, ro.response_mask, coef,
+    rewards, kl = compute_rewards(scores, ro.logprobs, ref, ro.action_mask, coef,
                                   alg.kl_estimator)
     return dataclasses.replace(ro, raw_scores=raw_scores, scores=scores, rewards=rewards,
                                kl=None if ro.ref_logprobs is None else kl)
@@ -102,7 +108,9 @@ def add_advantages(run: Run, ro: Rollout) -> Rollout:
     reinforce_pp: the reward-to-go, whitened over the batch; reinforce_pp_baseline: the same
     after each score's group mean is taken off.
     """
-    ppo, alg, mask = run.cfg.ppo, run.cfg.algorithm, ro.response_mask
+    # Over the policy's tokens: an environment span is no time step (GAE bootstraps across it
+    # at the next model token), no part of a reward-to-go's sum, no token of a group's mean.
+    ppo, alg, mask = run.cfg.ppo, run.cfg.algorithm, ro.action_mask
     returns = None
     # Whitening takes its mean and std over the rollout of every rank (issue 20 item 8).
     if alg.estimator == "gae":
@@ -167,7 +175,8 @@ def evaluate(run: Run, logger: MetricsLogger) -> dict:
         logger.text(f"eval/{mode}", [f"{p.text!r} -> {c!r} (score {s:.3f})" for p, c, s in
                                      zip(run.eval_prompts[:n], completions[:n], scores.tolist())],
                     run.step)
-    return out
+    log_extras(run, logger, run.step, "eval/")  # what the reward function logged meanwhile
+    return add_logged_metrics(run, out, "eval/")
 
 
 def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False, *,
@@ -203,6 +212,7 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False, *,
             out = ppo_step(run)
             # step 6. log, evaluate, checkpoint
             row = update_metrics(run, out.rollout, out.stats, out.kl_coef, out.seconds)
+            log_extras(run, logger, run.step)
             row.update(sampling_metrics(out.sampling,
                                         cfg.rollout.prompts_per_update * run.dist.world_size,
                                         cfg.rollout.samples_per_prompt))
