@@ -78,7 +78,7 @@ def add_rewards(run: Run, ro: Rollout, raw_scores: torch.Tensor, kl_coef: float)
     # Without a reference forward (kl_coef 0) the KL is 0 by construction and is not logged.
     ref = ro.logprobs if ro.ref_logprobs is None else ro.ref_logprobs
     coef = kl_coef if alg.kl_in == "reward" else 0.0
-    rewards, kl = compute_rewards(scores, ro.logprobs, ref, ro.response_mask, coef,
+    rewards, kl = compute_rewards(scores, ro.logprobs, ref, ro.action_mask, coef,
                                   alg.kl_estimator)
     return dataclasses.replace(ro, raw_scores=raw_scores, scores=scores, rewards=rewards,
                                kl=None if ro.ref_logprobs is None else kl)
@@ -100,7 +100,9 @@ def add_advantages(run: Run, ro: Rollout) -> Rollout:
     reinforce_pp: the reward-to-go, whitened over the batch; reinforce_pp_baseline: the same
     after each score's group mean is taken off.
     """
-    ppo, alg, mask = run.cfg.ppo, run.cfg.algorithm, ro.response_mask
+    # Over the policy's tokens: an environment span is no time step (GAE bootstraps across it
+    # at the next model token), no part of a reward-to-go's sum, no token of a group's mean.
+    ppo, alg, mask = run.cfg.ppo, run.cfg.algorithm, ro.action_mask
     returns = None
     # Whitening takes its mean and std over the rollout of every rank (issue 20 item 8).
     if alg.estimator == "gae":

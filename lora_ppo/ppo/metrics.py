@@ -27,7 +27,7 @@ def sequence_kl(ro: Rollout) -> Optional[float]:
     controller steers (Ziegler et al. 2019) and `objective/kl` logs; None without a reference."""
     if ro.kl is None:
         return None
-    return all_mean([(ro.kl * ro.response_mask).sum(1).mean().item()])[0]
+    return all_mean([(ro.kl * ro.action_mask).sum(1).mean().item()])[0]
 
 
 def _mean_or_none(x: Optional[torch.Tensor], mask: torch.Tensor) -> Optional[float]:
@@ -39,7 +39,7 @@ def update_metrics(run: Run, ro: Rollout, stats: PPOStats, beta: float,
     """The row logged for one update: its rollout, the update's statistics, the KL coefficient
     `beta` the update used and the seconds of each phase. A metric that the algorithm does not
     have (values without a value function, KL without a reference) is None."""
-    mask, alg, reward = ro.response_mask, run.cfg.algorithm, run.cfg.reward
+    mask, alg, reward = ro.action_mask, run.cfg.algorithm, run.cfg.reward
     seq_kl = None if ro.kl is None else (ro.kl * mask).sum(1)
     kl_in_reward = seq_kl is not None and alg.kl_in == "reward"
     local = {
@@ -61,7 +61,7 @@ def update_metrics(run: Run, ro: Rollout, stats: PPOStats, beta: float,
         else explained_variance(ro.values, ro.returns, mask),
         "val/mean": _mean_or_none(ro.values, mask),
         "objective/overlong_penalty": None if reward.overlong_buffer is None
-        else overlong_penalty(mask.sum(1), run.cfg.rollout.max_new_tokens,
+        else overlong_penalty(ro.response_mask.sum(1), run.cfg.rollout.max_new_tokens,
                               reward.overlong_buffer, reward.overlong_penalty).mean().item(),
         "response/length": mask.sum(1).mean().item(),
         "response/eos_frac": ro.has_eos.float().mean().item(),
@@ -72,7 +72,7 @@ def update_metrics(run: Run, ro: Rollout, stats: PPOStats, beta: float,
     nan = float("nan")  # None crosses the all-reduce as NaN and is logged as null
     row = dict(zip(names, all_mean([nan if local[k] is None else local[k] for k in names])))
     row.update(sampler_metrics(run.ac, ro, run.cfg.ppo))  # the sampled vs the scored policy
-    tokens = (mask.sum() + ro.query_mask.sum()).item() * run.dist.world_size
+    tokens = (ro.response_mask.sum() + ro.query_mask.sum()).item() * run.dist.world_size
     t_rollout = seconds.get("generation", 0.0) + seconds.get("scoring", 0.0)
     t_update = seconds.get("update", 0.0)
     row.update({
@@ -98,9 +98,9 @@ def sampler_metrics(ac, ro: Rollout, ppo) -> dict:
     out = dict.fromkeys(SAMPLER_METRICS)
     if ro.sampler_logprobs is None:
         return out
-    m = sampler_mismatch(ro.logprobs, ro.sampler_logprobs, ro.response_mask)
+    m = sampler_mismatch(ro.logprobs, ro.sampler_logprobs, ro.action_mask)
     w = sampler_correction(ac, ro, ppo)
-    real = ro.response_mask > 0
+    real = ro.action_mask > 0
     if w is not None and ppo.sampler_importance_sampling_mode.startswith("sequence"):
         w, real = w[:, :1], real.any(1, keepdim=True)  # one weight per response
     w = ro.response_mask.new_zeros(0) if w is None else w[real]

@@ -39,6 +39,8 @@ class Rollout:
     values: Optional[torch.Tensor]        # (B, R) V(s_t); None without a value function
     sampler_logprobs: Optional[torch.Tensor] = None  # (B, R) the sampler's own log-probs of the
     #                                                  drawn tokens; None for greedy samples
+    env_mask: Optional[torch.Tensor] = None    # (B, R) 1 on the environment's tokens between
+    #                                            turns (context, no action); None: single-turn
     scores: Optional[torch.Tensor] = None      # (B,) shaped sequence scores
     raw_scores: Optional[torch.Tensor] = None  # (B,) scores as the reward source gave them
     kl: Optional[torch.Tensor] = None          # (B, R) per-token KL estimate
@@ -48,6 +50,15 @@ class Rollout:
 
     def __len__(self) -> int:
         return self.query_ids.shape[0]
+
+    @property
+    def action_mask(self) -> torch.Tensor:
+        """(B, R): the tokens the policy chose, what every loss, KL and token mean counts: the
+        real response tokens less the environment's (its tool results are context the forward
+        sees, no action of the policy's: docs/ppo.md, "Trajectories")."""
+        if self.env_mask is None:
+            return self.response_mask
+        return self.response_mask * (1.0 - self.env_mask)
 
     def index(self, idx: torch.Tensor) -> Rollout:
         """The samples at `idx` (a micro-batch), every tensor field sliced alike, and trimmed to
@@ -90,7 +101,8 @@ def logprobs_and_values(ac: ActorCritic, samples: Samples, *, temperature: float
         for s in range(0, query_ids.shape[0], generation_batch_size):
             batch = [t[s:s + generation_batch_size].to(device)
                      for t in (query_ids, query_mask, response_ids, response_mask)]
-            mask = batch[3]
+            mask = batch[3] if samples.env_mask is None else batch[3] * (
+                1.0 - samples.env_mask[s:s + generation_batch_size].to(device))  # actions
             with ac.precision():  # the run's autocast, as the update's forwards run under it
                 if not from_sampler:
                     lp, _, v = ac(*batch, temperature=temperature, chunk_size=chunk_size)
@@ -111,4 +123,5 @@ def logprobs_and_values(ac: ActorCritic, samples: Samples, *, temperature: float
                    has_eos=has_eos.to(device),
                    **{k: torch.cat(v) if v else None for k, v in parts.items()},
                    sampler_logprobs=None if samples.logprobs is None
-                   else samples.logprobs.to(device))
+                   else samples.logprobs.to(device),
+                   env_mask=None if samples.env_mask is None else samples.env_mask.to(device))

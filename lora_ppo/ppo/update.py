@@ -118,7 +118,7 @@ def sampler_correction(ac, ro: Rollout, ppo) -> Optional[torch.Tensor]:
     if (not ppo.sampler_importance_sampling_correction or ro.sampler_logprobs is None
             or sampler_agrees(ac)):
         return None
-    return sampler_weights(ro.logprobs, ro.sampler_logprobs, ro.response_mask,
+    return sampler_weights(ro.logprobs, ro.sampler_logprobs, ro.action_mask,
                            ppo.sampler_importance_sampling_mode,
                            ppo.sampler_importance_sampling_clip_max,
                            ppo.sampler_importance_sampling_clip_min)
@@ -130,8 +130,8 @@ def loss_mask(ro: Rollout, mask_truncated: bool) -> torch.Tensor:
     overlong filtering, Yu et al. 2025 §3.4; TRL's mask_truncated_completions). The forward still
     sees every token."""
     if not mask_truncated:
-        return ro.response_mask
-    return ro.response_mask * ro.has_eos[:, None].to(ro.response_mask.dtype)
+        return ro.action_mask
+    return ro.action_mask * ro.has_eos[:, None].to(ro.response_mask.dtype)
 
 
 def _token_mean(stats: list[MicroStats], key: str) -> float:
