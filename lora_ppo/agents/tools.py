@@ -227,6 +227,25 @@ class Toolbox:
             self._loop = None
 
 
+def config_schemas(rollout) -> Optional[list[dict]]:
+    """The JSON schemas of rollout.tools and rollout.environment's tool methods, without building
+    the environment (SFT needs the schemas, not a live environment: its methods are read off an
+    instance made without __init__); None when neither field is set."""
+    if not rollout.environment and not rollout.tools:
+        return None
+    fields = [f"rollout.tools[{i}]={s!r}" for i, s in enumerate(rollout.tools)]
+    schemas = [tool_schema(load_object(s, f), f) for s, f in zip(rollout.tools, fields)]
+    if rollout.environment:
+        where = f"rollout.environment={rollout.environment!r}"
+        cls = load_object(rollout.environment, "rollout.environment")
+        if not inspect.isclass(cls):
+            return Toolbox.from_config(rollout).schemas  # a factory: only calling it tells
+        unbuilt = object.__new__(cls)
+        schemas += [tool_schema(fn, f"{where}: tool method {fn.__name__}")
+                    for fn in environment_tools(unbuilt)]
+    return schemas
+
+
 def _error(message: str) -> str:
     """A failed call's result as TRL 1.16 writes it (`str({"error": str(e)})`), so a model
     trained with TRL reads the same."""

@@ -108,3 +108,25 @@ def test_transcripts_as_tables_give_them(qwen_tokenizer):
         row_tools("[{", None, "row 3")
     with pytest.raises(AgentError, match="no assistant message to train on"):
         encode_transcript(tok, TRANSCRIPT[:2], schemas, max_prompt_length=9, max_length=9)
+
+
+def test_sft_reads_the_schemas_without_building_the_environment(tmp_path):
+    from types import SimpleNamespace
+
+    from lora_ppo.agents.tools import config_schemas
+
+    (tmp_path / "env.py").write_text(
+        "class Remote:\n"
+        "    def __init__(self):\n"
+        "        raise ConnectionError('no server in SFT')\n\n"
+        "    def reset(self, **kwargs):\n"
+        "        return None\n\n"
+        "    def lookup(self, key: str) -> str:\n"
+        '        """Look a key up.\n\n        Args:\n            key: The key.\n        """\n')
+    (tmp_path / "tools.py").write_text(
+        "def add(a: int, b: int) -> int:\n"
+        '    """Add.\n\n    Args:\n        a: x.\n        b: y.\n    """\n')
+    schemas = config_schemas(SimpleNamespace(environment=f"{tmp_path}/env.py:Remote",
+                                             tools=[f"{tmp_path}/tools.py:add"]))
+    assert [s["function"]["name"] for s in schemas] == ["add", "lookup"]
+    assert config_schemas(SimpleNamespace(environment=None, tools=[])) is None
