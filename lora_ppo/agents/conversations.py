@@ -16,6 +16,7 @@ turns and tool messages), `env_rewards()`, `env_masks()` and `metrics()`.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import weakref
@@ -264,8 +265,6 @@ def tool_metrics(sums: dict[str, float]) -> dict[str, float]:
 def format_conversation(messages: list[dict], width: int = 500) -> str:
     """[role] content lines; an assistant's tool calls as `-> name({arguments})`; a tool's
     result as `[tool name]`. Each text cut to `width` characters."""
-    import json
-
     lines = []
     for m in messages:
         role = m.get("role", "?") + (f" {m['name']}" if m.get("role") == "tool" else "")
