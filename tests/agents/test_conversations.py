@@ -313,3 +313,41 @@ def test_metrics_sum_over_ranks_and_conversations_print():
         {"role": "assistant", "content": "7."}])
     assert text == ('[user] What is 3 + 4?\n[assistant]\n  -> add({"a": 3, "b": 4})\n'
                     "[tool add] 7\n[assistant] 7.")
+
+
+ASYNC_ENV = textwrap.dedent('''
+    import asyncio
+
+    class Judge:
+        def reset(self, **kwargs) -> str | None:
+            self.seen = []
+            return None
+
+        async def lookup(self, key: str) -> str:
+            """
+            Look a key up.
+
+            Args:
+                key: The key.
+            """
+            await asyncio.sleep(0.01)
+            self.seen.append(key)
+            return key.upper()
+
+        async def get_reward(self) -> float:
+            await asyncio.sleep(0.01)
+            return float(len(self.seen))
+''')
+
+
+def test_async_environment_tools_and_reward(qwen_tokenizer, tmp_path):
+    (tmp_path / "judge.py").write_text(ASYNC_ENV)
+    toolbox = Toolbox.from_config(SimpleNamespace(environment=f"{tmp_path}/judge.py:Judge",
+                                                  tools=[]))
+    tok = qwen_tokenizer
+    conv = Conversations([{"prompt": "Look up."}] * 2, tok, toolbox)
+    conv.end_turns([0, 1], [turn(tok, call("lookup", key="a") + call("lookup", key="b")),
+                            turn(tok, "Nothing to look up.")])
+    assert [m["content"] for m in conv.completions()[0][1:]] == ["A", "B"]
+    assert conv.env_rewards() == [2.0, 0.0]
+    toolbox.close()
