@@ -92,6 +92,10 @@ CASES = [
     Case("rollout.tools with a model whose chat template cannot render tool calls",
          ["train", BASE, "rollout.tools=[{ws}/envs.py:add]", "output_dir={ws}/new"],
          "drops the tool call when it renders a tool exchange"),
+    Case("a reward function needing a column the prompts lack (the model's weights truncated)",
+         ["train", BASE, "model.path={ws}/truncated", "reward.function={ws}/rewards.py:needs_answer",
+          "output_dir={ws}/new"],
+         "reward function {ws}/rewards.py:needs_answer needs argument 'answer'"),
     Case("a prompts file with a malformed JSONL line",
          ["train", BASE, "data.prompts={ws}/bad.jsonl", "output_dir={ws}/new"],
          "line 2 is not valid JSON"),
@@ -143,7 +147,8 @@ def ws(tiny_model_dir, low_ids_reward, tmp_path_factory):
     raw["zero_optimization"]["stage"] = 5
     (ws / "stage5.json").write_text(json.dumps(raw))
     (ws / "a_file").write_text("not a directory\n")
-    (ws / "rewards.py").write_text("def f(prompts, completions, **kw):\n    return [0.0]\n")
+    (ws / "rewards.py").write_text("def f(prompts, completions, **kw):\n    return [0.0]\n"
+                                   "def needs_answer(completions, answer, **kw):\n    return []\n")
     (ws / "broken.py").write_text("def f(prompts, completions, **kw)\n    return []\n")
     doc = '    """Add.\n\n    Args:\n        a: x.\n        b: y.\n    """\n'
     (ws / "envs.py").write_text(

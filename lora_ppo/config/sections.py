@@ -100,8 +100,10 @@ class RewardConfig:
     """Where scores come from: a Python `function`, the frozen reward `adapter` on the same base, or
     a separate sequence-classification `model`. For several at once, see `sources`."""
     function: Optional[str] = None
-    """`module:function` or `path/to/file.py:function`, called as
-    `fn(prompts=list[str], completions=list[str], **extra) -> list[float]` (TRL's convention)."""
+    """`module:function` or `path/to/file.py:function`, called as TRL 1.16 calls a reward
+    function, `fn(prompts=..., completions=..., completion_ids=..., <each other column>=...,
+    trainer_state=..., log_extra=..., log_metric=..., prompt_ids=...) -> list[float]`
+    (docs/coming_from_trl.md); a signature that cannot take that is refused at setup."""
     adapter: Optional[str] = None
     """Directory of a reward adapter with its score head (from `lora-ppo train-reward`)."""
     clip: Annotated[Optional[float], POSITIVE] = None
@@ -350,9 +352,12 @@ class DataConfig:
     prompts: Optional[str] = None
     """JSONL, JSON, Parquet, CSV or text file of prompts."""
     prompt_column: str = "prompt"
-    """Column that holds the prompt text (text files: one prompt per line)."""
+    """Column that holds the prompts (text files: one prompt per line): strings, or
+    conversations (TRL's conversational format: lists of messages), rendered with the
+    tokenizer's chat template. Every other column of a row reaches the reward function by name."""
     chat_template: bool = False
-    """Wrap each prompt as a user turn with the tokenizer's chat template."""
+    """Wrap each string prompt as a user turn with the tokenizer's chat template (conversations
+    are always rendered with it)."""
     eval_prompts: Optional[str] = None
     """Held-out prompts for periodic evaluation; none: a slice of `prompts` is held out."""
     eval_every: Annotated[int, NONNEG] = 0

@@ -61,7 +61,8 @@ def decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
 def reward_scores(run: Run, prompts: Sequence[Prompt], samples: Samples | Rollout
                   ) -> tuple[torch.Tensor, list[str]]:
     """Raw sequence scores (B,) from the reward source, and the decoded completions; needs only
-    the token ids and masks (an evaluation scores samples without any forward of its own)."""
+    the token ids and masks (an evaluation scores samples without any forward of its own). A
+    reward function gets each prompt with its row's columns (reward_sources.reward_kwargs)."""
     completions = decode(run.tokenizer, samples.response_ids, samples.response_mask)
     tensors = {"query_ids": samples.query_ids, "query_mask": samples.query_mask,
                "response_ids": samples.response_ids, "response_mask": samples.response_mask,
@@ -69,8 +70,22 @@ def reward_scores(run: Run, prompts: Sequence[Prompt], samples: Samples | Rollou
                               zip(samples.query_ids.cpu(), samples.query_mask.cpu())],
                "completion_ids": [row[m.bool()].tolist() for row, m in
                                   zip(samples.response_ids.cpu(), samples.response_mask.cpu())]}
-    scores = run.reward([p.text for p in prompts], completions, tensors)
+    scores = run.reward(prompts, completions, tensors, trainer_state(run))
     return scores.to(samples.response_mask.device), completions
+
+
+def trainer_state(run: Run):
+    """TRL's `trainer_state` keyword for a reward function: transformers' TrainerState, with
+    global_step the updates done so far, max_steps ppo.total_updates and epoch the passes over
+    the training prompts so far (fractional), as a schedule on training progress reads them."""
+    from transformers import TrainerState
+
+    cycle, cfg = run.prompts, run.cfg
+    return TrainerState(epoch=cycle.epoch + cycle.position / len(cycle.prompts),
+                        global_step=run.step, max_steps=cfg.ppo.total_updates, logging_steps=1,
+                        eval_steps=cfg.data.eval_every, save_steps=cfg.checkpoint.every,
+                        is_local_process_zero=run.dist.local_rank == 0,
+                        is_world_process_zero=run.dist.rank == 0)
 
 
 def collect(run: Run, prompts: Sequence[Prompt], clock: Optional[PhaseClock] = None

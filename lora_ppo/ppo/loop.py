@@ -25,7 +25,13 @@ from lora_ppo.io.run_dir import clear, earlier_run
 from lora_ppo.ppo import checkpoint as ckpt
 from lora_ppo.ppo.collect import generate_samples, reward_scores, rollout_step
 from lora_ppo.ppo.dynamic import SamplingStats, sampling_metrics
-from lora_ppo.ppo.metrics import PPO_BAR, sequence_kl, update_metrics
+from lora_ppo.ppo.metrics import (
+    PPO_BAR,
+    add_logged_metrics,
+    log_extras,
+    sequence_kl,
+    update_metrics,
+)
 from lora_ppo.ppo.rollout import Rollout
 from lora_ppo.ppo.run import Run, setup
 from lora_ppo.ppo.update import PPOStats, ppo_update
@@ -167,7 +173,8 @@ def evaluate(run: Run, logger: MetricsLogger) -> dict:
         logger.text(f"eval/{mode}", [f"{p.text!r} -> {c!r} (score {s:.3f})" for p, c, s in
                                      zip(run.eval_prompts[:n], completions[:n], scores.tolist())],
                     run.step)
-    return out
+    log_extras(run, logger, run.step, "eval/")  # what the reward function logged meanwhile
+    return add_logged_metrics(run, out, "eval/")
 
 
 def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False, *,
@@ -201,6 +208,7 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False, *,
         out = ppo_step(run)
         # step 6. log, evaluate, checkpoint
         row = update_metrics(run, out.rollout, out.stats, out.kl_coef, out.seconds)
+        log_extras(run, logger, run.step)
         row.update(sampling_metrics(out.sampling, cfg.rollout.prompts_per_update * run.dist.world_size,
                                     cfg.rollout.samples_per_prompt))
         if cfg.data.eval_every and run.step % cfg.data.eval_every == 0:

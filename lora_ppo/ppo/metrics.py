@@ -6,7 +6,8 @@ from typing import Optional
 
 import torch
 
-from lora_ppo.io.metrics import peak_memory_mib
+from lora_ppo.io.metrics import MetricsLogger, peak_memory_mib
+from lora_ppo.ppo.reward_sources import RewardError, function_source
 from lora_ppo.ppo.rollout import Rollout
 from lora_ppo.ppo.run import Run
 from lora_ppo.ppo.update import PPOStats, sampler_correction
@@ -15,7 +16,7 @@ from lora_ppo.rl.losses import explained_variance
 from lora_ppo.rl.masked import masked_mean
 from lora_ppo.rl.rewards import overlong_penalty
 from lora_ppo.rl.sampler_correction import sampler_mismatch
-from lora_ppo.runtime.dist import all_gather_cat, all_mean, all_sum
+from lora_ppo.runtime.dist import all_gather_cat, all_gather_objects, all_mean, all_sum
 
 # The progress bar: the reward source's own score (before clipping and normalisation), the KL
 # to the reference, the value loss.
@@ -83,7 +84,40 @@ def update_metrics(run: Run, ro: Rollout, stats: PPOStats, beta: float,
         "tokens_per_s": tokens / max(t_rollout + t_update, 1e-9),
         "memory/peak_mib": peak_memory_mib(run.dist.device),
     })
-    return row
+    return add_logged_metrics(run, row)
+
+
+def add_logged_metrics(run: Run, row: dict, prefix: str = "") -> dict:
+    """`row` with what the reward function passed to `log_metric` since the last row (TRL 1.16's
+    callable): each name (`prefix` before it) the mean of its values over the calls and ranks,
+    as TRL averages them per logging step. A name of lora_ppo's own row is refused."""
+    fn = function_source(run.reward)
+    if fn is None:
+        return row
+    logged = fn.log.take_metrics()
+    names = sorted(set().union(*all_gather_objects(list(logged))))  # every rank, the same order
+    if not names:
+        return row
+    clash = [n for n in names if prefix + n in row]
+    if clash:
+        raise RewardError(f"reward function {fn.name} passed {clash[0]!r} to log_metric, the name "
+                          "of a metric lora_ppo logs itself; choose another name")
+    sums = all_sum([x for n in names for x in (sum(logged.get(n, ())), len(logged.get(n, ())))])
+    return {**row, **{prefix + n: total / count
+                      for n, total, count in zip(names, sums[0::2], sums[1::2])}}
+
+
+def log_extras(run: Run, logger: MetricsLogger, step: int, prefix: str = "") -> None:
+    """What the reward function passed to `log_extra` since the last call (TRL 1.16's callable,
+    which adds columns to TRL's completions table): the first logging.num_samples values of
+    each column on this rank, printed above the progress bar and written to TensorBoard."""
+    fn = function_source(run.reward)
+    extra = fn.log.take_extra() if fn is not None else {}
+    n = run.cfg.logging.num_samples
+    lines = [f"{column}: " + ", ".join(repr(v) for v in values[:n])
+             for column, values in extra.items()]
+    if lines and n:
+        logger.text(f"{prefix}reward/log_extra", lines, step)
 
 
 SAMPLER_METRICS = ("rollout/sampler_kl", "sampling/sampling_logp_difference/mean",

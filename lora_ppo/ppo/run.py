@@ -15,7 +15,7 @@ import torch
 from lora_ppo.agents.setup import Agents, setup_agents
 from lora_ppo.config import Config
 from lora_ppo.generation.samples import stop_ids_of
-from lora_ppo.io.data import Prompt, PromptCycle, encode, hold_out, load_prompts, render_prompt
+from lora_ppo.io.data import Prompt, PromptCycle, encode_rows, hold_out, load_prompts
 from lora_ppo.io.metrics import check_logging
 from lora_ppo.modeling.actor_critic import ActorCritic, build_actor_critic, check_adapter_dir
 from lora_ppo.modeling.loading import (
@@ -24,7 +24,13 @@ from lora_ppo.modeling.loading import (
     quantization_mode,
     resolve_model_path,
 )
-from lora_ppo.ppo.reward_sources import RewardSource, check_reward_sources, make_reward_source
+from lora_ppo.ppo.reward_sources import (
+    RewardSource,
+    check_reward_sources,
+    check_signature,
+    function_name,
+    make_reward_source,
+)
 from lora_ppo.ppo.seam_cache import seams_for
 from lora_ppo.ppo.seams import Seams
 from lora_ppo.rl.kl import AdaptiveKLController, FixedKLController
@@ -85,6 +91,9 @@ def setup(cfg: Config, *, dataset=None, eval_dataset=None, reward_fn: Optional[C
     check_logging(cfg.logging)
     train_prompts, eval_prompts = (prompts, []) if prompts is not None else read_prompts(
         cfg, tokenizer, dataset, eval_dataset)
+    if reward_fn is not None:  # now that the columns it will be called with are known
+        check_signature(reward_fn, function_name(cfg, reward_fn),
+                        prompt_columns(cfg, train_prompts, eval_prompts, dataset, eval_dataset))
     base = load_base_model(cfg, model_path, dist.device)
     if on_base_loaded is not None:
         on_base_loaded(base)
@@ -116,22 +125,35 @@ def setup(cfg: Config, *, dataset=None, eval_dataset=None, reward_fn: Optional[C
                synced=dist.world_size > 1 and zero_stage(engine.config) == 3, agents=agents)
 
 
+def prompt_columns(cfg: Config, train: list[Prompt], held: list[Prompt], dataset=None,
+                   eval_dataset=None) -> dict[str, list[str]]:
+    """The columns a reward function is called with, by the dataset (as a message names it:
+    the config field and its file, or the dataset in memory): the training prompts', and a
+    separate evaluation set's."""
+    def where(in_memory, field: str, spec) -> str:
+        return (f"{field}={spec}" if in_memory is None
+                else f"the {type(in_memory).__name__} in memory")
+
+    out = {}
+    if train:
+        out[where(dataset, "data.prompts", cfg.data.prompts)] = list(train[0].columns)
+    if held and (eval_dataset is not None or cfg.data.eval_prompts):
+        out[where(eval_dataset, "data.eval_prompts", cfg.data.eval_prompts)] = list(held[0].columns)
+    return out
+
+
 def read_prompts(cfg: Config, tokenizer, dataset=None, eval_dataset=None
                  ) -> tuple[list[Prompt], list[Prompt]]:
     """(training prompts, held-out prompts), rendered as the policy reads them (chat template)
-    and encoded; from the files the config names, or `dataset` / `eval_dataset` in memory."""
+    and encoded, each with its row's other columns; from the files the config names, or
+    `dataset` / `eval_dataset` in memory."""
     d = cfg.data
-
-    def read(spec, field: str) -> list[str]:
-        return [render_prompt(tokenizer, p, d.chat_template)
-                for p in load_prompts(spec, d.prompt_column, field)]
-
     eval_spec = eval_dataset if eval_dataset is not None else d.eval_prompts
-    held = (read(eval_spec, "data.eval_prompts")
+    held = (load_prompts(eval_spec, d.prompt_column, "data.eval_prompts")
             if eval_spec is not None and d.eval_every else None)
     train_spec = dataset if dataset is not None else d.prompts
-    train, held = hold_out(read(train_spec, "data.prompts"), held,
+    train, held = hold_out(load_prompts(train_spec, d.prompt_column, "data.prompts"), held,
                            d.eval_size if d.eval_every else 0, cfg.seed, "data.eval_size")
     n = cfg.model.max_prompt_length
-    return (encode(tokenizer, train, d.chat_template, n),
-            encode(tokenizer, held, d.chat_template, n) if held else [])
+    return (encode_rows(tokenizer, train, d.chat_template, n, "data.prompts"),
+            encode_rows(tokenizer, held, d.chat_template, n, "data.eval_prompts"))

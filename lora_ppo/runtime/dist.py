@@ -168,3 +168,14 @@ def broadcast_object(obj):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order (a list of `obj` alone with one rank): what differs
+    between ranks and must be known to all, e.g. the names of the metrics each rank's reward
+    function logged."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out

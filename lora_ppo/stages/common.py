@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -30,7 +30,13 @@ from lora_ppo.config.load import save_config
 from lora_ppo.errors import UserError
 from lora_ppo.io import checkpoint as ck
 from lora_ppo.io.atomic import atomic_output_dir
-from lora_ppo.io.data import encode_prompts, hold_out, render_prompt
+from lora_ppo.io.data import (
+    check_chat_template,
+    encode_prompts,
+    hold_out,
+    render_prompt,
+    template_messages,
+)
 from lora_ppo.io.metrics import MetricsLogger, check_logging, peak_memory_mib
 from lora_ppo.io.run_dir import Start, clear, earlier_run
 from lora_ppo.modeling.actor_critic import adapter_fits, check_adapter_dir, lora_config
@@ -52,28 +58,43 @@ STAGE_MUST_MATCH = ("lora.r", "lora.alpha", "lora.target_modules",
 
 # -- data -------------------------------------------------------------------------------------
 
-def encode_pair(tokenizer, prompt: str, response: str, *, chat_template: bool, append_eos: bool,
-                max_prompt_length: int, max_length: int) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer, prompt: Union[str, list], response: Union[str, list], *,
+                chat_template: bool, append_eos: bool, max_prompt_length: int,
+                max_length: int) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids) of one example, cut to fit.
 
     The prompt is cut from the left to `max_prompt_length` (as PPO cuts it), then the response
-    at the end to `max_length` in all. With a chat template, the response is what the template
-    renders after the generation prompt (for the tiny model: " text</s>\\n").
+    at the end to `max_length` in all. A prompt is a string or a conversation, a response a
+    string or the messages that follow the prompt (TRL's conversational format). With a chat
+    template (always for a conversation), the prompt is rendered as PPO renders it, ending where
+    the assistant's reply begins, and the response is what the template renders after that (for
+    the tiny model: " text</s>\\n"; a string response is one assistant message).
     """
-    head = render_prompt(tokenizer, prompt, chat_template)
-    (p_ids,) = encode_prompts(tokenizer, [head], chat_template, max_prompt_length)
-    if chat_template:
-        user = [{"role": "user", "content": prompt}]
-        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}],
-                                             tokenize=False)
+    templated = chat_template or not isinstance(prompt, str) or not isinstance(response, str)
+    head = render_prompt(tokenizer, prompt, templated)
+    (p_ids,) = encode_prompts(tokenizer, [head], templated, max_prompt_length)
+    if templated:
+        before = ([{"role": "user", "content": prompt}] if isinstance(prompt, str)
+                  else template_messages(prompt))
+        after = ([{"role": "assistant", "content": response}] if isinstance(response, str)
+                 else template_messages(response))
+        full = tokenizer.apply_chat_template(before + after, tokenize=False)
         if not full.startswith(head):
+            plain = isinstance(prompt, str) and isinstance(response, str)
+            fix = "set chat_template=false" if plain else "its prompt and response cannot be split"
             raise UserError("the chat template does not render the prompt as a prefix of the "
-                            "conversation; set chat_template=false")
+                            f"conversation; {fix}")
         response = full[len(head):]
     r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if append_eos and tokenizer.eos_token_id not in r_ids:
         r_ids = r_ids + [tokenizer.eos_token_id]
     return p_ids, r_ids[:max_length - len(p_ids)]
+
+
+def check_conversations(tokenizer, rows: list[dict], keys: tuple[str, ...], field: str) -> None:
+    """One line if a row holds a conversation and the tokenizer has no chat template."""
+    if any(not isinstance(r[k], str) for r in rows for k in keys):
+        check_chat_template(tokenizer, True, field)
 
 
 # -- setup ------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 
 from lora_ppo.config import Config
 from lora_ppo.errors import UserError
-from lora_ppo.io.data import read_rows
+from lora_ppo.io.data import read_table, require_columns, require_text, require_values
 from lora_ppo.modeling.heads import logits_transform
 from lora_ppo.modeling.packing import (
     Attention,
@@ -42,6 +42,7 @@ from lora_ppo.modeling.packing import (
 from lora_ppo.rl.logprobs import chunk_rows, logprobs_and_entropy_from_hidden
 from lora_ppo.runtime.dist import all_sum
 from lora_ppo.stages.common import (
+    check_conversations,
     encode_pair,
     fit,
     load_stage_model,
@@ -66,14 +67,44 @@ class Batch(NamedTuple):
 
 
 def read_pairs(spec: str, sec, field: str) -> list[dict]:
-    section = field.split(".")[0]  # sft
-    rows = read_rows(spec, {sec.prompt_column: f"{section}.prompt_column",
-                            sec.response_column: f"{section}.response_column"}, field)
+    """Rows {"prompt", "response"}: the prompt and response columns (strings or conversations),
+    or, in data without the prompt column, the conversations of the messages column, each split
+    before its last message (`split_conversation`)."""
+    rows = read_table(spec, field)
+    where = f"{field}={spec}"
+    if sec.prompt_column not in rows[0] and sec.messages_column in rows[0]:
+        require_values(rows, [sec.messages_column], where)
+        return [split_conversation(r[sec.messages_column], where,
+                                   f"row {i}'s conversation in column {sec.messages_column!r}")
+                for i, r in enumerate(rows)]
+    if sec.prompt_column not in rows[0]:
+        raise UserError(f"{where} has no column {sec.prompt_column!r} (columns: "
+                        f"{', '.join(rows[0])}); set sft.prompt_column to one of them, or "
+                        "sft.messages_column to a column of whole conversations")
+    columns = {sec.prompt_column: "sft.prompt_column", sec.response_column: "sft.response_column"}
+    require_columns(rows, columns, where)
+    require_values(rows, columns, where)
+    for i, r in enumerate(rows):
+        for c in columns:
+            require_text(r[c], where, f"row {i}'s value in column {c!r}")
     return [{"prompt": r[sec.prompt_column], "response": r[sec.response_column]} for r in rows]
+
+
+def split_conversation(messages, where: str, what: str) -> dict:
+    """{"prompt": the messages before the last, "response": [the last]}: SFT on a whole
+    conversation trains on its last assistant turn, the earlier turns its context (TRL trains on
+    every token of it, or with `assistant_only_loss` on every assistant turn)."""
+    require_text(messages, where, what)
+    if isinstance(messages, str) or messages[-1]["role"] != "assistant" or len(messages) < 2:
+        raise UserError(f"{where}: {what} does not end with an assistant message after at least "
+                        "one other message; SFT trains on the last assistant message, in the "
+                        "context of those before it")
+    return {"prompt": messages[:-1], "response": messages[-1:]}
 
 
 def encode_examples(tokenizer, rows: list[dict], sec, max_prompt_length: int) -> list[Example]:
     """Token ids and loss masks; examples whose response is cut away entirely are dropped."""
+    check_conversations(tokenizer, rows, ("prompt", "response"), "sft.data")
     out = []
     for row in rows:
         p, r = encode_pair(tokenizer, row["prompt"], row["response"],
