@@ -17,7 +17,12 @@ The generation engine knows nothing of this package: it calls `end_turns` on wha
 given. docs/agents.md is the user's guide.
 """
 
-from lora_ppo.agents.conversations import Conversations, format_conversation, tool_metrics
+from lora_ppo.agents.conversations import (
+    Conversations,
+    format_conversation,
+    rows_of,
+    tool_metrics,
+)
 from lora_ppo.agents.loading import AgentError
 from lora_ppo.agents.render import check_template
 from lora_ppo.agents.rollout_func import (
@@ -31,4 +36,4 @@ from lora_ppo.agents.tools import Toolbox
 
 __all__ = ["AgentError", "Agents", "Conversations", "RolloutContext", "RolloutFuncError",
            "Toolbox", "check_rollout_output", "check_template", "format_conversation",
-           "load_rollout_func", "setup_agents", "tool_metrics"]
+           "load_rollout_func", "rows_of", "setup_agents", "tool_metrics"]

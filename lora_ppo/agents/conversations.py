@@ -250,6 +250,13 @@ class Conversations:
         return format_conversation(self.samples[i].prompt + self.samples[i].messages)
 
 
+def rows_of(prompts: Sequence, prompt_column: str = "prompt") -> list[dict]:
+    """The dataset rows of the loop's prompts (io/data.py's Prompt: the prompt as the data gave
+    it, and the row's other columns), as Conversations and `reset(**row)` take them."""
+    return [{prompt_column: p.raw if p.raw is not None else p.text, **p.columns}
+            for p in prompts]
+
+
 def tool_metrics(sums: dict[str, float]) -> dict[str, float]:
     """TRL 1.16's tool metrics (`tools/call_frequency`: calls per sample, `tools/failure_frequency`:
     failed calls per call) and lora_ppo's: assistant turns per sample, the share of samples that

@@ -19,6 +19,7 @@ from typing import Optional
 
 from lora_ppo.agents.loading import AgentError
 from lora_ppo.errors import first_line
+from lora_ppo.io.data import template_messages
 
 _DUMMY_USER = {"role": "user", "content": "dummy"}
 
@@ -42,10 +43,8 @@ def prompt_messages(prompt, observation: Optional[str] = None) -> list[dict]:
     """The prompt as messages: a string is one user turn, a conversation is kept (keys whose
     value is None dropped: a table gives every message every key). An environment's `reset`
     observation is appended to the last message's content, as TRL appends it."""
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
-    else:
-        messages = [{k: v for k, v in m.items() if v is not None} for m in prompt]
+    messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str)
+                else template_messages(prompt))
     if observation is not None:
         last = messages[-1]
         messages[-1] = {**last, "content": (last.get("content") or "") + observation}

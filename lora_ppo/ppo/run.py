@@ -91,6 +91,8 @@ def setup(cfg: Config, *, dataset=None, eval_dataset=None, reward_fn: Optional[C
     check_logging(cfg.logging)
     train_prompts, eval_prompts = (prompts, []) if prompts is not None else read_prompts(
         cfg, tokenizer, dataset, eval_dataset)
+    if agents.toolbox is not None and train_prompts:  # reset(**row) takes the row's columns
+        agents.toolbox.check_columns([cfg.data.prompt_column, *train_prompts[0].columns])
     if reward_fn is not None:  # now that the columns it will be called with are known
         check_signature(reward_fn, function_name(cfg, reward_fn),
                         prompt_columns(cfg, train_prompts, eval_prompts, dataset, eval_dataset))

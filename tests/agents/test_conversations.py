@@ -351,3 +351,19 @@ def test_async_environment_tools_and_reward(qwen_tokenizer, tmp_path):
     assert [m["content"] for m in conv.completions()[0][1:]] == ["A", "B"]
     assert conv.env_rewards() == [2.0, 0.0]
     toolbox.close()
+
+
+def test_the_loops_prompts_give_back_their_rows(qwen_tokenizer, env_toolbox):
+    """io/data.py's Prompts keep the prompt as the data gave it: a string rendered with the chat
+    template (data.chat_template) is a plain user turn again, with the tools' schemas."""
+    from lora_ppo.agents import rows_of
+    from lora_ppo.io.data import encode_rows, load_prompts
+
+    tok = qwen_tokenizer
+    data = [{"question": "What is 3 + 4?", "answer": 7}]
+    prompts = encode_rows(tok, load_prompts(data, "question"), True, 64, "data.prompts")
+    assert prompts[0].text.endswith("<|im_start|>assistant\n")
+    rows = rows_of(prompts, "question")
+    assert rows == [{"question": "What is 3 + 4?", "answer": 7}]
+    conv = Conversations(rows, tok, env_toolbox, prompt_column="question")
+    assert conv.prompts() == [QUESTION] and conv.environments[0].answer == 7
