@@ -72,14 +72,29 @@ def is_tool_transcript(messages) -> bool:
         isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages)
 
 
+def transcript_row(prompt, response, row: dict, where: str) -> Optional[dict]:
+    """An SFT row as a tool transcript, or None when it is not one: the messages (a prompt
+    string as one user turn), the row's `tools` value, and the first message trained (the
+    response's: every assistant turn of a whole conversation, `prompt` None)."""
+    before = ([] if prompt is None else [{"role": "user", "content": prompt}]
+              if isinstance(prompt, str) else list(prompt))
+    after = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
+    messages = before + list(after)
+    if not is_tool_transcript(messages):
+        return None
+    return {"messages": messages, "tools": row.get("tools"), "where": where,
+            "train_from": len(before) if prompt is not None else 0}
+
+
 def transcript_segments(tokenizer, messages: list[dict], tools: Optional[list[dict]],
-                        where: str) -> list[tuple[str, bool]]:
+                        where: str, train_from: int = 0) -> list[tuple[str, bool]]:
     """(text, the model writes it) segments whose concatenation is the template's rendering of
-    the conversation up to the end of its last assistant turn."""
+    the conversation up to the end of its last assistant turn; assistant turns before message
+    `train_from` (a prompt's) are context."""
     eos = tokenizer.eos_token
     segments, done = [], ""
     for i, m in enumerate(messages):
-        if m.get("role") != "assistant":
+        if m.get("role") != "assistant" or i < train_from:
             continue
         head = chat_text(tokenizer, messages[:i], tools, add_generation_prompt=True)
         turn = chat_text(tokenizer, messages[:i + 1], tools)
@@ -99,12 +114,14 @@ def transcript_segments(tokenizer, messages: list[dict], tools: Optional[list[di
 
 
 def encode_transcript(tokenizer, messages: list, tools: Optional[list[dict]], *,
-                      max_prompt_length: int, max_length: int,
-                      where: str = "sft.data") -> tuple[list[int], list[int]]:
-    """(token ids, loss mask): 1 on every assistant turn's tokens, its end-of-turn token
-    included. The context before the first assistant turn is cut from the left to
-    `max_prompt_length` (as every prompt is), then the whole to `max_length` at the end."""
-    segments = transcript_segments(tokenizer, transcript_messages(messages), tools, where)
+                      max_prompt_length: int, max_length: int, where: str = "sft.data",
+                      train_from: int = 0) -> tuple[list[int], list[int]]:
+    """(token ids, loss mask): 1 on every assistant turn's tokens (from message `train_from`
+    on: TRL's prompt-completion rows train the completion's), its end-of-turn token included.
+    The context before the first trained turn is cut from the left to `max_prompt_length` (as
+    every prompt is), then the whole to `max_length` at the end."""
+    segments = transcript_segments(tokenizer, transcript_messages(messages), tools, where,
+                                   train_from)
     ids, mask = [], []
     for k, (text, model) in enumerate(segments):
         seg = tokenizer(text, add_special_tokens=False)["input_ids"]

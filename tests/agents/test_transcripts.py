@@ -130,3 +130,81 @@ def test_sft_reads_the_schemas_without_building_the_environment(tmp_path):
                                              tools=[f"{tmp_path}/tools.py:add"]))
     assert [s["function"]["name"] for s in schemas] == ["add", "lookup"]
     assert config_schemas(SimpleNamespace(environment=None, tools=[])) is None
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_sft_reads_tool_transcripts_in_trls_formats(qwen_tokenizer, tmp_path):
+    """A messages column with tool calls trains every assistant turn (a plain conversation keeps
+    training its last message only); a prompt/completion row trains the completion's assistant
+    turns, not the prompt's."""
+    from types import SimpleNamespace
+
+    from lora_ppo.stages.sft import encode_examples, read_pairs
+
+    tok = qwen_tokenizer
+    schemas = Toolbox([add]).schemas
+    sec = SimpleNamespace(prompt_column="prompt", response_column="completion",
+                          messages_column="messages", chat_template=False, append_eos=True,
+                          train=SimpleNamespace(max_length=1000))
+    plain = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "Bye."}, {"role": "assistant", "content": "Bye."}]
+    data = _write_jsonl(tmp_path / "messages.jsonl", [
+        {"messages": TRANSCRIPT, "tools": schemas}, {"messages": plain, "tools": None}])
+    transcript, conversation = encode_examples(tok, read_pairs(str(data), sec, "sft.data"), sec,
+                                               1000)
+    assert [text for model, text in spans(tok, transcript.ids, transcript.loss_mask)
+            if model] == ['<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4}}\n'
+                          "</tool_call><|im_end|>", "The answer is 7.<|im_end|>",
+                          "You are welcome.<|im_end|>"]
+    assert [text for model, text in spans(tok, conversation.ids, conversation.loss_mask)
+            if model] == ["Bye.<|im_end|>\n"]  # 28's rule for plain conversations, unchanged
+    pairs = _write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": TRANSCRIPT[:5] + TRANSCRIPT[5:6], "completion": TRANSCRIPT[6:7]},
+        {"prompt": TRANSCRIPT[:2], "completion": TRANSCRIPT[2:5]}])
+    rows = read_pairs(str(pairs), sec, "sft.data")
+    assert [r["train_from"] for r in rows] == [6, 2]  # the prompt's tool calls need the schemas
+    last, completion = encode_examples(tok, rows, sec, 1000, tools=schemas)  # rollout.tools'
+    assert [text for model, text in spans(tok, last.ids, last.loss_mask) if model] == [
+        "You are welcome.<|im_end|>"]
+    assert [text for model, text in spans(tok, completion.ids, completion.loss_mask) if model] == [
+        '<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4}}\n</tool_call><|im_end|>',
+        "The answer is 7.<|im_end|>"]
+
+
+@pytest.mark.integration
+def test_lora_ppo_sft_trains_on_the_assistant_turns_of_tool_transcripts(
+        qwen_tokenizer_dir, tmp_path):
+    """`train_sft` end to end on a tiny model with the Qwen-style tokenizer: the tokens the loss
+    covers are the assistant turns' (summed over the data), and the adapter is written."""
+    import shutil
+
+    from helpers import tiny_config
+
+    from lora_ppo.builtin.tiny import build_tiny_model
+    from lora_ppo.stages.sft import train_sft
+
+    model = build_tiny_model(tmp_path / "model", vocab_size=512, max_position_embeddings=1024)
+    for f in qwen_tokenizer_dir.iterdir():
+        shutil.copy(f, model / f.name)
+    schemas = Toolbox([add]).schemas
+    data = _write_jsonl(tmp_path / "tools.jsonl",
+                        [{"messages": TRANSCRIPT, "tools": json.dumps(schemas)}] * 4)
+    cfg = tiny_config(model, tmp_path / "out", f"sft.data={data}", "sft.eval.size=0",
+                      "sft.train.batch_size=2", "sft.train.micro_batch_size=2",
+                      "sft.train.max_steps=2", "sft.train.max_length=1000",
+                      "model.max_prompt_length=900", "reward_model.train.max_length=1000")
+    out = train_sft(cfg)
+    assert (out / "adapter_model.safetensors").is_file()
+    logged = [json.loads(line) for line in
+              (tmp_path / "out" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    turns = ['<tool_call>\n{"name": "add", "arguments": {"a": 3, "b": 4}}\n</tool_call>',
+             "The answer is 7.", "You are welcome."]
+    per_row = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in turns)
+    assert [row["tokens/response"] for row in logged] == [2 * per_row, 2 * per_row]
