@@ -102,49 +102,52 @@ def rollout_violations(out: Any, n_prompts: int, samples_per_prompt: int, vocab_
         else:
             lists[key] = [_plain(v) for v in value]
     rules: dict[str, list[int]] = {}
-
-    def broken(rule: str, i: int) -> None:
-        rules.setdefault(rule, []).append(i)
-
-    ids_ok = lambda seq: (isinstance(seq, (list, tuple)) and  # noqa: E731
-                          all(isinstance(t, int) and 0 <= t < vocab_size for t in seq))
     for i in range(n):
-        p = lists.get("prompt_ids", [None] * n)[i]
-        c = lists.get("completion_ids", [None] * n)[i]
-        if "prompt_ids" in lists and (not ids_ok(p) or not p):
-            broken(f"prompt_ids[{{}}] is not a non-empty list of token ids in [0, {vocab_size})",
-                   i)
-        elif "prompt_ids" in lists and i % samples_per_prompt and p != lists["prompt_ids"][i - 1]:
-            broken("prompt_ids[{}] differs from the prompt ids of its group's first sample", i)
-        if "completion_ids" not in lists:
-            continue
-        if not ids_ok(c) or not c:
-            broken(f"completion_ids[{{}}] is not a non-empty list of token ids in "
-                   f"[0, {vocab_size})", i)
-            continue
-        if len(c) > max_new_tokens:
-            broken(f"completion_ids[{{}}] is longer than rollout.max_new_tokens={max_new_tokens}",
-                   i)
-        mask = lists.get("env_mask", [[1] * len(c)] * n)[i]
-        if "env_mask" in lists and (not isinstance(mask, (list, tuple)) or len(mask) != len(c)
-                                    or any(m not in (0, 1) for m in mask)):
-            broken("env_mask[{}] is not a list of 0/1, one per completion token", i)
-            continue
-        if not any(mask):
-            broken("env_mask[{}] has no model token (1); a sample needs one to train on", i)
-        lp = lists.get("logprobs", [None] * n)[i]
-        if "logprobs" not in lists:
-            continue
-        if not isinstance(lp, (list, tuple)) or len(lp) != len(c):
-            broken("logprobs[{}] does not hold one value per completion token", i)
-        elif any(m and not (isinstance(v, (int, float)) and math.isfinite(v) and v <= 1e-4)
-                 for v, m in zip(lp, mask)):
-            broken("logprobs[{}] holds a value that is not a finite log-probability (<= 0) at "
-                   "a model token", i)
+        for rule in _sample_violations(lists, i, samples_per_prompt, vocab_size, max_new_tokens):
+            rules.setdefault(rule, []).append(i)
     for rule, idx in rules.items():
         more = f" (and {len(idx) - 1} more)" if len(idx) > 1 else ""
         lines.append(rule.format(idx[0]) + more)
     return lines
+
+
+def _sample_violations(lists: dict, i: int, group: int, vocab_size: int,
+                       max_new_tokens: int) -> list[str]:
+    """The rules sample i breaks, each with `{}` where its index goes."""
+    def ids_ok(seq) -> bool:
+        return (isinstance(seq, (list, tuple)) and bool(seq)
+                and all(isinstance(t, int) and 0 <= t < vocab_size for t in seq))
+
+    out = []
+    if "prompt_ids" in lists:
+        p = lists["prompt_ids"][i]
+        if not ids_ok(p):
+            out.append(f"prompt_ids[{{}}] is not a non-empty list of token ids in [0, {vocab_size})")
+        elif i % group and p != lists["prompt_ids"][i - 1]:
+            out.append("prompt_ids[{}] differs from the prompt ids of its group's first sample")
+    if "completion_ids" not in lists:
+        return out
+    c = lists["completion_ids"][i]
+    if not ids_ok(c):
+        return out + [f"completion_ids[{{}}] is not a non-empty list of token ids in "
+                      f"[0, {vocab_size})"]
+    if len(c) > max_new_tokens:
+        out.append(f"completion_ids[{{}}] is longer than rollout.max_new_tokens={max_new_tokens}")
+    mask = lists["env_mask"][i] if "env_mask" in lists else [1] * len(c)
+    if not isinstance(mask, (list, tuple)) or len(mask) != len(c) or any(
+            m not in (0, 1) for m in mask):
+        return out + ["env_mask[{}] is not a list of 0/1, one per completion token"]
+    if not any(mask):
+        out.append("env_mask[{}] has no model token (1); a sample needs one to train on")
+    if "logprobs" in lists:
+        lp = lists["logprobs"][i]
+        if not isinstance(lp, (list, tuple)) or len(lp) != len(c):
+            out.append("logprobs[{}] does not hold one value per completion token")
+        elif any(m and not (isinstance(v, (int, float)) and math.isfinite(v) and v <= 1e-4)
+                 for v, m in zip(lp, mask)):
+            out.append("logprobs[{}] holds a value that is not a finite log-probability (<= 0) "
+                       "at a model token")
+    return out
 
 
 def check_rollout_output(out: Any, n_prompts: int, samples_per_prompt: int, vocab_size: int,
