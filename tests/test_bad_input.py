@@ -94,6 +94,15 @@ CASES = [
     Case("reward.function in a file with a syntax error",
          ["train", BASE, "reward.function={ws}/broken.py:f", "output_dir={ws}/new"],
          "failed: SyntaxError"),
+    Case("rollout.environment naming a class without reset",
+         ["train", BASE, "rollout.environment={ws}/envs.py:NoReset", "output_dir={ws}/new"],
+         "NoReset has no reset method"),
+    Case("rollout.tools naming a function without type hints",
+         ["train", BASE, "rollout.tools=[{ws}/envs.py:untyped]", "output_dir={ws}/new"],
+         "Argument a is missing a type hint"),
+    Case("rollout.tools with a model whose chat template cannot render tool calls",
+         ["train", BASE, "rollout.tools=[{ws}/envs.py:add]", "output_dir={ws}/new"],
+         "drops the tool call when it renders a tool exchange"),
     Case("a reward function needing a column the prompts lack (the model's weights truncated)",
          ["train", BASE, "model.path={ws}/truncated", "reward.function={ws}/rewards.py:needs_answer",
           "output_dir={ws}/new"],
@@ -152,6 +161,10 @@ def ws(tiny_model_dir, low_ids_reward, tmp_path_factory):
     (ws / "rewards.py").write_text("def f(prompts, completions, **kw):\n    return [0.0]\n"
                                    "def needs_answer(completions, answer, **kw):\n    return []\n")
     (ws / "broken.py").write_text("def f(prompts, completions, **kw)\n    return []\n")
+    doc = '    """Add.\n\n    Args:\n        a: x.\n        b: y.\n    """\n'
+    (ws / "envs.py").write_text(
+        "class NoReset:\n    pass\n\n\ndef untyped(a, b):\n" + doc + "    return a + b\n\n\n"
+        "def add(a: int, b: int) -> int:\n" + doc + "    return a + b\n")
     return ws
 
 

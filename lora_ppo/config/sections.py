@@ -161,7 +161,8 @@ class RolloutConfig:
     """Rows decoded at once (the decode batch, and the sequences per scoring forward); lower it
     if generation runs out of memory."""
     max_new_tokens: Annotated[int, POSITIVE] = 128
-    """Most tokens generated per response."""
+    """Most tokens per response; with tools or an environment, the model's and the tools' tokens
+    of the whole trajectory (TRL's max_completion_length)."""
     temperature: Annotated[float, POSITIVE] = 1.0
     """Sampling temperature; log-probs are taken at the same temperature. Responses are drawn
     from exactly softmax(logits / temperature), whatever the checkpoint's generation_config.json
@@ -207,6 +208,29 @@ class RolloutConfig:
     """With dynamic_sampling: the most sampling rounds per update after the first. A rollout still
     not full after them is filled with dropped groups, so every update has the same size (they
     carry no score signal, as in a run without dynamic sampling)."""
+    # -- agents: tools, environments, custom rollouts (lora_ppo/agents, docs/agents.md) ---------
+    environment: Optional[str] = None
+    """`file.py:Class` or `module:Class`: an environment as TRL 1.16's environment_factory takes
+    it. One instance per sample (pooled: constructed once, reset before each rollout);
+    `reset(**row)` gets the dataset row's columns and may return a string, appended to the
+    prompt's last message; its public methods (type hints and a docstring with an Args section
+    on each) are the tools; an optional `get_reward()` is one more reward source, weight 1."""
+    tools: list[str] = field(default_factory=list)
+    """Tools without an environment, each `file.py:function` or `module:function` (TRL's
+    `tools`): typed, with a docstring with an Args section; sync or async (coroutines run
+    concurrently). The prompts are rendered with the chat template and the tools' JSON schemas;
+    the model's tool calls are parsed in its own format (docs/agents.md)."""
+    max_tool_calls: Annotated[Optional[int], POSITIVE] = None
+    """Most turns per sample whose tool calls are run (TRL's max_tool_calling_iterations: the
+    calls of one turn count once); a turn that calls tools after that many ends the trajectory,
+    its calls unanswered. None: no limit but max_new_tokens, which counts the model's and the
+    tools' tokens of the whole trajectory (TRL's max_completion_length)."""
+    rollout_func: Optional[str] = None
+    """`file.py:function`: a custom rollout in place of lora_ppo's sampling (TRL's rollout_func),
+    `fn(prompts, ctx) -> dict` with prompt_ids, completion_ids, logprobs and optionally env_mask
+    (1 model token, 0 environment token); its return is checked (docs/agents.md)."""
+
+
 @dataclass
 class OptimConfig:
     """AdamW and its learning-rate schedule (`ppo.optim`, `sft.optim`, `reward_model.optim`)."""

@@ -65,7 +65,9 @@ class SFTConfig:
     messages_column: str = "messages"
     """Column of whole conversations (TRL's conversational language-modeling format), read when
     the data has no `prompt_column`: the last message, an assistant turn, is the response the
-    loss covers, the messages before it the prompt."""
+    loss covers, the messages before it the prompt. A conversation with tool calls or tool
+    messages trains every assistant turn (its calls and its answer), the tools' schemas from a
+    `tools` column or rollout.tools / rollout.environment (docs/agents.md)."""
     chat_template: bool = False
     """Render each pair of strings as a user turn and an assistant turn with the tokenizer's chat
     template (use with data.chat_template=true in `train`); conversations are always rendered

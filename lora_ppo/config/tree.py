@@ -166,6 +166,10 @@ class Config:
             raise UserError("rollout.dynamic_sampling=true drops groups of samples whose scores "
                             f"tie, but rollout.samples_per_prompt={r.samples_per_prompt}; set it "
                             "to 2 or more")
+        if r.rollout_func and (r.environment or r.tools):
+            other = "rollout.environment" if r.environment else "rollout.tools"
+            raise UserError(f"rollout.rollout_func={r.rollout_func!r} and {other} are both set; "
+                            "a rollout function runs its own tools: keep one")
         buffer = self.reward.overlong_buffer
         if buffer is not None and buffer >= r.max_new_tokens:
             raise UserError(f"reward.overlong_buffer={buffer} must be below rollout."

@@ -104,7 +104,10 @@ class _Batch:
             self._place(free[:len(rows)], torch.tensor(rows, device=s.device), kv, h,
                         [n for _, _, n in fits])
             return True
-        if self.pending >= self.n_rows:
+        if self.pending >= self.n_rows or self.ready:
+            # no new prompt while a conversation waits to rejoin: the rows in flight (live or
+            # waiting) stay at most `slots`, so the waiting ones' caches cost at most what
+            # their freed slots would hold (sizing/memory.py counts it)
             return False
         new = self.order[self.pending:self.pending + take]
         self.pending += len(new)

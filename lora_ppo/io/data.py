@@ -246,12 +246,15 @@ def encode_prompts(tokenizer, texts: list[str], chat_template: bool,
 class Prompt(NamedTuple):
     """A prompt as the policy reads it: its text (the chat template applied) and its token ids
     (cut from the left to model.max_prompt_length); for a reward function, the conversation it
-    was rendered from (None for a string prompt) and the other columns of its row."""
+    was rendered from (None for a string prompt) and the other columns of its row; `raw`, the
+    prompt as the data gave it (a multi-turn rollout renders it again, with the tools' schemas:
+    lora_ppo/agents)."""
 
     text: str
     ids: tuple[int, ...]
     messages: Optional[list] = None
     columns: Mapping[str, Any] = MappingProxyType({})
+    raw: Union[str, list, None] = None
 
 
 def encode(tokenizer, texts: list[str], chat_template: bool, max_length: int) -> list[Prompt]:
@@ -274,8 +277,8 @@ def encode_rows(tokenizer, rows: list[PromptRow], chat_template: bool, max_lengt
                             field.rpartition(".")[0] + ".chat_template")
     texts = [render_prompt(tokenizer, r.prompt, chat_template) for r in rows]
     ids = encode_prompts(tokenizer, texts, templated, max_length)
-    return [Prompt(t, tuple(i), r.prompt if conversations else None, MappingProxyType(r.columns))
-            for t, i, r in zip(texts, ids, rows)]
+    return [Prompt(t, tuple(i), r.prompt if conversations else None, MappingProxyType(r.columns),
+                   r.prompt) for t, i, r in zip(texts, ids, rows)]
 
 
 class PromptCycle:

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from lora_ppo.agents.setup import Agents, setup_agents
 from lora_ppo.config import Config
 from lora_ppo.generation.samples import stop_ids_of
 from lora_ppo.io.data import Prompt, PromptCycle, encode_rows, hold_out, load_prompts
@@ -63,6 +64,7 @@ class Run:
     synced: bool                # ranks decode in lockstep (ZeRO-3 over several ranks)
     step: int = 0
     episode: int = 0
+    agents: Agents = Agents(None, None)  # rollout.tools / environment / rollout_func, checked
 
 
 def setup(cfg: Config, *, dataset=None, eval_dataset=None, reward_fn: Optional[Callable] = None,
@@ -85,9 +87,12 @@ def setup(cfg: Config, *, dataset=None, eval_dataset=None, reward_fn: Optional[C
     if cfg.model.init_adapter:
         check_adapter_dir(cfg.model.init_adapter, "model.init_adapter")
     reward_fn = check_reward_sources(cfg, reward_fn)
+    agents = setup_agents(cfg.rollout, tokenizer)
     check_logging(cfg.logging)
     train_prompts, eval_prompts = (prompts, []) if prompts is not None else read_prompts(
         cfg, tokenizer, dataset, eval_dataset)
+    if agents.toolbox is not None and train_prompts:  # reset(**row) takes the row's columns
+        agents.toolbox.check_columns([cfg.data.prompt_column, *train_prompts[0].columns])
     if reward_fn is not None:  # now that the columns it will be called with are known
         columns = prompt_columns(cfg, train_prompts, eval_prompts, dataset, eval_dataset)
         for name, fn in named_functions(cfg, reward_fn):
@@ -120,7 +125,7 @@ def setup(cfg: Config, *, dataset=None, eval_dataset=None, reward_fn: Optional[C
                eval_prompts=eval_prompts, generator=torch.Generator().manual_seed(cfg.seed),
                output_dir=Path(cfg.output_dir), model_path=model_path, stop_ids=stop_ids,
                seams=seams, chunk_rows=chunk_rows(ac.vocab, cfg.model.logits_chunk_mib),
-               synced=dist.world_size > 1 and zero_stage(engine.config) == 3)
+               synced=dist.world_size > 1 and zero_stage(engine.config) == 3, agents=agents)
 
 
 def prompt_columns(cfg: Config, train: list[Prompt], held: list[Prompt], dataset=None,
