@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +193,19 @@ def assert_same_run(a: Path, b: Path, step: int) -> None:
     assert metrics_of(a) == metrics_of(b)
 
 
+
+
+def documented_metrics() -> list[re.Pattern]:
+    """Every name docs/metrics.md documents (a row may name several: `a`, `b`), `<name>` a
+    placeholder for one path segment (a source's kind, a function's or environment's name)."""
+    text = (REPO / "docs" / "metrics.md").read_text()
+    names = [n for row in re.findall(r"^\| (`[^|]+)\|", text, flags=re.M)
+             for n in re.findall(r"`([^`]+)`", row)]
+    return [re.compile(re.sub(r"<[a-z_]+>", "[^/]+", re.escape(n).replace(r"\<", "<")
+                              .replace(r"\>", ">")) + "$") for n in names]
+
+
+def undocumented_metrics(row) -> list[str]:
+    """The names of a metrics row that docs/metrics.md does not document."""
+    documented = documented_metrics()
+    return [k for k in row if not any(p.match(k) for p in documented)]

@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from helpers import REPO
+from helpers import REPO, documented_metrics, undocumented_metrics
 
 from lora_ppo.config.reference import config_reference
 from lora_ppo.io.metrics import REQUIRED
@@ -18,18 +18,8 @@ def test_config_reference_is_generated_from_the_code():
         "docs/config.md is stale: run `lora-ppo config-docs --out docs/config.md`")
 
 
-def _documented_metrics() -> list[re.Pattern]:
-    """Every name docs/metrics.md documents (a row may name several: `a`, `b`), `<kind>` a
-    placeholder."""
-    text = (REPO / "docs" / "metrics.md").read_text()
-    names = [n for row in re.findall(r"^\| (`[^|]+)\|", text, flags=re.M)
-             for n in re.findall(r"`([^`]+)`", row)]
-    return [re.compile(re.sub(r"<[a-z_]+>", "[a-z_]+", re.escape(n).replace(r"\<", "<")
-                              .replace(r"\>", ">")) + "$") for n in names]
-
-
 def test_every_required_metric_is_documented():
-    documented = _documented_metrics()
+    documented = documented_metrics()
     missing = [k for k in REQUIRED if not any(p.match(k) for p in documented)]
     assert not missing, missing
 
@@ -48,8 +38,7 @@ def test_every_metric_the_loop_logs_is_documented(tiny_model_dir, tmp_path):
     train(cfg)
     logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert "objective/score_function" in logged and "eval/score_greedy" in logged
-    documented = _documented_metrics()
-    missing = [k for k in logged if not any(p.match(k) for p in documented)]
+    missing = undocumented_metrics(logged)
     assert not missing, f"docs/metrics.md lacks {missing}"
 
 

@@ -24,13 +24,14 @@ from lora_ppo.io.metrics import MetricsLogger, PhaseClock
 from lora_ppo.io.plot import plot_metrics
 from lora_ppo.io.run_dir import clear, earlier_run
 from lora_ppo.ppo import checkpoint as ckpt
-from lora_ppo.ppo.collect import generate_samples, reward_scores, rollout_step
+from lora_ppo.ppo.collect import reward_scores, rollout_step, sample_episodes
 from lora_ppo.ppo.dynamic import SamplingStats, sampling_metrics
 from lora_ppo.ppo.metrics import (
     PPO_BAR,
     add_logged_metrics,
     log_extras,
     sequence_kl,
+    tool_row,
     update_metrics,
 )
 from lora_ppo.ppo.rollout import Rollout
@@ -166,15 +167,22 @@ def ppo_step(run: Run, on_phase: Optional[Callable[[str], None]] = None) -> Step
 def evaluate(run: Run, logger: MetricsLogger) -> dict:
     """Greedy and sampled responses to the held-out prompts, with their mean scores (sampling
     and the reward source only: no log-probs, values or reference are needed for it)."""
-    out = {}
-    for mode in ("greedy", "sampled"):
-        samples = generate_samples(run, run.eval_prompts, greedy=(mode == "greedy"))
-        scores, completions = reward_scores(run, run.eval_prompts, samples)
+    out, n = {}, run.cfg.logging.num_samples
+    custom = run.agents.rollout_func is not None  # its own sampling: no greedy mode
+    prompts = ([p for p in run.eval_prompts for _ in range(run.cfg.rollout.samples_per_prompt)]
+               if custom else run.eval_prompts)
+    for mode in ("sampled",) if custom else ("greedy", "sampled"):
+        episodes = sample_episodes(run, prompts, greedy=(mode == "greedy"))
+        scores, completions = reward_scores(run, prompts, episodes.samples, episodes)
         out[f"eval/score_{mode}"] = all_mean([scores.mean().item()])[0]
-        n = run.cfg.logging.num_samples
-        logger.text(f"eval/{mode}", [f"{p.text!r} -> {c!r} (score {s:.3f})" for p, c, s in
-                                     zip(run.eval_prompts[:n], completions[:n], scores.tolist())],
-                    run.step)
+        conv = episodes.conversations
+        if conv is None:
+            lines = [f"{p.text!r} -> {c!r} (score {s:.3f})" for p, c, s in
+                     zip(prompts[:n], completions[:n], scores.tolist())]
+        else:  # each conversation, its tool calls and results, then its score
+            lines = [f"{conv.show(i)}\n(score {s:.3f})" for i, s in enumerate(scores[:n].tolist())]
+            out.update(tool_row(conv.metric_sums(), f"eval/{mode}/"))
+        logger.text(f"eval/{mode}", lines, run.step)
     log_extras(run, logger, run.step, "eval/")  # what the reward function logged meanwhile
     return add_logged_metrics(run, out, "eval/")
 

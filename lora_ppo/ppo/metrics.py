@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from lora_ppo.agents import tool_metrics
 from lora_ppo.io.metrics import MetricsLogger, peak_memory_mib
 from lora_ppo.ppo.reward_sources import RewardError, function_source
 from lora_ppo.ppo.rollout import Rollout
@@ -86,7 +87,17 @@ def update_metrics(run: Run, ro: Rollout, stats: PPOStats, beta: float,
         "tokens_per_s": tokens / max(t_rollout + t_update, 1e-9),
         "memory/peak_mib": peak_memory_mib(run.dist.device),
     })
+    row.update(tool_row(run.tool_counts) if run.agents.toolbox is not None else {})
+    run.tool_counts.clear()
     return add_logged_metrics(run, row)
+
+
+def tool_row(counts: dict, prefix: str = "") -> dict:
+    """tools/* (agents/conversations.py::tool_metrics) of this rank's conversations' counts
+    (Conversations.metric_sums, summed over the update's rounds), summed over ranks first."""
+    names = sorted(counts)
+    total = dict(zip(names, all_sum([float(counts[k]) for k in names])))
+    return {prefix + k: v for k, v in tool_metrics(total).items()} if names else {}
 
 
 def add_logged_metrics(run: Run, row: dict, prefix: str = "") -> dict:

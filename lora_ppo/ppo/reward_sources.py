@@ -98,6 +98,8 @@ def check_scores(scores: Sequence, n: int, name: str) -> torch.Tensor:
 KEYWORDS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric",
             "prompt_ids")
 _PER_SAMPLE_EXCEPT = ("trainer_state", "log_extra", "log_metric")
+# ... and with rollout.environment, TRL's `environments` (the samples' instances).
+ENVIRONMENT_KEYWORDS = ("environments",)
 
 
 class RewardLog:
@@ -135,7 +137,7 @@ def reward_kwargs(prompts: Sequence[Prompt], completions: list[str], rollout_ten
     of the run's."""
     conv = [p.messages is not None for p in prompts]
     columns = list(prompts[0].columns) if prompts else []
-    return {
+    kwargs = {
         "prompts": [copy.deepcopy(p.messages) if c else p.text for p, c in zip(prompts, conv)],
         "completions": [[{"role": "assistant", "content": t}] if c else t
                         for t, c in zip(completions, conv)],
@@ -144,6 +146,15 @@ def reward_kwargs(prompts: Sequence[Prompt], completions: list[str], rollout_ten
         "trainer_state": state, "log_extra": log.log_extra, "log_metric": log.log_metric,
         "prompt_ids": rollout_tensors["prompt_ids"],
     }
+    turns = rollout_tensors.get("conversations")
+    if turns is not None:  # a multi-turn rollout: the trajectories as messages (TRL's, agents)
+        kwargs["prompts"] = copy.deepcopy(turns.prompts())
+        kwargs["completions"] = copy.deepcopy(turns.completions())
+        if turns.environments is not None:
+            kwargs["environments"] = turns.environments
+    for k, v in rollout_tensors.get("columns", {}).items():  # a rollout function's extra fields
+        kwargs[k] = copy.deepcopy(v)
+    return kwargs
 
 
 class FunctionReward:
@@ -175,12 +186,15 @@ def _first_failing_sample(fn, kwargs):
     return None
 
 
-def check_signature(fn: Callable, name: str, columns: dict[str, list[str]]) -> None:
-    """Refuse, at setup, a reward function that cannot take what every call passes (KEYWORDS and
-    the columns of each dataset it is called on: `columns`, where -> its columns): a required
-    argument that is neither, or, without **kwargs, a keyword it has no argument for. Also a
-    column named as one of KEYWORDS, and an async function (TRL awaits those on an event loop of
-    its own). A callable without a signature (a builtin) is not checked."""
+def check_signature(fn: Callable, name: str, columns: dict[str, list[str]],
+                    keywords: Sequence[str] = KEYWORDS, extra_fields: bool = False) -> None:
+    """Refuse, at setup, a reward function that cannot take what every call passes (`keywords`,
+    KEYWORDS and with an environment ENVIRONMENT_KEYWORDS, and the columns of each dataset it is
+    called on: `columns`, where -> its columns): a required argument that is neither, or,
+    without **kwargs, a keyword it has no argument for. Also a column named as one of the
+    keywords, and an async function (TRL awaits those on an event loop of its own). A callable
+    without a signature (a builtin) is not checked. `extra_fields`: a rollout function's fields
+    come too, known only once it returns, so a required argument may be one of them."""
     if inspect.iscoroutinefunction(fn):
         raise UserError(f"reward function {name} is async, and reward functions are called "
                         "synchronously here; call it in a plain function, e.g. "
@@ -191,12 +205,12 @@ def check_signature(fn: Callable, name: str, columns: dict[str, list[str]]) -> N
         return
     named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
-    keywords = ", ".join(KEYWORDS)
+    shown_keywords = ", ".join(keywords)
     for where, cols in columns.items():
-        clash = [c for c in cols if c in KEYWORDS]
+        clash = [c for c in cols if c in keywords]
         if clash:
             raise UserError(f"{where}: column {clash[0]!r} has the name of a keyword every reward "
-                            f"function call gets ({keywords}); rename that column")
+                            f"function call gets ({shown_keywords}); rename that column")
         shown = f"{where} (columns: {', '.join(cols) or 'none but the prompt'})"
         for p in params:
             if p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
@@ -205,14 +219,14 @@ def check_signature(fn: Callable, name: str, columns: dict[str, list[str]]) -> N
                 raise UserError(f"reward function {name} takes {p.name!r} by position only, but "
                                 "every argument is passed by keyword (as TRL passes them); make "
                                 "it a keyword argument")
-            if p.name not in KEYWORDS and p.name not in cols:
+            if p.name not in keywords and p.name not in cols and not extra_fields:
                 raise UserError(f"reward function {name} needs argument {p.name!r}, which is "
                                 f"neither a column of {shown} nor a keyword every call gets "
-                                f"({keywords}); add the column or give {p.name!r} a default")
+                                f"({shown_keywords}); add the column or give {p.name!r} a default")
         if not takes_any:
-            extra = [k for k in (*KEYWORDS, *cols) if k not in named]
+            extra = [k for k in (*keywords, *cols) if k not in named]
             if extra:
-                what = ("a keyword every call gets" if extra[0] in KEYWORDS
+                what = ("a keyword every call gets" if extra[0] in keywords
                         else f"a column of {shown}")
                 raise UserError(f"reward function {name} has no argument {extra[0]!r} ({what}) "
                                 "and no **kwargs; add **kwargs to its signature, as a TRL reward "
@@ -249,6 +263,35 @@ def function_source(source) -> Optional[FunctionReward | FunctionSum]:
     if isinstance(source, kinds):
         return source
     return next((s for _, s, _ in getattr(source, "parts", ()) if isinstance(s, kinds)), None)
+
+
+class EnvironmentReward:
+    """The environment's `get_reward()` of each sample (rollout.environment), one more term with
+    weight 1, as TRL 1.16 appends it to `reward_funcs`; logged as rewards/<its class name>/mean."""
+
+    def __init__(self, env_name: str):
+        self.name = env_name
+        self.by_function: dict[str, torch.Tensor] = {}
+
+    def __call__(self, prompts, completions, rollout_tensors, state=None) -> torch.Tensor:
+        turns = rollout_tensors.get("conversations")
+        values = None if turns is None else turns.env_rewards()
+        if values is None:
+            raise RewardError(f"environment {self.name}: these samples have no environment to "
+                              "take get_reward() from")
+        scores = check_scores(values, len(prompts), f"environment {self.name}")
+        self.by_function = {self.name: scores}
+        return scores
+
+
+def with_environment(source: Optional[RewardSource], env_name: str) -> RewardSource:
+    """`source` plus the environment's get_reward (weight 1), or the environment's alone."""
+    env = EnvironmentReward(env_name)
+    if source is None:
+        return env
+    kind = source.name if isinstance(source, (AdapterReward, ModelReward)) else "function"
+    parts = source.parts if isinstance(source, WeightedReward) else [(kind, source, 1.0)]
+    return WeightedReward([*parts, ("environment", env, 1.0)])
 
 
 class AdapterReward:

@@ -5,8 +5,9 @@ the DeepSpeed engine. The loop (loop.py) runs the steps on what it returns.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +15,7 @@ import torch
 
 from lora_ppo.agents.setup import Agents, setup_agents
 from lora_ppo.config import Config
+from lora_ppo.errors import UserError
 from lora_ppo.generation.samples import stop_ids_of
 from lora_ppo.io.data import Prompt, PromptCycle, encode_rows, hold_out, load_prompts
 from lora_ppo.io.metrics import check_logging
@@ -25,11 +27,14 @@ from lora_ppo.modeling.loading import (
     resolve_model_path,
 )
 from lora_ppo.ppo.reward_sources import (
+    ENVIRONMENT_KEYWORDS,
+    KEYWORDS,
     RewardSource,
     check_reward_sources,
     check_signature,
     make_reward_source,
     named_functions,
+    with_environment,
 )
 from lora_ppo.ppo.seam_cache import seams_for
 from lora_ppo.ppo.seams import Seams
@@ -65,6 +70,7 @@ class Run:
     step: int = 0
     episode: int = 0
     agents: Agents = Agents(None, None)  # rollout.tools / environment / rollout_func, checked
+    tool_counts: Counter = field(default_factory=Counter)  # the update's tool-call counts so far
 
 
 def setup(cfg: Config, *, dataset=None, eval_dataset=None, reward_fn: Optional[Callable] = None,
@@ -86,17 +92,23 @@ def setup(cfg: Config, *, dataset=None, eval_dataset=None, reward_fn: Optional[C
     ds_config = run_ds_config(cfg, dist.world_size, dist.device, "ppo", quantization != "none")
     if cfg.model.init_adapter:
         check_adapter_dir(cfg.model.init_adapter, "model.init_adapter")
-    reward_fn = check_reward_sources(cfg, reward_fn)
     agents = setup_agents(cfg.rollout, tokenizer)
+    env = agents.toolbox if agents.toolbox is not None and agents.toolbox.factory else None
+    check_agents_fit(agents, dist.world_size, zero_stage(ds_config))
+    # An environment's get_reward may be the only reward (TRL: reward_funcs may be empty then).
+    env_only = (env is not None and env.has_reward and reward_fn is None
+                and cfg.reward.kinds == ["function"] and not cfg.reward.function)
+    reward_fn = None if env_only else check_reward_sources(cfg, reward_fn)
     check_logging(cfg.logging)
     train_prompts, eval_prompts = (prompts, []) if prompts is not None else read_prompts(
         cfg, tokenizer, dataset, eval_dataset)
-    if agents.toolbox is not None and train_prompts:  # reset(**row) takes the row's columns
-        agents.toolbox.check_columns([cfg.data.prompt_column, *train_prompts[0].columns])
+    if env is not None and train_prompts:  # reset(**row) takes the row's columns
+        env.check_columns([cfg.data.prompt_column, *train_prompts[0].columns])
     if reward_fn is not None:  # now that the columns it will be called with are known
         columns = prompt_columns(cfg, train_prompts, eval_prompts, dataset, eval_dataset)
+        keywords = (*KEYWORDS, *(ENVIRONMENT_KEYWORDS if env is not None else ()))
         for name, fn in named_functions(cfg, reward_fn):
-            check_signature(fn, name, columns)
+            check_signature(fn, name, columns, keywords, agents.rollout_func is not None)
     base = load_base_model(cfg, model_path, dist.device)
     if on_base_loaded is not None:
         on_base_loaded(base)
@@ -119,13 +131,26 @@ def setup(cfg: Config, *, dataset=None, eval_dataset=None, reward_fn: Optional[C
                            total_steps=cfg.ppo.total_updates * steps_per_update)
     kl_ctl = (AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.target_kl, cfg.ppo.kl_horizon)
               if cfg.ppo.adaptive_kl else FixedKLController(cfg.ppo.kl_coef))
+    reward = None if env_only else make_reward_source(cfg, ac, reward_fn)
+    if env is not None and env.has_reward:  # one more term, weight 1, as TRL adds it
+        reward = with_environment(reward, env.env_name)
     return Run(cfg=cfg, dist=dist, tokenizer=tokenizer, ac=ac, engine=engine,
-               reward=make_reward_source(cfg, ac, reward_fn), kl_ctl=kl_ctl,
+               reward=reward, kl_ctl=kl_ctl,
                moments=RunningMoments(), prompts=PromptCycle(train_prompts, cfg.seed),
                eval_prompts=eval_prompts, generator=torch.Generator().manual_seed(cfg.seed),
                output_dir=Path(cfg.output_dir), model_path=model_path, stop_ids=stop_ids,
                seams=seams, chunk_rows=chunk_rows(ac.vocab, cfg.model.logits_chunk_mib),
                synced=dist.world_size > 1 and zero_stage(engine.config) == 3, agents=agents)
+
+
+def check_agents_fit(agents: Agents, world_size: int, stage: int) -> None:
+    """Refuse what multi-turn rollouts cannot do yet: tools or an environment with ZeRO-3 over
+    several ranks, where every rank must run the same forwards (each gathers the layers'
+    weights) and each rank's conversations take turns of their own."""
+    if agents.toolbox is not None and world_size > 1 and stage == 3:
+        raise UserError(f"rollout.tools / rollout.environment with ZeRO-3 over {world_size} "
+                        "ranks: multi-turn rollouts do not decode in lockstep yet; use ZeRO-2 "
+                        "(ds_configs/zero2.json) or one rank")
 
 
 def prompt_columns(cfg: Config, train: list[Prompt], held: list[Prompt], dataset=None,

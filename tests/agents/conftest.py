@@ -62,3 +62,31 @@ def qwen_tokenizer(qwen_tokenizer_dir):
 @pytest.fixture
 def qwen_response_template():
     return QWEN_RESPONSE_TEMPLATE
+
+
+@pytest.fixture(scope="session")
+def tool_model_dir(qwen_tokenizer_dir, tmp_path_factory):
+    """A tiny random Llama (vocab 512, 1024 positions: the tools' schemas make long prompts)
+    with the Qwen-style tokenizer (~406 ids), a model directory whose chat template renders
+    tools. The LM head's rows of `<tool_call>` and `<|im_end|>` point along the mean final
+    hidden state, so each is drawn ~10% of the time: a random model that calls tools and ends
+    turns, for runs through the whole loop."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_ppo.builtin.tiny import build_tiny_model
+
+    out = build_tiny_model(tmp_path_factory.mktemp("tool_model") / "model",
+                           max_position_embeddings=1024)
+    tok = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        h = model.model(torch.randint(0, len(tok), (8, 64), generator=torch.Generator()
+                                      .manual_seed(0))).last_hidden_state.flatten(0, 1).mean(0)
+        for token in ("<tool_call>", "<|im_end|>"):
+            model.lm_head.weight[tok.convert_tokens_to_ids(token)] = 3.0 * h / h.norm() ** 2
+    model.save_pretrained(out)
+    for f in out.glob("*token*"):
+        f.unlink()
+    tok.save_pretrained(out)
+    return out

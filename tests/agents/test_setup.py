@@ -180,3 +180,15 @@ def test_config_fields_and_their_checks():
     with pytest.raises(UserError, match="rollout.rollout_func='f.py:g' and rollout.tools are both "
                                         "set; a rollout function runs its own tools: keep one"):
         load_config(None, ["rollout.tools=[a.py:f]", "rollout.rollout_func=f.py:g"])
+
+
+def test_tools_with_zero3_over_ranks_are_refused():
+    from lora_ppo.agents import Agents
+    from lora_ppo.ppo.run import check_agents_fit
+
+    tools = Agents(Toolbox([]), None)
+    for world, stage in ((1, 3), (2, 2), (2, 0)):
+        check_agents_fit(tools, world, stage)
+    check_agents_fit(Agents(None, None), 2, 3)
+    with pytest.raises(UserError, match="ZeRO-3 over 2 ranks.*ZeRO-2"):
+        check_agents_fit(tools, 2, 3)
