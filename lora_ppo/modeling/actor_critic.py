@@ -27,7 +27,13 @@ import torch
 from torch import nn
 
 from lora_ppo.errors import UserError
-from lora_ppo.modeling.heads import REWARD_HEAD_FILE, ScalarHead, load_scalar_head, logits_transform
+from lora_ppo.modeling.heads import (
+    REWARD_HEAD_FILE,
+    ScalarHead,
+    frozen_weight,
+    load_scalar_head,
+    logits_transform,
+)
 from lora_ppo.modeling.loading import disable_dropout, set_gradient_checkpointing
 from lora_ppo.modeling.lora_grad import lora_b_grads_in_fast_order
 from lora_ppo.modeling.packing import PADDED, Layout, Packed, pack
@@ -228,7 +234,7 @@ class ActorCritic(nn.Module):
             lp, ent = logprobs_and_entropy_from_hidden(
                 h[real][None], self.lm_head, response_ids[real][None], temperature=temperature,
                 chunk_size=chunk_size, with_entropy=with_entropy, entropy_grad=entropy_grad,
-                transform=self.logits_transform)
+                transform=self.logits_transform, frozen_weight=frozen_weight(self.lm_head))
             logprobs = _scatter(lp[0], real)
             entropy = None if ent is None else _scatter(ent[0], real)
             if with_values and role == POLICY and self.value_mode == "shared":
