@@ -32,7 +32,8 @@ A frozen head (the LM head under LoRA, PPO's usual case) needs no weight gradien
 d log p / d hidden, which is (N, H): `_PickLogProbFrozenHead` makes it in the forward from the
 chunk's softmax, so the chunk's buffer is freed before the next chunk is made and nothing is
 kept or made again for the backward. Memory is then one chunk in the forward only, whatever
-the rows, and the chunk size no longer trades memory for recomputation.
+the rows, and the chunk size no longer trades memory for recomputation. (When one chunk holds
+every row its buffer is kept as above: the same peak, and autograd's order of the sums.)
 """
 
 from __future__ import annotations
@@ -247,9 +248,9 @@ def logprobs_and_entropy_from_hidden(
     tokens: (B, T) -> logprobs (B, T) float32, entropy (B, T) float32 or None (without
     `entropy_grad` it is computed outside autograd: a metric, no backward through it).
     `frozen_weight`: the head's weight (V, H) when no gradient reaches the head's parameters
-    (a frozen nn.Linear, whole on this device): then, without `entropy_grad`, each chunk's
-    gradient to its hidden states is made in the forward (`_PickLogProbFrozenHead`) and the
-    chunk's logits are freed at once.
+    (a frozen nn.Linear, whole on this device): then, without `entropy_grad` and with more rows
+    than one chunk, each chunk's gradient to its hidden states is made in the forward
+    (`_PickLogProbFrozenHead`) and the chunk's logits are freed at once.
     Peak extra memory is about one (chunk_size, V) float32 tensor without `entropy_grad` (two
     with a soft-cap) and about 5 with it, plus the head's weight grad if it has one (measured
     in tests/rl/test_logprobs.py): 1024 rows x 150k vocab x 4 B = 0.6 GB per tensor. With a
@@ -260,7 +261,11 @@ def logprobs_and_entropy_from_hidden(
     B, T, H = hidden.shape
     flat_hidden, flat_tokens = hidden.reshape(B * T, H), tokens.reshape(B * T).long()
     one_buffer = not (with_entropy and entropy_grad)
-    fused = (one_buffer and frozen_weight is not None and torch.is_grad_enabled()
+    several = B * T > chunk_size
+    # A frozen head with several chunks makes each chunk's gradient in the forward. One chunk
+    # keeps its buffer for the backward instead: the same peak, no recomputation either, and
+    # autograd's order of the gradient's sums (the same round-off as before the fused path).
+    fused = (several and one_buffer and frozen_weight is not None and torch.is_grad_enabled()
              and hidden.requires_grad)
 
     def fn(h: Tensor, tok: Tensor):
@@ -273,7 +278,7 @@ def logprobs_and_entropy_from_hidden(
 
     # One chunk holds everything: autograd may keep its logits (within the same budget), and
     # the backward need not make them again. The fused path keeps nothing of them.
-    run = _run if B * T > chunk_size and not fused else (lambda f, *a: f(*a))
+    run = _run if several and not fused else (lambda f, *a: f(*a))
     out = [run(fn, flat_hidden[i : i + chunk_size], flat_tokens[i : i + chunk_size])
            for i in range(0, B * T, chunk_size)]
     logprobs = torch.cat([lp for lp, _ in out]).view(B, T)

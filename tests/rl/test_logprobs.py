@@ -88,12 +88,12 @@ def test_hidden_version_values_and_grads_match_naive(temperature):
 
 @pytest.mark.parametrize("transform", [LogitsTransform(), LogitsTransform(scale=0.25),
                                        LogitsTransform(scale=2.0, softcap=3.0)])
-@pytest.mark.parametrize("chunk", [4, 15])
+@pytest.mark.parametrize("chunk", [4, 5, 15])
 def test_frozen_head_makes_the_hidden_grad_in_the_forward(transform, chunk):
     # A frozen head (the LM head under LoRA): d log p / d hidden is made in the forward, chunk by
     # chunk; values, entropy and the hidden states' gradient equal autograd's through the
-    # naive log_softmax (every transform: scale, soft-cap, temperature; chunks that do not
-    # divide B*T and one that holds every row; a bias).
+    # naive log_softmax (every transform: scale, soft-cap, temperature; chunks that do or do not
+    # divide B*T, and one that holds every row, which keeps its buffer instead; a bias).
     head, hidden, tokens, g = _head_and_inputs(seed=4)
     head.requires_grad_(False)
     w_lp = torch.randn(3, 5, generator=g)
