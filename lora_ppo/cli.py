@@ -19,7 +19,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from lora_ppo.errors import UserError
+from lora_ppo.errors import Interrupted, UserError
 
 PRESETS = Path(__file__).resolve().parent / "builtin" / "presets"
 
@@ -54,26 +54,15 @@ def _quiet() -> None:
         pass
 
 
-def _config_path(value: str | None) -> str | None:
-    """A preset name (`demo`) or a YAML path."""
-    if value is None or Path(value).exists() or value.endswith((".yaml", ".yml")):
-        return value
-    preset = PRESETS / f"{value}.yaml"
-    if preset.is_file():
-        return str(preset)
-    names = ", ".join(p.stem for p in sorted(PRESETS.glob("*.yaml")))
-    raise UserError(f"--config {value}: no such file and no such preset (presets: {names})")
-
-
-# The three training commands: entry point, help, and where the result lands ({out}: output_dir).
+# The three training commands: the command of lora_ppo/api.py, help, and where the result
+# lands ({out}: output_dir).
 TRAINING = {
-    "train": ("lora_ppo.ppo.loop:train", "PPO fine-tuning of a LoRA policy",
+    "train": ("train", "PPO fine-tuning of a LoRA policy",
               "metrics in {out}/metrics.jsonl, checkpoints in {out}/checkpoints"),
-    "sft": ("lora_ppo.stages.sft:train_sft",
-            "supervised fine-tuning of a LoRA adapter (config section sft)",
+    "sft": ("sft", "supervised fine-tuning of a LoRA adapter (config section sft)",
             "adapter in {out}/adapter (use it as model.init_adapter), metrics in "
             "{out}/sft/metrics.jsonl"),
-    "train-reward": ("lora_ppo.stages.reward_model:train_reward",
+    "train-reward": ("reward_model",
                      "train a reward adapter + score head on preference pairs (section "
                      "reward_model)",
                      "reward adapter in {out}/reward_adapter (use it as reward.adapter), metrics "
@@ -82,18 +71,23 @@ TRAINING = {
 
 
 def cmd_training(args) -> int:
-    import importlib
+    from lora_ppo.api import run_command  # the code the Python entry points run
 
-    from lora_ppo.builtin.specs import resolve_builtins
-    from lora_ppo.config.load import load_config
-
-    entry, _, done = TRAINING[args.command]
-    module, _, name = entry.partition(":")
-    cfg = resolve_builtins(load_config(_config_path(args.config), args.overrides))
-    getattr(importlib.import_module(module), name)(cfg, resume=args.resume,
-                                                   overwrite=args.overwrite)
-    print("done: " + done.format(out=Path(cfg.output_dir)))
+    command, _, done = TRAINING[args.command]
+    cfg, _ = run_command(command, args.config, args.overrides, args.resume, args.overwrite)
+    if os.environ.get("RANK", "0") == "0":  # one line under a launcher, not one per rank
+        print("done: " + done.format(out=Path(cfg.output_dir)))
     return 0
+
+
+def resume_command(args) -> str:
+    """The command that continues an interrupted run: the saved config is the run's, so only
+    what locates it (--config, an output_dir override) is repeated."""
+    import shlex
+
+    words = ["lora-ppo", args.command] + (["--config", args.config] if args.config else [])
+    words += [o for o in args.overrides if o.startswith("output_dir=")] + ["--resume", "latest"]
+    return shlex.join(words)
 
 
 def cmd_demo(args) -> int:
@@ -135,24 +129,27 @@ def cmd_config_docs(args) -> int:
 def cmd_estimate(args) -> int:
     import json
 
+    from lora_ppo.api import config_path
     from lora_ppo.builtin.specs import builtin_arch
     from lora_ppo.config.load import load_config
     from lora_ppo.modeling.loading import quantization_mode
     from lora_ppo.sizing import memory as est
     from lora_ppo.sizing.arch import param_counts, read_arch
 
-    cfg = load_config(_config_path(args.config), args.overrides)
+    cfg = load_config(config_path(args.config) if args.config else None, args.overrides)
     arch = builtin_arch(cfg.model.path) or read_arch(cfg.model.path)
     if args.gpu_mib <= 0:
         raise UserError(f"--gpu-mib {args.gpu_mib} must be > 0 (the card's memory in MiB)")
     if args.json:
-        print(json.dumps(est.report(cfg, arch, args.device, args.gpu_mib), indent=1))
+        print(json.dumps(est.report(cfg, arch, args.device, args.gpu_mib, args.own_logits),
+                         indent=1))
         return 0
-    sug = est.suggest_batch_sizes(cfg, arch, args.gpu_mib, args.device)
+    sug = est.suggest_batch_sizes(cfg, arch, args.gpu_mib, args.device, own_logits=args.own_logits)
     title = (f"{cfg.model.path}: {param_counts(arch).total / 1e6:.1f}M params, "
              f"quantization {quantization_mode(cfg.quantization, args.device)}, {args.device} "
              f"({'bf16' if args.device == 'gpu' else 'fp32'})")
-    print(est.format_table(est.estimate_memory(cfg, arch, args.device), sug, title))
+    print(est.format_table(est.estimate_memory(cfg, arch, args.device, own_logits=args.own_logits),
+                           sug, title))
     return 0
 
 
@@ -166,6 +163,9 @@ def _estimate_parser(sub) -> None:
                    help="gpu: CUDA allocator peak in bf16; cpu: peak RSS over the pre-load "
                         "baseline in fp32 (what benchmarks/bench.py measures on a CPU)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.add_argument("--own-logits", action="store_true",
+                   help="count the model's own forward's logits, which setup takes (one line "
+                        "says so) for a family whose logit post-processing lora_ppo does not know")
     e.set_defaults(fn=cmd_estimate)
 
 
@@ -275,6 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"lora-ppo: error: {e}", file=sys.stderr)
         code = 2
+    except Interrupted as e:  # Ctrl-C or SIGTERM: stopped after an update, with a checkpoint
+        if os.environ.get("RANK", "0") == "0":
+            under = " under the same launcher" if int(os.environ.get("WORLD_SIZE", "1")) > 1 \
+                else ""
+            print(f"lora-ppo: stopped by {e.signame} after {e.unit} {e.step}, checkpoint "
+                  f"{e.checkpoint}; continue with `{resume_command(args)}`{under}",
+                  file=sys.stderr)
+        code = e.code  # 130 (SIGINT), 143 (SIGTERM)
     except KeyboardInterrupt:
         print("lora-ppo: interrupted", file=sys.stderr)
         code = 130

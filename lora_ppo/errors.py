@@ -16,3 +16,19 @@ def first_line(e: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(e).__name__
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped at SIGINT or SIGTERM after saving a checkpoint (runtime/interrupt.py):
+    `code` is the exit status, 128 + the signal's number (130, 143), `step` the update (or step)
+    it stopped after, `checkpoint` the directory to resume from. A KeyboardInterrupt, so an
+    in-process caller that stops on Ctrl-C stops here too."""
+
+    def __init__(self, signum: int, step: int, checkpoint, unit: str = "update"):
+        import signal
+
+        self.signame, self.code = signal.Signals(signum).name, 128 + int(signum)
+        self.step, self.checkpoint, self.unit = step, checkpoint, unit
+        super().__init__(f"stopped by {self.signame} after {unit} {step}, checkpoint "
+                         f"{checkpoint}; continue the run with resume='latest' "
+                         "(`--resume latest`)")

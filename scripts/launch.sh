@@ -13,18 +13,23 @@
 #   MASTER_PORT  rendezvous port (default 29500)
 #   DEEPSPEED    the launcher (default: the one next to .venv/bin/python, else `deepspeed`)
 # On a machine without a GPU the launcher runs CPU ranks (DS_ACCELERATOR=cpu, gloo).
+# Paths are the user's: the config, output_dir and data are relative to the directory this is
+# run from, as with `lora-ppo` itself (the launcher starts every rank there, and on other nodes
+# it cds to the same path); only the launcher and bench.py are found through the repository.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+root=$(cd "$(dirname "$0")/.." && pwd)
 if [ $# -lt 1 ]; then
-  sed -n '2,16p' "$0" >&2
+  sed -n '2,18p' "$0" >&2
   exit 2
 fi
 stage=$1
 shift
 launcher=${DEEPSPEED:-}
 if [ -z "$launcher" ]; then
-  if [ -x .venv/bin/deepspeed ]; then launcher=.venv/bin/deepspeed; else launcher=deepspeed; fi
+  if [ -x "$root/.venv/bin/deepspeed" ]; then launcher=$root/.venv/bin/deepspeed; else launcher=deepspeed; fi
 fi
+# lora_ppo imports from the checkout even where it is not installed into the launcher's python
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 args=(--master_port "${MASTER_PORT:-29500}")
 if [ -n "${HOSTFILE:-}" ]; then
   [ -f "$HOSTFILE" ] || { echo "HOSTFILE=$HOSTFILE does not exist; write one line per node: 'host slots=N'" >&2; exit 2; }
@@ -42,6 +47,6 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
 fi
 case "$stage" in
   train|sft|train-reward) exec "$launcher" "${args[@]}" --module lora_ppo "$stage" "$@" ;;
-  bench) exec "$launcher" "${args[@]}" benchmarks/bench.py "$@" ;;
+  bench) exec "$launcher" "${args[@]}" "$root/benchmarks/bench.py" "$@" ;;
   *) echo "unknown stage '$stage'; use train, sft, train-reward or bench" >&2; exit 2 ;;
 esac

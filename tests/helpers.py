@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,10 +46,13 @@ def write_yaml(path: Path, data: dict) -> Path:
 
 
 def make_adapter_dir(model_dir: Path, out: Path, seed: int, head: bool = False,
-                     dropout: float = 0.0, targets="all-linear") -> Path:
+                     dropout: float = 0.0, targets="all-linear", **lora) -> Path:
     """A real PEFT LoRA adapter (random B, so it changes the model) saved with save_pretrained,
     plus a score head when `head` (the layout of a reward adapter). `dropout` is the
-    lora_dropout written into its adapter_config.json, as SFT recipes often leave it."""
+    lora_dropout written into its adapter_config.json, as SFT recipes often leave it. `lora`:
+    more LoraConfig fields (use_dora, lora_bias, use_rslora, modules_to_save, ...); every
+    lora_B (a lora_bias's bias too) gets std 0.2, and a DoRA magnitude stays the norm of the
+    base weight it was made from, so m / ||W + s B A|| differs from 1."""
     import torch
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
@@ -57,11 +61,13 @@ def make_adapter_dir(model_dir: Path, out: Path, seed: int, head: bool = False,
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
-                                                 target_modules=targets))
+                                                 target_modules=targets, **lora))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.2)
+            elif "modules_to_save" in name:  # a trained copy: not the base's any more
+                p.add_(torch.randn_like(p) * 0.05)
     peft_model.save_pretrained(out)
     if head:
         h = base.config.hidden_size
@@ -135,3 +141,71 @@ def update_with(run, ro, generator):
     return ppo_update(run.engine, run.ac, ro, ppo=run.cfg.ppo, algorithm=run.cfg.algorithm,
                       temperature=rollout.temperature, max_new_tokens=rollout.max_new_tokens,
                       chunk_rows=run.chunk_rows, generator=generator, kl_coef=run.kl_ctl.value)
+
+
+# -- runs that are stopped and resumed ----------------------------------------------------------
+
+VOLATILE = ("time/", "memory/", "tokens_per_s")  # wall-clock and RSS differ between runs
+
+
+def resume_yaml(path: Path, model_dir: Path, reward: str) -> Path:
+    """A tiny fp32 PPO run (ZeRO-2, adaptive KL and score normalisation, so that every piece of
+    state matters) whose file asks for 8 prompts per update and 200 updates: the command
+    line changes both."""
+    return write_yaml(path, {
+        "output_dir": str(path.parent / "unused"), "seed": 5,
+        "model": {"path": str(model_dir), "gradient_checkpointing": False,
+                  "max_prompt_length": 16},
+        "quantization": {"mode": "none"}, "lora": {"r": 4, "alpha": 8},
+        "reward": {"function": reward, "normalize": True},
+        "data": {"prompts": "builtin:reviews"},
+        "rollout": {"prompts_per_update": 8, "generation_batch_size": 8, "max_new_tokens": 6},
+        "ppo": {"epochs": 1, "minibatch_size": 2, "micro_batch_size": 2, "adaptive_kl": True,
+                "target_kl": 0.01, "optim": {"learning_rate": 0.01}},
+        "deepspeed": {"config": "zero2"},
+        "logging": {"progress": False, "tensorboard": False},
+        "checkpoint": {"every": 0, "keep": 3}})
+
+
+def metrics_of(out: Path) -> list[dict]:
+    """metrics.jsonl's rows without what differs between identical runs (time, memory)."""
+    import json
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+
+
+def weights(out: Path, step: int) -> dict:
+    """The policy adapter's and value head's tensors of a PPO run's checkpoint step-<step>."""
+    from safetensors.torch import load_file
+
+    ck = out / "checkpoints" / f"step-{step}"
+    return {**load_file(ck / "policy/adapter_model.safetensors"),
+            **load_file(ck / "value/value_head.safetensors")}
+
+
+def assert_same_run(a: Path, b: Path, step: int) -> None:
+    """Two PPO runs ended bit for bit alike: weights at `step` (torch.equal) and metrics."""
+    import torch
+
+    wa, wb = weights(a, step), weights(b, step)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert metrics_of(a) == metrics_of(b)
+
+
+
+
+def documented_metrics() -> list[re.Pattern]:
+    """Every name docs/metrics.md documents (a row may name several: `a`, `b`), `<name>` a
+    placeholder for one path segment (a source's kind, a function's or environment's name)."""
+    text = (REPO / "docs" / "metrics.md").read_text()
+    names = [n for row in re.findall(r"^\| (`[^|]+)\|", text, flags=re.M)
+             for n in re.findall(r"`([^`]+)`", row)]
+    return [re.compile(re.sub(r"<[a-z_]+>", "[^/]+", re.escape(n).replace(r"\<", "<")
+                              .replace(r"\>", ">")) + "$") for n in names]
+
+
+def undocumented_metrics(row) -> list[str]:
+    """The names of a metrics row that docs/metrics.md does not document."""
+    documented = documented_metrics()
+    return [k for k in row if not any(p.match(k) for p in documented)]

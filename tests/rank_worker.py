@@ -31,8 +31,10 @@ ROWS = 16
 LENGTHS = [1, 2, 2, 3, 1, 2, 3, 3, 6, 6, 6, 6, 5, 6, 6, 6]
 
 
-def global_batch(pad_id: int, width: int) -> tuple[Samples, torch.Tensor]:
-    """The fixed samples of the whole batch and their raw scores (ROWS,)."""
+def global_batch(pad_id: int, width: int, env: bool = False) -> tuple[Samples, torch.Tensor]:
+    """The fixed samples of the whole batch and their raw scores (ROWS,). `env`: trajectories,
+    positions 1-2 of every response of 4 or more tokens the environment's (rank 1's half holds
+    most of them, so the ranks count different numbers of the policy's tokens)."""
     g = torch.Generator().manual_seed(1234)
     prompts = [torch.randint(10, 250, (int(n),), generator=g).tolist()
                for n in torch.randint(3, 9, (ROWS,), generator=g)]
@@ -43,18 +45,24 @@ def global_batch(pad_id: int, width: int) -> tuple[Samples, torch.Tensor]:
     response_ids = response_ids.masked_fill(response_mask == 0, pad_id)
     scores = torch.randn(ROWS, generator=g)
     has_eos = lengths < width  # the responses that reached the length cap are truncated
-    return Samples(query_ids, query_mask, response_ids, response_mask, has_eos), scores
+    env_mask = None
+    if env:
+        env_mask = torch.zeros(ROWS, width)
+        env_mask[lengths >= 4, 1:3] = 1.0
+    return Samples(query_ids, query_mask, response_ids, response_mask, has_eos,
+                   env_mask=env_mask), scores
 
 
-def one_update(cfg_path: str) -> dict:
+def one_update(cfg_path: str, env: bool = False) -> dict:
     cfg = resolve_builtins(load_config(cfg_path, []))
     run = setup(cfg)
     rank, world = run.dist.rank, run.dist.world_size
-    samples, scores = global_batch(run.tokenizer.pad_token_id, max(LENGTHS))
+    samples, scores = global_batch(run.tokenizer.pad_token_id, max(LENGTHS), env)
     ro = score_samples(run, samples)  # every rank scores the whole batch: the same old log-probs
     share = torch.arange(rank * ROWS // world, (rank + 1) * ROWS // world, device=scores.device)
     ro = ro.index(share.to(ro.query_ids.device))
-    ro = add_advantages(run, add_rewards(run, ro, scores[share].to(ro.query_ids.device)))
+    ro = add_advantages(run, add_rewards(run, ro, scores[share].to(ro.query_ids.device),
+                                         run.kl_ctl.value))
     before = trainable(run.ac)
     update_with(run, ro, run.generator)
     return {"before": before, "weights": trainable(run.ac), "rank": rank, "world_size": world}
@@ -71,7 +79,7 @@ if __name__ == "__main__":
     out, results = Path(args[0]), {}
     for spec in args[1:]:
         name, _, path = spec.partition("=")
-        results[name] = one_update(path)
+        results[name] = one_update(path, env=name.endswith("_env"))
     rank = next(iter(results.values()))["rank"]
     torch.save(results, out / f"rank{rank}.pt")
     shutdown_distributed()

@@ -43,7 +43,18 @@ CASES = [
          "holds an earlier train-reward run"),
     Case("`--resume latest` with another lora.r",
          ["train", BASE, "output_dir={ws}/run", "--resume", "latest", "lora.r=8"],
-         "does not fit this run (lora.r: 4 in the checkpoint, 8 now)"),
+         "lora.r=8 (the run's: 4) would change the run"),
+    Case("`--resume latest` with another rollout.prompts_per_update",
+         ["train", BASE, "output_dir={ws}/run", "--resume", "latest",
+          "rollout.prompts_per_update=8"],
+         "rollout.prompts_per_update=8 (the run's: 4) would change the run"),
+    Case("`--resume latest` with fewer ppo.total_updates than the run has done",
+         ["train", BASE, "output_dir={ws}/run", "--resume", "latest", "ppo.total_updates=1"],
+         "ppo.total_updates=1 is below update 2"),
+    Case("`sft --resume latest` with another sft.optim.learning_rate",
+         ["sft", BASE, "output_dir={ws}/stages", "--resume", "latest",
+          "sft.optim.learning_rate=0.5"],
+         "sft.optim.learning_rate=0.5 (the run's: 0.0002) would change the run"),
     Case("`--resume` and `--overwrite` together",
          ["train", BASE, "output_dir={ws}/run", "--resume", "latest", "--overwrite"],
          "--resume continues the run in output_dir and --overwrite replaces it"),
@@ -83,6 +94,19 @@ CASES = [
     Case("reward.function in a file with a syntax error",
          ["train", BASE, "reward.function={ws}/broken.py:f", "output_dir={ws}/new"],
          "failed: SyntaxError"),
+    Case("rollout.environment naming a class without reset",
+         ["train", BASE, "rollout.environment={ws}/envs.py:NoReset", "output_dir={ws}/new"],
+         "NoReset has no reset method"),
+    Case("rollout.tools naming a function without type hints",
+         ["train", BASE, "rollout.tools=[{ws}/envs.py:untyped]", "output_dir={ws}/new"],
+         "Argument a is missing a type hint"),
+    Case("rollout.tools with a model whose chat template cannot render tool calls",
+         ["train", BASE, "rollout.tools=[{ws}/envs.py:add]", "output_dir={ws}/new"],
+         "drops the tool call when it renders a tool exchange"),
+    Case("a reward function needing a column the prompts lack (the model's weights truncated)",
+         ["train", BASE, "model.path={ws}/truncated", "reward.function={ws}/rewards.py:needs_answer",
+          "output_dir={ws}/new"],
+         "reward function {ws}/rewards.py:needs_answer needs argument 'answer'"),
     Case("a prompts file with a malformed JSONL line",
          ["train", BASE, "data.prompts={ws}/bad.jsonl", "output_dir={ws}/new"],
          "line 2 is not valid JSON"),
@@ -134,8 +158,13 @@ def ws(tiny_model_dir, low_ids_reward, tmp_path_factory):
     raw["zero_optimization"]["stage"] = 5
     (ws / "stage5.json").write_text(json.dumps(raw))
     (ws / "a_file").write_text("not a directory\n")
-    (ws / "rewards.py").write_text("def f(prompts, completions, **kw):\n    return [0.0]\n")
+    (ws / "rewards.py").write_text("def f(prompts, completions, **kw):\n    return [0.0]\n"
+                                   "def needs_answer(completions, answer, **kw):\n    return []\n")
     (ws / "broken.py").write_text("def f(prompts, completions, **kw)\n    return []\n")
+    doc = '    """Add.\n\n    Args:\n        a: x.\n        b: y.\n    """\n'
+    (ws / "envs.py").write_text(
+        "class NoReset:\n    pass\n\n\ndef untyped(a, b):\n" + doc + "    return a + b\n\n\n"
+        "def add(a: int, b: int) -> int:\n" + doc + "    return a + b\n")
     return ws
 
 

@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from helpers import REPO
+from helpers import REPO, documented_metrics, undocumented_metrics
 
 from lora_ppo.config.reference import config_reference
 from lora_ppo.io.metrics import REQUIRED
@@ -18,18 +18,8 @@ def test_config_reference_is_generated_from_the_code():
         "docs/config.md is stale: run `lora-ppo config-docs --out docs/config.md`")
 
 
-def _documented_metrics() -> list[re.Pattern]:
-    """Every name docs/metrics.md documents (a row may name several: `a`, `b`), `<kind>` a
-    placeholder."""
-    text = (REPO / "docs" / "metrics.md").read_text()
-    names = [n for row in re.findall(r"^\| (`[^|]+)\|", text, flags=re.M)
-             for n in re.findall(r"`([^`]+)`", row)]
-    return [re.compile(re.sub(r"<[a-z_]+>", "[a-z_]+", re.escape(n).replace(r"\<", "<")
-                              .replace(r"\>", ">")) + "$") for n in names]
-
-
 def test_every_required_metric_is_documented():
-    documented = _documented_metrics()
+    documented = documented_metrics()
     missing = [k for k in REQUIRED if not any(p.match(k) for p in documented)]
     assert not missing, missing
 
@@ -48,8 +38,7 @@ def test_every_metric_the_loop_logs_is_documented(tiny_model_dir, tmp_path):
     train(cfg)
     logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert "objective/score_function" in logged and "eval/score_greedy" in logged
-    documented = _documented_metrics()
-    missing = [k for k in logged if not any(p.match(k) for p in documented)]
+    missing = undocumented_metrics(logged)
     assert not missing, f"docs/metrics.md lacks {missing}"
 
 
@@ -126,3 +115,55 @@ def test_coming_from_trl_maps_to_fields_that_exist_with_their_defaults():
     metrics = [m for cells in sections["Metrics side by side"]
                for m in re.findall(r"`([^`]+)`", cells[0])]
     assert metrics and not [m for m in metrics if m not in documented]
+
+
+def _trls_reward_call(columns: dict) -> set[str]:
+    """The keywords TRL's own GRPOTrainer._calculate_rewards passes a reward function, on a
+    stand-in trainer holding only what that method reads (its profiling wrapper unwrapped)."""
+    import types
+
+    import torch
+    from transformers import TrainerState
+    from trl import GRPOTrainer
+
+    seen = {}
+
+    def probe(**kwargs):
+        seen.update(kwargs)
+        return [0.0] * len(kwargs["prompts"])
+
+    trainer = types.SimpleNamespace(
+        accelerator=types.SimpleNamespace(device=torch.device("cpu"), is_main_process=True),
+        args=types.SimpleNamespace(report_to=[]), state=TrainerState(), environments=None,
+        reward_funcs=[probe], reward_processing_classes=[None], reward_func_names=["probe"],
+        _log_completion_extra=lambda column, values: None, _log_metric=lambda name, value: None)
+    prompt = [{"role": "user", "content": "2 + 2 ="}]
+    GRPOTrainer._calculate_rewards.__wrapped__(
+        trainer, [{"prompt": prompt, **columns}], [prompt],
+        [[{"role": "assistant", "content": "4"}]], [[1]])
+    return set(seen)
+
+
+def test_the_reward_function_gets_the_keywords_the_docs_list_and_trl_passes():
+    """docs/coming_from_trl.md's table of reward-function keywords is what lora_ppo passes (a
+    call through FunctionReward), and, where TRL is installed, what TRL's own call passes; else
+    the table's TRL column stands as written (read from TRL 1.16's grpo_trainer.py)."""
+    from lora_ppo.io.data import Prompt
+    from lora_ppo.ppo.reward_sources import KEYWORDS, FunctionReward
+
+    rows = _sections((REPO / "docs" / "coming_from_trl.md").read_text())["The reward function"]
+    keyword = {cells[0].strip("`"): cells for cells in rows}
+    assert "<column>" in keyword
+    ours = {k for k, cells in keyword.items() if not cells[1].startswith("—")} - {"<column>"}
+    trls = {k for k, cells in keyword.items() if not cells[2].startswith("—")} - {"<column>"}
+    assert ours == set(KEYWORDS)
+    seen = {}
+    FunctionReward("probe", lambda **kw: seen.update(kw) or [0.0])(
+        [Prompt("2 + 2 =", (1,), None, {"answer": "4"})], [" 4"],
+        {"prompt_ids": [[1]], "completion_ids": [[2]]})
+    assert set(seen) == ours | {"answer"}
+    try:
+        import trl
+    except ImportError:
+        return
+    assert _trls_reward_call({"answer": "4"}) == trls | {"answer"}, trl.__version__

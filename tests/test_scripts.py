@@ -11,8 +11,8 @@ from helpers import REPO, clean_env
 from test_pipeline import _pipeline_yaml
 
 
-def _bash(*args: str, env: dict | None = None, timeout: int = 60):
-    return subprocess.run(["bash", *args], capture_output=True, text=True, cwd=REPO,
+def _bash(*args: str, env: dict | None = None, timeout: int = 60, cwd=REPO):
+    return subprocess.run(["bash", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=timeout, env={**clean_env(), **(env or {})})
 
 
@@ -50,12 +50,17 @@ def test_usage_errors_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_rlhf_script_runs_every_stage_on_two_ranks(tiny_model_dir, tmp_path):
+    """Run from the user's directory with a relative config path and output_dir: the scripts
+    keep the user's paths (they used to cd to the checkout, and each rank then missed the
+    config)."""
+    from pathlib import Path
+
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    cfg = _pipeline_yaml(tmp_path / "cfg.yaml", tiny_model_dir, out)
-    res = _bash("scripts/rlhf.sh", str(cfg), env={"NUM_GPUS": "2", "MASTER_PORT": "29571"},
-                timeout=900)
+    _pipeline_yaml(tmp_path / "cfg.yaml", tiny_model_dir, Path("out"))
+    res = _bash(str(REPO / "scripts" / "rlhf.sh"), "cfg.yaml",
+                env={"NUM_GPUS": "2", "MASTER_PORT": "29571"}, timeout=900, cwd=tmp_path)
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-3000:]
     assert log.count("exits successfully") == 3 * 2, log[-3000:]  # sft, reward, PPO x 2 ranks

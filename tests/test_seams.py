@@ -118,6 +118,30 @@ def test_first_minibatch_ratio_is_one_with_nontrivial_adapters(tiny_model_dir, t
     assert stats.value_clipfrac == 0.0, stats
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("kind, lora", [
+    ("dora", {"use_dora": True}), ("lora_bias", {"lora_bias": True}),
+    ("rslora", {"use_rslora": True}), ("plain", {}),
+    ("modules_to_save", {"modules_to_save": ["lm_head"]})])
+def test_first_minibatch_ratio_is_one_with_the_adapter_a_user_brings(tiny_model_dir, tmp_path,
+                                                                     kind, lora):
+    """A starting adapter (B std 0.2) of each kind, fp32 base, rollout.fold_for_generation at
+    its default: the sampler generates with the policy folded into the weights and its log-probs
+    are the rollout's, so the first minibatch sees ratio 1 only if the fold is peft's forward.
+    Before, DoRA (magnitude / weight norm) and lora_bias (B's bias) were folded as plain LoRA:
+    ratio 1.0005 / 1.0019, clipfrac 0.18 / 0.13 on this model."""
+    sft = make_adapter_dir(tiny_model_dir, tmp_path / "sft", seed=1, **lora)
+    run = setup(tiny_config(tiny_model_dir, tmp_path / "run", f"model.init_adapter={sft}",
+                            "rollout.max_new_tokens=8", STOPS))
+    assert run.seams.decode.fold  # the fold is taken, and checked at setup
+    ro = _rollout(run, 8)
+    assert ro.kl.abs().max() < 1e-5  # policy == reference (the same adapter)
+    stats = update_with(run, ro, torch.Generator().manual_seed(0))
+    assert stats.optimizer_steps == 1
+    assert abs(stats.ratio - 1.0) < 1e-6 and abs(stats.approx_kl) < 1e-8, (kind, stats)
+    assert stats.clipfrac == 0.0, (kind, stats)
+
+
 # -- 3. gradient checkpointing on and off give the same update --------------------------------
 
 @pytest.mark.integration

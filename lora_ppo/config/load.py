@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -66,6 +67,11 @@ TRL_NAMES = {
     "scale_rewards": "ppo.scale_rewards",
     "importance_sampling_level": "ppo.importance_sampling_level",
     "mask_truncated_completions": "ppo.mask_truncated_completions",
+    "vllm_importance_sampling_correction": "ppo.sampler_importance_sampling_correction",
+    "vllm_importance_sampling_mode": "ppo.sampler_importance_sampling_mode",
+    "vllm_importance_sampling_clip_max": "ppo.sampler_importance_sampling_clip_max",
+    "vllm_importance_sampling_cap": "ppo.sampler_importance_sampling_clip_max",
+    "vllm_importance_sampling_clip_min": "ppo.sampler_importance_sampling_clip_min",
     "entropy_coef": "ppo.ent_coef",
     "vf_coef": "ppo.vf_coef",
     "gamma": "ppo.gamma",
@@ -186,14 +192,44 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"override '{item}' is not of the form section.key=value")
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise UserError(f"override '{item}' sets a key under a value")
-        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+        _put(tree, key, yaml.safe_load(raw) if raw != "" else "", item)
     return tree
+
+
+def _put(tree: dict, key: str, value: Any, item: str) -> None:
+    node = tree
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override '{item}' sets a key under a value")
+    node[leaf] = value
+
+
+def override_tree(overrides: list[str] | dict | None) -> dict:
+    """Overrides as a nested dict, from `section.key=value` strings (the CLI) or a dict (Python),
+    nested ({"ppo": {"epochs": 2}}) or dotted ({"ppo.epochs": 2}); a dict's values are taken as
+    they are, not parsed (no config field holds a mapping, so every dict is a section)."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        tree: dict = {}
+
+        def walk(prefix: str, node: dict) -> None:
+            for key, value in node.items():
+                if not isinstance(key, str) or not key:
+                    raise UserError(f"override key {key!r} is not a 'section.key' string")
+                if isinstance(value, dict):
+                    walk(f"{prefix}{key}.", value)
+                else:
+                    _put(tree, prefix + key, value, prefix + key)
+
+        walk("", overrides)
+        return tree
+    if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
+        raise UserError(f"overrides must be a list of 'section.key=value' strings or a dict, not "
+                        f"{overrides!r}")
+    return parse_overrides(list(overrides))
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -203,24 +239,33 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def read_yaml(path: str | Path) -> dict:
+    """The mapping a YAML config file holds; one line naming the problem otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path} is a directory; pass --config <file.yaml>")
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; pass --config <file.yaml>")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} is not valid YAML: {first_line(e)}")
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path}: the top level must be a mapping of sections "
+                        f"(model:, ppo:, ...), not a {type(data).__name__}; fix the file")
+    return data
+
+
+def build_config(data: dict, overrides: list[str] | dict | None = None) -> Config:
+    """A Config from a mapping of sections (a YAML file's, or a saved config's) with
+    `overrides` (override_tree) applied, checked strictly."""
+    return _build(Config, _merge(data, override_tree(overrides)), "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None
+                ) -> Config:
     """Read a YAML file (or only defaults when `path` is None) and apply `section.key=value`."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if path.is_dir():
-            raise UserError(f"config file {path} is a directory; pass --config <file.yaml>")
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist; pass --config <file.yaml>")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise UserError(f"config file {path} is not valid YAML: {first_line(e)}")
-        if not isinstance(data, dict):
-            raise UserError(f"config file {path}: the top level must be a mapping of sections "
-                            f"(model:, ppo:, ...), not a {type(data).__name__}; fix the file")
-    data = _merge(data, parse_overrides(overrides or []))
-    return _build(Config, data, "")
+    return build_config(read_yaml(path) if path is not None else {}, overrides)
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -228,4 +273,9 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """config.yaml, whole or not at all (a temp file renamed over it: a run killed while writing
+    it leaves the previous one)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

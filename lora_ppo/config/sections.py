@@ -8,7 +8,7 @@ docs/config.md is generated from these files and cannot drift).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from lora_ppo.config.checks import NONNEG, OPEN_UNIT, POSITIVE, PROBABILITY, UNIT
 
@@ -102,9 +102,15 @@ class RewardConfig:
     source: Literal["function", "adapter", "model"] = "function"
     """Where scores come from: a Python `function`, the frozen reward `adapter` on the same base, or
     a separate sequence-classification `model`. For several at once, see `sources`."""
-    function: Optional[str] = None
-    """`module:function` or `path/to/file.py:function`, called as
-    `fn(prompts=list[str], completions=list[str], **extra) -> list[float]` (TRL's convention)."""
+    function: Union[str, list[str], None] = None
+    """`module:function` or `path/to/file.py:function`, called as TRL 1.16 calls a reward
+    function, `fn(prompts=..., completions=..., completion_ids=..., <each other column>=...,
+    trainer_state=..., log_extra=..., log_metric=..., prompt_ids=...) -> list[float]`
+    (docs/coming_from_trl.md); a signature that cannot take that is refused at setup. A list of
+    them: their sum weighted by `function_weights` (TRL's `reward_funcs`)."""
+    function_weights: list[float] = field(default_factory=list)
+    """One weight per entry of `function` when it is a list (TRL's `reward_weights`): score =
+    sum_i function_weights[i] * f_i. Empty: all 1."""
     adapter: Optional[str] = None
     """Directory of a reward adapter with its score head (from `lora-ppo train-reward`)."""
     clip: Annotated[Optional[float], POSITIVE] = None
@@ -158,7 +164,8 @@ class RolloutConfig:
     """Rows decoded at once (the decode batch, and the sequences per scoring forward); lower it
     if generation runs out of memory."""
     max_new_tokens: Annotated[int, POSITIVE] = 128
-    """Most tokens generated per response."""
+    """Most tokens per response; with tools or an environment, the model's and the tools' tokens
+    of the whole trajectory (TRL's max_completion_length)."""
     temperature: Annotated[float, POSITIVE] = 1.0
     """Sampling temperature; log-probs are taken at the same temperature. Responses are drawn
     from exactly softmax(logits / temperature), whatever the checkpoint's generation_config.json
@@ -204,6 +211,29 @@ class RolloutConfig:
     """With dynamic_sampling: the most sampling rounds per update after the first. A rollout still
     not full after them is filled with dropped groups, so every update has the same size (they
     carry no score signal, as in a run without dynamic sampling)."""
+    # -- agents: tools, environments, custom rollouts (lora_ppo/agents, docs/agents.md) ---------
+    environment: Optional[str] = None
+    """`file.py:Class` or `module:Class`: an environment as TRL 1.16's environment_factory takes
+    it. One instance per sample (pooled: constructed once, reset before each rollout);
+    `reset(**row)` gets the dataset row's columns and may return a string, appended to the
+    prompt's last message; its public methods (type hints and a docstring with an Args section
+    on each) are the tools; an optional `get_reward()` is one more reward source, weight 1."""
+    tools: list[str] = field(default_factory=list)
+    """Tools without an environment, each `file.py:function` or `module:function` (TRL's
+    `tools`): typed, with a docstring with an Args section; sync or async (coroutines run
+    concurrently). The prompts are rendered with the chat template and the tools' JSON schemas;
+    the model's tool calls are parsed in its own format (docs/agents.md)."""
+    max_tool_calls: Annotated[Optional[int], POSITIVE] = None
+    """Most turns per sample whose tool calls are run (TRL's max_tool_calling_iterations: the
+    calls of one turn count once); a turn that calls tools after that many ends the trajectory,
+    its calls unanswered. None: no limit but max_new_tokens, which counts the model's and the
+    tools' tokens of the whole trajectory (TRL's max_completion_length)."""
+    rollout_func: Optional[str] = None
+    """`file.py:function`: a custom rollout in place of lora_ppo's sampling (TRL's rollout_func),
+    `fn(prompts, ctx) -> dict` with prompt_ids, completion_ids, logprobs and optionally env_mask
+    (1 model token, 0 environment token); its return is checked (docs/agents.md)."""
+
+
 @dataclass
 class OptimConfig:
     """AdamW and its learning-rate schedule (`ppo.optim`, `sft.optim`, `reward_model.optim`)."""
@@ -271,6 +301,24 @@ class PPOConfig:
     Zheng et al. 2025, eq. 7; TRL's importance_sampling_level). GSPO clips much tighter
     (cliprange 3e-4, cliprange_high 4e-4) and averages per response
     (loss_aggregation=seq_mean_token_mean)."""
+    sampler_importance_sampling_correction: bool = True
+    """Weight each token's policy loss by pi_old / pi_sampler (sampler_importance_sampling_mode),
+    for the tokens drawn from the decode loop's distribution where it is not the one scored:
+    bf16, fp16 or torch autocast, where the two differ by up to ~5e-2 per token (docs/ppo.md
+    detail 2d; TRL's vllm_importance_sampling_correction, default true). Never applied where the
+    forwards compute in fp32 (a 4-bit or 8-bit base with an fp32 compute dtype too): there the
+    two agree to round-off (the sampler's log-probs are the old ones, a weight of 1). The
+    mismatch is logged either way (rollout/sampler_kl)."""
+    sampler_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate",
+                                              "sequence_mask"] = "sequence_mask"
+    """How the weights are taken (rl/sampler_correction.py): per token, or one per response (the
+    product of its token ratios); `truncate` clips them to [clip_min, clip_max] (truncated IS,
+    Yao et al. 2025; OpenRLHF's tis), `mask` zeroes those outside (masked IS; OpenRLHF's icepop
+    is token_mask). TRL's vllm_importance_sampling_mode, with its default."""
+    sampler_importance_sampling_clip_max: Annotated[Optional[float], POSITIVE] = 3.0
+    """Upper bound of the weights (TRL's vllm_importance_sampling_clip_max, 3.0); null: none."""
+    sampler_importance_sampling_clip_min: Annotated[Optional[float], NONNEG] = None
+    """Lower bound of the weights (TRL's vllm_importance_sampling_clip_min); null: none."""
     cliprange_value: Annotated[float, POSITIVE] = 0.2
     """Value clip around the rollout's values."""
     vf_coef: Annotated[float, NONNEG] = 0.1
@@ -311,9 +359,12 @@ class DataConfig:
     prompts: Optional[str] = None
     """JSONL, JSON, Parquet, CSV or text file of prompts."""
     prompt_column: str = "prompt"
-    """Column that holds the prompt text (text files: one prompt per line)."""
+    """Column that holds the prompts (text files: one prompt per line): strings, or
+    conversations (TRL's conversational format: lists of messages), rendered with the
+    tokenizer's chat template. Every other column of a row reaches the reward function by name."""
     chat_template: bool = False
-    """Wrap each prompt as a user turn with the tokenizer's chat template."""
+    """Wrap each string prompt as a user turn with the tokenizer's chat template (conversations
+    are always rendered with it)."""
     eval_prompts: Optional[str] = None
     """Held-out prompts for periodic evaluation; none: a slice of `prompts` is held out."""
     eval_every: Annotated[int, NONNEG] = 0

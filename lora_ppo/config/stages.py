@@ -54,14 +54,24 @@ class StageEvalConfig:
 @dataclass
 class SFTConfig:
     data: Optional[str] = None
-    """JSONL, JSON, Parquet or CSV file of prompt/response pairs."""
+    """JSONL, JSON, Parquet or CSV file of prompt/response pairs, or of conversations."""
     prompt_column: str = "prompt"
-    """Column with the prompt text."""
+    """Column with the prompt: a string or a conversation (a list of messages)."""
     response_column: str = "response"
-    """Column with the response text; the loss covers its tokens only."""
+    """Column with the response text; the loss covers its tokens only. Prompt and response may
+    also be conversations (TRL's conversational format: lists of messages), rendered with the
+    tokenizer's chat template; a response then lists the messages that follow the prompt (TRL's
+    `completion`, one assistant message)."""
+    messages_column: str = "messages"
+    """Column of whole conversations (TRL's conversational language-modeling format), read when
+    the data has no `prompt_column`: the last message, an assistant turn, is the response the
+    loss covers, the messages before it the prompt. A conversation with tool calls or tool
+    messages trains every assistant turn (its calls and its answer), the tools' schemas from a
+    `tools` column or rollout.tools / rollout.environment (docs/agents.md)."""
     chat_template: bool = False
-    """Render each pair as a user turn and an assistant turn with the tokenizer's chat template
-    (use with data.chat_template=true in `train`)."""
+    """Render each pair of strings as a user turn and an assistant turn with the tokenizer's chat
+    template (use with data.chat_template=true in `train`); conversations are always rendered
+    with it."""
     append_eos: bool = True
     """End each response with EOS unless the chat template already put one in it, so the model
     learns to stop as PPO's responses stop."""
@@ -78,11 +88,13 @@ class SFTConfig:
 @dataclass
 class RewardModelConfig:
     data: Optional[str] = None
-    """JSONL, JSON, Parquet or CSV file of preference pairs."""
+    """JSONL, JSON, Parquet or CSV file of preference pairs (TRL's formats: strings or
+    conversations, with an explicit or an implicit prompt)."""
     prompt_column: str = "prompt"
-    """Column with the prompt text."""
+    """Column with the prompt. Data without it: each pair's prompt is the beginning its chosen
+    and rejected responses share (TRL's implicit prompt), said in one line."""
     chosen_column: str = "chosen"
-    """Column with the preferred response."""
+    """Column with the preferred response (a conversation: the messages after the prompt)."""
     rejected_column: str = "rejected"
     """Column with the other response."""
     margin: Annotated[float, NONNEG] = 0.0
@@ -91,8 +103,8 @@ class RewardModelConfig:
     margin_column: Optional[str] = None
     """Column with a per-pair margin instead of the constant `margin` (TRL's `margin` column)."""
     chat_template: bool = False
-    """Render each pair with the tokenizer's chat template (use with data.chat_template=true in
-    `train`)."""
+    """Render each pair of strings with the tokenizer's chat template (use with
+    data.chat_template=true in `train`); conversations are always rendered with it."""
     append_eos: bool = True
     """End each response with EOS unless the chat template already did, so the score is read on
     the EOS token, where PPO reads it for a finished response."""

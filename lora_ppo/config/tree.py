@@ -145,6 +145,10 @@ class Config:
     def _check_recipes(self) -> None:
         """The DAPO / GSPO / TRL-style options: each where its estimator defines it."""
         a, p, r = self.algorithm, self.ppo, self.rollout
+        low, high = p.sampler_importance_sampling_clip_min, p.sampler_importance_sampling_clip_max
+        if low is not None and high is not None and low >= high:
+            raise UserError(f"ppo.sampler_importance_sampling_clip_min={low} must be below "
+                            f"ppo.sampler_importance_sampling_clip_max={high}; lower it")
         if p.scale_rewards != "auto" and a.estimator != "grpo":
             raise UserError(f"ppo.scale_rewards={p.scale_rewards} applies to ppo.advantage_estimator"
                             f"=grpo only; {a.estimator} defines its own scaling: leave "
@@ -162,6 +166,10 @@ class Config:
             raise UserError("rollout.dynamic_sampling=true drops groups of samples whose scores "
                             f"tie, but rollout.samples_per_prompt={r.samples_per_prompt}; set it "
                             "to 2 or more")
+        if r.rollout_func and (r.environment or r.tools):
+            other = "rollout.environment" if r.environment else "rollout.tools"
+            raise UserError(f"rollout.rollout_func={r.rollout_func!r} and {other} are both set; "
+                            "a rollout function runs its own tools: keep one")
         buffer = self.reward.overlong_buffer
         if buffer is not None and buffer >= r.max_new_tokens:
             raise UserError(f"reward.overlong_buffer={buffer} must be below rollout."
@@ -178,6 +186,13 @@ class Config:
         if r.sources and r.source != "function" and r.source not in r.sources:
             raise UserError(f"reward.source={r.source} is not in reward.sources={r.sources}; "
                             "with reward.sources set, leave reward.source out")
+        n = len(r.function) if isinstance(r.function, list) else 1
+        if isinstance(r.function, list) and not r.function:
+            raise UserError("reward.function=[] names no function; give 'module:function' or a "
+                            "list of them")
+        if r.function_weights and len(r.function_weights) != n:
+            raise UserError(f"reward.function_weights has {len(r.function_weights)} entries but "
+                            f"reward.function names {n} function(s); give one weight per function")
         if "adapter" in r.kinds and not r.adapter:
             raise UserError("reward source 'adapter' needs reward.adapter=<dir of a reward adapter>; "
                             "set it or drop the source")

@@ -18,9 +18,19 @@ Rows enter longest prompt first, so the rows prefilled together have prompts of 
 length (a prefill is left-padded to its longest); each row's tokens do not depend on when it
 enters (sampler.py: every row draws from its own uniforms). Needs plain static cache layers
 (kv_cache.py::continuous_batching_fits): not a sliding window's ring.
+
+Turns (a multi-turn rollout, `Sampler.turns`): a row that ends a turn with a tool call leaves the
+batch, and its slot takes the next row. Its keys and values are copied out of the batch's cache
+onto a cache of its own, the token it stopped at and the environment's answer are prefilled
+there (one forward of those few tokens: the conversation is never encoded again), and it waits
+in `ready` to rejoin like a prompt, right-aligned to end at `col` (which must have room for its
+whole conversation so far). With `reuse_cache=False` the row is encoded again from its prompt on
+instead: what a tool loop without its own cache does (TRL's), kept as the exactness reference.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import torch
 from torch import Tensor
@@ -41,8 +51,11 @@ def continuous_slack(max_new_tokens: int) -> int:
 class _Batch:
     """The continuous batch: `slots` rows of one static cache and what each slot holds."""
 
-    def __init__(self, s: Sampler, slots: int):
-        self.s, self.n_rows = s, len(s.prompts)
+    def __init__(self, s: Sampler, slots: int, reuse_cache: bool = True):
+        self.s, self.n_rows, self.reuse_cache = s, len(s.prompts), reuse_cache
+        # rows between turns, waiting to rejoin: (row, (per-layer keys and values, last state)
+        # of their conversation so far, or None to encode it again, its length)
+        self.ready: deque = deque()
         self.p_max = max(len(p) for p in s.prompts)
         self.width = self.p_max + s.max_new + continuous_slack(s.max_new)
         self.slots = slots = min(slots, self.n_rows)
@@ -65,29 +78,90 @@ class _Batch:
     def free(self) -> Tensor:
         return (self.row < 0).nonzero().squeeze(-1)
 
-    def admit(self, free: Tensor) -> None:
-        """The next rows take free slots: at most a quarter of the slots per prefill (its own
-        cache, copied into the decode batch's, is a transient that stays a fraction of it)."""
-        s, col = self.s, self.col
-        take = min(len(free), max(1, -(-self.slots // PREFILL_SHARE)))
+    def waiting(self) -> bool:
+        """Rows are still to be admitted: prompts not yet started, or rows between turns."""
+        return self.pending < self.n_rows or bool(self.ready)
+
+    def admit(self, free: Tensor) -> bool:
+        """The next rows take free slots: rows between turns first, then prompts, at most a
+        quarter of the slots per prefill (its own cache, copied into the decode batch's, is a
+        transient that stays a fraction of it). False when none could be placed yet (a row
+        between turns needs `col` to have room for its conversation)."""
+        s, take = self.s, min(len(free), max(1, -(-self.slots // PREFILL_SHARE)))
+        if self.ready and not (self.row >= 0).any():  # an empty batch: move its write column
+            self.col = max(self.col, max(n for _, _, n in self.ready))
+        fits = [item for item in list(self.ready)[:take] if item[2] <= self.col]
+        if fits:
+            chosen = {id(item) for item in fits}
+            self.ready = deque(item for item in self.ready if id(item) not in chosen)
+            rows = [r for r, _, _ in fits]
+            again = [r for r, enc, _ in fits if enc is None]  # encode their context again
+            encoded = dict(zip(again, zip(*self._prefill([s.context(r) for r in again])))
+                           ) if again else {}
+            kv = [enc[0] if enc is not None else encoded[r][0] for r, enc, _ in fits]
+            h = torch.stack([enc[1] if enc is not None else encoded[r][1]
+                             for r, enc, _ in fits])
+            self._place(free[:len(rows)], torch.tensor(rows, device=s.device), kv, h,
+                        [n for _, _, n in fits])
+            return True
+        if self.pending >= self.n_rows or self.ready:
+            # no new prompt while a conversation waits to rejoin: the rows in flight (live or
+            # waiting) stay at most `slots`, so the waiting ones' caches cost at most what
+            # their freed slots would hold (sizing/memory.py counts it)
+            return False
         new = self.order[self.pending:self.pending + take]
-        free, self.pending = free[:len(new)], self.pending + len(new)
+        self.pending += len(new)
         kv, h = self._encode([s.prompts[i] for i in new.tolist()])
+        self._place(free[:len(new)], new, kv, h, [len(s.prompts[i]) for i in new.tolist()])
+        return True
+
+    def _place(self, free: Tensor, new: Tensor, kv: list, h: Tensor, lengths: list[int]) -> None:
+        """Rows `new` into slots `free`: each one's keys and values right-aligned to end at
+        `col`, then each draws its next token from its last state `h`."""
+        s, col = self.s, self.col
         if not self.cache.layers[0].is_initialized:
-            first = kv[0]
-            self.cache.early_initialization(self.slots, [k.shape[1] for k, _ in first],
-                                            [k.shape[3] for k, _ in first], first[0][0].dtype,
-                                            s.device)
-        for slot, i, layers in zip(free.tolist(), new.tolist(), kv):
-            n = len(s.prompts[i])  # the prompt ends at the current column
-            for layer, (k, v) in zip(self.cache.layers, layers):
+            # each layer shaped and typed as the prefill wrote it: under autocast the keys
+            # (rope in fp32) and the values (a bf16 matmul) differ in dtype, which
+            # Cache.early_initialization's one dtype cannot hold
+            for layer, (k, v) in zip(self.cache.layers, kv[0]):
+                layer.lazy_initialization(k.new_empty(self.slots, k.shape[1], 0, k.shape[3]),
+                                          v.new_empty(self.slots, v.shape[1], 0, v.shape[3]))
+        for slot, i, layers, n in zip(free.tolist(), new.tolist(), kv, lengths):
+            for layer, (k, v) in zip(self.cache.layers, layers):  # it ends at the write column
                 layer.keys[slot, :, col - n:col] = k[0]
                 layer.values[slot, :, col - n:col] = v[0]
             self.mask[slot] = 0
             self.mask[slot, col - n:col] = 1
             self.positions[slot, 0], self.start[slot], self.row[slot] = n - 1, col - n, i
         stopped, self.last[free] = s.advance(new, h)
-        self.row[free[stopped]] = -1  # rows that stopped at once free their slots again
+        self._ended(free[stopped])  # rows that stopped at once free their slots again
+
+    def _ended(self, slots: Tensor) -> None:
+        """Free the slots whose rows stopped; a row whose turn the environment answered leaves
+        with its conversation (module doc) to rejoin later."""
+        answered = self.s.end_turns(self.row[slots], self.last[slots])
+        for slot in slots.tolist():
+            r = int(self.row[slot])
+            if r in answered:
+                n = int(self.col - self.start[slot]) + 1 + len(answered[r])
+                enc = self._continue(slot, [int(self.last[slot]), *answered[r]]) \
+                    if self.reuse_cache else None
+                self.ready.append((r, enc, n))
+        self.row[slots] = -1
+
+    def _continue(self, slot: int, ids: list[int]) -> tuple[list, Tensor]:
+        """The slot's conversation so far (columns start..col) on a cache of its own, with
+        `ids` (the token it stopped at, then the environment's answer) prefilled after it:
+        per-layer keys and values (1, heads, len, dim) and the last state (H,)."""
+        s, a, b = self.s, int(self.start[slot]), self.col
+        cache = DynamicCache(config=s.ac.causal_lm.config)
+        for i, layer in enumerate(self.cache.layers):
+            cache.update(layer.keys[slot:slot + 1, :, a:b], layer.values[slot:slot + 1, :, a:b], i)
+        n, k = b - a, len(ids)
+        mask = torch.ones(1, n + k, dtype=torch.long, device=s.device)
+        positions = torch.arange(n, n + k, device=s.device)[None]
+        h = s.forward(torch.tensor([ids], device=s.device), mask, positions, cache)
+        return [(layer.keys, layer.values) for layer in cache.layers], h[0]
 
     def compact(self, live: Tensor) -> None:
         """Drop the finished rows: the batch and its cache keep the live ones, in place."""
@@ -101,6 +175,8 @@ class _Batch:
         to be admitted, no more than leaves room for the longest prompt left of `col`)."""
         k = int(self.start[live].min())
         k = min(k, self.col - self.p_max) if self.pending < self.n_rows else k
+        if self.ready:  # keep room left of col for the longest conversation waiting to rejoin
+            k = min(k, self.col - max(n for _, _, n in self.ready))
         shift_left(self.cache, k)
         self.mask[:, :self.width - k] = self.mask[:, k:].clone()
         self.mask[:, self.width - k:] = 0
@@ -116,7 +192,7 @@ class _Batch:
         self.col += 1
         idx = live.nonzero().squeeze(-1)
         stopped, self.last[idx] = self.s.advance(self.row[idx], h[idx])
-        self.row[idx[stopped]] = -1
+        self._ended(idx[stopped])
 
     def _encode(self, prompts: list[tuple[int, ...]]
                 ) -> tuple[list[list[tuple[Tensor, Tensor]]], Tensor]:
@@ -124,14 +200,8 @@ class _Batch:
         its last hidden state (k, H). A prompt is prefilled once (a dynamic cache, positions
         from 0) and kept until every row that answers it has been placed."""
         new = [p for p in dict.fromkeys(prompts) if p not in self.encoded]
-        if new:
-            cache = DynamicCache(config=self.s.ac.causal_lm.config)
-            h = self.s.prefill(new, cache)
-            width = max(len(p) for p in new)
-            for j, p in enumerate(new):
-                layers = [(layer.keys[j:j + 1, :, width - len(p):],
-                           layer.values[j:j + 1, :, width - len(p):]) for layer in cache.layers]
-                self.encoded[p] = (layers, h[j])
+        for p, kv, h in zip(new, *self._prefill(new)):
+            self.encoded[p] = (kv, h)
         kv, hs = [], []
         for p in prompts:
             layers, h = self.encoded[p]
@@ -143,19 +213,34 @@ class _Batch:
         return kv, torch.stack(hs)
 
 
-def decode_continuous(s: Sampler, generation_batch_size: int) -> None:
+    def _prefill(self, seqs: list[tuple[int, ...]]) -> tuple[list, list]:
+        """Each sequence prefilled (one left-padded batch, a dynamic cache, positions from 0):
+        its per-layer keys and values (1, heads, len, dim) and its last hidden state (H,)."""
+        if not seqs:
+            return [], []
+        cache = DynamicCache(config=self.s.ac.causal_lm.config)
+        h = self.s.prefill(seqs, cache)
+        width = max(len(p) for p in seqs)
+        kv = [[(layer.keys[j:j + 1, :, width - len(p):], layer.values[j:j + 1, :, width - len(p):])
+               for layer in cache.layers] for j, p in enumerate(seqs)]
+        return kv, list(h)
+
+
+def decode_continuous(s: Sampler, generation_batch_size: int, reuse_cache: bool = True) -> None:
     """Decode every row of `s` with continuous batching over `generation_batch_size` slots, the
-    rows of the batch's static cache (module doc)."""
-    b = _Batch(s, generation_batch_size)
+    rows of the batch's static cache (module doc). `reuse_cache`: a row between turns keeps its
+    keys and values (else its conversation is encoded again when it rejoins)."""
+    b = _Batch(s, generation_batch_size, reuse_cache)
     while True:
         free = b.free()
-        if b.pending < b.n_rows and len(free):
-            b.admit(free)
+        if b.waiting() and len(free) and b.admit(free):
             continue
         live = b.row >= 0
         if not live.any():
+            if b.ready:  # rows between turns wait for an empty batch's write column
+                continue
             return
-        if b.pending >= b.n_rows and (~live).sum() * 4 >= len(live):
+        if not b.waiting() and (~live).sum() * 4 >= len(live):
             b.compact(live)
             continue
         if b.col == b.width:

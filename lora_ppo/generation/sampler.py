@@ -31,7 +31,7 @@ than half of CPU decoding time.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Protocol
 
 import torch
 from torch import Tensor
@@ -53,12 +53,25 @@ def _all_done(done: Tensor, synced: bool) -> bool:
     return flag.item() == 0.0
 
 
-class Drawn(NamedTuple):
-    """What one call of `sample` gives: the tokens and, when asked, their scores."""
+class TurnHook(Protocol):
+    """What a multi-turn rollout gives the decode loop (lora_ppo/agents implements it)."""
 
-    tokens: Tensor                # (B, R) long, `pad_id` after a row's stop token
+    def end_turns(self, rows: list[int], turns: list[list[int]]) -> list[Optional[list[int]]]:
+        """`turns[k]`: the ids row `rows[k]` generated in the turn that just ended (its stop id
+        included). For each row, the environment's ids to append before its next turn (a tool's
+        result as the chat template renders it), or None when its trajectory ends."""
+
+
+class Drawn(NamedTuple):
+    """What one call of `sample` gives: the tokens and, when asked, their scores; with turns,
+    which tokens the environment wrote and how far each row got."""
+
+    tokens: Tensor                # (B, R) long, `pad_id` after a row's stop token (its end)
     logprobs: Optional[Tensor]    # (B, R) log softmax(z)[token], float32, or None
     values: Optional[Tensor]      # (B, R) V(state before token) of the shared head, or None
+    env_mask: Optional[Tensor] = None  # (B, R) bool: written by the environment; None: no turns
+    length: Optional[Tensor] = None    # (B,) long: tokens of each row, model and environment
+    finished: Optional[Tensor] = None  # (B,) bool: ended by the model, not by the budget
 
 
 def draw(z: Tensor, u: Optional[Tensor]) -> Tensor:
@@ -81,6 +94,17 @@ class _Out:
         self.logprobs = torch.zeros(rows, width) if score else None
         self.values = torch.zeros(rows, width) if values else None
         self.length = torch.zeros(rows, dtype=torch.long)
+        self.env = torch.zeros(rows, width, dtype=torch.bool)
+        self.turn_start = torch.zeros(rows, dtype=torch.long)  # where the row's turn began
+        self.finished = torch.zeros(rows, dtype=torch.bool)
+
+    def write_env(self, row: int, ids: list[int]) -> None:
+        """The environment's ids after row `row`'s turn: context, not actions (no log-prob)."""
+        t = int(self.length[row])
+        self.tokens[row, t:t + len(ids)] = torch.tensor(ids, dtype=torch.long)
+        self.env[row, t:t + len(ids)] = True
+        self.length[row] += len(ids)
+        self.turn_start[row] = self.length[row]
 
     def write(self, rows: Tensor, tok: Tensor, lp: Optional[Tensor], v: Optional[Tensor]) -> None:
         rows, t = rows.cpu(), self.length[rows.cpu()]
@@ -91,33 +115,45 @@ class _Out:
             self.values[rows, t] = v.float().cpu()
         self.length[rows] += 1
 
-    def drawn(self) -> Drawn:
+    def drawn(self, turns: bool) -> Drawn:
         r = max(int(self.length.max()), 1)
         cut = (lambda x: None if x is None else x[:, :r])
-        return Drawn(self.tokens[:, :r], cut(self.logprobs), cut(self.values))
+        if not turns:
+            return Drawn(self.tokens[:, :r], cut(self.logprobs), cut(self.values))
+        return Drawn(self.tokens[:, :r], cut(self.logprobs), cut(self.values), self.env[:, :r],
+                     self.length.clone(), self.finished.clone())
 
 
 class Sampler:
     """One `sample` call's state: the model pieces, what each row has drawn, the stop rule."""
 
     def __init__(self, ac: ActorCritic, prompts, *, max_new_tokens, temperature, greedy,
-                 stop_ids, pad_id, uniforms, score, forced=None):
+                 stop_ids, pad_id, uniforms, score, forced=None, values=False,
+                 turns: Optional[TurnHook] = None):
         self.ac, self.prompts, self.pad_id = ac, [tuple(p) for p in prompts], pad_id
-        self.decoder = ac.causal_lm.get_decoder()
+        self.turns = turns
+        # With the model's own logits (ActorCritic.use_own_logits) each step runs the whole
+        # `*ForCausalLM.forward` on the new tokens and "the state" of a row is its logits row.
+        self.own = ac.own_logits
+        self.decoder = ac.causal_lm if self.own else ac.causal_lm.get_decoder()
         self.cache_kw = cache_keyword(type(self.decoder))
+        self.head = (lambda x: x) if self.own else ac.lm_head
         self.device = ac.device
         self.max_new, self.temperature = max_new_tokens, temperature
         self.uniforms = None if greedy else uniforms.to(self.device)
         self.forced = None if forced is None else forced.to(self.device)
         self.stops = torch.tensor(stop_ids, device=self.device)
-        self.with_values = score and ac.value_mode == "shared"
+        self.stop_list = set(stop_ids)
+        self.with_values = values and ac.value_mode == "shared" and not self.own
         self.out = _Out(len(prompts), max_new_tokens, pad_id, score, self.with_values)
 
     def forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache) -> Tensor:
-        """The trunk's last hidden state (k, H) of each row, its cache updated in place."""
+        """The trunk's last hidden state (k, H) of each row (with the model's own logits: its
+        logits (k, V)), its cache updated in place."""
+        kw = {self.cache_kw: cache, **({"logits_to_keep": 1} if self.own else {})}
         out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
-                           use_cache=True, **{self.cache_kw: cache})
-        return out.last_hidden_state[:, -1]
+                           use_cache=True, **kw)
+        return (out.logits if self.own else out.last_hidden_state)[:, -1]
 
     def prefill(self, prompts: list[tuple[int, ...]], cache, static_width: int = 0) -> Tensor:
         """Encode left-padded `prompts` into `cache`; their last hidden states (k, H). A static
@@ -136,7 +172,7 @@ class Sampler:
         ZeRO-3's gathering heads alike, also a rank whose rows have all stopped), but only the
         live rows draw and are recorded; the others return pad and stopped."""
         if live is not None:
-            z_all = self.ac.lm_head(h)
+            z_all = self.head(h)
             v_all = self.ac.value_head(h) if self.with_values else None
             stopped = torch.ones(len(rows), dtype=torch.bool, device=self.device)
             tok = torch.full((len(rows),), self.pad_id, dtype=torch.long, device=self.device)
@@ -145,8 +181,36 @@ class Sampler:
                 stopped[idx], tok[idx] = self._draw(rows[idx], z_all[idx],
                                                     None if v_all is None else v_all[idx])
             return stopped, tok
-        return self._draw(rows, self.ac.lm_head(h),
+        return self._draw(rows, self.head(h),
                           self.ac.value_head(h) if self.with_values else None)
+
+    def context(self, row: int) -> tuple[int, ...]:
+        """Row `row`'s prompt and everything after it so far: what a re-encode prefills."""
+        return self.prompts[row] + tuple(self.out.tokens[row, :int(self.out.length[row])].tolist())
+
+    def end_turns(self, rows: Tensor, last: Tensor) -> dict[int, list[int]]:
+        """Rows that just stopped (`last`: the token each drew): those that stopped at a stop id
+        end a turn and ask the turn hook what the environment says; each row it answers
+        continues with the environment's ids written after its turn. Returns {row: those ids}.
+        A row stopped by the length, answered None, or whose answer does not fit before
+        rollout.max_new_tokens with room for one more token of its own, ends its trajectory
+        (finished only when the model ended it: a stop id and no answer)."""
+        if self.turns is None or not len(rows):
+            return {}
+        rows_l, last_l = rows.tolist(), last.tolist()
+        length = self.out.length
+        at_stop = [r for r, t in zip(rows_l, last_l) if t in self.stop_list]
+        answers = self.turns.end_turns(at_stop, [self.out.tokens[r, int(self.out.turn_start[r]):
+                                                                int(length[r])].tolist()
+                                                 for r in at_stop]) if at_stop else []
+        out = {}
+        for r, env in zip(at_stop, answers):
+            if env is None:
+                self.out.finished[r] = True
+            elif int(length[r]) + len(env) < self.max_new:
+                self.out.write_env(r, env)
+                out[r] = env
+        return out
 
     def _draw(self, rows: Tensor, logits: Tensor, v: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         z = transform_logits(logits, self.temperature, self.ac.logits_transform)
@@ -159,12 +223,15 @@ class Sampler:
         return torch.isin(tok, self.stops) | (t + 1 >= self.max_new), tok
 
 
-def decode_batched(s: Sampler, rows: Tensor, static_cache: bool, synced: bool) -> None:
-    """Decode `rows` to the end in one batch: each distinct prompt prefilled once and its cache
-    rows repeated for the rows answering it; finished rows dropped (kept in lockstep, where
-    every rank runs a forward per step until all are done)."""
-    distinct = list(dict.fromkeys(s.prompts[i] for i in rows.tolist()))
-    which = torch.tensor([distinct.index(s.prompts[i]) for i in rows.tolist()], device=s.device)
+def decode_batched(s: Sampler, rows: Tensor, static_cache: bool, synced: bool) -> list[int]:
+    """Decode `rows` to the end of their turn in one batch: each distinct prompt prefilled once
+    and its cache rows repeated for the rows answering it; finished rows dropped (kept in
+    lockstep, where every rank runs a forward per step until all are done). Returns the rows
+    whose trajectory continues after the environment's answer: a later batch re-encodes
+    them (`Sampler.context`)."""
+    contexts = [s.context(i) for i in rows.tolist()]
+    distinct = list(dict.fromkeys(contexts))
+    which = torch.tensor([distinct.index(c) for c in contexts], device=s.device)
     col = max(len(p) for p in distinct)  # the next cache column
     static_width = col + s.max_new if static_cache else 0
     cache = (StaticCache(config=s.ac.causal_lm.config, max_cache_len=static_width)
@@ -173,23 +240,28 @@ def decode_batched(s: Sampler, rows: Tensor, static_cache: bool, synced: bool) -
     if len(distinct) < len(rows):  # copy each prompt's cache rows to the rows answering it
         h = h.index_select(0, which)
         select_rows(cache, which)
-    mask = left_pad([s.prompts[i] for i in rows.tolist()], s.pad_id)[1].to(s.device)
+    mask = left_pad(contexts, s.pad_id)[1].to(s.device)
     if static_cache:
         mask = torch.cat([mask, mask.new_zeros(len(rows), s.max_new)], 1)
     positions = mask.sum(1, keepdim=True) - 1
     rows = rows.to(s.device)
     live = torch.ones(len(rows), dtype=torch.bool, device=s.device)
     last = torch.full((len(rows),), s.pad_id, dtype=torch.long, device=s.device)
+    again: list[int] = []
     while True:
         if synced:  # every row through the heads, the live ones drawn
+            was = live.clone()
             stopped, last = s.advance(rows, h, live)
             live &= ~stopped
+            ended = (was & ~live).nonzero().squeeze(-1)
         else:
             idx = live.nonzero().squeeze(-1)
             stopped, last[idx] = s.advance(rows[idx], h[idx])
-            live[idx[stopped]] = False
+            ended = idx[stopped]
+            live[ended] = False
+        again += list(s.end_turns(rows[ended], last[ended]))
         if _all_done(~live, synced):
-            return
+            return again
         if not synced and (~live).sum() * 4 >= len(live):  # drop the finished rows
             keep = live.nonzero().squeeze(-1)
             keep_rows(cache, keep)

@@ -18,16 +18,22 @@ from torch import Tensor
 
 
 class Samples(NamedTuple):
-    """Sampled responses to left-padded prompts (CPU tensors), with the sampler's own scores
-    when it was asked for them (`generate(score=True)`)."""
+    """Sampled responses to left-padded prompts (CPU tensors), with the sampler's own log-probs
+    (not greedy) and, where they stand for the scoring forward (`generate(score=True)`), its
+    shared-head values."""
 
     query_ids: Tensor       # (B, Q) long
     query_mask: Tensor      # (B, Q) long
-    response_ids: Tensor    # (B, R) long, padding after the first stop token
+    response_ids: Tensor    # (B, R) long, padding after the first stop token (multi-turn:
+    #                         after the last, every turn's and the environment's tokens before)
     response_mask: Tensor   # (B, R) float
     has_eos: Tensor         # (B,) bool
-    logprobs: Optional[Tensor] = None  # (B, R) policy log-probs of the drawn tokens
+    logprobs: Optional[Tensor] = None  # (B, R) the sampler's log-probs of the drawn tokens
     values: Optional[Tensor] = None    # (B, R) shared-head values on the same states
+    scored: bool = False  # the sampler's log-probs (and values) stand for the scoring forward
+    env_mask: Optional[Tensor] = None  # (B, R) float: 1 on the environment's tokens (tool
+    #                                    results between turns), context and no action; None:
+    #                                    single-turn, every real response token is the model's
 
 
 def left_pad(seqs, pad_id: int) -> tuple[Tensor, Tensor]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import random
 import re
 import shutil
@@ -43,13 +42,11 @@ import numpy as np
 import torch
 
 from lora_ppo.config import Config
-from lora_ppo.config.load import config_to_dict, load_config
+from lora_ppo.config.load import load_config
 from lora_ppo.errors import UserError, first_line
 from lora_ppo.io.atomic import check_sealed, fsync_path, remove_dir, replace_dir, seal, sha256_file
 from lora_ppo.modeling.loading import quantization_mode
 from lora_ppo.runtime.engine import gathered_trainable
-
-log = logging.getLogger(__name__)
 
 FORMAT = 1
 COMPLETE, STATE, CONFIG = "COMPLETE", "state.json", "config.yaml"
@@ -57,9 +54,6 @@ POLICY_DIR, VALUE_DIR, VALUE_HEAD = "policy", "value", "value_head.safetensors"
 ENGINE_DIR, ENGINE_TAG = "deepspeed", "engine"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _STEP_DIR = re.compile(r"step-(\d+)")
-# Config fields a checkpoint is tied to: they change the shapes of the saved tensors or what the
-# saved weights mean (which base numerics the adapter was trained against).
-MUST_MATCH_4BIT = ("quantization.quant_type", "quantization.double_quant")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
@@ -290,40 +284,22 @@ def trained_quantization(ck: Checkpoint) -> str:
 
 # -- resuming --------------------------------------------------------------------------------------
 
-def _changed(saved: dict, now: dict, prefix: str = "") -> dict[str, tuple]:
-    out = {}
-    for k in saved.keys() | now.keys():
-        a, b = saved.get(k), now.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.update(_changed(a, b, f"{prefix}{k}."))
-        elif a != b:
-            out[prefix + k] = (a, b)
-    return out
+def check_fit(ck: Checkpoint, cfg: Config, model_path: str, facts: dict, command: str) -> None:
+    """Refuse a checkpoint that this run cannot continue: another base, a config that changes
+    the run (io/resume.py: only SAFE fields may differ), or other run `facts` (world size,
+    ZeRO stage, precision) than its state.json records. Shared by PPO and the SFT /
+    reward-model stages."""
+    from lora_ppo.io.resume import check_changes  # resume.py reads checkpoints: imports this
 
-
-def check_fit(ck: Checkpoint, cfg: Config, model_path: str, fields: tuple[str, ...],
-              facts: dict) -> None:
-    """Refuse a checkpoint that this run cannot continue: another base, another value of a
-    config field in `fields` (they change saved shapes or what the weights mean), or other run
-    `facts` (world size, ZeRO stage, precision) than its state.json records. Other changed
-    settings are only warned about. Shared by PPO and the SFT / reward-model stages."""
     check_base(ck, model_path)
-    changed = _changed(config_to_dict(ck.cfg), config_to_dict(cfg))
-    changed.pop("output_dir", None)
+    check_changes(ck.cfg, cfg, command, int(ck.state.get("step", 0)), ck.path / CONFIG)
     if "quantization" in facts and "quantization" not in ck.state:  # saved before the fact was
         ck.state["quantization"] = trained_quantization(ck)
-    if trained_quantization(ck) == "4bit":
-        fields = fields + MUST_MATCH_4BIT
-    bad = [f"{k}: {changed[k][0]!r} in the checkpoint, {changed[k][1]!r} now"
-           for k in fields if k in changed]
-    bad += [f"{k}: {ck.state[k]!r} in the checkpoint, {v!r} now"
-            for k, v in facts.items() if k in ck.state and ck.state[k] != v]
+    bad = [f"{k}: {ck.state[k]!r} in the checkpoint, {v!r} now"
+           for k, v in facts.items() if k in ck.state and ck.state[k] != v]
     if bad:
         raise UserError(f"checkpoint {ck.path} does not fit this run ({'; '.join(bad)}); resume "
                         "with the settings it was saved with, or start a new output_dir")
-    rest = [f"{k} ({a!r} -> {b!r})" for k, (a, b) in sorted(changed.items())]
-    if rest:
-        log.warning("resuming %s with changed settings: %s", ck.path, ", ".join(rest))
 
 
 def load_engine_state(ck: Checkpoint, engine) -> None:

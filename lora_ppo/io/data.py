@@ -2,15 +2,19 @@
 
 Files are read through `datasets` (JSONL, JSON, Parquet, CSV; prompts also from a text file, one
 per line). The same functions serve PPO's prompts and the SFT / reward-model stages' rows, so a
-file is read, split and rendered with a chat template the same way by every command.
+file is read, split and rendered with a chat template the same way by every command. A prompt
+is a string or a conversation (TRL's conversational format, a list of messages), which the chat
+template renders; a PPO prompt keeps its row's other columns for the reward function.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple, Optional
+from types import MappingProxyType
+from typing import Any, NamedTuple, Optional, Union
 
 from lora_ppo.errors import UserError, first_line
 
@@ -19,10 +23,24 @@ _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "c
 
 
 def read_rows(spec: str, columns: dict[str, str], field: str, text: bool = False) -> list[dict]:
-    """Rows {column: value} of a JSONL/JSON/Parquet/CSV file (with `text`, also a .txt file:
-    one row per line, its column named "text"). `columns` maps each column to the config field
-    that names it (a missing column's message names that field). Every column must exist and
-    hold a value."""
+    """Rows {column: value}, every column of the file, of a JSONL/JSON/Parquet/CSV file (with
+    `text`, also a .txt file: one row per line, its column named as the first of `columns`).
+    `columns` maps each column the caller needs to the config field that names it (a missing
+    column's message names that field); those must exist and hold a value in every row."""
+    rows = read_table(spec, field, text)
+    if isinstance(spec, (str, Path)) and Path(spec).suffix.lower() == ".txt":
+        rows = [{next(iter(columns)): r["text"]} for r in rows]
+    require_columns(rows, columns, f"{field}={shown(spec)}")
+    require_values(rows, columns, f"{field}={shown(spec)}")
+    return rows
+
+
+def read_table(spec: str, field: str, text: bool = False) -> list[dict]:
+    """Every row, with every column, of a JSONL/JSON/Parquet/CSV file (with `text`, also a .txt
+    file: one row {"text": line} per line); at least one row. `spec` may also be rows in memory
+    (in_memory_rows: a stage's train_dataset from lora_ppo.api)."""
+    if spec is not None and not isinstance(spec, (str, Path)):
+        return in_memory_rows(spec, {}, field)
     kinds = ".jsonl, .json, .parquet, .csv" + (" or .txt" if text else "")
     if not spec:
         raise UserError(f"{field} is not set; give a {kinds} file")
@@ -43,22 +61,35 @@ def read_rows(spec: str, columns: dict[str, str], field: str, text: bool = False
         table = datasets.load_dataset(fmt, data_files=str(path), split="train")
     except Exception as e:
         raise UserError(f"{field}={spec} could not be read as {fmt}: {first_line(e)}")
-    if fmt == "text":
-        columns = {"text": ""}
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise UserError(f"{field}={spec} has no column {missing[0]!r} (columns: "
-                        f"{', '.join(table.column_names)}); set {columns[missing[0]]} to one of "
-                        "them")
-    rows = [dict(zip(columns, values)) for values in zip(*(table[c] for c in columns))]
-    if not rows:
+    if not len(table):
         raise UserError(f"{field}={spec} holds no rows")
+    return table.to_list()
+
+
+def require_values(rows: list[dict], columns, where: str) -> None:
+    """Every row holds a value (not None) in each of `columns`; else one line naming the row."""
     for i, row in enumerate(rows):
-        empty = [c for c, v in row.items() if v is None]
+        empty = [c for c in columns if row[c] is None]
         if empty:
-            raise UserError(f"{field}={spec}: row {i} has no value in column {empty[0]!r}; fill "
-                            "it in or drop the row")
-    return rows
+            raise UserError(f"{where}: row {i} has no value in column {empty[0]!r}; fill it in or "
+                            "drop the row")
+
+
+def require_text(value, where: str, what: str) -> None:
+    """One line unless `value` is a string or a conversation (`is_conversation`); `what` says
+    which value of which row, e.g. "row 3's prompt in column 'prompt'"."""
+    if not isinstance(value, str) and not is_conversation(value):
+        raise UserError(f"{where}: {what} is {value!r:.60}, neither a string nor a list of "
+                        "messages {'role': ..., 'content': ...}; fix that row")
+
+
+def require_columns(rows: list[dict], columns: dict[str, str], where: str) -> None:
+    """Every column of `columns` (column -> the config field naming it) is in the rows; else one
+    line naming the first missing column, the columns there are and the field to set."""
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise UserError(f"{where} has no column {missing[0]!r} (columns: {', '.join(rows[0])}); "
+                        f"set {columns[missing[0]]} to one of them")
 
 
 def _blank(path: Path) -> bool:
@@ -88,38 +119,68 @@ def _check_jsonl(path: Path, field: str) -> None:
                                 "object with named columns; write one object per line")
 
 
+class PromptRow(NamedTuple):
+    """A prompt as the data gives it, before any rendering: a string, or a conversation (TRL's
+    conversational format: a list of messages {"role": ..., "content": ...}); and the row's
+    other columns, which reach a reward function by name."""
+
+    prompt: Union[str, list]
+    columns: dict
+
+
+def is_conversation(value) -> bool:
+    """A non-empty list of messages, dicts with a "role" (TRL's `is_conversational`, which looks
+    at the first message only; here every message is checked)."""
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(m, dict) and "role" in m for m in value))
+
+
 def load_prompts(spec, column: str, field: str = "data.prompts",
-                 column_field: str = "data.prompt_column") -> list[str]:
-    """Prompt strings from a table file (column `column`), a text file (one per line), or rows
-    in memory (`in_memory_rows`: a `datasets.Dataset` or a list of dicts). Blank prompts are
-    dropped."""
+                 column_field: str = "data.prompt_column") -> list[PromptRow]:
+    """The prompts of a table file (column `column`), a text file (one per line), or rows in
+    memory (`in_memory_rows`: a `datasets.Dataset` or a list of dicts): strings or
+    conversations, one kind per dataset, each with its row's other columns. Blank prompts (and
+    empty conversations) are dropped."""
     if isinstance(spec, (str, Path)) or spec is None:
         rows = read_rows(spec, {column: column_field}, field, text=True)
     else:
-        rows = [{column: r[column]} for r in in_memory_rows(spec, {column: column_field}, field)]
-    prompts = [p for row in rows for p in row.values() if isinstance(p, str) and p.strip()]
-    if not prompts:
-        raise UserError(f"{field}={_shown(spec)} holds no non-empty prompt in column {column!r}")
-    return prompts
+        rows = in_memory_rows(spec, {column: column_field}, field)
+    out, first = [], {}  # first: the row of the first prompt of each kind, for the message
+    for i, row in enumerate(rows):
+        prompt = row[column]
+        if isinstance(prompt, str) and not prompt.strip() or prompt == []:
+            continue
+        require_text(prompt, f"{field}={shown(spec)}", f"row {i}'s prompt in column {column!r}")
+        first.setdefault(isinstance(prompt, str), i)
+        out.append(PromptRow(prompt, {k: v for k, v in row.items() if k != column}))
+    if len(first) == 2:
+        raise UserError(f"{field}={shown(spec)}: row {first[True]}'s prompt is a string and row "
+                        f"{first[False]}'s a list of messages; give one kind of prompt")
+    if not out:
+        raise UserError(f"{field}={shown(spec)} holds no non-empty prompt in column {column!r}")
+    return out
 
 
-def _shown(spec) -> str:
+def shown(spec) -> str:
+    """A data spec as a message names it: the path, or what kind of rows in memory."""
     return spec if isinstance(spec, (str, Path)) else f"<{type(spec).__name__} in memory>"
 
 
 def in_memory_rows(data, columns: dict[str, str], field: str) -> list[dict]:
     """Rows of a `datasets.Dataset` (or anything with `to_list()`) or a list of dicts, each
-    holding `columns` (column -> the config field naming it, for the message)."""
+    holding `columns` (column -> the config field naming it, for the message) and all the same
+    columns (as a table's rows do: they reach a reward function by name)."""
     rows = data.to_list() if hasattr(data, "to_list") else data
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise UserError(f"{field}: give a file path, a datasets.Dataset or a list of dicts, not "
                         f"{type(data).__name__}")
     if not rows:
         raise UserError(f"{field}: the {type(data).__name__} holds no rows")
-    for c, name in columns.items():
-        if c not in rows[0]:
-            raise UserError(f"{field}: the rows have no column {c!r} (columns: "
-                            f"{', '.join(rows[0])}); set {name} to one of them")
+    require_columns(rows, columns, f"{field}: the {type(data).__name__} in memory")
+    for i, row in enumerate(rows):
+        if row.keys() != rows[0].keys():
+            raise UserError(f"{field}: row {i} has the columns {', '.join(row)} but row 0 has "
+                            f"{', '.join(rows[0])}; give every row the same columns")
     return rows
 
 
@@ -140,15 +201,37 @@ def hold_out(rows: list, eval_rows: Optional[list], size: int, seed: int,
     return [rows[i] for i in order[size:]], [rows[i] for i in order[:size]]
 
 
-def render_prompt(tokenizer, prompt: str, chat_template: bool) -> str:
-    """The prompt as the model reads it: as is, or one user turn of the tokenizer's chat
-    template, ending where the assistant's reply begins."""
-    if not chat_template:
+def render_prompt(tokenizer, prompt: Union[str, list], chat_template: bool) -> str:
+    """The prompt as the model reads it: a string as is, or (`chat_template`) as one user turn
+    of the tokenizer's chat template; a conversation always through the chat template, its
+    system message and earlier turns kept. Both end where the assistant's reply begins
+    (`add_generation_prompt`, as TRL renders a conversational prompt)."""
+    if isinstance(prompt, str) and not chat_template:
         return prompt
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError("chat_template=true but the tokenizer has no chat template; set it false")
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    check_chat_template(tokenizer, not isinstance(prompt, str))
+    messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str)
+                else template_messages(prompt))
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def check_chat_template(tokenizer, conversations: bool, field: str = "") -> None:
+    """One line if the tokenizer has no chat template to render with."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    if conversations:
+        where = f"{field} holds" if field else "the data holds"
+        raise UserError(f"{where} conversations (lists of messages) but the tokenizer has no "
+                        "chat template to render them; use a model whose tokenizer has one, or "
+                        "plain-string prompts")
+    raise UserError(f"{field or 'chat_template'}=true but the tokenizer has no chat template; "
+                    "set it false")
+
+
+def template_messages(messages: list) -> list:
+    """The messages without keys whose value is None: a table (Arrow, Parquet) gives every
+    message the keys of all (`"name": None`), and a template that tests `is defined` would
+    render them. Only for rendering; a reward function sees the messages as given."""
+    return [{k: v for k, v in m.items() if v is not None} for m in messages]
 
 
 def encode_prompts(tokenizer, texts: list[str], chat_template: bool,
@@ -162,16 +245,40 @@ def encode_prompts(tokenizer, texts: list[str], chat_template: bool,
 
 class Prompt(NamedTuple):
     """A prompt as the policy reads it: its text (the chat template applied) and its token ids
-    (cut from the left to model.max_prompt_length)."""
+    (cut from the left to model.max_prompt_length); for a reward function, the conversation it
+    was rendered from (None for a string prompt) and the other columns of its row; `raw`, the
+    prompt as the data gave it (a multi-turn rollout renders it again, with the tools' schemas:
+    lora_ppo/agents)."""
 
     text: str
     ids: tuple[int, ...]
+    messages: Optional[list] = None
+    columns: Mapping[str, Any] = MappingProxyType({})
+    raw: Union[str, list, None] = None
 
 
 def encode(tokenizer, texts: list[str], chat_template: bool, max_length: int) -> list[Prompt]:
     """Rendered prompt texts -> Prompts (encode_prompts' ids)."""
     ids = encode_prompts(tokenizer, texts, chat_template, max_length)
     return [Prompt(t, tuple(i)) for t, i in zip(texts, ids)]
+
+
+def encode_rows(tokenizer, rows: list[PromptRow], chat_template: bool, max_length: int,
+                field: str) -> list[Prompt]:
+    """Prompts of rows as `load_prompts` gives them: rendered (`render_prompt`), encoded
+    (`encode_prompts`), each with its conversation and columns. `field` names the data in the
+    message when a conversation meets a tokenizer without a chat template."""
+    if not rows:
+        return []
+    conversations = not isinstance(rows[0].prompt, str)
+    templated = chat_template or conversations
+    if templated:
+        check_chat_template(tokenizer, conversations, field if conversations else
+                            field.rpartition(".")[0] + ".chat_template")
+    texts = [render_prompt(tokenizer, r.prompt, chat_template) for r in rows]
+    ids = encode_prompts(tokenizer, texts, templated, max_length)
+    return [Prompt(t, tuple(i), r.prompt if conversations else None, MappingProxyType(r.columns),
+                   r.prompt) for t, i, r in zip(texts, ids, rows)]
 
 
 class PromptCycle:

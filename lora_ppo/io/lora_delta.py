@@ -5,7 +5,12 @@ The update of a targeted module is peft's `get_delta_weight` (peft/tuners/lora/l
 `transpose(B @ A, fan_in_fan_out) * scaling`, with `scaling = alpha / r` (`alpha / sqrt(r)` with
 `use_rslora`) and r, alpha per module from `rank_pattern` / `alpha_pattern` (LoraModel.
 _create_and_replace, peft.utils.other.get_pattern_key); `lora_bias` adds `B.bias * scaling` to
-the bias (Linear.merge). Layouts:
+the bias (Linear.merge). DoRA (`use_dora`) scales the merged weight by its saved magnitude over
+the weight norm, as the variant's merge does (tuners/lora/variants.py DoraLinearVariant.merge_safe,
+dora.py get_weight_norm): `m / ||W + delta||_row * (W + delta)`, the norm per output unit of the
+layer (a Linear's rows; a Conv1D's or an embedding's columns, as stored), of the very weights
+the delta is added to (merge.py's `dequantized` view for a 4-bit run, what training saw).
+Layouts:
 
 * GPT-2 `Conv1D` stores its weight as (in, out): peft forces `fan_in_fan_out=True` on it (and
   False on nn.Linear, whatever the config says), so the update is transposed iff the module is a
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from peft import LoraConfig, PeftConfig
@@ -39,7 +44,7 @@ from lora_ppo.io.shards import Structure, TensorIndex
 PEFT_PREFIX = "base_model.model."
 # LoraConfig fields that change what a merge means (a LoRA variant, weights that are not A and B,
 # or a base modified at init): the streaming merge refuses them rather than merge them wrong.
-_UNSUPPORTED = ("use_dora", "alora_invocation_tokens", "arrow_config", "use_bdlora",
+_UNSUPPORTED = ("alora_invocation_tokens", "arrow_config", "use_bdlora",
                 "velora_config", "monteclora_config", "kasa_config", "trainable_token_indices",
                 "target_parameters", "layer_replication", "ensure_weight_tying", "use_qalora")
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")  # they leave the base alone
@@ -50,6 +55,7 @@ class Update(NamedTuple):
     B: torch.Tensor  # (out, r)
     scale: float
     transpose: bool  # the checkpoint stores (in, out): Conv1D, embeddings
+    magnitude: Optional[torch.Tensor] = None  # (out,) DoRA's lora_magnitude_vector
 
 
 class Adapter(NamedTuple):
@@ -91,7 +97,8 @@ def lora_scale(cfg, module: str, rank: int) -> float:
 def _split(key: str) -> tuple[str, str]:
     """`base_model.model.<module>.<part>` -> (module, part) for LoRA parts, (key, "") else."""
     for part in ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A",
-                 "lora_embedding_B", "base_layer.weight", "base_layer.bias"):
+                 "lora_embedding_B", "lora_magnitude_vector", "base_layer.weight",
+                 "base_layer.bias"):
         if key.endswith("." + part):
             return key[:-len(part) - 1], part
     return key, ""
@@ -126,7 +133,12 @@ def read_adapter(adapter_dir: Path, index: TensorIndex, structure: Structure) ->
         else:
             continue
         scale = lora_scale(cfg, module, A.shape[0])
-        updates[f"{module}.weight"] = Update(A, B, scale, transpose)
+        magnitude = p.get("lora_magnitude_vector")
+        if cfg.use_dora and (magnitude is None or magnitude.shape != B.shape[:1]):
+            raise UserError(f"adapter module {module}: use_dora is set but its magnitude vector "
+                            f"is {None if magnitude is None else list(magnitude.shape)}, not "
+                            f"[{B.shape[0]}]; the adapter directory is inconsistent")
+        updates[f"{module}.weight"] = Update(A, B, scale, transpose, magnitude)
         if "lora_B.bias" in p:
             bias_updates[f"{module}.bias"] = p["lora_B.bias"] * scale
     for key, shape in _expected_shapes(updates, bias_updates, base_override, replace):

@@ -78,7 +78,12 @@ def merged_tensor(key: str, read: Callable[[str], torch.Tensor], adapter: Adapte
     changed = key in adapter.updates or key in adapter.bias_updates
     t = base_view((read(src) if t is None else t).to(device), src, view, fp32=changed)
     if key in adapter.updates:
-        t = t + delta_weight(adapter.updates[key], device)  # peft: weight.data += delta_weight
+        u = adapter.updates[key]
+        t = t + delta_weight(u, device)  # peft: weight.data += delta_weight
+        if u.magnitude is not None:  # DoRA (lora_delta.py): per output unit, as stored
+            dim = 0 if u.transpose else 1
+            t = t * (u.magnitude.to(device, torch.float32) / torch.linalg.norm(t, dim=dim)
+                     ).unsqueeze(dim)
     if key in adapter.bias_updates:
         t = t + adapter.bias_updates[key].to(device, torch.float32)
     return t

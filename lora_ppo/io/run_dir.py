@@ -79,9 +79,7 @@ def earlier_run(output_dir: str | Path, command: str, resume: Optional[str], ove
     command that works from that state. Call on every rank before loading anything.
     """
     check_output_dir(output_dir)
-    if resume is not None and overwrite:
-        raise UserError("--resume continues the run in output_dir and --overwrite replaces it; "
-                        "pass one of them")
+    check_flags(resume, overwrite)
     found = [Path(output_dir) / name for name in OWNED[command]
              if _holds(Path(output_dir) / name)]
     cli = CLI[command]
@@ -99,6 +97,12 @@ def earlier_run(output_dir: str | Path, command: str, resume: Optional[str], ove
                         f"`lora-ppo {cli} --resume latest`, or start again with --overwrite "
                         "(deletes it) or another output_dir")
     return Start(None, found, None)
+
+
+def check_flags(resume: Optional[str], overwrite: bool) -> None:
+    if resume is not None and overwrite:
+        raise UserError("--resume continues the run in output_dir and --overwrite replaces it; "
+                        "pass one of them")
 
 
 def clear(paths: list[Path]) -> None:

@@ -36,9 +36,10 @@ from lora_ppo.modeling.heads import (
 )
 from lora_ppo.modeling.loading import disable_dropout, set_gradient_checkpointing
 from lora_ppo.modeling.lora_grad import lora_b_grads_in_fast_order
-from lora_ppo.modeling.packing import PADDED, Layout, Packed, pack
+from lora_ppo.modeling.own_logits import own_logprobs
+from lora_ppo.modeling.packing import PADDED, Layout, Packed, pack, position_ids_from_mask
 from lora_ppo.modeling.roles import CRITIC, POLICY, REFERENCE, REWARD
-from lora_ppo.rl.logprobs import logprobs_and_entropy_from_hidden
+from lora_ppo.rl.logprobs import IDENTITY, logprobs_and_entropy_from_hidden
 
 
 class PolicyOutputs(NamedTuple):
@@ -57,13 +58,6 @@ def width_cost(config) -> Optional[float]:
     if getattr(config, "_attn_implementation", None) in (None, "eager"):
         return None
     return 1.0 / (6 * config.get_text_config().hidden_size)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as `generate` computes them, so scoring sees the same
-    positions the sampler saw. (B, L) -> (B, L)."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.clamp_(min=0)
 
 
 class ActorCritic(nn.Module):
@@ -90,6 +84,13 @@ class ActorCritic(nn.Module):
         self.logits_transform = logits_transform(self.causal_lm.config)
         self.layout: Layout = PADDED
         self.width_cost = width_cost(self.causal_lm.config)  # of packed rows
+        # Logits from the model's own forward instead of trunk + head + logits_transform
+        # (use_own_logits: the setup's fallback for a post-processing it does not know).
+        self.own_logits = False
+        self.keep_mask = True  # its forward takes a boolean logits_to_keep (own_logits.py)
+        # The dtype of the run's torch autocast (a DeepSpeed config's `torch_autocast` block),
+        # or None: the engine runs the update's forwards under it, `precision()` the others.
+        self.autocast: Optional[torch.dtype] = None
 
     # -- structure ---------------------------------------------------------------------------
     @property
@@ -161,6 +162,14 @@ class ActorCritic(nn.Module):
         finally:
             self.train(prev_training)
 
+    def precision(self) -> contextlib.AbstractContextManager:
+        """The run's torch autocast for forwards outside the DeepSpeed engine (sampling,
+        scoring, the setup's checks), as the engine runs the update's (DeepSpeed's
+        runtime/torch_autocast.py::autocast_if_enabled); a no-op without one."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
     def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, ...]:
         """`context_fn` of torch.utils.checkpoint: recompute a block under the role it ran in.
 
@@ -222,19 +231,25 @@ class ActorCritic(nn.Module):
         batch = (query_ids, query_mask, response_ids, response_mask)
         packed = self.pack(*batch, layout=layout)
         values = None
+        # Only at real response tokens: the (B, R) grid is padded to the longest response, and
+        # the head is the widest matmul of a forward (0 at the padding, masked anyway).
+        real = response_mask.bool()
+        if not real.any():  # still call the head: under ZeRO-3 the ranks gather it together
+            real = torch.ones_like(real)
+        kw = dict(temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy,
+                  entropy_grad=entropy_grad)
         with self._adapters_as(role):
-            h = self._predicting_states(*batch, packed)  # (B, R, H): states predicting tokens
-            # The head is called as a module, chunk by chunk: a LoRA on it runs, and ZeRO-3
-            # gathers its weights around each call (also when the backward makes a chunk again).
-            # Only at real response tokens: the (B, R) grid is padded to the longest response,
-            # and the head is the widest matmul of a forward (0 at the padding, masked anyway).
-            real = response_mask.bool()
-            if not real.any():  # still call the head: under ZeRO-3 the ranks gather it together
-                real = torch.ones_like(real)
-            lp, ent = logprobs_and_entropy_from_hidden(
-                h[real][None], self.lm_head, response_ids[real][None], temperature=temperature,
-                chunk_size=chunk_size, with_entropy=with_entropy, entropy_grad=entropy_grad,
-                transform=self.logits_transform, frozen_weight=frozen_weight(self.lm_head))
+            if self.own_logits:  # the model's own forward's logits (ppo/seams.py decides)
+                lp, ent, h = own_logprobs(self, query_ids, query_mask, response_ids, real, **kw)
+            else:
+                h = self._predicting_states(*batch, packed)  # (B, R, H): states predicting
+                # The head is called as a module, chunk by chunk: a LoRA on it runs, and ZeRO-3
+                # gathers its weights around each call (also when the backward makes a chunk
+                # again).
+                lp, ent = logprobs_and_entropy_from_hidden(
+                    h[real][None], self.lm_head, response_ids[real][None],
+                    transform=self.logits_transform, frozen_weight=frozen_weight(self.lm_head),
+                    **kw)
             logprobs = _scatter(lp[0], real)
             entropy = None if ent is None else _scatter(ent[0], real)
             if with_values and role == POLICY and self.value_mode == "shared":
@@ -243,6 +258,11 @@ class ActorCritic(nn.Module):
             with self._adapters_as(CRITIC):
                 values = self.value_head(self._predicting_states(*batch, packed))
         return PolicyOutputs(logprobs, entropy, values)
+
+    def use_own_logits(self) -> None:
+        """Score, update and sample with the model's own forward's logits, padded rows (the
+        setup's fallback for a post-processing of the head's output lora_ppo does not know)."""
+        self.own_logits, self.logits_transform, self.layout = True, IDENTITY, PADDED
 
     def reward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               last_index: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ be done here too, or the policy that is trained and KL-constrained is not the mo
 three families: Cohere multiplies by `logit_scale`, Granite divides by `logits_scaling`, Gemma 2
 and 3 soft-cap with `final_logit_softcapping` (`logits_transform` reads them). A model that does
 something else is caught at setup by ppo/seams.py, which compares these logits with the
-model's own `forward().logits`.
+model's own `forward().logits`, and then trained on the forward's own logits instead
+(modeling/own_logits.py).
 
 The scalar heads compute in fp32 whatever dtype DeepSpeed's mixed precision gave their weights.
 """

@@ -10,7 +10,11 @@ of a 70M model that was 1.2 s of 12 s, for 2% of its FLOPs.
 `lora_b_grads_in_fast_order` gives the trainable adapters' B modules a forward whose backward
 takes the fast order. Same sums, so the same gradients up to float round-off. It leaves alone a
 weight ZeRO-3 partitions (DeepSpeed gathers and releases it around the module's own forward and
-backward) and a B with a bias (peft's `lora_bias`).
+backward) and a B with a bias (peft's `lora_bias`). Under torch autocast (a DeepSpeed config's
+`torch_autocast` block) the plain linear runs: autocast casts x and W to its dtype inside
+`F.linear` and autograd's own backward differentiates through the casts, where this Function
+would multiply the bf16 output gradient by the fp32 weight it saved ("expected m1 and m2 to have
+the same dtype"). The fast order is a CPU-BLAS matter; autocast is a GPU one.
 """
 
 from __future__ import annotations
@@ -45,8 +49,10 @@ class _RankInputLinear(torch.autograd.Function):
 
 def _forward(self: nn.Linear, x: Tensor) -> Tensor:
     w = self.weight
-    if not (torch.is_grad_enabled() and w.requires_grad) or hasattr(w, "ds_id"):
-        return F.linear(x, w)  # no weight gradient, or ZeRO-3 owns the weight: plain linear
+    if (not (torch.is_grad_enabled() and w.requires_grad) or hasattr(w, "ds_id")
+            or torch.is_autocast_enabled(x.device.type)):
+        # no weight gradient, ZeRO-3 owns the weight, or autocast (module doc): plain linear
+        return F.linear(x, w)
     return _RankInputLinear.apply(x, w)
 
 

@@ -228,6 +228,13 @@ def mask_for(unit: Tensor, branch: Tensor, pos: Tensor, attention: Attention) ->
     return one(attention.window)
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate` computes them, so scoring sees the same
+    positions the sampler saw. (B, L) -> (B, L)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp_(min=0)
+
+
 def padding_share(query_mask: Tensor, response_mask: Tensor) -> float:
     """Share of the padded (B, Q + R) batch that is padding."""
     total = query_mask.numel() + response_mask.numel()

@@ -48,11 +48,6 @@ from lora_ppo.modeling.roles import CRITIC, POLICY
 from lora_ppo.ppo.run import Run
 from lora_ppo.runtime.engine import gathered_trainable
 
-# Config fields a checkpoint is tied to: they change the shapes of the saved tensors or what the
-# saved weights mean (which base numerics the adapter was trained against).
-MUST_MATCH = ("model.init_adapter", "lora.r", "lora.alpha",
-              "lora.target_modules")  # and the quantization and value mode resolved: ppo_facts
-
 
 def ppo_facts(run: Run) -> dict:
     """The protocol's run facts and the value mode with `auto` resolved (compared on resume)."""
@@ -138,7 +133,7 @@ def load(run: Run, path: str | Path) -> None:
     """Restore weights, engine, RNGs, counters, the prompts' position, KL controller and
     moments into `run`."""
     ck = open_checkpoint(path)
-    check_fit(ck, run.cfg, run.model_path, MUST_MATCH, ppo_facts(run))
+    check_fit(ck, run.cfg, run.model_path, ppo_facts(run), "train")
     load_engine_state(ck, run.engine)
     _check_restored(ck, run.ac)
     rank = torch.load(ck.path / f"rank-{run.dist.rank}.pt", weights_only=True)

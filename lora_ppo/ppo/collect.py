@@ -1,9 +1,12 @@
 """Step 1 of the loop, the rollout: this rank's share of the next prompts, each n times in a row
 (a group, never split across ranks), sampled by the generation engine, scored under the policy,
 value function and reference (rollout.py) and by the reward source; with
-rollout.dynamic_sampling, as many rounds as it takes (dynamic.py).
+rollout.dynamic_sampling, as many rounds as it takes (dynamic.py). With tools or an environment
+the responses are conversations, with rollout.rollout_func the function's (episodes.py).
 
-    generate_samples  the policy's responses to prompts (lora_ppo/generation)
+    sample_episodes   the policy's responses to prompts (lora_ppo/generation), with their
+                      conversations or a rollout function's fields
+    generate_samples  the responses alone
     score_samples     old log-probs, values and reference log-probs (rollout.py)
     reward_scores     the reward source's raw sequence scores
     collect           the three, for one round of prompts
@@ -23,6 +26,7 @@ from lora_ppo.generation.samples import Samples
 from lora_ppo.io.data import Prompt
 from lora_ppo.io.metrics import PhaseClock
 from lora_ppo.ppo.dynamic import SamplingStats, sample_until_full
+from lora_ppo.ppo.episodes import Episodes, custom_rollout, tool_rollout
 from lora_ppo.ppo.rollout import Rollout, logprobs_and_values
 from lora_ppo.ppo.run import Run
 from lora_ppo.runtime.dist import all_sum
@@ -35,13 +39,23 @@ def sampler_scores(run: Run, greedy: bool = False) -> bool:
             and run.ac.value_mode in ("shared", "none") and decodes_in_fp32(run.ac.peft_model))
 
 
+def sample_episodes(run: Run, prompts: Sequence[Prompt], greedy: bool = False) -> Episodes:
+    """The policy's responses to `prompts` (a group's prompt n times in a row): conversations
+    with the run's tools and environment, or rollout.rollout_func's samples (episodes.py), or
+    one response each. Under ZeRO-3 each layer's weights are gathered around its own forward,
+    one layer at a time (the whole model never is: that is what ZeRO-3 is for), and every rank
+    decodes the same number of steps (`run.synced`)."""
+    if run.agents.rollout_func is not None:
+        return custom_rollout(run, prompts)
+    if run.agents.toolbox is not None:
+        return tool_rollout(run, prompts, greedy, sampler_scores(run, greedy))
+    return Episodes(generate(run.ac, [p.ids for p in prompts], run.cfg.rollout,
+                             run.seams.decode, run.stop_ids, run.tokenizer.pad_token_id,
+                             greedy=greedy, synced=run.synced, score=sampler_scores(run, greedy)))
+
+
 def generate_samples(run: Run, prompts: Sequence[Prompt], greedy: bool = False) -> Samples:
-    """The policy's responses to `prompts`. Under ZeRO-3 each layer's weights are gathered around
-    its own forward, one layer at a time (the whole model never is: that is what ZeRO-3 is for),
-    and every rank decodes the same number of steps (`run.synced`)."""
-    return generate(run.ac, [p.ids for p in prompts], run.cfg.rollout, run.seams.decode,
-                    run.stop_ids, run.tokenizer.pad_token_id, greedy=greedy, synced=run.synced,
-                    score=sampler_scores(run, greedy))
+    return sample_episodes(run, prompts, greedy).samples
 
 
 def score_samples(run: Run, samples: Samples) -> Rollout:
@@ -58,19 +72,38 @@ def decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
             for row, m in zip(ids.cpu(), mask.cpu())]
 
 
-def reward_scores(run: Run, prompts: Sequence[Prompt], samples: Samples | Rollout
-                  ) -> tuple[torch.Tensor, list[str]]:
+def reward_scores(run: Run, prompts: Sequence[Prompt], samples: Samples | Rollout,
+                  episodes: Optional[Episodes] = None) -> tuple[torch.Tensor, list[str]]:
     """Raw sequence scores (B,) from the reward source, and the decoded completions; needs only
-    the token ids and masks (an evaluation scores samples without any forward of its own)."""
+    the token ids and masks (an evaluation scores samples without any forward of its own). A
+    reward function gets each prompt with its row's columns (reward_sources.reward_kwargs); the
+    samples' `episodes`: their conversations (completions as messages, the environments) or a
+    rollout function's extra fields."""
     completions = decode(run.tokenizer, samples.response_ids, samples.response_mask)
-    tensors = {"query_ids": samples.query_ids, "query_mask": samples.query_mask,
+    tensors = {"conversations": None if episodes is None else episodes.conversations,
+               "columns": {} if episodes is None else dict(episodes.columns),
+               "query_ids": samples.query_ids, "query_mask": samples.query_mask,
                "response_ids": samples.response_ids, "response_mask": samples.response_mask,
                "prompt_ids": [row[m.bool()].tolist() for row, m in
                               zip(samples.query_ids.cpu(), samples.query_mask.cpu())],
                "completion_ids": [row[m.bool()].tolist() for row, m in
                                   zip(samples.response_ids.cpu(), samples.response_mask.cpu())]}
-    scores = run.reward([p.text for p in prompts], completions, tensors)
+    scores = run.reward(prompts, completions, tensors, trainer_state(run))
     return scores.to(samples.response_mask.device), completions
+
+
+def trainer_state(run: Run):
+    """TRL's `trainer_state` keyword for a reward function: transformers' TrainerState, with
+    global_step the updates done so far, max_steps ppo.total_updates and epoch the passes over
+    the training prompts so far (fractional), as a schedule on training progress reads them."""
+    from transformers import TrainerState
+
+    cycle, cfg = run.prompts, run.cfg
+    return TrainerState(epoch=cycle.epoch + cycle.position / len(cycle.prompts),
+                        global_step=run.step, max_steps=cfg.ppo.total_updates, logging_steps=1,
+                        eval_steps=cfg.data.eval_every, save_steps=cfg.checkpoint.every,
+                        is_local_process_zero=run.dist.local_rank == 0,
+                        is_world_process_zero=run.dist.rank == 0)
 
 
 def collect(run: Run, prompts: Sequence[Prompt], clock: Optional[PhaseClock] = None
@@ -79,10 +112,12 @@ def collect(run: Run, prompts: Sequence[Prompt], clock: Optional[PhaseClock] = N
     the reward source), each timed by `clock`."""
     clock = clock or PhaseClock()
     with clock.phase("generation"):
-        samples = generate_samples(run, prompts)
+        episodes = sample_episodes(run, prompts)
     with clock.phase("scoring"):
-        ro = score_samples(run, samples)
-        raw_scores, _ = reward_scores(run, prompts, ro)
+        ro = score_samples(run, episodes.samples)
+        raw_scores, _ = reward_scores(run, prompts, ro, episodes)
+    if episodes.conversations is not None:  # tools/* of the update (ppo/metrics.py)
+        run.tool_counts.update(episodes.conversations.metric_sums())
     return ro, raw_scores
 
 

@@ -19,13 +19,21 @@ import torch
 
 from lora_ppo.config import Config
 from lora_ppo.config.load import save_config
+from lora_ppo.errors import Interrupted
 from lora_ppo.io.metrics import MetricsLogger, PhaseClock
 from lora_ppo.io.plot import plot_metrics
 from lora_ppo.io.run_dir import clear, earlier_run
 from lora_ppo.ppo import checkpoint as ckpt
-from lora_ppo.ppo.collect import generate_samples, reward_scores, rollout_step
+from lora_ppo.ppo.collect import reward_scores, rollout_step, sample_episodes
 from lora_ppo.ppo.dynamic import SamplingStats, sampling_metrics
-from lora_ppo.ppo.metrics import PPO_BAR, sequence_kl, update_metrics
+from lora_ppo.ppo.metrics import (
+    PPO_BAR,
+    add_logged_metrics,
+    log_extras,
+    sequence_kl,
+    tool_row,
+    update_metrics,
+)
 from lora_ppo.ppo.rollout import Rollout
 from lora_ppo.ppo.run import Run, setup
 from lora_ppo.ppo.update import PPOStats, ppo_update
@@ -39,6 +47,7 @@ from lora_ppo.rl.gae import compute_gae
 from lora_ppo.rl.masked import masked_whiten
 from lora_ppo.rl.rewards import compute_rewards, overlong_penalty, shape_scores
 from lora_ppo.runtime.dist import all_gather_cat, all_mean, all_sum_tensor
+from lora_ppo.runtime.interrupt import StopSignal
 
 
 class StepOutput(NamedTuple):
@@ -78,7 +87,7 @@ def add_rewards(run: Run, ro: Rollout, raw_scores: torch.Tensor, kl_coef: float)
     # Without a reference forward (kl_coef 0) the KL is 0 by construction and is not logged.
     ref = ro.logprobs if ro.ref_logprobs is None else ro.ref_logprobs
     coef = kl_coef if alg.kl_in == "reward" else 0.0
-    rewards, kl = compute_rewards(scores, ro.logprobs, ref, ro.response_mask, coef,
+    rewards, kl = compute_rewards(scores, ro.logprobs, ref, ro.action_mask, coef,
                                   alg.kl_estimator)
     return dataclasses.replace(ro, raw_scores=raw_scores, scores=scores, rewards=rewards,
                                kl=None if ro.ref_logprobs is None else kl)
@@ -100,7 +109,9 @@ def add_advantages(run: Run, ro: Rollout) -> Rollout:
     reinforce_pp: the reward-to-go, whitened over the batch; reinforce_pp_baseline: the same
     after each score's group mean is taken off.
     """
-    ppo, alg, mask = run.cfg.ppo, run.cfg.algorithm, ro.response_mask
+    # Over the policy's tokens: an environment span is no time step (GAE bootstraps across it
+    # at the next model token), no part of a reward-to-go's sum, no token of a group's mean.
+    ppo, alg, mask = run.cfg.ppo, run.cfg.algorithm, ro.action_mask
     returns = None
     # Whitening takes its mean and std over the rollout of every rank (issue 20 item 8).
     if alg.estimator == "gae":
@@ -156,24 +167,33 @@ def ppo_step(run: Run, on_phase: Optional[Callable[[str], None]] = None) -> Step
 def evaluate(run: Run, logger: MetricsLogger) -> dict:
     """Greedy and sampled responses to the held-out prompts, with their mean scores (sampling
     and the reward source only: no log-probs, values or reference are needed for it)."""
-    out = {}
-    for mode in ("greedy", "sampled"):
-        samples = generate_samples(run, run.eval_prompts, greedy=(mode == "greedy"))
-        scores, completions = reward_scores(run, run.eval_prompts, samples)
+    out, n = {}, run.cfg.logging.num_samples
+    custom = run.agents.rollout_func is not None  # its own sampling: no greedy mode
+    prompts = ([p for p in run.eval_prompts for _ in range(run.cfg.rollout.samples_per_prompt)]
+               if custom else run.eval_prompts)
+    for mode in ("sampled",) if custom else ("greedy", "sampled"):
+        episodes = sample_episodes(run, prompts, greedy=(mode == "greedy"))
+        scores, completions = reward_scores(run, prompts, episodes.samples, episodes)
         out[f"eval/score_{mode}"] = all_mean([scores.mean().item()])[0]
-        n = run.cfg.logging.num_samples
-        logger.text(f"eval/{mode}", [f"{p.text!r} -> {c!r} (score {s:.3f})" for p, c, s in
-                                     zip(run.eval_prompts[:n], completions[:n], scores.tolist())],
-                    run.step)
-    return out
+        conv = episodes.conversations
+        if conv is None:
+            lines = [f"{p.text!r} -> {c!r} (score {s:.3f})" for p, c, s in
+                     zip(prompts[:n], completions[:n], scores.tolist())]
+        else:  # each conversation, its tool calls and results, then its score
+            lines = [f"{conv.show(i)}\n(score {s:.3f})" for i, s in enumerate(scores[:n].tolist())]
+            out.update(tool_row(conv.metric_sums(), f"eval/{mode}/"))
+        logger.text(f"eval/{mode}", lines, run.step)
+    log_extras(run, logger, run.step, "eval/")  # what the reward function logged meanwhile
+    return add_logged_metrics(run, out, "eval/")
 
 
 def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False, *,
           dataset=None, eval_dataset=None, reward_fn: Optional[Callable] = None) -> Run:
     """Run PPO and return the finished run. `resume`: "latest" or a checkpoint path;
     `overwrite`: replace an earlier run in output_dir (else it is refused, io/run_dir.py).
-    `dataset`, `eval_dataset`, `reward_fn`: in-memory data and a callable in place of what the
-    config names (ppo/run.py::setup)."""
+    `dataset`, `eval_dataset`, `reward_fn`: in-memory data and a callable (or a list) in place
+    of what the config names (ppo/run.py::setup). At SIGINT or SIGTERM it stops after the
+    current update with a checkpoint and raises errors.Interrupted (runtime/interrupt.py)."""
     # Check the output_dir and find the checkpoint before loading anything, so a bad --resume
     # or a used output_dir fails at once, and nothing is written before every check passed.
     start = earlier_run(cfg.output_dir, "train", resume, overwrite, cfg.output_dir)
@@ -195,18 +215,27 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False, *,
     logger.truncate_after(run.step)
     if cfg.data.eval_every and run.step == 0:
         evaluate(run, logger)  # samples before training, to compare with later evaluations
-    while run.step < cfg.ppo.total_updates:
-        out = ppo_step(run)
-        # step 6. log, evaluate, checkpoint
-        row = update_metrics(run, out.rollout, out.stats, out.kl_coef, out.seconds)
-        row.update(sampling_metrics(out.sampling, cfg.rollout.prompts_per_update * run.dist.world_size,
-                                    cfg.rollout.samples_per_prompt))
-        if cfg.data.eval_every and run.step % cfg.data.eval_every == 0:
-            row.update(evaluate(run, logger))
-        logger.log(row)
-        last = run.step == cfg.ppo.total_updates
-        if last or (cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0):
-            ckpt.save(run)
+    with StopSignal() as stop:  # Ctrl-C / SIGTERM: stop after the update, with a checkpoint
+        while run.step < cfg.ppo.total_updates:
+            out = ppo_step(run)
+            # step 6. log, evaluate, checkpoint
+            row = update_metrics(run, out.rollout, out.stats, out.kl_coef, out.seconds)
+            log_extras(run, logger, run.step)
+            row.update(sampling_metrics(out.sampling,
+                                        cfg.rollout.prompts_per_update * run.dist.world_size,
+                                        cfg.rollout.samples_per_prompt))
+            if cfg.data.eval_every and run.step % cfg.data.eval_every == 0:
+                row.update(evaluate(run, logger))
+            logger.log(row)
+            last = run.step == cfg.ppo.total_updates
+            saved = None
+            if last or (cfg.checkpoint.every and run.step % cfg.checkpoint.every == 0):
+                saved = ckpt.save(run)
+            signum = None if last else stop.requested()  # one all-reduce: every rank decides alike
+            if signum:
+                path = saved or ckpt.save(run)
+                logger.close()
+                raise Interrupted(signum, run.step, path)
     logger.close()
     if rank0 and logger.path.exists():
         plot_metrics(logger.path, run.output_dir / "metrics.png")

@@ -6,15 +6,18 @@ from typing import Optional
 
 import torch
 
-from lora_ppo.io.metrics import peak_memory_mib
+from lora_ppo.agents import tool_metrics
+from lora_ppo.io.metrics import MetricsLogger, peak_memory_mib
+from lora_ppo.ppo.reward_sources import RewardError, function_source
 from lora_ppo.ppo.rollout import Rollout
 from lora_ppo.ppo.run import Run
-from lora_ppo.ppo.update import PPOStats
+from lora_ppo.ppo.update import PPOStats, sampler_correction
 from lora_ppo.rl.advantages import zero_std_groups
 from lora_ppo.rl.losses import explained_variance
 from lora_ppo.rl.masked import masked_mean
 from lora_ppo.rl.rewards import overlong_penalty
-from lora_ppo.runtime.dist import all_mean
+from lora_ppo.rl.sampler_correction import sampler_mismatch
+from lora_ppo.runtime.dist import all_gather_cat, all_gather_objects, all_mean, all_sum
 
 # The progress bar: the reward source's own score (before clipping and normalisation), the KL
 # to the reference, the value loss.
@@ -26,7 +29,7 @@ def sequence_kl(ro: Rollout) -> Optional[float]:
     controller steers (Ziegler et al. 2019) and `objective/kl` logs; None without a reference."""
     if ro.kl is None:
         return None
-    return all_mean([(ro.kl * ro.response_mask).sum(1).mean().item()])[0]
+    return all_mean([(ro.kl * ro.action_mask).sum(1).mean().item()])[0]
 
 
 def _mean_or_none(x: Optional[torch.Tensor], mask: torch.Tensor) -> Optional[float]:
@@ -38,7 +41,7 @@ def update_metrics(run: Run, ro: Rollout, stats: PPOStats, beta: float,
     """The row logged for one update: its rollout, the update's statistics, the KL coefficient
     `beta` the update used and the seconds of each phase. A metric that the algorithm does not
     have (values without a value function, KL without a reference) is None."""
-    mask, alg, reward = ro.response_mask, run.cfg.algorithm, run.cfg.reward
+    mask, alg, reward = ro.action_mask, run.cfg.algorithm, run.cfg.reward
     seq_kl = None if ro.kl is None else (ro.kl * mask).sum(1)
     kl_in_reward = seq_kl is not None and alg.kl_in == "reward"
     local = {
@@ -60,17 +63,20 @@ def update_metrics(run: Run, ro: Rollout, stats: PPOStats, beta: float,
         else explained_variance(ro.values, ro.returns, mask),
         "val/mean": _mean_or_none(ro.values, mask),
         "objective/overlong_penalty": None if reward.overlong_buffer is None
-        else overlong_penalty(mask.sum(1), run.cfg.rollout.max_new_tokens,
+        else overlong_penalty(ro.response_mask.sum(1), run.cfg.rollout.max_new_tokens,
                               reward.overlong_buffer, reward.overlong_penalty).mean().item(),
         "response/length": mask.sum(1).mean().item(),
         "response/eos_frac": ro.has_eos.float().mean().item(),
     }
     for kind, part in getattr(run.reward, "components", {}).items():  # several reward sources
         local[f"objective/score_{kind}"] = part.float().mean().item()
+    for name, part in getattr(run.reward, "by_function", {}).items():  # several functions
+        local[f"rewards/{name}/mean"] = part.float().mean().item()
     names = list(local)
     nan = float("nan")  # None crosses the all-reduce as NaN and is logged as null
     row = dict(zip(names, all_mean([nan if local[k] is None else local[k] for k in names])))
-    tokens = (mask.sum() + ro.query_mask.sum()).item() * run.dist.world_size
+    row.update(sampler_metrics(run.ac, ro, run.cfg.ppo))  # the sampled vs the scored policy
+    tokens = (ro.response_mask.sum() + ro.query_mask.sum()).item() * run.dist.world_size
     t_rollout = seconds.get("generation", 0.0) + seconds.get("scoring", 0.0)
     t_update = seconds.get("update", 0.0)
     row.update({
@@ -81,4 +87,81 @@ def update_metrics(run: Run, ro: Rollout, stats: PPOStats, beta: float,
         "tokens_per_s": tokens / max(t_rollout + t_update, 1e-9),
         "memory/peak_mib": peak_memory_mib(run.dist.device),
     })
-    return row
+    row.update(tool_row(run.tool_counts) if run.agents.toolbox is not None else {})
+    run.tool_counts.clear()
+    return add_logged_metrics(run, row)
+
+
+def tool_row(counts: dict, prefix: str = "") -> dict:
+    """tools/* (agents/conversations.py::tool_metrics) of this rank's conversations' counts
+    (Conversations.metric_sums, summed over the update's rounds), summed over ranks first."""
+    names = sorted(counts)
+    total = dict(zip(names, all_sum([float(counts[k]) for k in names])))
+    return {prefix + k: v for k, v in tool_metrics(total).items()} if names else {}
+
+
+def add_logged_metrics(run: Run, row: dict, prefix: str = "") -> dict:
+    """`row` with what the reward function passed to `log_metric` since the last row (TRL 1.16's
+    callable): each name (`prefix` before it) the mean of its values over the calls and ranks,
+    as TRL averages them per logging step. A name of lora_ppo's own row is refused."""
+    fn = function_source(run.reward)
+    if fn is None:
+        return row
+    logged = fn.log.take_metrics()
+    names = sorted(set().union(*all_gather_objects(list(logged))))  # every rank, the same order
+    if not names:
+        return row
+    clash = [n for n in names if prefix + n in row]
+    if clash:
+        raise RewardError(f"reward function {fn.name} passed {clash[0]!r} to log_metric, the name "
+                          "of a metric lora_ppo logs itself; choose another name")
+    sums = all_sum([x for n in names for x in (sum(logged.get(n, ())), len(logged.get(n, ())))])
+    return {**row, **{prefix + n: total / count
+                      for n, total, count in zip(names, sums[0::2], sums[1::2])}}
+
+
+def log_extras(run: Run, logger: MetricsLogger, step: int, prefix: str = "") -> None:
+    """What the reward function passed to `log_extra` since the last call (TRL 1.16's callable,
+    which adds columns to TRL's completions table): the first logging.num_samples values of
+    each column on this rank, printed above the progress bar and written to TensorBoard."""
+    fn = function_source(run.reward)
+    extra = fn.log.take_extra() if fn is not None else {}
+    n = run.cfg.logging.num_samples
+    lines = [f"{column}: " + ", ".join(repr(v) for v in values[:n])
+             for column, values in extra.items()]
+    if lines and n:
+        logger.text(f"{prefix}reward/log_extra", lines, step)
+
+
+SAMPLER_METRICS = ("rollout/sampler_kl", "sampling/sampling_logp_difference/mean",
+                   "sampling/sampling_logp_difference/max", "sampling/importance_sampling_ratio/min",
+                   "sampling/importance_sampling_ratio/mean", "sampling/importance_sampling_ratio/max")
+
+
+def sampler_metrics(ac, ro: Rollout, ppo) -> dict:
+    """The sampled distribution against the scored one over every rank's rollout (formulas in
+    docs/metrics.md): the KL, TRL's log-prob differences, and TRL's importance-weight stats
+    where the correction applies (per token, or per response at the sequence level)."""
+    out = dict.fromkeys(SAMPLER_METRICS)
+    if ro.sampler_logprobs is None:
+        return out
+    m = sampler_mismatch(ro.logprobs, ro.sampler_logprobs, ro.action_mask)
+    w = sampler_correction(ac, ro, ppo)
+    real = ro.action_mask > 0
+    if w is not None and ppo.sampler_importance_sampling_mode.startswith("sequence"):
+        w, real = w[:, :1], real.any(1, keepdim=True)  # one weight per response
+    w = ro.response_mask.new_zeros(0) if w is None else w[real]
+    kl, diff, tokens, w_sum, w_n = all_sum([m.kl, m.abs_diff, m.tokens, float(w.sum()),
+                                            float(w.numel())])
+    inf = float("inf")
+    local = torch.tensor([m.max_abs_diff, float(w.max()) if w.numel() else -inf,
+                          -float(w.min()) if w.numel() else -inf], device=ro.response_mask.device)
+    top = all_gather_cat(local[None]).amax(0).tolist()  # maxima over ranks
+    out.update({"rollout/sampler_kl": kl / max(tokens, 1.0),
+                "sampling/sampling_logp_difference/mean": diff / max(tokens, 1.0),
+                "sampling/sampling_logp_difference/max": top[0]})
+    if w_n:
+        out.update({"sampling/importance_sampling_ratio/min": -top[2],
+                    "sampling/importance_sampling_ratio/mean": w_sum / w_n,
+                    "sampling/importance_sampling_ratio/max": top[1]})
+    return out

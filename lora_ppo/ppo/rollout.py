@@ -6,7 +6,10 @@ that `ActorCritic.forward` scores for the rollout's old log-probs and for the up
 ratio's denominator and the KL estimate are of the distribution actually sampled from. With no
 update in between and dropout off the PPO ratio is exactly 1 (to float round-off). Where the
 sampler computes in fp32 its own log-probs of the drawn tokens serve as the old log-probs
-(`rollout.sampler_logprobs`; docs/ppo.md, "Doing less work").
+(`rollout.sampler_logprobs`; docs/ppo.md, "Doing less work"). They are kept with every sampled
+rollout (`Rollout.sampler_logprobs`): in reduced precision the decode loop's distribution is
+not the scored one, and the update weighs the one against the other
+(rl/sampler_correction.py).
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ class Rollout:
     logprobs: torch.Tensor        # (B, R) policy log-probs at the sampling temperature
     ref_logprobs: Optional[torch.Tensor]  # (B, R) reference log-probs; None: no KL term at all
     values: Optional[torch.Tensor]        # (B, R) V(s_t); None without a value function
+    sampler_logprobs: Optional[torch.Tensor] = None  # (B, R) the sampler's own log-probs of the
+    #                                                  drawn tokens; None for greedy samples
+    env_mask: Optional[torch.Tensor] = None    # (B, R) 1 on the environment's tokens between
+    #                                            turns (context, no action); None: single-turn
     scores: Optional[torch.Tensor] = None      # (B,) shaped sequence scores
     raw_scores: Optional[torch.Tensor] = None  # (B,) scores as the reward source gave them
     kl: Optional[torch.Tensor] = None          # (B, R) per-token KL estimate
@@ -43,6 +50,15 @@ class Rollout:
 
     def __len__(self) -> int:
         return self.query_ids.shape[0]
+
+    @property
+    def action_mask(self) -> torch.Tensor:
+        """(B, R): the tokens the policy chose, what every loss, KL and token mean counts: the
+        real response tokens less the environment's (its tool results are context the forward
+        sees, no action of the policy's: docs/ppo.md, "Trajectories")."""
+        if self.env_mask is None:
+            return self.response_mask
+        return self.response_mask * (1.0 - self.env_mask)
 
     def index(self, idx: torch.Tensor) -> Rollout:
         """The samples at `idx` (a micro-batch), every tensor field sliced alike, and trimmed to
@@ -75,7 +91,7 @@ def logprobs_and_values(ac: ActorCritic, samples: Samples, *, temperature: float
     computed in chunks of `generation_batch_size` sequences."""
     query_ids, query_mask, response_ids, response_mask, has_eos = samples[:5]
     # the sampler's own log-probs (and shared-head values) stand for the policy forward
-    from_sampler = samples.logprobs is not None and (
+    from_sampler = samples.scored and samples.logprobs is not None and (
         samples.values is not None or ac.value_mode == "none")
     was_training = ac.training
     ac.eval()
@@ -85,16 +101,18 @@ def logprobs_and_values(ac: ActorCritic, samples: Samples, *, temperature: float
         for s in range(0, query_ids.shape[0], generation_batch_size):
             batch = [t[s:s + generation_batch_size].to(device)
                      for t in (query_ids, query_mask, response_ids, response_mask)]
-            mask = batch[3]
-            if not from_sampler:
-                lp, _, v = ac(*batch, temperature=temperature, chunk_size=chunk_size)
-                parts["logprobs"].append(lp * mask)
-                if v is not None:
-                    parts["values"].append(v * mask)
-            if with_reference:
-                ref, _, _ = ac(*batch, temperature=temperature, chunk_size=chunk_size,
-                               with_values=False, role=REFERENCE)
-                parts["ref_logprobs"].append(ref * mask)
+            mask = batch[3] if samples.env_mask is None else batch[3] * (
+                1.0 - samples.env_mask[s:s + generation_batch_size].to(device))  # actions
+            with ac.precision():  # the run's autocast, as the update's forwards run under it
+                if not from_sampler:
+                    lp, _, v = ac(*batch, temperature=temperature, chunk_size=chunk_size)
+                    parts["logprobs"].append(lp * mask)
+                    if v is not None:
+                        parts["values"].append(v * mask)
+                if with_reference:
+                    ref, _, _ = ac(*batch, temperature=temperature, chunk_size=chunk_size,
+                                   with_values=False, role=REFERENCE)
+                    parts["ref_logprobs"].append(ref * mask)
     finally:
         ac.train(was_training)
     if from_sampler:
@@ -103,4 +121,7 @@ def logprobs_and_values(ac: ActorCritic, samples: Samples, *, temperature: float
     return Rollout(query_ids=query_ids.to(device), query_mask=query_mask.to(device),
                    response_ids=response_ids.to(device), response_mask=response_mask.to(device),
                    has_eos=has_eos.to(device),
-                   **{k: torch.cat(v) if v else None for k, v in parts.items()})
+                   **{k: torch.cat(v) if v else None for k, v in parts.items()},
+                   sampler_logprobs=None if samples.logprobs is None
+                   else samples.logprobs.to(device),
+                   env_mask=None if samples.env_mask is None else samples.env_mask.to(device))

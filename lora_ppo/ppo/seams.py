@@ -9,46 +9,49 @@ by train/eval mode (bitsandbytes 8-bit on a CPU). Before training, `check_seams`
 policy adapter made non-zero for the check and restored bit for bit after it:
 
 1. logits   our trunk + head + `logits_transform` against the model's own `forward().logits`
-            (log-softmax, max abs difference): a mismatch is refused, naming the model type;
+            (log-softmax, max abs difference): on a mismatch (a post-processing of the head's
+            output lora_ppo does not know) scoring, updates and sampling take the forward's own
+            logits (modeling/own_logits.py), padded rows, one line naming the model type and the
+            memory it costs; refused only if that path too differs;
 2. modes    a train-mode forward against an eval-mode one (no grad): a mismatch is refused,
             naming the model type and the quantization;
 3. layouts  log-probs of probe sequences in packed rows (a shared prompt; an explicit mask; the
             model's own detection of restarting position ids) against the padded forward; the
             first layout that agrees is used, one line saying so when it is not the preferred;
-4. decoding the sampler's log-probs (KV cache, continuous batching) against the padded forward:
+4. decoding the sampler's log-probs, decoded as the run decodes (the policy folded into the
+            weights where rollout.fold_for_generation folds it, continuous batching with its
+            cache's shift-left, the static cache) against the padded forward: the fold, then
             continuous batching, then the static cache, are given up, one line each, where they
             do not agree.
 
+Every check runs with the adapter the run starts from (model.init_adapter: DoRA, lora_bias,
+rsLoRA, modules_to_save as saved) and in the run's precision: the parameters cast to
+deepspeed.precision as DeepSpeed will cast them, under the run's torch autocast if it has one.
+
 Each check costs a few forwards of ~30 tokens. The outcome is cached per model, settings and
-library versions under $LORA_PPO_CACHE/seams (`model.seam_check=auto`), so a model already
-checked starts at once; `always` checks again, `off` trusts the preferred layout.
+library versions (seam_cache.py), so a model already checked starts at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.metadata as md
-import json
-import os
-import time
-from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
 from lora_ppo.errors import UserError
+from lora_ppo.generation.folded import can_fold, folded_policy, unfoldable
 from lora_ppo.generation.generate import DecodePath, sample
 from lora_ppo.generation.samples import left_pad
-from lora_ppo.io.atomic import atomic_write_text
-from lora_ppo.io.checkpoint import base_fingerprint
 from lora_ppo.modeling.actor_critic import ActorCritic
 from lora_ppo.modeling.loading import quantization_mode
-from lora_ppo.modeling.packing import PADDED, Attention, Layout, explicit_attentions
+from lora_ppo.modeling.packing import PADDED, Layout, explicit_attentions, position_ids_from_mask
 from lora_ppo.modeling.roles import POLICY
 from lora_ppo.rl.logprobs import transform_logits
+from lora_ppo.runtime.ds_config import resolve_precision
+from lora_ppo.sizing.memory import own_logits_bytes
 
-SEAM_VERSION = 1
+SEAM_VERSION = 2  # 2: the fold, the shift-left and the run's precision are checked
 
 
 class Seams(NamedTuple):
@@ -58,19 +61,33 @@ class Seams(NamedTuple):
     layout: Layout
     decode: DecodePath
     notes: tuple[str, ...] = ()  # one line per fallback taken
+    own_logits: bool = False  # logits from the model's own forward (ActorCritic.use_own_logits)
+
+
+def _reduced(ac: ActorCritic) -> bool:
+    """Whether the forwards compute in bf16 / fp16: such weights, or the run's autocast."""
+    dtype = ac.causal_lm.get_input_embeddings().weight.dtype
+    return dtype != torch.float32 or ac.autocast is not None
 
 
 def tolerance(ac: ActorCritic) -> float:
-    """Max |difference| of log-probs that counts as round-off: fp32 computes agree to ~1e-6,
-    bf16 and fp16 to ~1e-2 (other matmul shapes, other rounding)."""
-    dtype = ac.causal_lm.get_input_embeddings().weight.dtype
-    return 1e-4 if dtype == torch.float32 else 5e-2
+    """Max |difference| of log-probs that counts as round-off, beyond `_rtol`'s share: fp32
+    computes agree to ~1e-6, bf16 and fp16 to ~1e-2 (other matmul shapes, other rounding)."""
+    return 5e-2 if _reduced(ac) else 1e-4
+
+
+def _rtol(ac: ActorCritic) -> float:
+    """The share of each log-prob's magnitude that also counts as round-off: 0 in fp32; in bf16
+    and fp16 2^-6, four ulps of bf16's 8-bit mantissa. Logits of a trained model are tens, one
+    bf16 ulp of 16..32 is 0.0625: the demo model's probe log-probs (down to -25) differed by
+    0.06..0.08 between the decode loop and the forward, every decode path alike."""
+    return 2.0 ** -6 if _reduced(ac) else 0.0
 
 
 def preferred(ac: ActorCritic, cfg) -> list[tuple[str, Layout]]:
     """Candidate layouts, best first: a shared prompt (n > 1), an explicit mask, the model's
     detection of restarting positions, padded. Only those `cfg` allows."""
-    if not cfg.model.padding_free:
+    if not cfg.model.padding_free or ac.own_logits:
         return [("padded", PADDED)]
     masks = explicit_attentions(ac.causal_lm.config,
                                 ac.causal_lm.get_input_embeddings().weight.dtype)
@@ -109,19 +126,43 @@ def _probe(ac: ActorCritic, pad_id: int, gen: torch.Generator):
 
 @contextlib.contextmanager
 def _nonzero_adapters(ac: ActorCritic, gen: torch.Generator):
-    """Every trainable LoRA B made random for the body (B = 0 would hide an adapter's own
-    dropout or path), then put back bit for bit."""
-    saved = [(p, p.detach().clone()) for n, p in ac.named_parameters()
-             if p.requires_grad and "lora_B" in n]
+    """Every trainable LoRA B (a lora_bias's bias too) made random for the body (B = 0 would
+    hide an adapter's own dropout or path), and every DoRA magnitude moved off the weight norm
+    it starts at, then put back bit for bit."""
+    saved = [(n, p, p.detach().clone()) for n, p in ac.named_parameters()
+             if p.requires_grad and ("lora_B" in n or "lora_magnitude_vector" in n)]
     try:
         with torch.no_grad():
-            for p, _ in saved:
-                p.add_(torch.randn(p.shape, generator=gen).to(p) * 0.05)
+            for n, p, _ in saved:
+                noise = torch.randn(p.shape, generator=gen).to(p) * 0.05
+                p.add_(noise) if "lora_B" in n else p.mul_(1 + noise)
         yield
     finally:
         with torch.no_grad():
-            for p, original in saved:
+            for _, p, original in saved:
                 p.copy_(original)
+
+
+@contextlib.contextmanager
+def _in_run_precision(ac: ActorCritic, cfg):
+    """The body sees the parameters in the dtype the run trains them in: with
+    deepspeed.precision bf16 or fp16 DeepSpeed casts every float parameter of the module to it
+    when the engine is built, after these checks (engine.py::_cast_module_mixed_precision);
+    here they are cast for the body, and the original tensors put back after it."""
+    precision = resolve_precision(cfg.deepspeed.precision, ac.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    saved = []
+    try:
+        if dtype is not None:
+            for p in ac.parameters():
+                if p.dtype in floats and p.dtype != dtype:
+                    saved.append((p, p.data))
+                    p.data = p.data.to(dtype)
+        yield
+    finally:
+        for p, data in saved:
+            p.data = data
 
 
 def _logprobs(ac, batch, layout: Layout) -> torch.Tensor:
@@ -129,8 +170,10 @@ def _logprobs(ac, batch, layout: Layout) -> torch.Tensor:
     return lp * batch[3]
 
 
-def _max(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max())
+def _max(a: torch.Tensor, b: torch.Tensor, rtol: float = 0.0) -> float:
+    """Max over elements of |a - b| less `rtol` x |b|: compared with `tolerance`."""
+    a, b = a.float(), b.float()
+    return float(((a - b).abs() - rtol * b.abs()).max())
 
 
 # -- the checks -------------------------------------------------------------------------------
@@ -142,7 +185,42 @@ def _logits_diff(ac: ActorCritic, batch) -> float:
     h = ac.hidden(ids, torch.ones_like(ids))
     ours = transform_logits(ac.lm_head(h), 1.0, ac.logits_transform).log_softmax(-1)
     theirs = ac.causal_lm(input_ids=ids).logits.float().log_softmax(-1)
-    return _max(ours, theirs)
+    return _max(ours, theirs, _rtol(ac))
+
+
+def _own_diff(ac: ActorCritic, batch) -> float:
+    """Log-probs of the probe responses through lora_ppo's scoring of the model's own logits
+    (ActorCritic._own_logprobs) against the model's forward called plainly on the padded rows."""
+    q_ids, q_mask, r_ids, r_mask = batch
+    mask = torch.cat([q_mask, r_mask.long()], 1)
+    logits = ac.causal_lm(input_ids=torch.cat([q_ids, r_ids], 1), attention_mask=mask,
+                          position_ids=position_ids_from_mask(mask)).logits
+    q, r = q_ids.shape[1], r_ids.shape[1]
+    theirs = logits[:, q - 1:q - 1 + r].float().log_softmax(-1)
+    theirs = theirs.gather(-1, r_ids[..., None]).squeeze(-1) * r_mask
+    return _max(_logprobs(ac, batch, PADDED), theirs, _rtol(ac))
+
+
+def _own_logits(ac: ActorCritic, cfg, batch, d: float) -> str:
+    """Fall back to the model's own forward's logits, where lora_ppo's own differ by `d`; the
+    one line saying so and what it costs (sizing/memory.py::own_logits_bytes), or a refusal
+    where even that path does not give the model's log-probs."""
+    kind = ac.causal_lm.config.model_type
+    ac.use_own_logits()
+    d_own = _own_diff(ac, batch)
+    if not d_own <= tolerance(ac):
+        raise UserError(
+            f"model type {kind}: lora_ppo's logits differ from the model's own forward by "
+            f"{d:.3g}, and scoring that forward's own logits still by {d_own:.3g}; it cannot be "
+            "trained exactly; report the model type so it can be supported")
+    s = 2 if ac.autocast is not None else ac.causal_lm.get_input_embeddings().weight.element_size()
+    mib = own_logits_bytes(cfg.ppo.micro_batch_size * cfg.rollout.max_new_tokens, ac.vocab, s,
+                           grad=True) / 2**20
+    return (f"model type {kind}: lora_ppo's logits differ from the model's own forward by "
+            f"{d:.3g} (a post-processing of the LM head's output it does not know); scoring, "
+            "updates and sampling take the model's own forward's logits, on padded rows: "
+            f"{mib:.1f} MiB more per update micro-batch (ppo.micro_batch_size x rollout."
+            "max_new_tokens x vocab logits; `lora-ppo estimate --own-logits` counts it)")
 
 
 def _modes_diff(ac: ActorCritic, batch) -> float:
@@ -151,51 +229,86 @@ def _modes_diff(ac: ActorCritic, batch) -> float:
         ac.train()
         train = _logprobs(ac, batch, PADDED)
         ac.eval()
-        return _max(train, _logprobs(ac, batch, PADDED))
+        return _max(train, _logprobs(ac, batch, PADDED), _rtol(ac))
     finally:
         ac.train(was)
 
 
 def _layout_diff(ac: ActorCritic, batch, layout: Layout, reference: torch.Tensor) -> float:
     try:
-        return _max(_logprobs(ac, batch, layout), reference)
+        return _max(_logprobs(ac, batch, layout), reference, _rtol(ac))
     except Exception:  # noqa: BLE001 - a model that cannot take this layout fails the check
         return float("inf")
 
 
 def _decode_diff(ac: ActorCritic, batch, reference: torch.Tensor, pad_id: int,
-                 continuous: bool, static: bool) -> float:
+                 how: DecodePath) -> float:
     """The sampler's own log-probs of the probe responses (teacher-forced through the decode
-    loop by drawing each probe token: uniforms are not needed, the tokens are given) against
-    the padded forward's."""
+    loop by drawing each probe token: uniforms are not needed, the tokens are given), decoded
+    as the run will (`how`), against the padded forward's. Each probe twice, two slots: rows
+    enter as others stop, and the continuous batch's cache (prompt + 8 + 8 columns for 8-token
+    responses, continuous.py::continuous_slack) fills up, so its rows are moved left too."""
     q_ids, q_mask, r_ids, r_mask = batch
-    prompts = [q[m.bool()].tolist() for q, m in zip(q_ids.cpu(), q_mask.cpu())]
+    prompts = [q[m.bool()].tolist() for q, m in zip(q_ids.cpu(), q_mask.cpu())] * 2
     try:
-        drawn = sample(ac, prompts, max_new_tokens=r_ids.shape[1], temperature=1.0,
-                       greedy=True, stop_ids=[-1], pad_id=pad_id, generation_batch_size=2,
-                       continuous=continuous,
-                       static_cache=static, score=True, forced=r_ids)
+        with folded_policy(ac.peft_model) if how.fold else contextlib.nullcontext():
+            drawn = sample(ac, prompts, max_new_tokens=r_ids.shape[1], temperature=1.0,
+                           greedy=True, stop_ids=[-1], pad_id=pad_id, generation_batch_size=2,
+                           continuous=how.continuous_batching, static_cache=how.static_kv_cache,
+                           score=True, forced=r_ids.repeat(2, 1))
     except Exception:  # noqa: BLE001 - a cache this model cannot use fails the check
         return float("inf")
-    return _max(drawn.logprobs.to(r_mask.device) * r_mask, reference)
+    return _max(drawn.logprobs.to(r_mask.device) * r_mask.repeat(2, 1), reference.repeat(2, 1),
+                _rtol(ac))
+
+
+def _decoding(ac: ActorCritic, cfg, batch, reference: torch.Tensor, pad_id: int,
+              notes: list[str]) -> DecodePath:
+    """The fastest decode path that gives the forward's log-probs: give up the fold, then
+    continuous batching, then the static cache, one line each; refuse when none does."""
+    kind, rollout = ac.causal_lm.config.model_type, cfg.rollout
+    fold = rollout.fold_for_generation and ac.autocast is None and can_fold(ac.peft_model)
+    why = unfoldable(ac.peft_model) if rollout.fold_for_generation else None
+    if why:
+        notes.append(f"model.init_adapter: the policy's {why} cannot be folded into the base "
+                     "weights exactly; it generates unfolded (rollout.fold_for_generation="
+                     "false)")
+    how = DecodePath(rollout.continuous_batching, rollout.static_kv_cache, fold)
+    while _decode_diff(ac, batch, reference, pad_id, how) > tolerance(ac):
+        if how.fold:
+            how = how._replace(fold=False)
+            notes.append(f"model type {kind}: the policy folded into the base weights does not "
+                         "decode what the forward scores; it generates unfolded "
+                         "(rollout.fold_for_generation=false)")
+        elif how.continuous_batching:
+            how = how._replace(continuous_batching=False)
+            notes.append(f"model type {kind}: continuous batching does not decode what the "
+                         "forward scores; rows decode in batches (rollout.continuous_"
+                         "batching=false)")
+        elif how.static_kv_cache:
+            how = how._replace(static_kv_cache=False)
+            notes.append(f"model type {kind}: the static KV cache does not decode what the "
+                         "forward scores; decoding uses a dynamic cache "
+                         "(rollout.static_kv_cache=false)")
+        else:
+            raise UserError(f"model type {kind}: the KV-cached decode differs from the "
+                            "forward it is scored by; it cannot be sampled exactly")
+    return how
 
 
 def check_seams(ac: ActorCritic, cfg, pad_id: int) -> Seams:
     """Run the checks (module doc) under the policy in eval mode; refuse what cannot be made
     exact, fall back where a slower path is exact."""
     gen = torch.Generator().manual_seed(1234)  # the run's own random streams stay untouched
-    tol = tolerance(ac)
     kind = ac.causal_lm.config.model_type
     notes = []
-    with _nonzero_adapters(ac, gen), ac.role(POLICY, train=False), torch.no_grad():
+    with (_in_run_precision(ac, cfg), _nonzero_adapters(ac, gen), ac.precision(),
+          ac.role(POLICY, train=False), torch.no_grad()):
+        tol = tolerance(ac)  # of the run's precision
         batch = _probe(ac, pad_id, gen)
         d = _logits_diff(ac, batch)
         if not d <= tol:
-            raise UserError(
-                f"model type {kind}: lora_ppo's logits differ from the model's own forward by "
-                f"{d:.3g} (a post-processing of the LM head's output it does not know); "
-                "training it would optimise another distribution than the model samples; "
-                "report the model type so it can be supported")
+            notes.append(_own_logits(ac, cfg, batch, d))
         d = _modes_diff(ac, batch)
         if not d <= tol:
             raise UserError(
@@ -211,95 +324,5 @@ def check_seams(ac: ActorCritic, cfg, pad_id: int) -> Seams:
         if chosen[1] != candidates[0][1]:
             notes.append(f"model type {kind}: {candidates[0][0]} rows do not give the padded "
                          f"forward's log-probs; scoring and updates use {chosen[0]} rows")
-        continuous, static = cfg.rollout.continuous_batching, cfg.rollout.static_kv_cache
-        for _ in range(3):
-            if _decode_diff(ac, batch, reference, pad_id, continuous, static) <= tol:
-                break
-            if continuous:
-                continuous = False
-                notes.append(f"model type {kind}: continuous batching does not decode what the "
-                             "forward scores; rows decode in batches (rollout.continuous_"
-                             "batching=false)")
-            elif static:
-                static = False
-                notes.append(f"model type {kind}: the static KV cache does not decode what the "
-                             "forward scores; decoding uses a dynamic cache "
-                             "(rollout.static_kv_cache=false)")
-            else:
-                raise UserError(f"model type {kind}: the KV-cached decode differs from the "
-                                "forward it is scored by; it cannot be sampled exactly")
-    return Seams(chosen[1], DecodePath(continuous, static), tuple(notes))
-
-
-# -- the cache of outcomes --------------------------------------------------------------------
-
-def _key(ac: ActorCritic, cfg, model_path: str) -> str:
-    versions = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = None
-    adapter = cfg.model.init_adapter
-    facts = {
-        "seam_version": SEAM_VERSION, "base": base_fingerprint(model_path), "versions": versions,
-        "quantization": [quantization_mode(cfg.quantization, ac.device.type),
-                         cfg.quantization.quant_type,
-                         cfg.quantization.double_quant],
-        "dtype": str(ac.causal_lm.get_input_embeddings().weight.dtype),
-        "device": ac.device.type,
-        "attn": getattr(ac.causal_lm.config, "_attn_implementation", None),
-        "lora": [cfg.lora.r, cfg.lora.target_modules],
-        "init_adapter": None if not adapter else hashlib.sha256(
-            (Path(adapter) / "adapter_config.json").read_bytes()).hexdigest(),
-        "wanted": [cfg.model.padding_free, cfg.model.shared_prompt,
-                   cfg.rollout.samples_per_prompt > 1, cfg.rollout.continuous_batching,
-                   cfg.rollout.static_kv_cache],
-    }
-    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("LORA_PPO_CACHE") or Path.home() / ".cache" / "lora_ppo") / "seams"
-
-
-def _to_json(s: Seams) -> dict:
-    a = s.layout.attention
-    return {"packed": s.layout.packed, "group": s.layout.group,
-            "attention": None if a is None else [a.implementation, a.window, list(a.layer_types),
-                                                 str(a.dtype).removeprefix("torch.")],
-            "continuous_batching": s.decode.continuous_batching,
-            "static_kv_cache": s.decode.static_kv_cache,
-            "notes": list(s.notes)}
-
-
-def _from_json(d: dict) -> Seams:
-    a = d["attention"]
-    attention = None if a is None else Attention(a[0], a[1], tuple(a[2]), getattr(torch, a[3]))
-    return Seams(Layout(d["packed"], d["group"], attention),
-                 DecodePath(d["continuous_batching"], d["static_kv_cache"]), tuple(d["notes"]))
-
-
-def seams_for(ac: ActorCritic, cfg, pad_id: int, model_path: str) -> tuple[Seams, Optional[str]]:
-    """The seams of this model and settings (`model.seam_check`): cached, checked, or trusted;
-    and a progress line when the checks ran."""
-    mode = cfg.model.seam_check
-    if mode == "off":
-        best = preferred(ac, cfg)[0][1]
-        return Seams(best, DecodePath(cfg.rollout.continuous_batching,
-                                      cfg.rollout.static_kv_cache)), None
-    path = _cache_dir() / f"{_key(ac, cfg, model_path)}.json"
-    if mode == "auto" and path.is_file():
-        try:
-            return _from_json(json.loads(path.read_text())), None
-        except (ValueError, KeyError, TypeError, AttributeError):
-            pass  # an unreadable entry is checked again and rewritten
-    t0 = time.perf_counter()
-    seams = check_seams(ac, cfg, pad_id)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(_to_json(seams), indent=1))
-    except OSError:
-        pass  # a read-only cache only costs the check next time
-    return seams, (f"seam check ({time.perf_counter() - t0:.1f} s): the model's logits, its "
-                   "train and eval modes, the packed rows and the decode loop agree")
+        decode = _decoding(ac, cfg, batch, reference, pad_id, notes)
+    return Seams(chosen[1], decode, tuple(notes), ac.own_logits)

@@ -27,9 +27,11 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from lora_ppo.generation.folded import sampler_agrees
 from lora_ppo.ppo.rollout import Rollout
 from lora_ppo.rl.losses import entropy_loss, kl_loss, loss_normalizers, policy_loss, value_loss
 from lora_ppo.rl.masked import masked_sum
+from lora_ppo.rl.sampler_correction import sampler_weights
 from lora_ppo.runtime.dist import all_sum, world_size
 
 # Token-weighted statistics, summed as stat * tokens over micro-batches (see MicroStats).
@@ -83,7 +85,8 @@ def micro_batch_loss(engine, micro: Rollout, ppo, algorithm, normalizer: torch.T
         entropy_grad=ppo.ent_coef > 0)
     mask = loss_mask(micro, ppo.mask_truncated_completions)
     pl = policy_loss(logprobs, micro.logprobs, micro.advantages, mask, ppo.cliprange, normalizer,
-                     ppo.cliprange_high, ppo.importance_sampling_level)
+                     ppo.cliprange_high, ppo.importance_sampling_level,
+                     sampler_correction(engine.module, micro, ppo))
     # PPO objective (Schulman et al. 2017 eq. 9): L_clip - c1 L_vf + c2 S, as a loss to minimise;
     # GRPO adds beta * KL to the reference (Shao et al. 2024, eq. 3) when the KL is in the loss.
     loss = pl.loss
@@ -107,14 +110,28 @@ def micro_batch_loss(engine, micro: Rollout, ppo, algorithm, normalizer: torch.T
     return loss, MicroStats(*stats.tolist())
 
 
+def sampler_correction(ac, ro: Rollout, ppo) -> Optional[torch.Tensor]:
+    """(B, R) importance weights pi_old / pi_sampler of `ro`'s tokens (ppo.sampler_importance_
+    sampling_*; rl/sampler_correction.py), or None where none apply: the correction is off, the
+    rollout has no sampler log-probs, or the sampler's distribution is the scored one (an fp32
+    policy without autocast: its log-probs are the old log-probs, every weight 1)."""
+    if (not ppo.sampler_importance_sampling_correction or ro.sampler_logprobs is None
+            or sampler_agrees(ac)):
+        return None
+    return sampler_weights(ro.logprobs, ro.sampler_logprobs, ro.action_mask,
+                           ppo.sampler_importance_sampling_mode,
+                           ppo.sampler_importance_sampling_clip_max,
+                           ppo.sampler_importance_sampling_clip_min)
+
+
 def loss_mask(ro: Rollout, mask_truncated: bool) -> torch.Tensor:
     """(B, R): the response tokens that enter the losses and their normalisers: every one, or
     with ppo.mask_truncated_completions only those of responses that ended with EOS (DAPO's
     overlong filtering, Yu et al. 2025 §3.4; TRL's mask_truncated_completions). The forward still
     sees every token."""
     if not mask_truncated:
-        return ro.response_mask
-    return ro.response_mask * ro.has_eos[:, None].to(ro.response_mask.dtype)
+        return ro.action_mask
+    return ro.action_mask * ro.has_eos[:, None].to(ro.response_mask.dtype)
 
 
 def _token_mean(stats: list[MicroStats], key: str) -> float:

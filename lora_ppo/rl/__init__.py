@@ -16,6 +16,7 @@ from lora_ppo.rl.losses import (
 )
 from lora_ppo.rl.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from lora_ppo.rl.rewards import RunningMoments, compute_rewards, last_token_index, shape_scores
+from lora_ppo.rl.sampler_correction import sampler_mismatch, sampler_weights
 
 __all__ = [
     "AdaptiveKLController",
@@ -36,6 +37,8 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "policy_loss",
+    "sampler_mismatch",
+    "sampler_weights",
     "shape_scores",
     "value_loss",
 ]

@@ -97,6 +97,7 @@ def policy_loss(
     normalizer: Normalizer = None,
     cliprange_high: float | None = None,
     level: str = "token",
+    weights: Tensor | None = None,
 ) -> PolicyLossOut:
     """PPO clipped surrogate (Schulman et al. 2017, arXiv:1707.06347, eq. 7), as a loss.
 
@@ -107,6 +108,8 @@ def policy_loss(
     mean of its token ratios, clipped once per response (GSPO, Zheng et al. 2025,
     arXiv:2507.18071, eq. 7; its gradient flows to every token, eq. 10). Stats are detached
     scalars; `approx_kl` is of the token ratios, `ratio_mean` of the ratios the loss used.
+    `weights` (B, T), constants: each token's loss times its importance weight for the sampler's
+    distribution (rl/sampler_correction.py, TRL's per_token_loss * importance_sampling_ratio).
     """
     real = mask > 0
     # Zero the log-ratio on padding first so exp() of garbage there can't give inf * 0 = NaN grads.
@@ -122,7 +125,10 @@ def policy_loss(
     high = cliprange if cliprange_high is None else cliprange_high
     pg_losses = -advantages * ratio
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + high)
-    loss = _token_mean(torch.maximum(pg_losses, pg_losses_clipped), mask, normalizer)
+    per_token = torch.maximum(pg_losses, pg_losses_clipped)
+    if weights is not None:
+        per_token = per_token * weights.detach()
+    loss = _token_mean(per_token, mask, normalizer)
     with torch.no_grad():
         # clipfrac as in baselines ppo2 / lm-human-preferences: the clipped branch is the max.
         clipfrac = masked_mean((pg_losses_clipped > pg_losses).to(ratio.dtype), mask)

@@ -73,18 +73,52 @@ def shutdown_distributed(code: int = 0) -> int:
     os._exit(code)
 
 
+LAUNCHERS = ("`torchrun --nproc_per_node N -m lora_ppo ...`, `deepspeed --num_gpus N --module "
+             "lora_ppo ...` or `accelerate launch --multi_gpu --num_processes N -m lora_ppo ...`")
+
+
+def check_launch(env=os.environ) -> None:
+    """Refuse a launch that would silently run another number of processes than asked, or
+    settings lora_ppo does not read (what accelerate 1.16 does, tested on CPU):
+
+    `accelerate launch --num_processes N` starts N processes the torchrun way (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_*: read below) only with --multi_gpu, --use_deepspeed or on a machine with
+    several GPUs; otherwise its simple launcher runs ONE process, with ACCELERATE_USE_CPU and,
+    when more were asked, MASTER_ADDR but no RANK. MPI launchers set their own variables
+    (OMPI_COMM_WORLD_SIZE, PMI_SIZE) and no RANK: each process would train alone. Its DeepSpeed
+    flags (ACCELERATE_DEEPSPEED_*) would be ignored: deepspeed.config decides."""
+    if "RANK" not in env:
+        if "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env:
+            raise UserError("accelerate launch started 1 process, not the --num_processes asked "
+                            "for (it starts several only with --multi_gpu, or on a machine with "
+                            f"several GPUs); use {LAUNCHERS}")
+        for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+            if env.get(var, "1").isdigit() and int(env.get(var, "1")) > 1:
+                raise UserError(f"{var}={env[var]}: started by MPI, but lora-ppo takes its rank "
+                                f"from RANK/WORLD_SIZE as torchrun and deepspeed set them; use "
+                                f"{LAUNCHERS}")
+    ds_flags = sorted(k for k in env if k.startswith("ACCELERATE_DEEPSPEED_"))
+    if ds_flags:
+        raise UserError(f"accelerate's DeepSpeed settings are not read ({ds_flags[0]}="
+                        f"{env[ds_flags[0]]}): lora-ppo's is deepspeed.config (zero0..zero3, "
+                        "zero2_offload or a JSON file); set it there and launch without them")
+
+
 def setup_distributed() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed; idempotent; call before importing deepspeed.
 
     Under the `deepspeed` launcher or `torchrun`, RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* come from
     the environment (the `--local_rank=N` argument the deepspeed launcher also passes is ignored
-    by the CLI; LOCAL_RANK carries the same number). A plain process gets a world of size 1.
+    by the CLI; LOCAL_RANK carries the same number); `accelerate launch --multi_gpu` sets them
+    as torchrun does (check_launch refuses its other launches). A plain process gets a world of
+    size 1.
     """
     if not torch.cuda.is_available() and "DS_ACCELERATOR" not in os.environ:
         # DeepSpeed picks its accelerator once, at import; without this it probes for CUDA/XPU/...
         # and warns. Set only when unset, so a user's choice wins.
         os.environ["DS_ACCELERATOR"] = "cpu"
         logger.info("no CUDA device: running DeepSpeed on CPU (DS_ACCELERATOR=cpu), backend gloo")
+    check_launch()
     if "RANK" not in os.environ:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                           RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
@@ -168,3 +202,14 @@ def broadcast_object(obj):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order (a list of `obj` alone with one rank): what differs
+    between ranks and must be known to all, e.g. the names of the metrics each rank's reward
+    function logged."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -131,11 +132,41 @@ def fill_ds_config(raw: dict, *, micro_batch_size: int, grad_accum_steps: int, w
                             f"{training_source(fields)[key]} = {shown}; "
                             "write \"auto\" or change one of them")
         node[leaf] = expected
+    autocast_dtype(out, precision, source)  # refuses a torch_autocast block that cannot work
     left = [p for p in _auto_paths(out) if p not in _DS_OWN_AUTO]
     if left:
         raise UserError(f"{source}: {', '.join(left)} is \"auto\" but lora_ppo only fills "
                         f"{', '.join(wanted)}; write a value")
     return out
+
+
+# DeepSpeed's names of the dtypes torch autocast computes in (runtime/config.py DtypeEnum).
+AUTOCAST_DTYPES = {name: torch.bfloat16 for name in ("bf16", "bfloat16", "torch.bfloat16")} | {
+    name: torch.float16 for name in ("fp16", "float16", "half", "torch.float16")}
+
+
+def autocast_dtype(ds_config: dict, precision: str = "fp32", source: str = "deepspeed config"
+                   ) -> Optional[torch.dtype]:
+    """The dtype of the config's torch autocast, or None without one: DeepSpeed 0.19 enters
+    `torch.autocast(device, dtype)` around every engine forward when `torch_autocast.enabled`
+    (engine.py::forward, runtime/torch_autocast.py::autocast_if_enabled; on a CPU too, as
+    `cpu`), with fp32 weights and optimizer: torch's mixed precision. DeepSpeed calls it the
+    alternative to its own bf16/fp16 sections ("to use torch's native autocast instead,
+    configure the torch_autocast section"), so with deepspeed.precision bf16 or fp16 it is
+    refused, as is a dtype it does not name (autocast would pick the device's default)."""
+    block = ds_config.get("torch_autocast")
+    if not isinstance(block, dict) or block.get("enabled", False) is not True:
+        return None
+    if precision != "fp32":
+        raise UserError(f"{source}: torch_autocast.enabled=true with deepspeed.precision="
+                        f"{precision}: torch autocast is DeepSpeed's alternative to its {precision}"
+                        " mixed precision, not an addition; set deepspeed.precision=fp32 (fp32 "
+                        "weights, forwards under autocast) or remove the torch_autocast block")
+    name = block.get("dtype")
+    if name not in AUTOCAST_DTYPES:
+        raise UserError(f"{source}: torch_autocast.dtype={json.dumps(name)} is not a dtype "
+                        "autocast computes in; write \"bfloat16\" or \"float16\"")
+    return AUTOCAST_DTYPES[name]
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -196,10 +227,17 @@ def run_ds_config(cfg, world_size: int, device: torch.device, section: str,
         batch, micro = train.batch_size, train.micro_batch_size
         names = (f"{section}.train.batch_size", f"{section}.train.micro_batch_size")
     raw, source = read_ds_config(cfg.deepspeed.config)
+    precision = resolve_precision(cfg.deepspeed.precision, device)
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if asked != "no" and asked != precision:
+        # `accelerate launch --mixed_precision` only sets this variable, which nothing here reads
+        raise UserError(f"accelerate launch --mixed_precision {asked}, but this run trains in "
+                        f"{precision} (deepspeed.precision={cfg.deepspeed.precision}); set "
+                        f"deepspeed.precision={asked} in the config, or launch without the flag")
     out = fill_ds_config(
         raw, micro_batch_size=micro, grad_accum_steps=batch // micro, world_size=world_size,
         max_grad_norm=getattr(cfg, section).optim.max_grad_norm,
-        precision=resolve_precision(cfg.deepspeed.precision, device), source=source,
+        precision=precision, source=source,
         fields=(*names, f"{section}.optim.max_grad_norm"))
     refuse_unsupported(zero_stage(out), quantized, world_size)
     validate(out, source)

@@ -199,6 +199,14 @@ def _logits_bytes(rows: int, vocab: int, s: int) -> int:
     return rows * vocab * (4 + (s if s < 4 else 0))
 
 
+def own_logits_bytes(positions: int, vocab: int, s: int, grad: bool) -> int:
+    """What the model's own forward's logits add where lora_ppo takes them (a post-processing
+    of the head's output it does not know; ActorCritic.use_own_logits): the (positions, V)
+    logits whole in the activation dtype, and with a gradient as much again for what that
+    post-processing keeps for its backward (one tensor, e.g. a tanh's output)."""
+    return positions * vocab * s * (2 if grad else 1)
+
+
 def _scoring_bytes(arch: Arch, sh: Shapes, s: int, chunk: int) -> int:
     """No grad, one generation batch: the trunk's output, then the widest of one layer and one
     logits chunk."""
@@ -246,8 +254,10 @@ def _update_bytes(cfg, arch: Arch, sh: Shapes, s: int, trainable: int) -> tuple[
 
 
 def estimate_memory(cfg, arch: Arch, device: str = "gpu",
-                    shapes: Optional[Shapes] = None) -> MemoryEstimate:
-    """Predicted peak of each phase of an update (see the module docstring for what is counted)."""
+                    shapes: Optional[Shapes] = None, own_logits: bool = False) -> MemoryEstimate:
+    """Predicted peak of each phase of an update (see the module docstring for what is counted).
+    `own_logits`: the run takes the model's own forward's logits (`own_logits_bytes`), as the
+    setup's check decides for a family whose logit post-processing lora_ppo does not know."""
     if device not in ("gpu", "cpu"):
         raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
     sh = shapes or shapes_from_config(cfg)
@@ -275,6 +285,9 @@ def estimate_memory(cfg, arch: Arch, device: str = "gpu",
     scoring = _scoring_bytes(arch, sh, s, chunk_rows(arch.vocab, cfg.model.logits_chunk_mib))
     saved, update = _update_bytes(cfg, arch, sh, s, trainable)
     gb = sh.generation_batch
+    if own_logits:
+        update += own_logits_bytes(sh.micro_batch * sh.new_tokens, arch.vocab, s, grad=True)
+        scoring += own_logits_bytes(gb * sh.new_tokens, arch.vocab, s, grad=False)
 
     # bitsandbytes dequantizes one linear's weight to the compute dtype for each matmul with
     # more than one row (bitsandbytes/autograd/_functions.py, matmul_4bit / MatMul8bitLt).
@@ -322,7 +335,7 @@ class Suggestion(NamedTuple):
 
 
 def suggest_batch_sizes(cfg, arch: Arch, gpu_mib: float, device: str = "gpu",
-                        headroom: float = 0.1) -> Suggestion:
+                        headroom: float = 0.1, own_logits: bool = False) -> Suggestion:
     """The largest micro_batch_size (a divisor of ppo.minibatch_size) and generation_batch_size
     (a divisor of rollout.prompts_per_update) whose phases fit in (1 - headroom) * gpu_mib.
 
@@ -334,7 +347,7 @@ def suggest_batch_sizes(cfg, arch: Arch, gpu_mib: float, device: str = "gpu",
 
     def est(mb: int, gb: int) -> MemoryEstimate:
         return estimate_memory(cfg, arch, device, dataclasses.replace(
-            base, micro_batch=mb, generation_batch=gb))
+            base, micro_batch=mb, generation_batch=gb), own_logits)
 
     micro = next((m for m in _divisors_desc(cfg.ppo.minibatch_size)
                   if est(m, 1).phases["update"] <= budget), None)
@@ -364,10 +377,10 @@ def format_table(est: MemoryEstimate, sug: Optional[Suggestion] = None,
     return "\n".join(lines)
 
 
-def report(cfg, arch: Arch, device: str, gpu_mib: float) -> dict:
+def report(cfg, arch: Arch, device: str, gpu_mib: float, own_logits: bool = False) -> dict:
     """Everything `lora-ppo estimate --json` prints, in MiB."""
-    est = estimate_memory(cfg, arch, device)
-    sug = suggest_batch_sizes(cfg, arch, gpu_mib, device)
+    est = estimate_memory(cfg, arch, device, own_logits=own_logits)
+    sug = suggest_batch_sizes(cfg, arch, gpu_mib, device, own_logits=own_logits)
     return {"device": device, "arch": arch.__dict__,
             "params": param_counts(arch).total,
             "lora_params_per_adapter": lora_param_count(arch, cfg.lora.r, cfg.lora.target_modules),

@@ -20,17 +20,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from peft import PeftModel, get_peft_model
 
 from lora_ppo.config import Config
 from lora_ppo.config.load import save_config
-from lora_ppo.errors import UserError
+from lora_ppo.errors import Interrupted, UserError
 from lora_ppo.io import checkpoint as ck
 from lora_ppo.io.atomic import atomic_output_dir
-from lora_ppo.io.data import encode_prompts, hold_out, render_prompt
+from lora_ppo.io.data import (
+    check_chat_template,
+    encode_prompts,
+    hold_out,
+    render_prompt,
+    template_messages,
+)
 from lora_ppo.io.metrics import MetricsLogger, check_logging, peak_memory_mib
 from lora_ppo.io.run_dir import Start, clear, earlier_run
 from lora_ppo.modeling.actor_critic import adapter_fits, check_adapter_dir, lora_config
@@ -44,36 +50,47 @@ from lora_ppo.modeling.lora_grad import lora_b_grads_in_fast_order
 from lora_ppo.runtime.dist import DistInfo, seed_everything, setup_distributed
 from lora_ppo.runtime.ds_config import run_ds_config
 from lora_ppo.runtime.engine import create_engine, gathered_trainable
-
-# Fields a stage checkpoint is tied to: they change saved shapes or what the weights mean.
-STAGE_MUST_MATCH = ("lora.r", "lora.alpha", "lora.target_modules",
-                    "reward_model.init_adapter", "reward_model.margin_column")
-
+from lora_ppo.runtime.interrupt import StopSignal
 
 # -- data -------------------------------------------------------------------------------------
 
-def encode_pair(tokenizer, prompt: str, response: str, *, chat_template: bool, append_eos: bool,
-                max_prompt_length: int, max_length: int) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer, prompt: Union[str, list], response: Union[str, list], *,
+                chat_template: bool, append_eos: bool, max_prompt_length: int,
+                max_length: int) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids) of one example, cut to fit.
 
     The prompt is cut from the left to `max_prompt_length` (as PPO cuts it), then the response
-    at the end to `max_length` in all. With a chat template, the response is what the template
-    renders after the generation prompt (for the tiny model: " text</s>\\n").
+    at the end to `max_length` in all. A prompt is a string or a conversation, a response a
+    string or the messages that follow the prompt (TRL's conversational format). With a chat
+    template (always for a conversation), the prompt is rendered as PPO renders it, ending where
+    the assistant's reply begins, and the response is what the template renders after that (for
+    the tiny model: " text</s>\\n"; a string response is one assistant message).
     """
-    head = render_prompt(tokenizer, prompt, chat_template)
-    (p_ids,) = encode_prompts(tokenizer, [head], chat_template, max_prompt_length)
-    if chat_template:
-        user = [{"role": "user", "content": prompt}]
-        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}],
-                                             tokenize=False)
+    templated = chat_template or not isinstance(prompt, str) or not isinstance(response, str)
+    head = render_prompt(tokenizer, prompt, templated)
+    (p_ids,) = encode_prompts(tokenizer, [head], templated, max_prompt_length)
+    if templated:
+        before = ([{"role": "user", "content": prompt}] if isinstance(prompt, str)
+                  else template_messages(prompt))
+        after = ([{"role": "assistant", "content": response}] if isinstance(response, str)
+                 else template_messages(response))
+        full = tokenizer.apply_chat_template(before + after, tokenize=False)
         if not full.startswith(head):
+            plain = isinstance(prompt, str) and isinstance(response, str)
+            fix = "set chat_template=false" if plain else "its prompt and response cannot be split"
             raise UserError("the chat template does not render the prompt as a prefix of the "
-                            "conversation; set chat_template=false")
+                            f"conversation; {fix}")
         response = full[len(head):]
     r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if append_eos and tokenizer.eos_token_id not in r_ids:
         r_ids = r_ids + [tokenizer.eos_token_id]
     return p_ids, r_ids[:max_length - len(p_ids)]
+
+
+def check_conversations(tokenizer, rows: list[dict], keys: tuple[str, ...], field: str) -> None:
+    """One line if a row holds a conversation and the tokenizer has no chat template."""
+    if any(not isinstance(r[k], str) for r in rows for k in keys):
+        check_chat_template(tokenizer, True, field)
 
 
 # -- setup ------------------------------------------------------------------------------------
@@ -100,12 +117,14 @@ class Stage:
         return getattr(self.cfg, self.name)
 
 
-def setup_stage(cfg: Config, name: str, read_rows: Callable[[str, str], list[dict]],
-                resume: Optional[str], overwrite: bool) -> tuple[Stage, list[dict], list[dict]]:
+def setup_stage(cfg: Config, name: str, read_rows: Callable[[Any, str], list[dict]],
+                resume: Optional[str], overwrite: bool, dataset=None, eval_dataset=None
+                ) -> tuple[Stage, list[dict], list[dict]]:
     """Distributed init, seeds, tokenizer, the filled DeepSpeed config, and the stage's rows as
-    `read_rows(spec, field)` reads them, split into training and held-out rows (no model yet).
-    An earlier run of the stage in output_dir is refused unless `resume` or `overwrite`
-    (io/run_dir.py); nothing is written here."""
+    `read_rows(spec, field)` reads them, split into training and held-out rows (no model yet);
+    `dataset` / `eval_dataset` (a datasets.Dataset or a list of dicts) stand in for the
+    section's data / eval.data. An earlier run of the stage in output_dir is refused unless
+    `resume` or `overwrite` (io/run_dir.py); nothing is written here."""
     sec = getattr(cfg, name)
     run_dir = Path(cfg.output_dir) / name
     start = earlier_run(cfg.output_dir, name, resume, overwrite, run_dir)
@@ -116,8 +135,10 @@ def setup_stage(cfg: Config, name: str, read_rows: Callable[[str, str], list[dic
     check_logging(cfg.logging)
     ds_config = run_ds_config(cfg, dist.world_size, dist.device, name,
                               quantization_mode(cfg.quantization, dist.device.type) != "none")
-    eval_rows = read_rows(sec.eval.data, f"{name}.eval.data") if sec.eval.data else None
-    train_rows, eval_rows = hold_out(read_rows(sec.data, f"{name}.data"), eval_rows,
+    eval_spec = eval_dataset if eval_dataset is not None else sec.eval.data
+    eval_rows = read_rows(eval_spec, f"{name}.eval.data") if eval_spec is not None else None
+    train_spec = dataset if dataset is not None else sec.data
+    train_rows, eval_rows = hold_out(read_rows(train_spec, f"{name}.data"), eval_rows,
                                      sec.eval.size, cfg.seed, f"{name}.eval.size")
     st = Stage(cfg=cfg, name=name, dist=dist, tokenizer=tokenizer, model_path=model_path,
                ds_config=ds_config, run_dir=run_dir, start=start)
@@ -183,35 +204,43 @@ def fit(st: Stage, n_train: int, train_step: Callable[[list[int]], dict],
 
     `train_step(row indices)` runs one optimizer step and returns its metrics, already reduced
     over ranks, with "tokens/all" (tokens of all ranks); `evaluate()` returns the held-out
-    metrics; `write_output(dir)` writes the stage's adapter into an empty directory.
+    metrics; `write_output(dir)` writes the stage's adapter into an empty directory. At SIGINT
+    or SIGTERM it stops after the current step with a checkpoint (runtime/interrupt.py).
     """
     sec, rank, world = st.section, st.dist.rank, st.dist.world_size
     bs = sec.train.batch_size
     logger = MetricsLogger(st.run_dir, st.cfg, st.total_steps, st.step, enabled=rank == 0,
                            desc=st.name, unit="step", bar_keys=bar_keys)
     logger.truncate_after(st.step)
-    while st.step < st.total_steps:
-        epoch, k = divmod(st.step, st.steps_per_epoch)
-        start = k * bs * world + rank * bs
-        idx = epoch_order(n_train, st.cfg.seed, epoch)[start:start + bs]
-        # step 1. forward/backward over the micro-batches, one optimizer step
-        t0 = time.perf_counter()
-        row = train_step(idx)
-        st.step += 1
-        dt = time.perf_counter() - t0
-        row.update({"step": st.step, "epoch": st.step / st.steps_per_epoch,
-                    "lr": st.engine.get_lr()[0], "time/step_s": dt,
-                    "tokens_per_s": row.pop("tokens/all") / max(dt, 1e-9),
-                    "memory/peak_mib": peak_memory_mib(st.dist.device)})
-        # step 2. evaluate on the held-out rows
-        last = st.step == st.total_steps
-        if evaluate is not None and (last or (sec.eval.every and st.step % sec.eval.every == 0)):
-            row.update(evaluate())
-        logger.log(row)
-        # step 3. checkpoint
-        every = st.cfg.checkpoint.every
-        if last or (every and st.step % every == 0):
-            save_checkpoint(st, write_output)
+    with StopSignal() as stop:  # Ctrl-C / SIGTERM: stop after the step, with a checkpoint
+        while st.step < st.total_steps:
+            epoch, k = divmod(st.step, st.steps_per_epoch)
+            start = k * bs * world + rank * bs
+            idx = epoch_order(n_train, st.cfg.seed, epoch)[start:start + bs]
+            # step 1. forward/backward over the micro-batches, one optimizer step
+            t0 = time.perf_counter()
+            row = train_step(idx)
+            st.step += 1
+            dt = time.perf_counter() - t0
+            row.update({"step": st.step, "epoch": st.step / st.steps_per_epoch,
+                        "lr": st.engine.get_lr()[0], "time/step_s": dt,
+                        "tokens_per_s": row.pop("tokens/all") / max(dt, 1e-9),
+                        "memory/peak_mib": peak_memory_mib(st.dist.device)})
+            # step 2. evaluate on the held-out rows
+            last = st.step == st.total_steps
+            if evaluate is not None and (last or (sec.eval.every
+                                                  and st.step % sec.eval.every == 0)):
+                row.update(evaluate())
+            logger.log(row)
+            # step 3. checkpoint; at a signal, one now and stop
+            every, saved = st.cfg.checkpoint.every, None
+            if last or (every and st.step % every == 0):
+                saved = save_checkpoint(st, write_output)
+            signum = None if last else stop.requested()  # collective: every rank alike
+            if signum:
+                path = saved or save_checkpoint(st, write_output)
+                logger.close()
+                raise Interrupted(signum, st.step, path, unit="step")
     logger.close()
     # step 4. the stage's output adapter, whole or not at all
     with gathered_trainable(st.engine):  # collective under ZeRO-3: every rank enters
@@ -264,7 +293,7 @@ def load_checkpoint(st: Stage, path: Path) -> None:
     if c.state.get("stage") != st.name:
         raise UserError(f"checkpoint {c.path} is from stage {c.state.get('stage', 'train')!r}, not "
                         f"{st.name!r}; resume it with its own command")
-    ck.check_fit(c, st.cfg, st.model_path, STAGE_MUST_MATCH, stage_facts(st))
+    ck.check_fit(c, st.cfg, st.model_path, stage_facts(st), st.name)
     ck.load_engine_state(c, st.engine)
     st.step = int(c.state["step"])
     torch.set_rng_state(torch.load(c.path / f"rank-{st.dist.rank}.pt")["torch"])

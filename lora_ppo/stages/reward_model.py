@@ -28,12 +28,13 @@ from torch import nn
 
 from lora_ppo.config import Config
 from lora_ppo.errors import UserError
-from lora_ppo.io.data import read_rows
-from lora_ppo.modeling.actor_critic import position_ids_from_mask
+from lora_ppo.io.data import read_table, require_columns, require_text, require_values, shown
 from lora_ppo.modeling.heads import REWARD_HEAD_FILE, ScalarHead
+from lora_ppo.modeling.packing import position_ids_from_mask
 from lora_ppo.rl.rewards import last_token_index
 from lora_ppo.runtime.dist import all_sum
 from lora_ppo.stages.common import (
+    check_conversations,
     encode_pair,
     fit,
     load_stage_model,
@@ -76,24 +77,62 @@ class Pair(NamedTuple):
 
 
 def read_pairs(spec: str, sec, field: str) -> list[dict]:
-    """Rows {"prompt", "chosen", "rejected", "margin"}."""
-    names = ["prompt_column", "chosen_column", "rejected_column"] + (
+    """Rows {"prompt", "chosen", "rejected", "margin", "implicit"} in TRL's preference formats:
+    an explicit prompt column, or (data without one) the prompt implicit in both responses,
+    their shared beginning (`split_shared_prompt`); strings or conversations."""
+    rows = read_table(spec, field)
+    where = f"{field}={shown(spec)}"
+    implicit = sec.prompt_column not in rows[0]
+    names = ([] if implicit else ["prompt_column"]) + ["chosen_column", "rejected_column"] + (
         ["margin_column"] if sec.margin_column else [])
-    section = field.split(".")[0]  # reward_model
-    rows = read_rows(spec, {getattr(sec, n): f"{section}.{n}" for n in names}, field)
+    columns = {getattr(sec, n): f"reward_model.{n}" for n in names}
+    require_columns(rows, columns, where)
+    require_values(rows, columns, where)
     out = []
-    for r in rows:
+    for i, r in enumerate(rows):
         m = float(r[sec.margin_column]) if sec.margin_column else sec.margin
         if not math.isfinite(m):
-            raise UserError(f"{field}={spec}: margin {m} in column {sec.margin_column!r} is not "
+            raise UserError(f"{where}: margin {m} in column {sec.margin_column!r} is not "
                             "finite; fix the data")
-        out.append({"prompt": r[sec.prompt_column], "chosen": r[sec.chosen_column],
-                    "rejected": r[sec.rejected_column],
-                    "margin": m})
+        for c in columns:
+            if c != sec.margin_column:
+                require_text(r[c], where, f"row {i}'s value in column {c!r}")
+        chosen, rejected = r[sec.chosen_column], r[sec.rejected_column]
+        if implicit:
+            prompt, chosen, rejected = split_shared_prompt(chosen, rejected, where, i)
+        else:
+            prompt = r[sec.prompt_column]
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": m,
+                    "implicit": implicit})
     return out
 
 
+def split_shared_prompt(chosen, rejected, where: str, i: int) -> tuple:
+    """(prompt, chosen, rejected) of a pair whose prompt is implicit: the beginning both share
+    (TRL's `extract_prompt`). Conversations part at the first message that differs, and both
+    responses must begin with an assistant message there. Strings part at the last whitespace
+    before the first character that differs, that whitespace going to the responses, so each
+    response starts at a word, as the policy's responses start after a prompt (TRL moves one
+    space back only, and can part them inside a word)."""
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise UserError(f"{where}: row {i}'s chosen and rejected are not both strings or both "
+                        "conversations; give one kind")
+    n = next((k for k, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
+             min(len(chosen), len(rejected)))
+    if isinstance(chosen, str):
+        cut = max((k for k in range(n) if chosen[k].isspace()), default=0)
+        while cut and chosen[cut - 1].isspace():  # the whole run of whitespace ("\n\n")
+            cut -= 1
+        return chosen[:cut], chosen[cut:], rejected[cut:]
+    if n == 0 or not all(len(x) > n and x[n]["role"] == "assistant" for x in (chosen, rejected)):
+        raise UserError(f"{where}: row {i}'s chosen and rejected conversations do not share the "
+                        "messages before an assistant message of each, which would be the "
+                        "prompt; give a prompt column, or pairs that part at the assistant's reply")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
 def encode_pairs(tokenizer, rows: list[dict], sec, max_prompt_length: int) -> list[Pair]:
+    check_conversations(tokenizer, rows, ("prompt", "chosen", "rejected"), "reward_model.data")
     out = []
     for row in rows:
         seqs = []
@@ -154,14 +193,20 @@ def write_reward_adapter(model: RewardModel, out: Path) -> None:
     save_file(head, str(out / REWARD_HEAD_FILE))
 
 
-def train_reward(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> Path:
+def train_reward(cfg: Config, resume: Optional[str] = None, overwrite: bool = False, *,
+                 dataset=None, eval_dataset=None) -> Path:
     """Train the reward adapter; returns its directory. `resume`: "latest" or a checkpoint;
-    `overwrite`: replace an earlier reward-model run in output_dir (else it is refused)."""
+    `overwrite`: replace an earlier reward-model run in output_dir (else it is refused);
+    `dataset` / `eval_dataset`: rows in memory in place of reward_model.data / eval.data."""
     sec = cfg.reward_model
     st, train_rows, eval_rows = setup_stage(cfg, "reward_model",
                                             lambda spec, field: read_pairs(spec, sec, field),
-                                            resume, overwrite)
+                                            resume, overwrite, dataset, eval_dataset)
     tok, n_prompt = st.tokenizer, cfg.model.max_prompt_length
+    if st.dist.rank == 0 and any(r["implicit"] for r in train_rows + eval_rows):
+        print(f"reward_model: no column {sec.prompt_column!r}: each pair's prompt is the "
+              "beginning its chosen and rejected responses share (TRL's implicit prompt)",
+              flush=True)
     train = encode_pairs(tok, train_rows, sec, n_prompt)
     evals = encode_pairs(tok, eval_rows, sec, n_prompt) if eval_rows else []
     peft_model = load_stage_model(st, sec.init_adapter, "reward_model.init_adapter")

@@ -4,6 +4,8 @@
 
 The loss covers response tokens only (InstructGPT, Ouyang et al. 2022, sec. 3.5; TRL's SFTTrainer
 `completion_only_loss`): the prompt is context, not something the model should learn to write.
+A tool-calling transcript (a conversation with tool calls and tool messages) trains every
+assistant turn, its calls and its answer, and nothing else (lora_ppo/agents/transcripts.py).
 Its output, `<output_dir>/adapter/`, is a plain PEFT adapter dir; PPO starts from it with
 `model.init_adapter`, and it then also is PPO's frozen reference (actor_critic.py).
 
@@ -27,15 +29,25 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from lora_ppo.agents.render import check_template
+from lora_ppo.agents.tools import config_schemas
+from lora_ppo.agents.transcripts import encode_transcript, row_tools, transcript_row
 from lora_ppo.config import Config
 from lora_ppo.errors import UserError
-from lora_ppo.io.data import read_rows
-from lora_ppo.modeling.actor_critic import position_ids_from_mask
+from lora_ppo.io.data import read_table, require_columns, require_text, require_values, shown
 from lora_ppo.modeling.heads import frozen_weight, logits_transform
-from lora_ppo.modeling.packing import Attention, explicit_attentions, first_fit, mask_for, mask_to
+from lora_ppo.modeling.packing import (
+    Attention,
+    explicit_attentions,
+    first_fit,
+    mask_for,
+    mask_to,
+    position_ids_from_mask,
+)
 from lora_ppo.rl.logprobs import chunk_rows, logprobs_and_entropy_from_hidden
 from lora_ppo.runtime.dist import all_sum
 from lora_ppo.stages.common import (
+    check_conversations,
     encode_pair,
     fit,
     load_stage_model,
@@ -60,24 +72,71 @@ class Batch(NamedTuple):
 
 
 def read_pairs(spec: str, sec, field: str) -> list[dict]:
-    section = field.split(".")[0]  # sft
-    rows = read_rows(spec, {sec.prompt_column: f"{section}.prompt_column",
-                            sec.response_column: f"{section}.response_column"}, field)
-    return [{"prompt": r[sec.prompt_column], "response": r[sec.response_column]} for r in rows]
+    """Rows {"prompt", "response"}: the prompt and response columns (strings or conversations),
+    or, in data without the prompt column, the conversations of the messages column, each split
+    before its last message (`split_conversation`)."""
+    rows = read_table(spec, field)
+    where = f"{field}={shown(spec)}"
+    if sec.prompt_column not in rows[0] and sec.messages_column in rows[0]:
+        require_values(rows, [sec.messages_column], where)
+        # a conversation with tool calls trains every assistant turn (agents/transcripts.py)
+        return [transcript_row(None, r[sec.messages_column], r, f"{where}: row {i}")
+                or split_conversation(r[sec.messages_column], where,
+                                      f"row {i}'s conversation in column {sec.messages_column!r}")
+                for i, r in enumerate(rows)]
+    if sec.prompt_column not in rows[0]:
+        raise UserError(f"{where} has no column {sec.prompt_column!r} (columns: "
+                        f"{', '.join(rows[0])}); set sft.prompt_column to one of them, or "
+                        "sft.messages_column to a column of whole conversations")
+    columns = {sec.prompt_column: "sft.prompt_column", sec.response_column: "sft.response_column"}
+    require_columns(rows, columns, where)
+    require_values(rows, columns, where)
+    for i, r in enumerate(rows):
+        for c in columns:
+            require_text(r[c], where, f"row {i}'s value in column {c!r}")
+    return [transcript_row(r[sec.prompt_column], r[sec.response_column], r, f"{where}: row {i}")
+            or {"prompt": r[sec.prompt_column], "response": r[sec.response_column]}
+            for i, r in enumerate(rows)]
 
 
-def encode_examples(tokenizer, rows: list[dict], sec, max_prompt_length: int) -> list[Example]:
-    """Token ids and loss masks; examples whose response is cut away entirely are dropped."""
+def split_conversation(messages, where: str, what: str) -> dict:
+    """{"prompt": the messages before the last, "response": [the last]}: SFT on a whole
+    conversation trains on its last assistant turn, the earlier turns its context (TRL trains on
+    every token of it, or with `assistant_only_loss` on every assistant turn)."""
+    require_text(messages, where, what)
+    if isinstance(messages, str) or messages[-1]["role"] != "assistant" or len(messages) < 2:
+        raise UserError(f"{where}: {what} does not end with an assistant message after at least "
+                        "one other message; SFT trains on the last assistant message, in the "
+                        "context of those before it")
+    return {"prompt": messages[:-1], "response": messages[-1:]}
+
+
+def encode_examples(tokenizer, rows: list[dict], sec, max_prompt_length: int,
+                    tools: Optional[list[dict]] = None) -> list[Example]:
+    """Token ids and loss masks; examples whose response is cut away entirely are dropped.
+    A tool transcript (a row with "messages") trains every assistant turn of its response,
+    with the tools' schemas of its row, else `tools` (rollout.tools / rollout.environment)."""
+    check_conversations(tokenizer, [r for r in rows if "messages" not in r],
+                        ("prompt", "response"), "sft.data")
+    if any("messages" in r for r in rows):
+        check_template(tokenizer)
     out = []
     for row in rows:
-        p, r = encode_pair(tokenizer, row["prompt"], row["response"],
-                           chat_template=sec.chat_template, append_eos=sec.append_eos,
-                           max_prompt_length=max_prompt_length, max_length=sec.train.max_length)
-        mask = [0] * len(p) + [1] * len(r)
+        if "messages" in row:
+            ids, mask = encode_transcript(
+                tokenizer, row["messages"], row_tools(row["tools"], tools, row["where"]),
+                max_prompt_length=max_prompt_length, max_length=sec.train.max_length,
+                where=row["where"], train_from=row["train_from"])
+        else:
+            p, r = encode_pair(tokenizer, row["prompt"], row["response"],
+                               chat_template=sec.chat_template, append_eos=sec.append_eos,
+                               max_prompt_length=max_prompt_length,
+                               max_length=sec.train.max_length)
+            ids, mask = p + r, [0] * len(p) + [1] * len(r)
         if mask:
             mask[0] = 0  # the first token has no context to be predicted from (nor, packed, any)
         if sum(mask):
-            out.append(Example(p + r, mask))
+            out.append(Example(ids, mask))
     if len(out) < len(rows):
         log.warning("sft: %d of %d examples have no response token left after cutting to "
                     "sft.train.max_length and were dropped", len(rows) - len(out), len(rows))
@@ -156,16 +215,20 @@ def make_rows(examples: list[Example], packed: bool, max_length: int) -> list[li
             for row in first_fit([len(e.ids) for e in examples], max_length)]
 
 
-def train_sft(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> Path:
+def train_sft(cfg: Config, resume: Optional[str] = None, overwrite: bool = False, *,
+              dataset=None, eval_dataset=None) -> Path:
     """Run SFT; returns the output adapter directory. `resume`: "latest" or a checkpoint path;
-    `overwrite`: replace an earlier SFT run in output_dir (else it is refused)."""
+    `overwrite`: replace an earlier SFT run in output_dir (else it is refused); `dataset` /
+    `eval_dataset`: rows in memory in place of sft.data / sft.eval.data (lora_ppo.api)."""
     sec = cfg.sft
     st, train_rows, eval_rows = setup_stage(cfg, "sft",
                                             lambda spec, field: read_pairs(spec, sec, field),
-                                            resume, overwrite)
+                                            resume, overwrite, dataset, eval_dataset)
     tok, n_prompt, max_len = st.tokenizer, cfg.model.max_prompt_length, sec.train.max_length
-    train = make_rows(encode_examples(tok, train_rows, sec, n_prompt), sec.packing, max_len)
-    evals = make_rows(encode_examples(tok, eval_rows, sec, n_prompt), sec.packing,
+    tools = config_schemas(cfg.rollout)  # tool transcripts without a tools column use these
+    train = make_rows(encode_examples(tok, train_rows, sec, n_prompt, tools), sec.packing,
+                      max_len)
+    evals = make_rows(encode_examples(tok, eval_rows, sec, n_prompt, tools), sec.packing,
                       max_len) if eval_rows else []
     peft_model = load_stage_model(st)
     lm = peft_model.get_base_model()

@@ -107,3 +107,13 @@ def test_the_trl_grpo_preset_has_trl_1_16s_grpo_defaults():
     assert p.epochs == 1 and r.samples_per_prompt == 8 and r.temperature == 1.0
     assert p.minibatch_size == r.prompts_per_update * r.samples_per_prompt  # steps_per_generation = 1
     assert p.optim.lr_schedule == "linear" and not p.mask_truncated_completions
+
+
+def test_trls_field_names_point_at_lora_ppos():
+    """A TRL config's vllm_importance_sampling_* keys are told the field to write."""
+    with pytest.raises(UserError, match=r"did you mean ppo.sampler_importance_sampling_mode "
+                                        r"\(TRL's vllm_importance_sampling_mode\)"):
+        load_config(None, ["ppo.vllm_importance_sampling_mode=token_mask"])
+    with pytest.raises(UserError, match=r"ppo.sampler_importance_sampling_clip_min=4.0 must be "
+                                        r"below ppo.sampler_importance_sampling_clip_max=3.0"):
+        load_config(None, ["ppo.sampler_importance_sampling_clip_min=4.0"])

@@ -26,7 +26,10 @@ def files(tmp_path):
 
 @pytest.mark.parametrize("name", ["p.jsonl", "p.csv", "p.parquet", "p.txt"])
 def test_formats(files, name):
-    assert load_prompts(str(files / name), "q") == PROMPTS
+    rows = load_prompts(str(files / name), "q")
+    assert [r.prompt for r in rows] == PROMPTS
+    assert [r.columns for r in rows] == ([{"n": i} for i in range(3)] if name == "p.jsonl" else
+                                         [{}] * 3)
 
 
 @pytest.mark.parametrize("spec, column, match", [
@@ -48,7 +51,7 @@ def test_builtin_prompts(tmp_path, monkeypatch):
 
     monkeypatch.setenv("LORA_PPO_CACHE", str(tmp_path))
     prompts = load_prompts(str(data_file("data.prompts", "reviews", ("prompt",))), "prompt")
-    assert len(prompts) >= 100 and all(isinstance(p, str) and p for p in prompts)
+    assert len(prompts) >= 100 and all(isinstance(p.prompt, str) and p.prompt for p in prompts)
     with pytest.raises(UserError, match="does not exist"):
         load_prompts("builtin:reviews", "prompt")
 
@@ -83,3 +86,97 @@ def test_chat_template(tiny_model_dir):
     out = render_prompt(tok, "hello there", chat_template=True)
     assert "hello there" in out and out != "hello there"
     assert render_prompt(tok, "hello there", chat_template=False) == "hello there"
+
+
+# TRL's conversational format: a system message and earlier turns, kept by the chat template.
+CONVERSATIONS = [
+    {"prompt": [{"role": "system", "content": "You add numbers."},
+                {"role": "user", "content": "2 + 2 ="}], "answer": "4"},
+    {"prompt": [{"role": "user", "content": "1 + 1 ="}, {"role": "assistant", "content": "2"},
+                {"role": "user", "content": "and 5 + 5 ="}], "answer": "10"},
+]
+
+
+@pytest.fixture
+def tok(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _conversations(kind: str, tmp_path):
+    import datasets
+
+    if kind == "jsonl":
+        path = tmp_path / "c.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATIONS))
+    elif kind == "json":
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps(CONVERSATIONS))
+    elif kind == "parquet":
+        path = tmp_path / "c.parquet"
+        datasets.Dataset.from_list(CONVERSATIONS).to_parquet(str(path))
+    else:
+        return datasets.Dataset.from_list(CONVERSATIONS) if kind == "Dataset" else CONVERSATIONS
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet", "Dataset", "list"])
+def test_conversations_are_rendered_with_the_chat_template(tok, tmp_path, kind):
+    """A prompt column of message lists, from a file or from memory, is rendered as TRL renders
+    it (apply_chat_template with the generation prompt), the system message and earlier turns
+    kept; the row's other columns ride along with each prompt."""
+    from lora_ppo.io.data import encode_rows
+
+    rows = load_prompts(_conversations(kind, tmp_path), "prompt")
+    prompts = encode_rows(tok, rows, chat_template=False, max_length=64, field="data.prompts")
+    bos = tok.bos_token
+    # the tiny template (lora_ppo/builtin/tiny.py): "role: content" lines, "assistant:" opened
+    assert [p.text for p in prompts] == [
+        f"{bos}system: You add numbers.\nuser: 2 + 2 =\nassistant:",
+        f"{bos}user: 1 + 1 =\nassistant: 2{tok.eos_token}\nuser: and 5 + 5 =\nassistant:"]
+    for p, row in zip(prompts, CONVERSATIONS):
+        assert p.text == tok.apply_chat_template(row["prompt"], tokenize=False,
+                                                 add_generation_prompt=True)
+        assert list(p.ids) == tok(p.text, add_special_tokens=False)["input_ids"]
+        assert p.messages == row["prompt"] and dict(p.columns) == {"answer": row["answer"]}
+
+
+def test_string_prompts_are_read_as_before(tok):
+    """Plain strings: as is, or one user turn with data.chat_template; no conversation kept."""
+    from lora_ppo.io.data import encode, encode_rows
+
+    rows = load_prompts([{"prompt": p} for p in PROMPTS], "prompt")
+    for chat_template in (False, True):
+        prompts = encode_rows(tok, rows, chat_template, 16, "data.prompts")
+        texts = [render_prompt(tok, p, chat_template) for p in PROMPTS]
+        assert [(p.text, p.ids) for p in prompts] == \
+            [(p.text, p.ids) for p in encode(tok, texts, chat_template, 16)]
+        assert all(p.messages is None and not p.columns for p in prompts)
+
+
+def test_conversations_need_a_chat_template(tok):
+    from lora_ppo.io.data import encode_rows
+
+    tok.chat_template = None
+    rows = load_prompts(CONVERSATIONS, "prompt")
+    with pytest.raises(UserError, match=r"^data.prompts holds conversations \(lists of messages\) "
+                                        "but the tokenizer has no chat template to render them"):
+        encode_rows(tok, rows, False, 64, "data.prompts")
+    with pytest.raises(UserError, match="^data.chat_template=true but the tokenizer has no chat "
+                                        "template; set it false$"):
+        encode_rows(tok, load_prompts([{"prompt": "hi"}], "prompt"), True, 64, "data.prompts")
+
+
+@pytest.mark.parametrize("rows, match", [
+    ([{"prompt": 5}], r"row 0's prompt in column 'prompt' is 5, neither a string nor a list of "
+                      "messages"),
+    ([{"prompt": ["a", "b"]}], "row 0's prompt in column 'prompt' is \\['a', 'b'\\], neither"),
+    ([{"prompt": "a"}, {"prompt": [{"role": "user", "content": "b"}]}],
+     "row 0's prompt is a string and row 1's a list of messages; give one kind of prompt"),
+    ([{"prompt": "a", "answer": 1}, {"prompt": "b"}],
+     "row 1 has the columns prompt but row 0 has prompt, answer; give every row the same columns"),
+])
+def test_prompts_that_are_neither_strings_nor_conversations(rows, match):
+    with pytest.raises(UserError, match=match):
+        load_prompts(rows, "prompt")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, clean_env, run_cli, tiny_config
+from helpers import REPO, clean_env, make_adapter_dir, run_cli, tiny_config
 from safetensors.torch import load_file
 
 from lora_ppo.errors import UserError
@@ -45,6 +45,9 @@ ADAPTERS = {
                                    use_rslora=True)),
     "gpt2": ("gpt2", dict(target_modules=["c_attn", "c_proj", "c_fc"], lora_bias=True)),
     "phi3": ("phi3", dict(target_modules=["qkv_proj", "gate_up_proj", "o_proj", "down_proj"])),
+    "llama_dora": ("llama", dict(target_modules=["q_proj", "v_proj", "down_proj",
+                                                 "embed_tokens"], use_dora=True)),
+    "gpt2_dora": ("gpt2", dict(target_modules=["c_attn", "c_proj", "c_fc"], use_dora=True)),
 }
 IDS = torch.tensor([[1, 5, 9, 14, 3, 27, 40, 2]])
 
@@ -254,10 +257,10 @@ def test_bad_adapters_are_refused_with_one_line(bases, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(bases["llama"], dtype=torch.float32)
-    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)).save_pretrained(
-        tmp_path / "dora")
-    with pytest.raises(UserError, match="uses use_dora.*merge_and_unload"):
-        _stream(bases["llama"], tmp_path / "dora", tmp_path / "out1")
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], use_qalora=True)
+                   ).save_pretrained(tmp_path / "qalora")
+    with pytest.raises(UserError, match="uses use_qalora.*merge_and_unload"):
+        _stream(bases["llama"], tmp_path / "qalora", tmp_path / "out1")
     wrong = _adapter(bases["phi3"], tmp_path / "phi3-adapter", target_modules=["qkv_proj"])
     with pytest.raises(UserError, match="does not hold|has shape"):
         _stream(bases["llama"], wrong, tmp_path / "out2")
@@ -313,7 +316,7 @@ def test_dequantized_merge_behaves_like_the_4bit_model(q4, tmp_path):
     assert fp32.quantized_logit_diff < 1e-4 and fp32.max_tensor_diff <= 1e-6
     torch.testing.assert_close(_plain_logits(tmp_path / "deq32"), trained, rtol=0, atol=1e-4)
 
-    bf16 = merge(q4, tmp_path / "deq16", into="dequantized")  # the default dtype
+    bf16 = merge(q4, tmp_path / "deq16", dtype="bf16", into="dequantized")
     scale = max(1.0, trained.abs().max().item())
     bf16_gap = (_plain_logits(tmp_path / "deq16") - trained).abs().max().item()
     assert bf16.dtype == "bf16" and bf16_gap <= TOLERANCE["bf16"] * scale  # bf16 rounding only
@@ -416,3 +419,25 @@ def test_bench_merge_script_runs(tmp_path):
     assert run["returncode"] == 0 and run["base_shards"] > 1
     assert 0 < run["peak_rss_above_baseline_mib"] < run["peak_rss_mib"]
     shutil.rmtree(tmp_path / "cache")
+
+
+@pytest.mark.integration
+def test_a_run_started_from_a_dora_adapter_merges_into_what_it_trained(tiny_model_dir, tmp_path):
+    """Training accepts a DoRA starting adapter (and trains its magnitude); `lora-ppo merge` used
+    to refuse it (use_dora). Now its checks pass (peft's merge of sampled modules, logits on the
+    probe texts) and the merged model gives the trained policy's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    sft = make_adapter_dir(tiny_model_dir, tmp_path / "sft", seed=1, use_dora=True)
+    path = _trained_checkpoint(tiny_model_dir, tmp_path / "run", f"model.init_adapter={sft}")
+    report = merge(path, tmp_path / "merged", dtype="fp32")
+    assert report.max_logit_diff <= report.tolerance and report.max_tensor_diff <= 1e-6
+    base = _plain_logits(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    trained = PeftModel.from_pretrained(model, str(path / "policy")).eval()
+    assert any("lora_magnitude_vector" in n for n, _ in trained.named_parameters())
+    with torch.no_grad():
+        want = trained(input_ids=IDS).logits
+    assert (want - base).abs().max() > 1e-2
+    torch.testing.assert_close(_plain_logits(tmp_path / "merged"), want, rtol=0, atol=1e-5)

@@ -30,6 +30,10 @@ CASES = {
                          "mask_truncated_completions": True, "kl_coef": 0.0}),
     "gspo": ("grpo", 4, {"importance_sampling_level": "sequence", "cliprange": 3e-4,
                          "cliprange_high": 4e-4}),
+    # trajectories (issue 30): environment tokens in rank 1's long responses, so the ranks'
+    # counts of the policy's tokens differ; GAE over them, and GRPO's token mean
+    "gae_env": ("gae", 1, {}),
+    "grpo_env": ("grpo", 4, {"loss_aggregation": "token_mean"}),
 }
 ROWS = 16  # tests/rank_worker.py ROWS
 

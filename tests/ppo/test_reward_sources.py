@@ -10,6 +10,7 @@ from helpers import make_adapter_dir, tiny_config
 from lora_ppo.config.load import load_config
 from lora_ppo.errors import UserError
 from lora_ppo.generation.samples import left_pad
+from lora_ppo.io.data import Prompt
 from lora_ppo.modeling.actor_critic import build_actor_critic
 from lora_ppo.modeling.loading import load_base_model, load_tokenizer
 from lora_ppo.ppo.reward_sources import (
@@ -24,6 +25,7 @@ PROMPTS = ["review of the diner :", "my review of the movie :", "thoughts on the
 COMPLETIONS = [" the food was great .",
                " the plot was dull and the acting was wooden . skip this one",
                " solid"]
+AS_PROMPTS = [Prompt(p, ()) for p in PROMPTS]  # the reward sources' view: text, as the policy read it
 LENGTH_REWARD = ("def n_words(prompts, completions, **kw):\n"
                  "    return [len(c.split()) for c in completions]\n")
 
@@ -92,7 +94,7 @@ def test_model_reward_scores_the_decoded_text_with_its_own_tokenizer(rm_dir, pol
     assert rm_tok(text)["input_ids"] != policy_tok(text)["input_ids"]  # the vocabularies differ
     expected = _expected(rm_dir, label=1)
     src = ModelReward(str(rm_dir), None, label=1, generation_batch_size=2, device=CPU, dtype=torch.float32)
-    scores = src(PROMPTS, COMPLETIONS, _rollout_tensors(policy_tok))
+    scores = src(AS_PROMPTS, COMPLETIONS, _rollout_tensors(policy_tok))
     torch.testing.assert_close(scores, expected, rtol=0, atol=1e-5)
     # The policy's ids are not even valid input for the reward model (its vocab has 300 ids).
     assert max(max(ids) for ids in _rollout_tensors(policy_tok)["completion_ids"]) >= 300
@@ -105,7 +107,7 @@ def test_model_reward_label_and_a_pad_token_that_ends_a_text(rm_dir, policy_tok)
     last = src.tokenizer(PROMPTS[0] + COMPLETIONS[0])["input_ids"][-1]
     src.tokenizer.pad_token = src.tokenizer.convert_ids_to_tokens(last)
     src.model.config.pad_token_id = last
-    scores = src(PROMPTS, COMPLETIONS, _rollout_tensors(policy_tok))
+    scores = src(AS_PROMPTS, COMPLETIONS, _rollout_tensors(policy_tok))
     torch.testing.assert_close(scores, _expected(rm_dir, label=0), rtol=0, atol=1e-5)
     with pytest.raises(UserError, match="reward.model_label=2 but"):
         ModelReward(str(rm_dir), None, label=2, generation_batch_size=8, device=CPU, dtype=torch.float32)
@@ -120,7 +122,7 @@ def test_weighted_sum_of_a_function_and_a_model(rm_dir, policy_tok, tiny_model_d
     ac = build_actor_critic(cfg, load_base_model(cfg, str(tiny_model_dir), CPU))
     src = make_reward_source(cfg, ac)
     assert isinstance(src, WeightedReward)
-    scores = src(PROMPTS, COMPLETIONS, _rollout_tensors(policy_tok))
+    scores = src(AS_PROMPTS, COMPLETIONS, _rollout_tensors(policy_tok))
     words = torch.tensor([5.0, 13.0, 1.0])  # space-separated words, "." included
     model = _expected(rm_dir, label=1)
     torch.testing.assert_close(scores, 2.0 * words - 0.5 * model, rtol=0, atol=1e-5)
@@ -146,7 +148,7 @@ def test_weighted_sum_with_the_reward_adapter(policy_tok, tiny_model_dir, tmp_pa
     ac = build_actor_critic(cfg, load_base_model(cfg, str(tiny_model_dir), CPU))
     src = make_reward_source(cfg, ac)
     tensors = _rollout_tensors(policy_tok)
-    scores = src(PROMPTS, COMPLETIONS, tensors)
+    scores = src(AS_PROMPTS, COMPLETIONS, tensors)
     torch.testing.assert_close(scores, src.components["function"]
                                + 0.5 * src.components["adapter"])
     assert src.components["adapter"].abs().min() > 0

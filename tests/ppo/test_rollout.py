@@ -7,6 +7,7 @@ import torch
 from helpers import tiny_config
 
 from lora_ppo.generation.samples import left_pad, truncate_after_stop
+from lora_ppo.io.data import Prompt
 from lora_ppo.modeling.loading import is_gradient_checkpointing
 from lora_ppo.ppo.collect import collect
 from lora_ppo.ppo.loop import add_advantages, add_rewards, setup
@@ -126,7 +127,7 @@ def test_bad_rewards_name_function_and_sample(reward_file, spec, match):
     fn = FunctionReward(f"{reward_file}:{spec}")
     ids = {"prompt_ids": [[1]] * 3, "completion_ids": [[2]] * 3}
     with pytest.raises(RewardError, match=match):
-        fn(["p"] * 3, ["ok", "fine", "x"], ids)
+        fn([Prompt("p", (1,))] * 3, ["ok", "fine", "x"], ids)
 
 
 @pytest.mark.parametrize("spec, match", [

@@ -92,3 +92,23 @@ def test_gae_is_detached():
     values = VALUES.clone().requires_grad_(True)
     adv, ret = compute_gae(REWARDS, values, FULL, 1.0, 0.95)
     assert not adv.requires_grad and not ret.requires_grad
+
+
+def test_gae_over_an_environment_span_by_hand():
+    """A trajectory: model token, two environment tokens (a tool's reply: context, not actions),
+    two model tokens, padding. With the action mask the environment span is no time step: the
+    value after the model's first token is bootstrapped at its next model token (t3), and the
+    environment's positions get neither advantage nor return, whatever values sit there.
+
+        gamma 0.9, lam 0.8; model tokens t0, t3, t4; rewards 0, 0.1 (a KL term), 1.0 (score)
+        t4: delta = 1.0 + 0.9 * 0 - 0.8 = 0.2                 A4 = 0.2
+        t3: delta = 0.1 + 0.9 * 0.8 - 0.6 = 0.22              A3 = 0.22 + 0.72 * 0.2 = 0.364
+        t0: delta = 0 + 0.9 * 0.6 - 0.5 = 0.04 (V of t3)      A0 = 0.04 + 0.72 * 0.364 = 0.30208
+        returns A + V: 0.80208, 0.964, 1.0
+    """
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 0.1, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 9.0, -9.0, 0.6, 0.8, 7.0]])  # env and padding values: noise
+    action = torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0, 0.0]])
+    adv, ret = compute_gae(rewards, values, action, gamma=0.9, lam=0.8)
+    torch.testing.assert_close(adv, torch.tensor([[0.30208, 0.0, 0.0, 0.364, 0.2, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.80208, 0.0, 0.0, 0.964, 1.0, 0.0]]))

@@ -287,12 +287,28 @@ def test_fill_ds_config_replaces_auto_and_adds_missing():
     ({"optimizer": {"type": "AdamW"}}, ["remove the 'optimizer' block"]),
     ({"zero_optimization": {"reduce_bucket_size": "auto"}},
      ["zero_optimization.reduce_bucket_size is \"auto\""]),
+    ({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}},
+     ["torch_autocast.enabled=true with deepspeed.precision=bf16", "deepspeed.precision=fp32"]),
 ])
 def test_fill_ds_config_refuses(raw, words):
     with pytest.raises(UserError) as err:
         fill_ds_config(raw, **FILL)
     for w in words:
         assert w in str(err.value)
+
+
+def test_torch_autocast_block():
+    """Accepted over fp32 weights, its dtype named; refused without a dtype autocast takes."""
+    from lora_ppo.runtime.ds_config import autocast_dtype
+
+    fp32 = {**FILL, "precision": "fp32"}
+    filled = fill_ds_config({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, **fp32)
+    assert autocast_dtype(filled) == torch.bfloat16 and not filled["bf16"]["enabled"]
+    assert autocast_dtype(fill_ds_config({}, **fp32)) is None
+    assert autocast_dtype({"torch_autocast": {"enabled": False, "dtype": "fp16"}}) is None
+    with pytest.raises(UserError, match=r'torch_autocast.dtype="int8" is not a dtype autocast '
+                                        r'computes in; write "bfloat16" or "float16"'):
+        fill_ds_config({"torch_autocast": {"enabled": True, "dtype": "int8"}}, **fp32)
 
 
 def test_fill_ds_config_names_the_stage_fields():

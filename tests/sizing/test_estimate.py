@@ -191,6 +191,21 @@ def test_estimate_memory_by_hand(small_dir):
     assert e.peak == e.phases["update"]
 
 
+def test_the_models_own_logits_are_counted_where_setup_takes_them(small_dir):
+    """A family whose logit post-processing lora_ppo does not know trains on the model's own
+    forward's logits (ppo/seams.py), whole: in the update micro 2 x 4 new tokens x vocab
+    100 in bf16, twice (the logits, and what the post-processing keeps for its backward) =
+    3200 B; in scoring gen batch 4 x 4 x 100 x 2 B once = 3200 B."""
+    cfg, arch = small_cfg(small_dir), read_arch(str(small_dir))
+    plain, own = est.estimate_memory(cfg, arch, "gpu"), est.estimate_memory(cfg, arch, "gpu",
+                                                                            own_logits=True)
+    assert own.phases["update"] - plain.phases["update"] == 2 * 4 * 100 * 2 * 2
+    assert own.phases["scoring"] - plain.phases["scoring"] == 4 * 4 * 100 * 2
+    assert own.phases["generation"] == plain.phases["generation"]
+    report = est.report(cfg, arch, "gpu", 24576, own_logits=True)
+    assert report["phases_mib"]["update"] * 2**20 == pytest.approx(own.phases["update"])
+
+
 def test_a_shared_prompt_is_counted_once(small_dir):
     """GRPO, 4 samples per prompt sharing its encoding: a micro-batch of 2 holds the prompt once
     (8 + 2 * 4 = 16 tokens, not 2 * 12 = 24), a generation batch of 4 one prompt, and without
@@ -271,6 +286,9 @@ def test_cli_estimate_table_json_and_bad_input(tmp_path, small_dir):
     # a 14k-parameter model fits at the largest divisors of minibatch 16 and batch 64
     assert out["fits"] and out["suggested"]["ppo.micro_batch_size"] == 16
     assert out["suggested"]["rollout.generation_batch_size"] == 64
+    own = run_cli("estimate", "--config", str(good), "--json", "--own-logits")
+    assert own.returncode == 0, own.stderr
+    assert json.loads(own.stdout)["phases_mib"]["update"] > out["phases_mib"]["update"]
     bad = write_yaml(tmp_path / "bad.yaml", {"model": {"path": str(small_dir), "size": 7}})
     res = run_cli("estimate", "--config", str(bad))
     assert res.returncode == 2 and "model.size" in res.stderr and "Traceback" not in res.stderr

@@ -180,9 +180,105 @@ def test_pairs_from_a_file_and_a_missing_column_names_its_field(tmp_path):
                              "reward_model.rejected_column=bad",
                              "reward_model.margin_column=m"]).reward_model
     assert read_pairs(str(path), sec, "reward_model.data") == [
-        {"prompt": "p1", "chosen": "a", "rejected": "b", "margin": 0.5},
-        {"prompt": "p2", "chosen": "c", "rejected": "d", "margin": 1.0}]
+        {"prompt": "p1", "chosen": "a", "rejected": "b", "margin": 0.5, "implicit": False},
+        {"prompt": "p2", "chosen": "c", "rejected": "d", "margin": 1.0, "implicit": False}]
     sec.rejected_column = "worse"
     with pytest.raises(UserError, match=r"has no column 'worse' .*; set "
                                         r"reward_model.rejected_column to one of them"):
         read_pairs(str(path), sec, "reward_model.data")
+
+
+# TRL's preference formats beyond an explicit prompt column of strings.
+USER = [{"role": "system", "content": "Review it."}, {"role": "user", "content": "the diner :"}]
+GOOD, BAD = " the food was great .", " the food was cold ."
+
+
+def _assistant(text):
+    return [{"role": "assistant", "content": text.strip()}]
+
+
+@pytest.mark.parametrize("row, prompt, chosen, rejected", [
+    # implicit prompt, strings: parted at the last whitespace before the first difference
+    ({"chosen": "the diner :" + GOOD, "rejected": "the diner :" + BAD},
+     "the diner : the food was", " great .", " cold ."),
+    ({"chosen": "Q: 2+2? A:\n\n4", "rejected": "Q: 2+2? A:\n\n5"}, "Q: 2+2? A:", "\n\n4", "\n\n5"),
+    ({"chosen": "Yes.", "rejected": "No."}, "", "Yes.", "No."),
+    # implicit prompt, conversations: parted at the first message that differs
+    ({"chosen": USER + _assistant(GOOD), "rejected": USER + _assistant(BAD)},
+     USER, _assistant(GOOD), _assistant(BAD)),
+    # explicit prompt, conversations
+    ({"prompt": USER, "chosen": _assistant(GOOD), "rejected": _assistant(BAD)},
+     USER, _assistant(GOOD), _assistant(BAD)),
+])
+def test_trls_preference_formats(tmp_path, tiny_model_dir, row, prompt, chosen, rejected):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    sec = tiny_config(tiny_model_dir, "x").reward_model
+    (out,) = read_pairs(str(path), sec, "reward_model.data")
+    assert (out["prompt"], out["chosen"], out["rejected"]) == (prompt, chosen, rejected)
+    assert out["implicit"] == ("prompt" not in row)
+
+
+def test_a_conversational_pair_is_the_templates_conversation(tmp_path, tiny_model_dir):
+    """Explicit or implicit, a conversational pair scores prompt + response as the chat template
+    renders the whole conversation, with the prompt ending where PPO's prompts end."""
+    from lora_ppo.stages.reward_model import encode_pairs
+
+    cfg = tiny_config(tiny_model_dir, "x", "reward_model.train.max_length=128")
+    tok = load_tokenizer(cfg.model, str(tiny_model_dir))
+    pairs = []
+    for name, row in (("explicit", {"prompt": USER, "chosen": _assistant(GOOD),
+                                    "rejected": _assistant(BAD)}),
+                      ("implicit", {"chosen": USER + _assistant(GOOD),
+                                    "rejected": USER + _assistant(BAD)})):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(row) + "\n")
+        pairs += encode_pairs(tok, read_pairs(str(path), cfg.reward_model, "x"),
+                              cfg.reward_model, 64)
+    explicit, implicit = pairs
+    assert explicit == implicit
+    assert tok.decode(explicit.chosen) == tok.apply_chat_template(USER + _assistant(GOOD),
+                                                                  tokenize=False)
+    assert tok.decode(explicit.rejected) == f"<s>system: Review it.\nuser: the diner :\n" \
+                                            f"assistant:{BAD}</s>\n"
+    head = tok.apply_chat_template(USER, tokenize=False, add_generation_prompt=True)
+    n = len(tok(head, add_special_tokens=False)["input_ids"])
+    assert explicit.chosen[:n] == explicit.rejected[:n]  # one prompt, PPO's token boundary
+
+
+@pytest.mark.parametrize("row, match", [
+    ({"chosen": USER + [{"role": "user", "content": "x"}], "rejected": USER + _assistant(BAD)},
+     "row 0's chosen and rejected conversations do not share the messages before an assistant "
+     "message of each"),
+    ({"chosen": _assistant(GOOD), "rejected": _assistant(BAD)}, "do not share the messages"),
+    ({"chosen": "a b", "rejected": _assistant(BAD)},
+     "row 0's chosen and rejected are not both strings or both conversations"),
+    ({"prompt": "p", "chosen": 1, "rejected": "b"},
+     "row 0's value in column 'chosen' is 1, neither a string nor a list of messages"),
+    ({"good": "a", "bad": "b"}, r"has no column 'chosen' \(columns: good, bad\); set "
+                                "reward_model.chosen_column to one of them"),
+])
+def test_preference_rows_it_cannot_take(tmp_path, tiny_model_dir, row, match):
+    from lora_ppo.errors import UserError
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(UserError, match=match):
+        read_pairs(str(path), tiny_config(tiny_model_dir, "x").reward_model, "reward_model.data")
+
+
+@pytest.mark.integration
+def test_train_reward_on_implicit_conversational_pairs(tiny_model_dir, tmp_path, capsys):
+    from lora_ppo.builtin.corpus import preference_pairs
+
+    rows = [{k: [{"role": "user", "content": r["prompt"]}, *_assistant(r[k])]
+             for k in ("chosen", "rejected")} for r in preference_pairs(24, seed=3)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _rm_config(tiny_model_dir, tmp_path / "out", f"reward_model.data={path}",
+                     "reward_model.train.max_steps=2", "reward_model.eval.size=8",
+                     "reward_model.train.batch_size=8", "reward_model.train.micro_batch_size=8")
+    out = train_reward(cfg)
+    assert (out / "score_head.safetensors").is_file()
+    assert ("reward_model: no column 'prompt': each pair's prompt is the beginning its chosen and "
+            "rejected responses share (TRL's implicit prompt)") in capsys.readouterr().out

@@ -339,3 +339,71 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny_model_dir, tmp_path, args, ex
     assert lines[-1].startswith("lora-ppo: error:") and expected in lines[-1], lines[-1]
     assert "Traceback" not in res.stderr
     assert not (out / "adapter").exists()
+
+
+# TRL's conversational SFT formats: whole conversations, and prompt-completion pairs of messages.
+TURNS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT},
+         {"role": "assistant", "content": RESPONSE.strip()}]
+
+
+@pytest.mark.parametrize("rows, overrides", [
+    ([{"messages": TURNS}], []),
+    ([{"prompt": TURNS[:2], "completion": TURNS[2:]}], ["sft.response_column=completion"]),
+    ([{"prompt": TURNS[:2], "response": TURNS[2]["content"]}], []),
+])
+def test_conversations_train_on_the_last_assistant_message(tok, tiny_model_dir, tmp_path, rows,
+                                                           overrides):
+    """The prompt renders as PPO renders a conversational prompt (system message kept, ending
+    where the assistant's reply begins); the loss covers the reply as the template writes it."""
+    from lora_ppo.stages.sft import read_pairs
+
+    sec = tiny_config(tiny_model_dir, "x", *overrides).sft
+    data = write_jsonl(tmp_path / "c.jsonl", rows)
+    (ex,) = encode_examples(tok, read_pairs(str(data), sec, "sft.data"), sec, 64)
+    head = tok.apply_chat_template(TURNS[:2], tokenize=False, add_generation_prompt=True)
+    assert head == f"<s>system: Be brief.\nuser: {PROMPT}\nassistant:"
+    assert _masked_text(tok, ex, False) == head
+    assert _masked_text(tok, ex, True) == RESPONSE + "</s>\n"
+    assert ex.loss_mask == sorted(ex.loss_mask)
+
+
+@pytest.mark.parametrize("rows, match", [
+    ([{"messages": TURNS[:2]}], "row 0's conversation in column 'messages' does not end with an "
+                                "assistant message after at least one other message"),
+    ([{"messages": TURNS[2:]}], "does not end with an assistant message after at least one"),
+    ([{"text": "hello"}], "has no column 'prompt' \\(columns: text\\); set sft.prompt_column to "
+                          "one of them, or sft.messages_column to a column of whole conversations"),
+    ([{"prompt": 3, "response": "x"}], "row 0's value in column 'prompt' is 3, neither a string "
+                                       "nor a list of messages"),
+])
+def test_conversational_rows_it_cannot_take(tmp_path, tiny_model_dir, rows, match):
+    from lora_ppo.errors import UserError
+    from lora_ppo.stages.sft import read_pairs
+
+    data = write_jsonl(tmp_path / "c.jsonl", rows)
+    with pytest.raises(UserError, match=match):
+        read_pairs(str(data), tiny_config(tiny_model_dir, "x").sft, "sft.data")
+
+
+def test_conversations_need_a_chat_template(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from lora_ppo.errors import UserError
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = None
+    with pytest.raises(UserError, match="^sft.data holds conversations .* no chat template"):
+        encode_examples(tok, [{"prompt": TURNS[:2], "response": "x"}],
+                        tiny_config(tiny_model_dir, "x").sft, 64)
+
+
+@pytest.mark.integration
+def test_sft_on_a_file_of_conversations(tiny_model_dir, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": r["prompt"]},
+                          {"role": "assistant", "content": r["response"].strip()}]}
+            for r in builtin_pairs(16)]
+    data = write_jsonl(tmp_path / "conversations.jsonl", rows)
+    out = train_sft(_sft_config(tiny_model_dir, tmp_path / "out", data, "sft.train.max_steps=2"))
+    assert (out / "adapter_model.safetensors").is_file()
+    rows = [json.loads(ln) for ln in (tmp_path / "out" / "sft" / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)

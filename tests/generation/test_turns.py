@@ -1,0 +1,97 @@
+"""Multi-turn decoding: a row that ends a turn the environment answers continues after the
+answer, on its own cache; the tokens and log-probs are those of encoding the conversation again
+at every turn, and those one forward over the whole trajectory scores."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import tiny_config
+
+from lora_ppo.generation.generate import generate
+from lora_ppo.ppo.loop import setup
+
+# Ordinary ids that also end a turn: a random model then ends turns at varied lengths.
+STOPS = list(range(300, 400))
+
+
+class Echo:
+    """A stand-in environment: after each of a row's first `turns` turns it answers with ids
+    that depend on the row and the turn (so rows differ), then lets the trajectory end."""
+
+    def __init__(self, turns: int = 2):
+        self.turns, self.seen, self.calls = turns, {}, []
+
+    def end_turns(self, rows, turns):
+        out = []
+        for r, ids in zip(rows, turns):
+            assert ids and ids[-1] in STOPS  # the turn, its stop id included
+            k = self.seen.get(r, 0)
+            self.seen[r] = k + 1
+            self.calls.append((r, len(ids)))
+            out.append(None if k >= self.turns else [20 + r % 7, 30 + k, 40 + len(ids) % 5])
+        return out
+
+
+def _run(model_dir, out, *extra):
+    run = setup(tiny_config(model_dir, out, "rollout.max_new_tokens=48",
+                            "rollout.temperature=0.9",
+                            "rollout.stop_token_ids=[" + ",".join(map(str, STOPS)) + "]",
+                            "value.head_init_std=0.5", *extra))
+    with torch.no_grad():  # non-trivial adapters: B = 0 would make the policy the base
+        for p in run.ac.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.1)
+    return run
+
+
+def _trajectories(run, ids, *, continuous, reuse_cache, slots, turns=2):
+    torch.manual_seed(7)
+    echo = Echo(turns)
+    rollout = dataclasses.replace(run.cfg.rollout, generation_batch_size=slots)
+    decode = run.seams.decode._replace(continuous_batching=continuous, turn_cache=reuse_cache)
+    s = generate(run.ac, ids, rollout, decode, run.stop_ids, run.tokenizer.pad_token_id,
+                 turns=echo)
+    return s, echo
+
+
+@pytest.mark.integration
+def test_cached_turns_equal_a_reencode_at_every_turn_and_one_forward(tiny_model_dir, tmp_path):
+    """Rows of varied prompts, two environment answers each, 3 slots so rows leave and rejoin
+    while others decode: keeping each conversation's cache, encoding it again at every turn,
+    and batches (re-encoding) give every row the same tokens, environment mask and log-probs;
+    and the sampler's log-probs of the model's tokens are what one scoring forward over the
+    whole trajectory gives (1e-5)."""
+    run = _run(tiny_model_dir, tmp_path / "run")
+    ids = [list(p.ids) for p in run.prompts.take(6)]
+    kept, echo = _trajectories(run, ids, continuous=True, reuse_cache=True, slots=3)
+    assert len(echo.calls) >= 12  # every row answered twice, then ended
+    env = kept.env_mask
+    assert env.sum(1).tolist() == [6.0] * 6  # two answers of three ids per row
+    assert kept.has_eos.all()  # each ended by its own stop id, none by the budget
+    for continuous, reuse, slots in ((True, False, 3), (False, False, 4), (True, True, 6)):
+        other, _ = _trajectories(run, ids, continuous=continuous, reuse_cache=reuse, slots=slots)
+        assert torch.equal(other.response_ids, kept.response_ids), (continuous, reuse, slots)
+        assert torch.equal(other.env_mask, env)
+        torch.testing.assert_close(other.logprobs, kept.logprobs, rtol=0, atol=1e-5)
+    actions = kept.response_mask * (1 - env)
+    with torch.no_grad():
+        run.ac.eval()
+        lp, _, _ = run.ac(kept.query_ids, kept.query_mask, kept.response_ids, kept.response_mask,
+                          temperature=0.9, chunk_size=64, with_values=False)
+    torch.testing.assert_close(kept.logprobs, lp * actions, rtol=0, atol=1e-5)
+    assert (kept.logprobs * env).abs().max() == 0  # the environment's tokens are no action
+
+
+@pytest.mark.integration
+def test_an_answer_that_does_not_fit_ends_the_trajectory(tiny_model_dir, tmp_path):
+    """The token budget counts the model's and the environment's tokens: an answer that leaves
+    no room for a token of the model's own is not written, and the row ends truncated."""
+    run = _run(tiny_model_dir, tmp_path / "run", "rollout.max_new_tokens=12")
+    ids = [list(p.ids) for p in run.prompts.take(4)]
+    s, echo = _trajectories(run, ids, continuous=True, reuse_cache=True, slots=4, turns=50)
+    lengths = s.response_mask.sum(1)
+    assert (lengths <= 12).all()
+    assert (~s.has_eos).all()  # every row wanted more answers than fit
+    assert echo.calls  # the hook was asked
