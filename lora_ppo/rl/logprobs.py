@@ -191,13 +191,15 @@ class _PickLogProbFrozenHead(torch.autograd.Function):
         ones = torch.ones_like(logprobs).unsqueeze(-1)
         r = _logit_grad_in_place(p, tokens, ones, tanh, temperature, transform)
         ctx.save_for_backward(r.to(weight.dtype) @ weight)  # (N, H)
+        ctx.dtype = hidden.dtype
         ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, _grad_entropy):
         (dh,) = ctx.saved_tensors
-        return dh * grad_logprobs.unsqueeze(-1).to(dh.dtype), None, None, None, None, None, None
+        grad = dh * grad_logprobs.unsqueeze(-1).to(dh.dtype)
+        return grad.to(ctx.dtype), None, None, None, None, None, None
 
 
 def logprobs_from_logits(

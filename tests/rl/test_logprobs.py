@@ -120,6 +120,25 @@ def test_frozen_head_makes_the_hidden_grad_in_the_forward(transform, chunk):
     torch.testing.assert_close(grad, grad2, atol=1e-5, rtol=1e-5)
 
 
+def test_frozen_head_in_bf16_matches_the_general_path():
+    # bf16 head and states (DeepSpeed's bf16): the fused gradient is made from the fp32
+    # softmax cast to bf16, as the general path's backward casts its fp32 gradient
+    head, hidden, tokens, g = _head_and_inputs(seed=5)
+    head = head.to(torch.bfloat16).requires_grad_(False)
+    hidden = hidden.detach().to(torch.bfloat16).requires_grad_(True)
+    w_lp = torch.randn(3, 5, generator=g)
+    out = {}
+    for name, weight in (("fused", head.weight), ("general", None)):
+        lp, _ = logprobs_and_entropy_from_hidden(hidden, head, tokens, chunk_size=4,
+                                                 entropy_grad=False, frozen_weight=weight)
+        (grad,) = torch.autograd.grad((lp * w_lp).sum(), hidden)
+        out[name] = lp, grad
+    assert out["fused"][1].dtype == torch.bfloat16
+    torch.testing.assert_close(out["fused"][0], out["general"][0], atol=0, rtol=0)
+    torch.testing.assert_close(out["fused"][1].float(), out["general"][1].float(), atol=0.05,
+                               rtol=0.02)
+
+
 def test_hidden_version_without_entropy_and_without_grad():
     head, hidden, tokens, _ = _head_and_inputs(seed=2)
     lp_ref, _ = naive_logprobs_entropy(head(hidden), tokens)
