@@ -103,6 +103,10 @@ CASES = [
     Case("rollout.tools with a model whose chat template cannot render tool calls",
          ["train", BASE, "rollout.tools=[{ws}/envs.py:add]", "output_dir={ws}/new"],
          "drops the tool call when it renders a tool exchange"),
+    Case("an environment with a reward function that takes neither `environments` nor **kwargs",
+         ["train", BASE, "model.path={ws}/tool_model", "rollout.environment={ws}/envs.py:Env",
+          "reward.function={ws}/rewards.py:no_trajectory", "output_dir={ws}/new"],
+         "has no argument 'environments'"),
     Case("a reward function needing a column the prompts lack (the model's weights truncated)",
          ["train", BASE, "model.path={ws}/truncated", "reward.function={ws}/rewards.py:needs_answer",
           "output_dir={ws}/new"],
@@ -159,12 +163,20 @@ def ws(tiny_model_dir, low_ids_reward, tmp_path_factory):
     (ws / "stage5.json").write_text(json.dumps(raw))
     (ws / "a_file").write_text("not a directory\n")
     (ws / "rewards.py").write_text("def f(prompts, completions, **kw):\n    return [0.0]\n"
-                                   "def needs_answer(completions, answer, **kw):\n    return []\n")
+                                   "def needs_answer(completions, answer, **kw):\n    return []\n"
+                                   "def no_trajectory(prompts, completions, completion_ids,\n"
+                                   "                  trainer_state, log_extra, log_metric,\n"
+                                   "                  prompt_ids):\n    return []\n")
+    shutil.copytree(tiny_model_dir, ws / "tool_model")  # its chat template renders tools
+    shutil.copy(REPO / "tests" / "agents" / "qwen2_5.jinja", ws / "tool_model" / "chat_template.jinja")
     (ws / "broken.py").write_text("def f(prompts, completions, **kw)\n    return []\n")
     doc = '    """Add.\n\n    Args:\n        a: x.\n        b: y.\n    """\n'
     (ws / "envs.py").write_text(
         "class NoReset:\n    pass\n\n\ndef untyped(a, b):\n" + doc + "    return a + b\n\n\n"
-        "def add(a: int, b: int) -> int:\n" + doc + "    return a + b\n")
+        "def add(a: int, b: int) -> int:\n" + doc + "    return a + b\n\n\n"
+        "class Env:\n    def reset(self, **kwargs):\n        return None\n\n"
+        "    def add(self, a: int, b: int) -> int:\n    " + doc.replace("\n    ", "\n        ")
+        + "        return a + b\n")
     return ws
 
 
