@@ -111,7 +111,7 @@ def run_command(command: str, config, overrides, resume: Optional[str], overwrit
     if command == "train":
         funcs = objects.get("reward_funcs")
         # one function without a weight is reward.function's plain case (no sum, no per-function
-        # metric); several, or a weight, are TRL's weighted sum (reward_sources.FunctionSum)
+        # metric); several, or a weight, are TRL's weighted sum (reward_functions.FunctionSum)
         single = funcs is not None and not isinstance(cfg.reward.function, list)
         kwargs["reward_fn"] = funcs[0] if single else funcs
     return cfg, entry(cfg, resume=resume, overwrite=overwrite, **kwargs)

@@ -147,7 +147,7 @@ def test_the_reward_function_gets_the_keywords_the_docs_list_and_trl_passes():
     call through FunctionReward), and, where TRL is installed, what TRL's own call passes; else
     the table's TRL column stands as written (read from TRL 1.16's grpo_trainer.py)."""
     from lora_ppo.io.data import Prompt
-    from lora_ppo.ppo.reward_sources import KEYWORDS, FunctionReward
+    from lora_ppo.ppo.reward_functions import KEYWORDS, FunctionReward
 
     rows = _sections((REPO / "docs" / "coming_from_trl.md").read_text())["The reward function"]
     keyword = {cells[0].strip("`"): cells for cells in rows}

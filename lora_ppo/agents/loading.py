@@ -1,7 +1,7 @@
 """Loading what a config names by `file.py:name` or `module:name`, and the errors of the agents
 package.
 
-The same spec form as `reward.function` (ppo/reward_sources.py): a path to a Python file, or an
+The same spec form as `reward.function` (ppo/reward_functions.py): a path to a Python file, or an
 importable module, then a colon and a name in it. Every failure is one line naming the config
 field, the spec and the fix, raised before the base model loads.
 """

@@ -76,7 +76,7 @@ def reward_scores(run: Run, prompts: Sequence[Prompt], samples: Samples | Rollou
                   episodes: Optional[Episodes] = None) -> tuple[torch.Tensor, list[str]]:
     """Raw sequence scores (B,) from the reward source, and the decoded completions; needs only
     the token ids and masks (an evaluation scores samples without any forward of its own). A
-    reward function gets each prompt with its row's columns (reward_sources.reward_kwargs); the
+    reward function gets each prompt with its row's columns (reward_functions.reward_kwargs); the
     samples' `episodes`: their conversations (completions as messages, the environments) or a
     rollout function's extra fields."""
     completions = decode(run.tokenizer, samples.response_ids, samples.response_mask)

@@ -9,7 +9,8 @@ import torch
 from lora_ppo.agents import tool_metrics
 from lora_ppo.io.metrics import MetricsLogger, peak_memory_mib
 from lora_ppo.ppo.collect import decode
-from lora_ppo.ppo.reward_sources import RewardError, function_source
+from lora_ppo.ppo.reward_functions import RewardError
+from lora_ppo.ppo.reward_sources import function_source
 from lora_ppo.ppo.rollout import Rollout
 from lora_ppo.ppo.run import Run
 from lora_ppo.ppo.update import PPOStats, sampler_correction

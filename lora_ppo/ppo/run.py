@@ -33,14 +33,16 @@ from lora_ppo.modeling.loading import (
     quantization_mode,
     resolve_model_path,
 )
-from lora_ppo.ppo.reward_sources import (
+from lora_ppo.ppo.reward_functions import (
     ENVIRONMENT_KEYWORDS,
     KEYWORDS,
+    check_signature,
+    named_functions,
+)
+from lora_ppo.ppo.reward_sources import (
     RewardSource,
     check_reward_sources,
-    check_signature,
     make_reward_source,
-    named_functions,
     with_environment,
 )
 from lora_ppo.ppo.seam_cache import seams_for

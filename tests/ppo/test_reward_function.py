@@ -13,7 +13,7 @@ from helpers import run_cli, tiny_config
 
 from lora_ppo.errors import UserError
 from lora_ppo.io.data import encode_rows, load_prompts
-from lora_ppo.ppo.reward_sources import FunctionReward, RewardError, check_signature
+from lora_ppo.ppo.reward_functions import FunctionReward, RewardError, check_signature
 
 CONVERSATIONS = [
     {"prompt": [{"role": "system", "content": "You add numbers."},

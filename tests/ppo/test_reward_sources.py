@@ -13,12 +13,8 @@ from lora_ppo.generation.samples import left_pad
 from lora_ppo.io.data import Prompt
 from lora_ppo.modeling.actor_critic import build_actor_critic
 from lora_ppo.modeling.loading import load_base_model, load_tokenizer
-from lora_ppo.ppo.reward_sources import (
-    FunctionReward,
-    ModelReward,
-    WeightedReward,
-    make_reward_source,
-)
+from lora_ppo.ppo.reward_functions import FunctionReward
+from lora_ppo.ppo.reward_sources import ModelReward, WeightedReward, make_reward_source
 
 CPU = torch.device("cpu")
 PROMPTS = ["review of the diner :", "my review of the movie :", "thoughts on the laptop :"]

@@ -11,7 +11,7 @@ from lora_ppo.io.data import Prompt
 from lora_ppo.modeling.loading import is_gradient_checkpointing
 from lora_ppo.ppo.collect import collect
 from lora_ppo.ppo.loop import add_advantages, add_rewards, setup
-from lora_ppo.ppo.reward_sources import FunctionReward, RewardError, load_function
+from lora_ppo.ppo.reward_functions import FunctionReward, RewardError, load_function
 from lora_ppo.ppo.update import micro_batch_loss
 from lora_ppo.rl.masked import masked_mean
 
