@@ -1,8 +1,8 @@
 """The root of the one typed config tree for every command, and its cross-field checks.
 
-Each section is a dataclass (sections.py for `train`, stages.py for `sft` and `train-reward`);
-the string under each field is its documentation (read by `reference.field_docs`, so
-docs/config.md is generated from the code and cannot drift). Defaults suit a 7B model in 4-bit
+Each section is a dataclass (sections.py and run_sections.py for `train`, stages.py for `sft`
+and `train-reward`); the string under each field is its documentation (read by
+`reference.field_docs`, so docs/config.md is generated from the code and cannot drift). Defaults suit a 7B model in 4-bit
 on one 24 GB GPU; `precision: auto` and `compute_dtype: auto` pick fp32 on a CPU, where bf16
 matmul is some 400x slower.
 
@@ -16,11 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from lora_ppo.config.sections import (
+from lora_ppo.config.run_sections import (
     CheckpointConfig,
     DataConfig,
     DeepSpeedConfig,
     LoggingConfig,
+)
+from lora_ppo.config.sections import (
     LoraConfig,
     ModelConfig,
     PPOConfig,
