@@ -125,7 +125,7 @@ def cmd_config_docs(args) -> int:
     return 0
 
 
-# -- estimate: predicted peak memory from config.json only (lora_ppo/sizing/memory.py) -------------
+# -- estimate: predicted peak memory from config.json only (lora_ppo/sizing/) --------------------
 def cmd_estimate(args) -> int:
     import json
 
@@ -133,23 +133,25 @@ def cmd_estimate(args) -> int:
     from lora_ppo.builtin.specs import builtin_arch
     from lora_ppo.config.load import load_config
     from lora_ppo.modeling.loading import quantization_mode
-    from lora_ppo.sizing import memory as est
+    from lora_ppo.sizing import suggest
     from lora_ppo.sizing.arch import param_counts, read_arch
+    from lora_ppo.sizing.memory import estimate_memory
 
     cfg = load_config(config_path(args.config) if args.config else None, args.overrides)
     arch = builtin_arch(cfg.model.path) or read_arch(cfg.model.path)
     if args.gpu_mib <= 0:
         raise UserError(f"--gpu-mib {args.gpu_mib} must be > 0 (the card's memory in MiB)")
     if args.json:
-        print(json.dumps(est.report(cfg, arch, args.device, args.gpu_mib, args.own_logits),
+        print(json.dumps(suggest.report(cfg, arch, args.device, args.gpu_mib, args.own_logits),
                          indent=1))
         return 0
-    sug = est.suggest_batch_sizes(cfg, arch, args.gpu_mib, args.device, own_logits=args.own_logits)
+    sug = suggest.suggest_batch_sizes(cfg, arch, args.gpu_mib, args.device,
+                                      own_logits=args.own_logits)
     title = (f"{cfg.model.path}: {param_counts(arch).total / 1e6:.1f}M params, "
              f"quantization {quantization_mode(cfg.quantization, args.device)}, {args.device} "
              f"({'bf16' if args.device == 'gpu' else 'fp32'})")
-    print(est.format_table(est.estimate_memory(cfg, arch, args.device, own_logits=args.own_logits),
-                           sug, title))
+    print(suggest.format_table(estimate_memory(cfg, arch, args.device, own_logits=args.own_logits),
+                               sug, title))
     return 0
 
 

@@ -2,9 +2,9 @@
 
 Each section is a dataclass (sections.py and run_sections.py for `train`, stages.py for `sft`
 and `train-reward`); the string under each field is its documentation (read by
-`reference.field_docs`, so docs/config.md is generated from the code and cannot drift). Defaults suit a 7B model in 4-bit
-on one 24 GB GPU; `precision: auto` and `compute_dtype: auto` pick fp32 on a CPU, where bf16
-matmul is some 400x slower.
+`reference.field_docs`, so docs/config.md is generated from the code and cannot drift).
+Defaults suit a 7B model in 4-bit on one 24 GB GPU; `precision: auto` and `compute_dtype: auto`
+pick fp32 on a CPU, where bf16 matmul is some 400x slower.
 
 Impossible combinations of fields fail in `Config.__post_init__`; per-field types and ranges are
 checked while loading (load.py, strict in the litgpt manner). Either way the error is one line

@@ -1,11 +1,12 @@
 """Peak memory of a PPO run, predicted from the model's config.json alone (FLOPs: flops.py).
 
 Nothing is loaded: the architecture (hidden size, layers, heads, kv heads, intermediate size,
-vocab) comes from config.json (arch.py) and the batch shapes from
-the training config. Every phase of an update peaks at
+vocab) comes from config.json (arch.py) and the batch shapes from the training config. Every
+phase of an update peaks at
 
     resident state  base weights + adapters + optimizer state and gradients (after step 1)
-  + phase transient generation: KV cache of one generation batch + one prefill layer
+  + phase transient generation: KV cache of one generation batch + one prefill layer (+ the
+                                conversations waiting between turns, with tools)
                     scoring:    one no-grad layer of one generation batch, or a logits chunk
                     update:     saved activations of one micro-batch + the backward's temporaries
 
@@ -20,7 +21,6 @@ LlamaDecoderLayer under autograd; they are written out next to each formula belo
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -123,7 +123,9 @@ class Shapes:
 
     `group`: samples that share one encoded prompt (rollout.samples_per_prompt with
     model.shared_prompt, else 1); `cache_slack`: KV-cache columns beyond prompt + new tokens
-    (continuous batching shifts its rows left when they fill up: generation/continuous.py)."""
+    (continuous batching shifts its rows left when they fill up: generation/continuous.py);
+    `turns`: a multi-turn rollout (rollout.tools or rollout.environment), whose conversations
+    between turns keep caches of their own."""
 
     micro_batch: int
     generation_batch: int
@@ -131,6 +133,7 @@ class Shapes:
     new_tokens: int
     group: int = 1
     cache_slack: int = 0
+    turns: bool = False
 
     def tokens(self, samples: int) -> int:
         """Tokens a forward over `samples` consecutive samples holds at most: each distinct
@@ -157,7 +160,8 @@ def shapes_from_config(cfg) -> Shapes:
     new = cfg.rollout.max_new_tokens
     return Shapes(cfg.ppo.micro_batch_size, min(cfg.rollout.generation_batch_size, samples),
                   cfg.model.max_prompt_length, new, group,
-                  continuous_slack(new) if cfg.rollout.continuous_batching else 0)
+                  continuous_slack(new) if cfg.rollout.continuous_batching else 0,
+                  bool(cfg.rollout.tools or cfg.rollout.environment))
 
 
 def _ds_settings(cfg) -> tuple[int, int, bool]:
@@ -176,7 +180,12 @@ def _generation_bytes(arch: Arch, sh: Shapes, s: int) -> tuple[int, int]:
     being shifted; a prefill's widest layer and the cache it writes besides the decode batch's
     (generation/continuous.py). Continuous batching prefills at most a quarter of the slots' prompts at
     a time into their own cache, copied in; batched decoding prefills the batch's distinct
-    prompts into the decode cache itself, and a group's rows are copies of its prompt's."""
+    prompts into the decode cache itself, and a group's rows are copies of its prompt's.
+
+    With turns, a conversation between turns waits on a cache of its own beside the batch's. Rows
+    in flight (live or waiting) stay at most the slots (continuous.py's admit), each at most
+    prompt + max_new_tokens tokens (the budget counts the tools'): at most one more cache of the
+    batch without its slack. (Batched decoding encodes such a row again: nothing waits.)"""
     gb, T = sh.generation_batch, sh.prompt_len + sh.new_tokens + sh.cache_slack
     kv_row = 2 * arch.kv_heads * arch.head_dim  # K and V elements per token and layer
     kv_cache = arch.layers * gb * T * kv_row * s
@@ -190,7 +199,9 @@ def _generation_bytes(arch: Arch, sh: Shapes, s: int) -> tuple[int, int]:
         extra_cache = prompt_tokens if prompt_tokens < gb * sh.prompt_len else 0
     prefill = (prefill_tokens * _nograd_layer_peak(arch)
                + extra_cache * arch.layers * kv_row) * s
-    return kv_cache, kv_cache + max(gb * T * kv_row * s // arch.layers, prefill)
+    waiting = (arch.layers * gb * (sh.prompt_len + sh.new_tokens) * kv_row * s
+               if sh.turns and sh.cache_slack else 0)
+    return kv_cache, kv_cache + waiting + max(gb * T * kv_row * s // arch.layers, prefill)
 
 
 def _logits_bytes(rows: int, vocab: int, s: int) -> int:
@@ -319,74 +330,3 @@ def estimate_memory(cfg, arch: Arch, device: str = "gpu",
     phases = {"generation": resident + generation + extra, "scoring": resident + scoring + extra,
               "update": resident + update + extra}
     return MemoryEstimate(components, phases, device)
-
-
-# --- batch-size suggestion -------------------------------------------------------------------
-
-def _divisors_desc(n: int) -> list[int]:
-    return [d for d in range(n, 0, -1) if n % d == 0]
-
-
-class Suggestion(NamedTuple):
-    micro_batch_size: Optional[int]       # None: not even 1 fits
-    generation_batch_size: Optional[int]
-    estimate: MemoryEstimate              # at the suggested sizes (or at 1 when nothing fits)
-    budget: int                           # bytes the peak must stay under
-
-
-def suggest_batch_sizes(cfg, arch: Arch, gpu_mib: float, device: str = "gpu",
-                        headroom: float = 0.1, own_logits: bool = False) -> Suggestion:
-    """The largest micro_batch_size (a divisor of ppo.minibatch_size) and generation_batch_size
-    (a divisor of rollout.prompts_per_update) whose phases fit in (1 - headroom) * gpu_mib.
-
-    headroom covers what the estimate leaves out: the CUDA context lives outside the allocator,
-    and fragmentation makes reserved memory exceed allocated (typically 5-10%).
-    """
-    budget = int(gpu_mib * MIB * (1 - headroom))
-    base = shapes_from_config(cfg)
-
-    def est(mb: int, gb: int) -> MemoryEstimate:
-        return estimate_memory(cfg, arch, device, dataclasses.replace(
-            base, micro_batch=mb, generation_batch=gb), own_logits)
-
-    micro = next((m for m in _divisors_desc(cfg.ppo.minibatch_size)
-                  if est(m, 1).phases["update"] <= budget), None)
-    gen = next((g for g in _divisors_desc(cfg.rollout.prompts_per_update)
-                if max(est(1, g).phases["generation"], est(1, g).phases["scoring"]) <= budget),
-               None)
-    return Suggestion(micro, gen, est(micro or 1, gen or 1), budget)
-
-
-def format_table(est: MemoryEstimate, sug: Optional[Suggestion] = None,
-                 title: str = "") -> str:
-    """A readable table of components, phases and the suggestion."""
-    lines = [title] if title else []
-    lines.append(f"{'component':<22}{'MiB':>12}")
-    lines += [f"{k:<22}{v / MIB:>12.1f}" for k, v in est.components.items()]
-    lines.append(f"{'phase peak':<22}{'MiB':>12}")
-    lines += [f"{k:<22}{v / MIB:>12.1f}" for k, v in est.phases.items()]
-    lines.append(f"{'peak':<22}{est.peak / MIB:>12.1f}")
-    if sug is not None:
-        if sug.micro_batch_size is None or sug.generation_batch_size is None:
-            lines.append(f"does not fit in {sug.budget / MIB:.0f} MiB even at batch size 1: "
-                         "turn on gradient checkpointing, quantize, or shorten sequences")
-        else:
-            lines.append(f"fits {sug.budget / MIB:.0f} MiB with ppo.micro_batch_size="
-                         f"{sug.micro_batch_size} rollout.generation_batch_size="
-                         f"{sug.generation_batch_size} (peak {sug.estimate.peak / MIB:.1f} MiB)")
-    return "\n".join(lines)
-
-
-def report(cfg, arch: Arch, device: str, gpu_mib: float, own_logits: bool = False) -> dict:
-    """Everything `lora-ppo estimate --json` prints, in MiB."""
-    est = estimate_memory(cfg, arch, device, own_logits=own_logits)
-    sug = suggest_batch_sizes(cfg, arch, gpu_mib, device, own_logits=own_logits)
-    return {"device": device, "arch": arch.__dict__,
-            "params": param_counts(arch).total,
-            "lora_params_per_adapter": lora_param_count(arch, cfg.lora.r, cfg.lora.target_modules),
-            "components_mib": {k: v / MIB for k, v in est.components.items()},
-            "phases_mib": {k: v / MIB for k, v in est.phases.items()}, "peak_mib": est.peak / MIB,
-            "budget_mib": sug.budget / MIB, "fits": est.peak <= sug.budget,
-            "suggested": {"ppo.micro_batch_size": sug.micro_batch_size,
-                          "rollout.generation_batch_size": sug.generation_batch_size,
-                          "peak_mib": sug.estimate.peak / MIB}}

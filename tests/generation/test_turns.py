@@ -95,3 +95,30 @@ def test_an_answer_that_does_not_fit_ends_the_trajectory(tiny_model_dir, tmp_pat
     assert (lengths <= 12).all()
     assert (~s.has_eos).all()  # every row wanted more answers than fit
     assert echo.calls  # the hook was asked
+
+
+@pytest.mark.integration
+def test_waiting_conversations_stay_within_what_the_estimator_counts(tiny_model_dir, tmp_path,
+                                                                     monkeypatch):
+    """sizing/memory.py counts the caches of the conversations between turns as at most one
+    more decode batch: rows in flight (in a slot or waiting) never more than the slots, and each
+    waiting cache at most prompt + max_new_tokens long. Checked after every turn that ends."""
+    from lora_ppo.generation import continuous
+
+    run = _run(tiny_model_dir, tmp_path / "run")
+    ids = [list(p.ids) for p in run.prompts.take(6)]
+    bound = max(len(p) for p in ids) + run.cfg.rollout.max_new_tokens
+    seen = []
+    ended = continuous._Batch._ended
+
+    def checked(batch, slots):
+        ended(batch, slots)
+        waiting = [enc[0][0][0].shape[2] for _, enc, _ in batch.ready]  # layer 0's keys' length
+        in_slots = int((batch.row >= 0).sum())
+        seen.append((in_slots, len(waiting)))
+        assert in_slots + len(waiting) <= batch.slots
+        assert all(n <= bound for n in waiting)
+
+    monkeypatch.setattr(continuous._Batch, "_ended", checked)
+    _trajectories(run, ids, continuous=True, reuse_cache=True, slots=3)
+    assert max(w for _, w in seen) >= 1  # conversations did wait between turns

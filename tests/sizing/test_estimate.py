@@ -9,7 +9,7 @@ from helpers import run_cli, write_yaml
 
 from lora_ppo.config.load import load_config
 from lora_ppo.errors import UserError
-from lora_ppo.sizing import flops
+from lora_ppo.sizing import flops, suggest
 from lora_ppo.sizing import memory as est
 from lora_ppo.sizing.arch import Arch, arch_from_config, lora_param_count, param_counts, read_arch
 
@@ -191,6 +191,23 @@ def test_estimate_memory_by_hand(small_dir):
     assert e.peak == e.phases["update"]
 
 
+def test_conversations_waiting_between_turns_are_counted(small_dir):
+    """With tools, continuous batching keeps each conversation between turns on a cache of its
+    own: at most the 4 slots' rows, each at most prompt 8 + budget 4 tokens: 2 layers * 4 * 12 *
+    (K+V: 16) * 2 B = 3072 more in generation, nothing else; batched decoding keeps none."""
+    arch = read_arch(str(small_dir))
+    tools = ("rollout.tools=[tools.py:add]",)
+    plain, agent = (est.estimate_memory(small_cfg(small_dir, *o), arch, "gpu") for o in ((), tools))
+    assert est.shapes_from_config(small_cfg(small_dir, *tools)).turns
+    assert agent.phases["generation"] - plain.phases["generation"] == 2 * 4 * 12 * 16 * 2
+    assert agent.components == plain.components
+    assert (agent.phases["scoring"], agent.phases["update"]) == (plain.phases["scoring"],
+                                                                  plain.phases["update"])
+    off = ("rollout.continuous_batching=false",)
+    assert (est.estimate_memory(small_cfg(small_dir, *off, *tools), arch, "gpu").phases
+            == est.estimate_memory(small_cfg(small_dir, *off), arch, "gpu").phases)
+
+
 def test_the_models_own_logits_are_counted_where_setup_takes_them(small_dir):
     """A family whose logit post-processing lora_ppo does not know trains on the model's own
     forward's logits (ppo/seams.py), whole: in the update micro 2 x 4 new tokens x vocab
@@ -202,7 +219,7 @@ def test_the_models_own_logits_are_counted_where_setup_takes_them(small_dir):
     assert own.phases["update"] - plain.phases["update"] == 2 * 4 * 100 * 2 * 2
     assert own.phases["scoring"] - plain.phases["scoring"] == 4 * 4 * 100 * 2
     assert own.phases["generation"] == plain.phases["generation"]
-    report = est.report(cfg, arch, "gpu", 24576, own_logits=True)
+    report = suggest.report(cfg, arch, "gpu", 24576, own_logits=True)
     assert report["phases_mib"]["update"] * 2**20 == pytest.approx(own.phases["update"])
 
 
@@ -267,12 +284,12 @@ def test_suggestion_picks_largest_sizes_that_fit(small_dir):
     # a budget between the update peaks of micro 4 and micro 8 (and roomy for generation)
     budget = (at(4, 1).phases["update"] + at(8, 1).phases["update"]) / 2
     assert at(4, 8).phases["generation"] < budget and at(4, 8).phases["scoring"] < budget
-    sug = est.suggest_batch_sizes(cfg, arch, gpu_mib=budget / est.MIB, headroom=0.0)
+    sug = suggest.suggest_batch_sizes(cfg, arch, gpu_mib=budget / est.MIB, headroom=0.0)
     assert (sug.micro_batch_size, sug.generation_batch_size) == (4, 8)
     assert sug.estimate.peak <= sug.budget
-    none = est.suggest_batch_sizes(cfg, arch, gpu_mib=0.01)
+    none = suggest.suggest_batch_sizes(cfg, arch, gpu_mib=0.01)
     assert none.micro_batch_size is None and none.generation_batch_size is None
-    assert "does not fit" in est.format_table(none.estimate, none)
+    assert "does not fit" in suggest.format_table(none.estimate, none)
 
 
 @pytest.mark.integration
