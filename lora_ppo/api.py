@@ -32,6 +32,7 @@ from lora_ppo.config import Config
 from lora_ppo.config.load import build_config, config_to_dict, override_tree, read_yaml
 from lora_ppo.errors import UserError
 from lora_ppo.io.config_changes import IN_MEMORY, check_changes, ignored_line, in_memory_fields
+from lora_ppo.io.data import in_memory_rows
 from lora_ppo.io.resume import saved_run
 from lora_ppo.io.run_dir import check_flags
 
@@ -122,6 +123,8 @@ def prepare(command: str, config, overrides, resume: Optional[str], objects: dic
     """The config the run uses, and the lines to say about it: the given one (config +
     overrides + Python objects), or with `resume` the run's saved config with the overrides
     (io/resume.py)."""
+    # lazily: builtin/ builds the demo's models with torch and transformers, which a config that
+    # names no builtin: spec (and `lora-ppo estimate`) need not import
     from lora_ppo.builtin.specs import resolve_builtins
 
     if command == "train" and "reward_funcs" in objects:
@@ -213,8 +216,6 @@ def describe_function(fn: Callable) -> str:
 def describe_rows(data, name: str) -> str:
     """`<in memory: Dataset of 512 rows, sha256 1a2b3c4d5e6f>`: what was used, and enough to
     tell it from other data on resume."""
-    from lora_ppo.io.data import in_memory_rows
-
     rows = in_memory_rows(data, {}, name)
     digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
     return f"{IN_MEMORY}: {type(data).__name__} of {len(rows)} rows, sha256 {digest[:12]}>"

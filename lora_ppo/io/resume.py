@@ -17,6 +17,7 @@ description (IN_MEMORY ...); such a run resumes from Python with the same object
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -43,8 +44,6 @@ def run_dir(output_dir: str | Path, command: str) -> Path:
 def _checked_json(ck: Path, name: str) -> str:
     """A small file of checkpoint `ck`, checked against its COMPLETE manifest (the whole
     checkpoint is verified when it is loaded; its config is needed before anything loads)."""
-    import hashlib
-
     manifest = json.loads((ck / COMPLETE).read_text())["files"]
     data = (ck / name).read_bytes()
     if name in manifest and hashlib.sha256(data).hexdigest() != manifest[name]["sha256"]:
