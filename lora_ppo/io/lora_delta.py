@@ -83,7 +83,7 @@ def read_lora_config(adapter_dir: Path):
     return cfg
 
 
-def lora_scale(cfg, module: str, rank: int) -> float:
+def lora_scale(cfg: LoraConfig, module: str, rank: int) -> float:
     """peft's `scaling` for `module`: alpha / r, or alpha / sqrt(r) with rsLoRA; r and alpha from
     rank_pattern / alpha_pattern as LoraModel._create_and_replace resolves them."""
     r = cfg.rank_pattern.get(get_pattern_key(cfg.rank_pattern.keys(), module), cfg.r)

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from lora_ppo.config import Config
 from lora_ppo.config.load import config_to_dict
 from lora_ppo.errors import UserError
 
@@ -67,7 +68,7 @@ def check_logging(logging) -> None:
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, cfg, total: int, start: int = 0, enabled: bool = True,
+    def __init__(self, output_dir: Path, cfg: Config, total: int, start: int = 0, enabled: bool = True,
                  desc: str = "ppo", unit: str = "update",
                  bar_keys: tuple[tuple[str, str], ...] = ()):
         """`bar_keys`: (metric, short name) pairs shown on the progress bar after each row."""

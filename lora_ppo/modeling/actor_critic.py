@@ -26,6 +26,7 @@ import peft
 import torch
 from torch import nn
 
+from lora_ppo.config import Config
 from lora_ppo.errors import UserError
 from lora_ppo.modeling.heads import (
     REWARD_HEAD_FILE,
@@ -321,7 +322,7 @@ def adapter_fits(path: str, field: str, model_path: str) -> Iterator[None]:
                         "adapter trained on this base") from None
 
 
-def build_actor_critic(cfg, base: nn.Module) -> ActorCritic:
+def build_actor_critic(cfg: Config, base: nn.Module) -> ActorCritic:
     """Attach the adapters of every role to `base` (already loaded, frozen)."""
     hidden_size = base.config.hidden_size
     device = next(base.parameters()).device

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from lora_ppo.config import Config
 from lora_ppo.errors import UserError
 from lora_ppo.io.data import Prompt
 
@@ -217,7 +218,7 @@ def check_signature(fn: Callable, name: str, columns: dict[str, list[str]],
 
 
 
-def function_name(cfg, function: Callable | None) -> str:
+def function_name(cfg: Config, function: Callable | None) -> str:
     """How messages name the reward function: reward.function, or a callable's own name."""
     spec = cfg.reward.function
     if isinstance(spec, str) and spec:
@@ -225,7 +226,7 @@ def function_name(cfg, function: Callable | None) -> str:
     return getattr(function, "__qualname__", None) or repr(function)
 
 
-def named_functions(cfg, function: Callable | list[Callable] | None
+def named_functions(cfg: Config, function: Callable | list[Callable] | None
                     ) -> list[tuple[str, Callable]]:
     """(how messages name it, the function) for each reward function: the callables given (a
     list: several) or, with none, reward.function's specs imported; named by their spec in

@@ -13,6 +13,7 @@ from typing import Optional, Protocol
 
 import torch
 
+from lora_ppo.config import Config
 from lora_ppo.errors import UserError, first_line
 from lora_ppo.io.data import Prompt
 from lora_ppo.modeling.actor_critic import ActorCritic, check_adapter_dir
@@ -197,7 +198,7 @@ class WeightedReward:
                 for k, v in getattr(source, "by_function", {}).items()}
 
 
-def check_reward_sources(cfg, function: Callable | list[Callable] | None = None
+def check_reward_sources(cfg: Config, function: Callable | list[Callable] | None = None
                          ) -> Callable | list[Callable] | None:
     """Fail before the base model loads: import the reward function (a missing file or name or a
     syntax error is found now, not after the model and engine are set up) and check that the
@@ -222,7 +223,7 @@ def check_reward_sources(cfg, function: Callable | list[Callable] | None = None
     return load_function(r.function)
 
 
-def _make_one(kind: str, cfg, ac: ActorCritic, function: Callable | list[Callable] | None
+def _make_one(kind: str, cfg: Config, ac: ActorCritic, function: Callable | list[Callable] | None
               ) -> RewardSource:
     if kind == "adapter":
         return AdapterReward(ac, cfg.rollout.generation_batch_size)
@@ -238,7 +239,7 @@ def _make_one(kind: str, cfg, ac: ActorCritic, function: Callable | list[Callabl
     return FunctionSum([(FunctionReward(name, fn), w) for (name, fn), w in zip(parts, weights)])
 
 
-def make_reward_source(cfg, ac: ActorCritic, function: Callable | list[Callable] | None = None
+def make_reward_source(cfg: Config, ac: ActorCritic, function: Callable | list[Callable] | None = None
                        ) -> RewardSource:
     """One source as is; several (reward.sources) as their weighted sum. `function`: the reward
     function `check_reward_sources` already imported (else it is imported here)."""

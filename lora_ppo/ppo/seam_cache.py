@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from lora_ppo.config import Config
 from lora_ppo.generation.generate import DecodePath
 from lora_ppo.io.atomic import atomic_write_text
 from lora_ppo.io.checkpoint import base_fingerprint
@@ -23,7 +24,7 @@ from lora_ppo.modeling.packing import Attention, Layout
 from lora_ppo.ppo.seams import SEAM_VERSION, Seams, check_seams, preferred
 
 
-def _key(ac: ActorCritic, cfg, model_path: str) -> str:
+def _key(ac: ActorCritic, cfg: Config, model_path: str) -> str:
     versions = {}
     for name in ("torch", "transformers", "peft", "bitsandbytes"):
         try:
@@ -72,7 +73,7 @@ def _from_json(d: dict) -> Seams:
                  tuple(d["notes"]), d["own_logits"])
 
 
-def seams_for(ac: ActorCritic, cfg, pad_id: int, model_path: str) -> tuple[Seams, Optional[str]]:
+def seams_for(ac: ActorCritic, cfg: Config, pad_id: int, model_path: str) -> tuple[Seams, Optional[str]]:
     """The seams of this model and settings (`model.seam_check`): cached, checked, or trusted;
     and a progress line when the checks ran."""
     mode = cfg.model.seam_check

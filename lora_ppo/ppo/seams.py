@@ -39,6 +39,7 @@ from typing import NamedTuple
 
 import torch
 
+from lora_ppo.config import Config
 from lora_ppo.errors import UserError
 from lora_ppo.generation.folded import can_fold, folded_policy, unfoldable
 from lora_ppo.generation.generate import DecodePath, sample
@@ -84,7 +85,7 @@ def _rtol(ac: ActorCritic) -> float:
     return 2.0 ** -6 if _reduced(ac) else 0.0
 
 
-def preferred(ac: ActorCritic, cfg) -> list[tuple[str, Layout]]:
+def preferred(ac: ActorCritic, cfg: Config) -> list[tuple[str, Layout]]:
     """Candidate layouts, best first: a shared prompt (n > 1), an explicit mask, the model's
     detection of restarting positions, padded. Only those `cfg` allows."""
     if not cfg.model.padding_free or ac.own_logits:
@@ -144,7 +145,7 @@ def _nonzero_adapters(ac: ActorCritic, gen: torch.Generator):
 
 
 @contextlib.contextmanager
-def _in_run_precision(ac: ActorCritic, cfg):
+def _in_run_precision(ac: ActorCritic, cfg: Config):
     """The body sees the parameters in the dtype the run trains them in: with
     deepspeed.precision bf16 or fp16 DeepSpeed casts every float parameter of the module to it
     when the engine is built, after these checks (engine.py::_cast_module_mixed_precision);
@@ -201,7 +202,7 @@ def _own_diff(ac: ActorCritic, batch) -> float:
     return _max(_logprobs(ac, batch, PADDED), theirs, _rtol(ac))
 
 
-def _own_logits(ac: ActorCritic, cfg, batch, d: float) -> str:
+def _own_logits(ac: ActorCritic, cfg: Config, batch, d: float) -> str:
     """Fall back to the model's own forward's logits, where lora_ppo's own differ by `d`; the
     one line saying so and what it costs (sizing/memory.py::own_logits_bytes), or a refusal
     where even that path does not give the model's log-probs."""
@@ -262,7 +263,7 @@ def _decode_diff(ac: ActorCritic, batch, reference: torch.Tensor, pad_id: int,
                 _rtol(ac))
 
 
-def _decoding(ac: ActorCritic, cfg, batch, reference: torch.Tensor, pad_id: int,
+def _decoding(ac: ActorCritic, cfg: Config, batch, reference: torch.Tensor, pad_id: int,
               notes: list[str]) -> DecodePath:
     """The fastest decode path that gives the forward's log-probs: give up the fold, then
     continuous batching, then the static cache, one line each; refuse when none does."""
@@ -296,7 +297,7 @@ def _decoding(ac: ActorCritic, cfg, batch, reference: torch.Tensor, pad_id: int,
     return how
 
 
-def check_seams(ac: ActorCritic, cfg, pad_id: int) -> Seams:
+def check_seams(ac: ActorCritic, cfg: Config, pad_id: int) -> Seams:
     """Run the checks (module doc) under the policy in eval mode; refuse what cannot be made
     exact, fall back where a slower path is exact."""
     gen = torch.Generator().manual_seed(1234)  # the run's own random streams stay untouched

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 
+from lora_ppo.config import Config
 from lora_ppo.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
@@ -214,7 +215,7 @@ def refuse_unsupported(zero_stage: int, quantized: bool, world_size: int) -> Non
                         "quantization, or turn quantization off for zero3")
 
 
-def run_ds_config(cfg, world_size: int, device: torch.device, section: str,
+def run_ds_config(cfg: Config, world_size: int, device: torch.device, section: str,
                   quantized: bool) -> dict:
     """The DeepSpeed config of a run: `cfg.deepspeed.config` filled from the batch sizes and
     optimizer of `section` ("ppo", "sft" or "reward_model"), refused where it cannot work

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
+from lora_ppo.config import Config
 from lora_ppo.errors import UserError
 from lora_ppo.generation.continuous import PREFILL_SHARE, continuous_slack
 from lora_ppo.modeling.loading import quantization_mode
@@ -151,7 +152,7 @@ class Shapes:
         return prompts * self.prompt_len + samples * self.new_tokens
 
 
-def shapes_from_config(cfg) -> Shapes:
+def shapes_from_config(cfg: Config) -> Shapes:
     n = cfg.rollout.samples_per_prompt
     samples = cfg.rollout.prompts_per_update * n
     # the update keeps groups together only when minibatches hold whole groups (update.py)
@@ -164,7 +165,7 @@ def shapes_from_config(cfg) -> Shapes:
                   bool(cfg.rollout.tools or cfg.rollout.environment))
 
 
-def _ds_settings(cfg) -> tuple[int, int, bool]:
+def _ds_settings(cfg: Config) -> tuple[int, int, bool]:
     """(zero stage, reduce_bucket_size, overlap_comm) of the run's DeepSpeed config."""
     raw, _ = read_ds_config(cfg.deepspeed.config)
     zero = raw.get("zero_optimization", {})
@@ -227,7 +228,7 @@ def _scoring_bytes(arch: Arch, sh: Shapes, s: int, chunk: int) -> int:
                                           _logits_bytes(rows, arch.vocab, s))
 
 
-def _update_bytes(cfg, arch: Arch, sh: Shapes, s: int, trainable: int) -> tuple[int, int]:
+def _update_bytes(cfg: Config, arch: Arch, sh: Shapes, s: int, trainable: int) -> tuple[int, int]:
     """(saved activations, update transient) of one micro-batch.
 
     Saved by each forward with grad (policy; critic too in adapter mode): every layer's
@@ -264,7 +265,7 @@ def _update_bytes(cfg, arch: Arch, sh: Shapes, s: int, trainable: int) -> tuple[
     return saved, max(saved + layer_bwd, saved_one + max(logits_bwd, layer_bwd), step_tmp)
 
 
-def estimate_memory(cfg, arch: Arch, device: str = "gpu",
+def estimate_memory(cfg: Config, arch: Arch, device: str = "gpu",
                     shapes: Optional[Shapes] = None, own_logits: bool = False) -> MemoryEstimate:
     """Predicted peak of each phase of an update (see the module docstring for what is counted).
     `own_logits`: the run takes the model's own forward's logits (`own_logits_bytes`), as the

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple, Optional
 
+from lora_ppo.config import Config
 from lora_ppo.sizing.arch import Arch, lora_param_count, param_counts
 from lora_ppo.sizing.memory import MIB, MemoryEstimate, estimate_memory, shapes_from_config
 
@@ -22,7 +23,7 @@ class Suggestion(NamedTuple):
     budget: int                           # bytes the peak must stay under
 
 
-def suggest_batch_sizes(cfg, arch: Arch, gpu_mib: float, device: str = "gpu",
+def suggest_batch_sizes(cfg: Config, arch: Arch, gpu_mib: float, device: str = "gpu",
                         headroom: float = 0.1, own_logits: bool = False) -> Suggestion:
     """The largest micro_batch_size (a divisor of ppo.minibatch_size) and generation_batch_size
     (a divisor of rollout.prompts_per_update) whose phases fit in (1 - headroom) * gpu_mib.
@@ -65,7 +66,7 @@ def format_table(est: MemoryEstimate, sug: Optional[Suggestion] = None,
     return "\n".join(lines)
 
 
-def report(cfg, arch: Arch, device: str, gpu_mib: float, own_logits: bool = False) -> dict:
+def report(cfg: Config, arch: Arch, device: str, gpu_mib: float, own_logits: bool = False) -> dict:
     """Everything `lora-ppo estimate --json` prints, in MiB."""
     est = estimate_memory(cfg, arch, device, own_logits=own_logits)
     sug = suggest_batch_sizes(cfg, arch, gpu_mib, device, own_logits=own_logits)
