@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from families import FAMILIES, build_family_model
 from helpers import tiny_config
 
 from lora_ppo.generation.generate import generate
@@ -122,3 +123,29 @@ def test_waiting_conversations_stay_within_what_the_estimator_counts(tiny_model_
     monkeypatch.setattr(continuous._Batch, "_ended", checked)
     _trajectories(run, ids, continuous=True, reuse_cache=True, slots=3)
     assert max(w for _, w in seen) >= 1  # conversations did wait between turns
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_keeps_a_conversation_s_cache_exactly(family, tiny_model_dir, tmp_path):
+    """Every family at tiny size, on the decode path its setup check chose (continuous batching
+    where its cache allows it): keeping each conversation's cache across turns gives the tokens
+    and log-probs of encoding it again at every turn, and the sampler's log-probs are those of
+    one forward over the whole trajectory (1e-5). What holds for Llama's cache need not hold for
+    a family whose positions, attention bias or cache layers differ."""
+    model = build_family_model(family, tmp_path / family, tiny_model_dir)
+    run = _run(model, tmp_path / "run", "model.seam_check=always")
+    ids = [list(p.ids) for p in run.prompts.take(4)]
+    continuous = run.seams.decode.continuous_batching
+    kept, echo = _trajectories(run, ids, continuous=continuous, reuse_cache=True, slots=2)
+    assert len(echo.calls) >= 8
+    again, _ = _trajectories(run, ids, continuous=continuous, reuse_cache=False, slots=2)
+    assert torch.equal(again.response_ids, kept.response_ids)
+    torch.testing.assert_close(again.logprobs, kept.logprobs, rtol=0, atol=1e-5)
+    env = kept.env_mask
+    with torch.no_grad():
+        run.ac.eval()
+        lp, _, _ = run.ac(kept.query_ids, kept.query_mask, kept.response_ids, kept.response_mask,
+                          temperature=0.9, chunk_size=64, with_values=False)
+    torch.testing.assert_close(kept.logprobs, lp * kept.response_mask * (1 - env), rtol=0,
+                               atol=1e-5)
