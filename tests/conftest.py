@@ -18,6 +18,16 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def restore_env():
+    """A module whose tests train in this process (train -> setup_distributed() writes RANK,
+    MASTER_PORT, ...) uses this, so later modules get a clean environment."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(autouse=True)
 def _unpatched_linear():
     """A ZeRO-3 engine replaces torch.nn.functional.linear for the rest of the process

@@ -5,7 +5,6 @@ input as one-line UserErrors."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from helpers import run_cli, tiny_config
@@ -14,14 +13,7 @@ import lora_ppo
 from lora_ppo.config.load import load_config
 from lora_ppo.errors import UserError
 
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_env():
-    # train -> setup_distributed() writes RANK/MASTER_PORT...; give later modules a clean env.
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("restore_env")  # it trains in this process
 
 
 def short(completions, **kwargs):

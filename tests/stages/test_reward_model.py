@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -31,12 +30,7 @@ from lora_ppo.stages.reward_model import (
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_env():
-    saved = dict(os.environ)  # train_reward -> setup_distributed() writes RANK, MASTER_PORT...
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("restore_env")  # it trains in this process
 
 
 def test_bradley_terry_loss_by_hand():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
@@ -29,13 +28,7 @@ CPU = torch.device("cpu")
 PROMPT, RESPONSE = "review of the diner :", " the food was great ."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_env():
-    # train_sft -> setup_distributed() writes RANK/MASTER_PORT...; give later modules a clean env.
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("restore_env")  # it trains in this process
 
 
 @pytest.fixture(scope="module")
