@@ -133,7 +133,8 @@ class MetricsLogger:
             self.tb.add_text(tag, "\n\n".join(lines), step)
 
     def close(self) -> None:
-        if self.bar is not None:
+        if self.bar is not None:  # the last line shows the run, not its last update's phase
+            self.bar.set_description_str(self.desc, refresh=False)
             self.bar.close()
         if self.tb is not None:
             self.tb.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -161,3 +162,5 @@ def test_what_a_trl_user_looks_for_while_it_runs(tiny_model_dir, tmp_path):
         res.stdout  # updates 2 and 4, three samples each
     for phase in ("generation", "scoring", "update"):
         assert f"ppo [{phase}]" in res.stderr, res.stderr[-2000:]
+    bar = [s for s in re.split(r"[\r\n]", res.stderr) if s.startswith("ppo")]
+    assert bar[-1].startswith("ppo: 100%"), bar[-1]  # the run's last line, not a phase
