@@ -5,10 +5,11 @@ Standard library only: the peer harnesses (benchmarks/peers/) run in venvs witho
 import this file by path, so both sides of a comparison measure with the same code. Linux: every
 figure comes from /proc or getrusage.
 
-Memory. `maxrss_mib` is the process's peak resident set over its whole life (getrusage), what
-bench_vs_trl compares above the RSS after the model load. `peak_rss_mib` is the kernel's VmHWM,
-which `reset_peak` sets back to the current RSS (write 5 to /proc/self/clear_refs, Linux >= 4.0),
-so one process can read a peak per phase (benchmarks/bench.py); getrusage's figure is not reset.
+Memory. `peak_rss_mib` is the kernel's VmHWM, the process's peak resident set, which
+`reset_peak` sets back to the current RSS (write 5 to /proc/self/clear_refs, Linux >= 4.0), so
+one process can read a peak per phase (benchmarks/bench.py). `maxrss_mib` is the same figure
+over the process's whole life (its sides never reset it), what bench_vs_trl compares above the
+RSS after the model load; getrusage's ru_maxrss is not used, since it starts at the parent's.
 
 CPU. A machine shared with other jobs slows a benchmark in ways its own timer cannot see, so each
 phase or step also records the share of all CPUs' time that other processes used meanwhile:
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import os
 import re
-import resource
 import time
 from typing import NamedTuple
 
@@ -52,8 +52,12 @@ def reset_peak() -> None:
 
 
 def maxrss_mib() -> float:
-    """The resident set's peak over the process's life (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The resident set's peak over the process's own life: VmHWM, which a new program starts
+    afresh (unless `reset_peak` set it back). Not getrusage's ru_maxrss: Linux starts a forked
+    child's at the parent's resident size and keeps it over exec, so each side that
+    bench_vs_trl starts read its driver's RSS (449 MiB in a driver that had just built a model)
+    as its own peak until it grew past it, and its "after load" baseline with it."""
+    return peak_rss_mib()
 
 
 # --- CPU -------------------------------------------------------------------------------------

@@ -31,13 +31,8 @@ from typing import Any, Optional
 from lora_ppo.config import Config
 from lora_ppo.config.load import build_config, config_to_dict, override_tree, read_yaml
 from lora_ppo.errors import UserError
-from lora_ppo.io.resume import (
-    IN_MEMORY,
-    check_changes,
-    ignored_line,
-    in_memory_fields,
-    saved_run,
-)
+from lora_ppo.io.config_changes import IN_MEMORY, check_changes, ignored_line, in_memory_fields
+from lora_ppo.io.resume import saved_run
 from lora_ppo.io.run_dir import check_flags
 
 PRESETS = Path(__file__).resolve().parent / "builtin" / "presets"

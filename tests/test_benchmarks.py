@@ -67,6 +67,27 @@ def test_the_files_the_peers_import_need_only_the_standard_library():
 
 # --- what both sides share: benchmarks/workload.py -------------------------------------------
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_a_side_reads_its_own_peak_not_its_parents(tmp_path):
+    # Linux starts a child's getrusage ru_maxrss at the parent's resident size; the sides'
+    # peak (meters.maxrss_mib) must be the child's own: a parent holding 256 MiB starts a
+    # child that holds almost nothing.
+    child = tmp_path / "child.py"
+    child.write_text(f"import sys, resource\nsys.path.insert(0, {str(BENCHMARKS)!r})\n"
+                     "import meters\nprint(meters.maxrss_mib(), "
+                     "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
+    parent = tmp_path / "parent.py"
+    parent.write_text(f"import subprocess, sys\nbig = bytearray(256 * 2**20)\n"
+                      "big[::4096] = b'x' * len(big[::4096])\n"
+                      f"print(subprocess.run([sys.executable, {str(child)!r}], "
+                      "capture_output=True, text=True, check=True).stdout)\n")
+    out = subprocess.run([sys.executable, str(parent)], capture_output=True, text=True,
+                         check=True)
+    own, inherited = map(float, out.stdout.split())
+    assert inherited > 256, inherited  # what the sides used to read
+    assert own < 128, own
+
+
 def test_even_reward_by_hand():
     wl = load("workload")
     # [2, 3, 4, 5]: half even -> 0; [2]: all even -> 1; [1, 3, 5]: none -> -1; []: -1

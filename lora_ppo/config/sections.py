@@ -47,11 +47,14 @@ class ModelConfig:
     every run; `off`: trust the fastest layout unchecked."""
     max_prompt_length: Annotated[int, POSITIVE] = 256
     """Prompts longer than this many tokens are cut from the left (the end of a prompt matters most)."""
-    logits_chunk_mib: Annotated[float, POSITIVE] = 256.0
+    logits_chunk_mib: Annotated[float, POSITIVE] = 32.0
     """MiB of fp32 logits made at a time when scoring, in the update and in SFT: the LM head runs over
-    rows of (batch*length) in chunks of this size whatever the vocabulary (one such chunk at a
-    time in the backward; about 5 with ppo.ent_coef != 0), instead of one batch x length x vocab
-    tensor. 256 MiB is 1700 rows of a 40k vocabulary, 440 of a 150k one."""
+    rows of (batch*length) in chunks of this size whatever the vocabulary, instead of one batch x
+    length x vocab tensor. A frozen LM head (LoRA on the decoder) holds one chunk at a time in the
+    forward only; a trained head or ppo.ent_coef != 0 one chunk (about 5 with ent_coef) in the
+    backward too, made again there unless one chunk holds every row. 32 MiB is 210 rows of a 40k
+    vocabulary, 56 of a 150k one: on a CPU the head's matmul runs as fast at that size; a GPU
+    needs a few hundred rows to keep it compute-bound (the recipes set theirs)."""
 
 
 @dataclass

@@ -45,6 +45,7 @@ from lora_ppo.config import Config
 from lora_ppo.config.load import load_config
 from lora_ppo.errors import UserError, first_line
 from lora_ppo.io.atomic import check_sealed, fsync_path, remove_dir, replace_dir, seal, sha256_file
+from lora_ppo.io.config_changes import check_changes
 from lora_ppo.modeling.loading import quantization_mode
 from lora_ppo.runtime.engine import gathered_trainable
 
@@ -286,10 +287,9 @@ def trained_quantization(ck: Checkpoint) -> str:
 
 def check_fit(ck: Checkpoint, cfg: Config, model_path: str, facts: dict, command: str) -> None:
     """Refuse a checkpoint that this run cannot continue: another base, a config that changes
-    the run (io/resume.py: only SAFE fields may differ), or other run `facts` (world size,
+    the run (io/config_changes.py: only SAFE fields may differ), or other run `facts` (world size,
     ZeRO stage, precision) than its state.json records. Shared by PPO and the SFT /
     reward-model stages."""
-    from lora_ppo.io.resume import check_changes  # resume.py reads checkpoints: imports this
 
     check_base(ck, model_path)
     check_changes(ck.cfg, cfg, command, int(ck.state.get("step", 0)), ck.path / CONFIG)

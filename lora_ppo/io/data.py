@@ -201,6 +201,17 @@ def hold_out(rows: list, eval_rows: Optional[list], size: int, seed: int,
     return [rows[i] for i in order[size:]], [rows[i] for i in order[:size]]
 
 
+def held_out_note(n_train: int, n_held: int, separate: bool, data_field: str,
+                  size_field: str, eval_field: str) -> Optional[str]:
+    """The line that says rows of the training data were held out for evaluation (None when
+    none were: no evaluation, or a separate evaluation set)."""
+    if separate or not n_held:
+        return None
+    return (f"{n_held} of {n_train + n_held} rows of {data_field} are held out for evaluation "
+            f"({size_field}={n_held}; {size_field}=0 trains on all of them, {eval_field} gives "
+            "a separate set)")
+
+
 def render_prompt(tokenizer, prompt: Union[str, list], chat_template: bool) -> str:
     """The prompt as the model reads it: a string as is, or (`chat_template`) as one user turn
     of the tokenizer's chat template; a conversation always through the chat template, its

@@ -27,7 +27,13 @@ import torch
 from torch import nn
 
 from lora_ppo.errors import UserError
-from lora_ppo.modeling.heads import REWARD_HEAD_FILE, ScalarHead, load_scalar_head, logits_transform
+from lora_ppo.modeling.heads import (
+    REWARD_HEAD_FILE,
+    ScalarHead,
+    frozen_weight,
+    load_scalar_head,
+    logits_transform,
+)
 from lora_ppo.modeling.loading import disable_dropout, set_gradient_checkpointing
 from lora_ppo.modeling.lora_grad import lora_b_grads_in_fast_order
 from lora_ppo.modeling.own_logits import own_logprobs
@@ -242,7 +248,8 @@ class ActorCritic(nn.Module):
                 # again).
                 lp, ent = logprobs_and_entropy_from_hidden(
                     h[real][None], self.lm_head, response_ids[real][None],
-                    transform=self.logits_transform, **kw)
+                    transform=self.logits_transform, frozen_weight=frozen_weight(self.lm_head),
+                    **kw)
             logprobs = _scatter(lp[0], real)
             entropy = None if ent is None else _scatter(ent[0], real)
             if with_values and role == POLICY and self.value_mode == "shared":

@@ -38,6 +38,18 @@ def logits_transform(config) -> LogitsTransform:
     return LogitsTransform(scale, None if softcap is None else float(softcap))
 
 
+def frozen_weight(head: nn.Module):
+    """The LM head's weight (V, H) when the head is a plain nn.Linear whose parameters take no
+    gradient and whose weight is whole on this device (not a ZeRO-3 partition, which its own
+    call gathers), else None. Scoring then needs only d log p / d hidden = (...) @ W, which
+    rl/logprobs.py makes in the forward, chunk by chunk, instead of keeping or remaking the
+    logits for the backward. A LoRA on the head (peft wraps it) takes the general path."""
+    if type(head) is not nn.Linear or any(p.requires_grad for p in head.parameters()):
+        return None
+    w = head.weight
+    return None if hasattr(w, "ds_id") or w.numel() == 0 else w
+
+
 class _FP32Linear(nn.Linear):
     """nn.Linear that computes in fp32 whatever dtype its weights and input are in.
 

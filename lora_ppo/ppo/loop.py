@@ -29,6 +29,7 @@ from lora_ppo.ppo.dynamic import SamplingStats, sampling_metrics
 from lora_ppo.ppo.metrics import (
     PPO_BAR,
     add_logged_metrics,
+    log_completions,
     log_extras,
     sequence_kl,
     tool_row,
@@ -217,10 +218,12 @@ def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False, *,
         evaluate(run, logger)  # samples before training, to compare with later evaluations
     with StopSignal() as stop:  # Ctrl-C / SIGTERM: stop after the update, with a checkpoint
         while run.step < cfg.ppo.total_updates:
-            out = ppo_step(run)
+            out = ppo_step(run, on_phase=logger.phase)  # the bar shows the phase it is in
             # step 6. log, evaluate, checkpoint
             row = update_metrics(run, out.rollout, out.stats, out.kl_coef, out.seconds)
             log_extras(run, logger, run.step)
+            if cfg.logging.completions_every and run.step % cfg.logging.completions_every == 0:
+                log_completions(run, logger, out.rollout)
             row.update(sampling_metrics(out.sampling,
                                         cfg.rollout.prompts_per_update * run.dist.world_size,
                                         cfg.rollout.samples_per_prompt))

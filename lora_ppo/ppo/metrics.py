@@ -8,6 +8,7 @@ import torch
 
 from lora_ppo.agents import tool_metrics
 from lora_ppo.io.metrics import MetricsLogger, peak_memory_mib
+from lora_ppo.ppo.collect import decode
 from lora_ppo.ppo.reward_sources import RewardError, function_source
 from lora_ppo.ppo.rollout import Rollout
 from lora_ppo.ppo.run import Run
@@ -87,9 +88,31 @@ def update_metrics(run: Run, ro: Rollout, stats: PPOStats, beta: float,
         "tokens_per_s": tokens / max(t_rollout + t_update, 1e-9),
         "memory/peak_mib": peak_memory_mib(run.dist.device),
     })
+    row.update(trl_names(ro, alg.group_size))
     row.update(tool_row(run.tool_counts) if run.agents.toolbox is not None else {})
     run.tool_counts.clear()
     return add_logged_metrics(run, row)
+
+
+def trl_names(ro: Rollout, group_size: int) -> dict:
+    """What TRL 1.16's GRPOTrainer logs under its own names, where the idea is the same
+    (`_generate_and_score_completions`, `_calculate_rewards`): over the samples of every rank,
+    `reward` the mean raw score (the weighted sum of the reward functions) and `reward_std` its
+    standard deviation (Bessel-corrected, as TRL's nanstd), `frac_reward_zero_std` the share of
+    groups whose raw scores are all equal, and the completions' lengths in tokens (the
+    environment's included, as TRL counts them) with `clipped_ratio` the share cut by
+    rollout.max_new_tokens (no stop id)."""
+    raw = all_gather_cat(ro.raw_scores.float().cpu())
+    lengths = all_gather_cat(ro.response_mask.sum(1).float().cpu())
+    clipped = all_gather_cat((~ro.has_eos.bool()).float().cpu())
+    return {"reward": raw.mean().item(),
+            "reward_std": raw.std().item() if len(raw) > 1 else None,
+            "frac_reward_zero_std": zero_std_groups(raw, group_size).float().mean().item()
+            if group_size > 1 else None,
+            "completions/mean_length": lengths.mean().item(),
+            "completions/min_length": lengths.min().item(),
+            "completions/max_length": lengths.max().item(),
+            "completions/clipped_ratio": clipped.mean().item()}
 
 
 def tool_row(counts: dict, prefix: str = "") -> dict:
@@ -165,3 +188,16 @@ def sampler_metrics(ac, ro: Rollout, ppo) -> dict:
                     "sampling/importance_sampling_ratio/mean": w_sum / w_n,
                     "sampling/importance_sampling_ratio/max": top[1]})
     return out
+
+
+def log_completions(run: Run, logger: MetricsLogger, ro: Rollout) -> None:
+    """The first logging.num_samples samples of the update's rollout on this rank, prompt ->
+    completion (the environment's tokens included) and raw score, above the progress bar and
+    in TensorBoard (TRL's log_completions)."""
+    n = run.cfg.logging.num_samples
+    if not n:
+        return
+    prompts = decode(run.tokenizer, ro.query_ids[:n], ro.query_mask[:n])
+    completions = decode(run.tokenizer, ro.response_ids[:n], ro.response_mask[:n])
+    logger.text("completions", [f"{p!r} -> {c!r} (score {s:.3f})" for p, c, s in
+                                zip(prompts, completions, ro.raw_scores[:n].tolist())], run.step)

@@ -17,7 +17,14 @@ from lora_ppo.agents.setup import Agents, setup_agents
 from lora_ppo.config import Config
 from lora_ppo.errors import UserError
 from lora_ppo.generation.samples import stop_ids_of
-from lora_ppo.io.data import Prompt, PromptCycle, encode_rows, hold_out, load_prompts
+from lora_ppo.io.data import (
+    Prompt,
+    PromptCycle,
+    encode_rows,
+    held_out_note,
+    hold_out,
+    load_prompts,
+)
 from lora_ppo.io.metrics import check_logging
 from lora_ppo.modeling.actor_critic import ActorCritic, build_actor_critic, check_adapter_dir
 from lora_ppo.modeling.loading import (
@@ -122,7 +129,8 @@ def setup(cfg: Config, *, dataset=None, eval_dataset=None, reward_fn: Optional[C
         ac.use_own_logits()
     ac.layout = seams.layout
     if dist.rank == 0:
-        for line in (checked, *seams.notes):
+        for line in (checked, *seams.notes, *data_notes(cfg, train_prompts, eval_prompts,
+                                                       eval_dataset, dist.world_size)):
             if line:
                 print(line, flush=True)
     samples = cfg.rollout.prompts_per_update * cfg.rollout.samples_per_prompt
@@ -168,6 +176,22 @@ def prompt_columns(cfg: Config, train: list[Prompt], held: list[Prompt], dataset
     if held and (eval_dataset is not None or cfg.data.eval_prompts):
         out[where(eval_dataset, "data.eval_prompts", cfg.data.eval_prompts)] = list(held[0].columns)
     return out
+
+
+def data_notes(cfg: Config, train: list[Prompt], held: list[Prompt], eval_dataset,
+               world_size: int) -> list[str]:
+    """What the run does with the prompts that a user may not expect: some held out for
+    evaluation, or fewer than an update takes (each update then cycles through them)."""
+    d = cfg.data
+    separate = eval_dataset is not None or d.eval_prompts is not None
+    notes = [held_out_note(len(train), len(held), separate, "data.prompts", "data.eval_size",
+                           "data.eval_prompts")]
+    need = cfg.rollout.prompts_per_update * world_size
+    if train and len(train) < need:
+        notes.append(f"data.prompts has {len(train)} training prompts, fewer than the {need} "
+                     f"an update takes (rollout.prompts_per_update x {world_size} rank(s)): "
+                     "every update goes through them more than once")
+    return [n for n in notes if n]
 
 
 def read_prompts(cfg: Config, tokenizer, dataset=None, eval_dataset=None

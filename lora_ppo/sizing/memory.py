@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 from lora_ppo.errors import UserError
 from lora_ppo.generation.continuous import PREFILL_SHARE, continuous_slack
 from lora_ppo.modeling.loading import quantization_mode
-from lora_ppo.rl.logprobs import chunk_rows
+from lora_ppo.rl.logprobs import ENTROPY_BLOCKS, chunk_rows
 from lora_ppo.runtime.ds_config import read_ds_config, zero_stage
 from lora_ppo.sizing.arch import Arch, lora_param_count, param_counts, read_arch
 
@@ -225,8 +225,10 @@ def _update_bytes(cfg, arch: Arch, sh: Shapes, s: int, trainable: int) -> tuple[
     backward (a layer's input grads at a time) ends before the policy's starts; that one begins
     at the logits chunks: one buffer turned into its own gradient in place, and the gradient in
     the activation dtype when that is narrower (with an entropy gradient, ppo.ent_coef != 0,
-    autograd's ~5 (rows, V) fp32; both measured in tests/rl/test_logprobs.py). With
-    checkpointing a layer is recomputed when its turn comes.
+    autograd's ~5 (rows, V) fp32; both measured in tests/rl/test_logprobs.py). A frozen LM head
+    holds its chunk in the forward only (rl/logprobs.py::_PickLogProbFrozenHead), on top of the
+    forward's saved tensors: the same sum. With checkpointing a layer is recomputed when its
+    turn comes.
     """
     L, H, mb = arch.layers, arch.hidden, sh.micro_batch
     tokens = sh.tokens(mb)  # a shared prompt is encoded once per micro-batch
@@ -240,8 +242,12 @@ def _update_bytes(cfg, arch: Arch, sh: Shapes, s: int, trainable: int) -> tuple[
         layer_bwd = tokens * mlp_grads * s
     rows = chunk_rows(arch.vocab, cfg.model.logits_chunk_mib)
     rows = min(rows, mb * sh.new_tokens)
+    # One chunk: its buffer, the entropy metric's temporary (an eighth of it) and, in a narrower
+    # dtype, the gradient's cast. A frozen head (LoRA on the decoder) holds it in the forward
+    # only, a trained one in the backward too: the same bytes on top of one forward's saved.
     logits_bwd = (5 * rows * arch.vocab * 4 if cfg.ppo.ent_coef
-                  else _logits_bytes(rows, arch.vocab, s) + (rows * arch.vocab * s if s < 4 else 0))
+                  else _logits_bytes(rows, arch.vocab, s) + rows * arch.vocab * 4 // ENTROPY_BLOCKS
+                  + (rows * arch.vocab * s if s < 4 else 0))
     saved = (2 if cfg.algorithm.value_mode == "adapter" else 1) * saved_one
     step_tmp = 2 * 4 * trainable  # AdamW's temporaries (denominator, update) after backward
     return saved, max(saved + layer_bwd, saved_one + max(logits_bwd, layer_bwd), step_tmp)

@@ -33,6 +33,7 @@ from lora_ppo.io.atomic import atomic_output_dir
 from lora_ppo.io.data import (
     check_chat_template,
     encode_prompts,
+    held_out_note,
     hold_out,
     render_prompt,
     template_messages,
@@ -138,8 +139,13 @@ def setup_stage(cfg: Config, name: str, read_rows: Callable[[Any, str], list[dic
     eval_spec = eval_dataset if eval_dataset is not None else sec.eval.data
     eval_rows = read_rows(eval_spec, f"{name}.eval.data") if eval_spec is not None else None
     train_spec = dataset if dataset is not None else sec.data
+    separate = eval_rows is not None
     train_rows, eval_rows = hold_out(read_rows(train_spec, f"{name}.data"), eval_rows,
                                      sec.eval.size, cfg.seed, f"{name}.eval.size")
+    note = held_out_note(len(train_rows), len(eval_rows), separate, f"{name}.data",
+                         f"{name}.eval.size", f"{name}.eval.data")
+    if note and dist.rank == 0:
+        print(note, flush=True)
     st = Stage(cfg=cfg, name=name, dist=dist, tokenizer=tokenizer, model_path=model_path,
                ds_config=ds_config, run_dir=run_dir, start=start)
     return st, train_rows, eval_rows

@@ -35,7 +35,7 @@ from lora_ppo.agents.transcripts import encode_transcript, row_tools, transcript
 from lora_ppo.config import Config
 from lora_ppo.errors import UserError
 from lora_ppo.io.data import read_table, require_columns, require_text, require_values, shown
-from lora_ppo.modeling.heads import logits_transform
+from lora_ppo.modeling.heads import frozen_weight, logits_transform
 from lora_ppo.modeling.packing import (
     Attention,
     explicit_attentions,
@@ -187,9 +187,10 @@ def sft_loss_sums(peft_model, batch: Batch, chunk_size: int) -> tuple[torch.Tens
     h = lm.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask,
                          position_ids=b.position_ids, use_cache=False).last_hidden_state
     # the model's own distribution: what its forward does after the head (modeling/heads.py)
+    head = lm.get_output_embeddings()
     logprobs, _ = logprobs_and_entropy_from_hidden(
-        h[:, :-1], lm.get_output_embeddings(), b.input_ids[:, 1:], chunk_size=chunk_size,
-        with_entropy=False, transform=logits_transform(lm.config))
+        h[:, :-1], head, b.input_ids[:, 1:], chunk_size=chunk_size, with_entropy=False,
+        transform=logits_transform(lm.config), frozen_weight=frozen_weight(head))
     m = b.loss_mask[:, 1:]
     return -(logprobs * m).sum(), m.sum()
 

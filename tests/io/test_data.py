@@ -180,3 +180,29 @@ def test_conversations_need_a_chat_template(tok):
 def test_prompts_that_are_neither_strings_nor_conversations(rows, match):
     with pytest.raises(UserError, match=match):
         load_prompts(rows, "prompt")
+
+
+def test_what_the_run_does_with_the_data_is_said():
+    """Rows held out of the training data and prompts cycled within an update are said in one
+    line each (issue 28: both were silent)."""
+    from lora_ppo.config.load import load_config
+    from lora_ppo.io.data import Prompt, held_out_note
+    from lora_ppo.ppo.run import data_notes
+
+    assert held_out_note(136, 64, False, "reward_model.data", "reward_model.eval.size",
+                         "reward_model.eval.data") == (
+        "64 of 200 rows of reward_model.data are held out for evaluation "
+        "(reward_model.eval.size=64; reward_model.eval.size=0 trains on all of them, "
+        "reward_model.eval.data gives a separate set)")
+    assert held_out_note(200, 64, True, "d", "s", "e") is None  # a separate evaluation set
+    assert held_out_note(200, 0, False, "d", "s", "e") is None  # no evaluation
+    prompts = [Prompt(str(i), (i,)) for i in range(6)]
+    cfg = load_config(None, ["rollout.prompts_per_update=4", "ppo.minibatch_size=4",
+                             "ppo.micro_batch_size=4", "data.eval_every=1"])
+    assert data_notes(cfg, prompts, prompts[:2], None, 1) == [
+        "2 of 8 rows of data.prompts are held out for evaluation (data.eval_size=2; "
+        "data.eval_size=0 trains on all of them, data.eval_prompts gives a separate set)"]
+    notes = data_notes(cfg, prompts, [], None, 2)
+    assert notes == ["data.prompts has 6 training prompts, fewer than the 8 an update takes "
+                     "(rollout.prompts_per_update x 2 rank(s)): every update goes through them "
+                     "more than once"]

@@ -12,7 +12,8 @@ from helpers import assert_same_run, resume_yaml, run_cli
 from lora_ppo.config.load import load_config, override_tree, save_config
 from lora_ppo.errors import UserError
 from lora_ppo.io.atomic import seal
-from lora_ppo.io.resume import check_changes, ignored_line, saved_run
+from lora_ppo.io.config_changes import check_changes, ignored_line
+from lora_ppo.io.resume import saved_run
 
 
 def test_override_tree_takes_strings_and_dicts_alike():

@@ -131,3 +131,33 @@ def test_progress_bar_shows_the_reward_sources_own_score(tmp_path):
                 "objective/kl": 0.5, "loss/value": 0.125})
     assert "score=3.25" in logger.bar.postfix and "kl=0.5" in logger.bar.postfix
     logger.close()
+
+
+@pytest.mark.integration
+def test_what_a_trl_user_looks_for_while_it_runs(tiny_model_dir, tmp_path):
+    """TRL 1.16's names beside ours (reward, reward_std, frac_reward_zero_std, completions/*),
+    a few completions printed every logging.completions_every updates, and the phase an update
+    is in on the progress bar."""
+    out = tmp_path / "run"
+    res = run_cli("train", f"model.path={tiny_model_dir}", f"output_dir={out}",
+                  "quantization.mode=none", "model.max_prompt_length=16", "lora.r=4",
+                  "reward.function=lora_ppo.builtin.rewards:positive_sentiment",
+                  "data.prompts=builtin:reviews", "ppo.advantage_estimator=grpo",
+                  "rollout.samples_per_prompt=4", "rollout.prompts_per_update=2",
+                  "rollout.max_new_tokens=6", "ppo.minibatch_size=8", "ppo.micro_batch_size=8",
+                  "ppo.total_updates=4", "deepspeed.config=zero0", "logging.tensorboard=false",
+                  "logging.completions_every=2", "logging.num_samples=3",
+                  "logging.progress=true")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert r["reward"] == pytest.approx(r["objective/raw_scores"], abs=1e-6)
+        assert r["completions/mean_length"] == pytest.approx(r["response/length"])
+        assert r["completions/clipped_ratio"] == pytest.approx(1 - r["response/eos_frac"])
+        assert r["completions/min_length"] <= r["completions/mean_length"] <= 6
+        assert r["reward_std"] >= 0 and 0 <= r["frac_reward_zero_std"] <= 1
+    shown = [ln for ln in res.stdout.splitlines() if ln.startswith("[completions] ")]
+    assert len(shown) == 2 * 3 and all(" -> " in ln and "(score " in ln for ln in shown), \
+        res.stdout  # updates 2 and 4, three samples each
+    for phase in ("generation", "scoring", "update"):
+        assert f"ppo [{phase}]" in res.stderr, res.stderr[-2000:]

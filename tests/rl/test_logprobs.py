@@ -10,8 +10,10 @@ import torch
 
 from lora_ppo.rl.logprobs import (
     ENTROPY_BLOCKS,
+    LogitsTransform,
     logprobs_and_entropy_from_hidden,
     logprobs_from_logits,
+    transform_logits,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,6 +86,59 @@ def test_hidden_version_values_and_grads_match_naive(temperature):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("transform", [LogitsTransform(), LogitsTransform(scale=0.25),
+                                       LogitsTransform(scale=2.0, softcap=3.0)])
+@pytest.mark.parametrize("chunk", [4, 5, 15])
+def test_frozen_head_makes_the_hidden_grad_in_the_forward(transform, chunk):
+    # A frozen head (the LM head under LoRA): d log p / d hidden is made in the forward, chunk by
+    # chunk; values, entropy and the hidden states' gradient equal autograd's through the
+    # naive log_softmax (every transform: scale, soft-cap, temperature; chunks that do or do not
+    # divide B*T, and one that holds every row, which keeps its buffer instead; a bias).
+    head, hidden, tokens, g = _head_and_inputs(seed=4)
+    head.requires_grad_(False)
+    w_lp = torch.randn(3, 5, generator=g)
+    z = transform_logits(head(hidden), 0.7, transform)
+    lp_ref = z.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    ent_ref = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+    (grad_ref,) = torch.autograd.grad((lp_ref * w_lp).sum(), hidden)
+
+    lp, ent = logprobs_and_entropy_from_hidden(
+        hidden, head, tokens, temperature=0.7, chunk_size=chunk, entropy_grad=False,
+        transform=transform, frozen_weight=head.weight)
+    (grad,) = torch.autograd.grad((lp * w_lp).sum(), hidden)
+    torch.testing.assert_close(lp, lp_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ent, ent_ref.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(grad, grad_ref, atol=1e-5, rtol=1e-5)
+    assert not ent.requires_grad
+
+    # the general path (the head's logits kept or made again) gives the same numbers
+    lp2, _ = logprobs_and_entropy_from_hidden(
+        hidden, head, tokens, temperature=0.7, chunk_size=chunk, entropy_grad=False,
+        transform=transform)
+    (grad2,) = torch.autograd.grad((lp2 * w_lp).sum(), hidden)
+    torch.testing.assert_close(lp, lp2, atol=0, rtol=0)
+    torch.testing.assert_close(grad, grad2, atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_head_in_bf16_matches_the_general_path():
+    # bf16 head and states (DeepSpeed's bf16): the fused gradient is made from the fp32
+    # softmax cast to bf16, as the general path's backward casts its fp32 gradient
+    head, hidden, tokens, g = _head_and_inputs(seed=5)
+    head = head.to(torch.bfloat16).requires_grad_(False)
+    hidden = hidden.detach().to(torch.bfloat16).requires_grad_(True)
+    w_lp = torch.randn(3, 5, generator=g)
+    out = {}
+    for name, weight in (("fused", head.weight), ("general", None)):
+        lp, _ = logprobs_and_entropy_from_hidden(hidden, head, tokens, chunk_size=4,
+                                                 entropy_grad=False, frozen_weight=weight)
+        (grad,) = torch.autograd.grad((lp * w_lp).sum(), hidden)
+        out[name] = lp, grad
+    assert out["fused"][1].dtype == torch.bfloat16
+    torch.testing.assert_close(out["fused"][0], out["general"][0], atol=0, rtol=0)
+    torch.testing.assert_close(out["fused"][1].float(), out["general"][1].float(), atol=0.05,
+                               rtol=0.02)
+
+
 def test_hidden_version_without_entropy_and_without_grad():
     head, hidden, tokens, _ = _head_and_inputs(seed=2)
     lp_ref, _ = naive_logprobs_entropy(head(hidden), tokens)
@@ -137,9 +192,17 @@ _MEMORY_SCRIPT = textwrap.dedent(
                                                    entropy_grad=False)
         return lp, ent * 0
 
+    def frozen(h, tok, chunk):  # a frozen head (LoRA on the decoder): the grad in the forward
+        lp, ent = logprobs_and_entropy_from_hidden(h, head, tok, chunk_size=chunk,
+                                                   entropy_grad=False, frozen_weight=head.weight)
+        return lp, ent * 0
+
+    if mode == "frozen":
+        head.requires_grad_(False)
+
     def step(h, tok, chunk):
         fn = {"naive": lambda h, t, c: naive(h, t), "chunked": chunked,
-              "metric_entropy": metric_entropy}[mode]
+              "metric_entropy": metric_entropy, "frozen": frozen}[mode]
         logprobs, entropy = fn(h, tok, chunk)
         (logprobs.sum() + entropy.sum()).backward()
 
@@ -206,3 +269,18 @@ def test_scoring_without_entropy_grad_holds_one_logits_buffer(chunk):
     # What the process holds beyond our buffers (allocator pages, thread stacks) is bounded by
     # a 4 MiB slack, not by a share of the buffer that a library release can cross.
     assert one_buffer < ours + 4 * 2**20, (one_buffer, ours)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_frozen_head_holds_one_chunk_in_the_forward_only():
+    # A frozen head's chunk lives in the forward only (its gradient to the hidden states is made
+    # there): 2048 rows in chunks of 512 peak at one 512-row buffer and the entropy metric's
+    # temporary, plus the (N, H) gradients, whatever the number of chunks; no (V, H) weight grad.
+    N, H, V, chunk = 2048, 16, 32000, 512
+    buffer = chunk * V * 4
+    ours = buffer * (1 + 1 / ENTROPY_BLOCKS) + 3 * N * H * 4
+    frozen = _peak_extra_bytes("frozen", N, H, V, chunk)
+    whole = _peak_extra_bytes("frozen", N, H, V, N)  # one chunk of every row: 4x the buffer
+    assert whole > 3 * buffer, (whole, buffer)  # the measurement sees the buffer
+    assert frozen < ours + 4 * 2**20, (frozen, ours)

@@ -180,9 +180,10 @@ def test_estimate_memory_by_hand(small_dir):
     assert e.phases["generation"] == resident + 5120 + 3584
     # scoring: trunk output 4*12*16*2 = 1536 + no-grad layer 4*12*192*2 = 18432 (> logits 16*100*(4+2) = 9600)
     assert e.phases["scoring"] == resident + 1536 + 18432
-    # update: saved 26112 + logits backward (8 rows * 100: the bf16 logits 2 B, their fp32
-    # buffer 4 B, the bf16 gradient 2 B) = 6400, above a layer's input grads 2*12*128*2 = 6144
-    assert e.phases["update"] == resident + 26112 + 6400
+    # update: saved 26112 + logits chunk (8 rows * 100: the bf16 logits 2 B, their fp32
+    # buffer 4 B, the entropy metric's fp32 temporary 4 B / 8, the bf16 gradient 2 B) = 6800,
+    # above a layer's input grads 2*12*128*2 = 6144
+    assert e.phases["update"] == resident + 26112 + 6800
     # with an entropy gradient autograd holds ~5 fp32 buffers: 5 * 8 * 100 * 4 = 16000
     e2 = est.estimate_memory(small_cfg(small_dir, "ppo.ent_coef=0.01"), read_arch(str(small_dir)),
                              "gpu")
