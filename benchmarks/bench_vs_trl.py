@@ -148,7 +148,8 @@ def run_side(side: str, w: dict, model: Path, out: Path, a, peer_py: str) -> dic
 
 
 # a tool workload's figures (workload.tool_summary), per run
-TOOL_FIGURES = ("mean_tool_rounds", "frac_2_to_3_rounds", "tool_rounds_hist", "env_token_frac")
+TOOL_FIGURES = ("mean_tool_rounds", "frac_2_to_3_rounds", "tool_rounds_hist", "env_token_frac",
+                "tool_failures")
 
 
 def figures(res: dict, gen_len: int) -> dict:

@@ -179,10 +179,11 @@ def run_side(w: dict, model_dir: str, out: Path, seed: int = 0, threads: int = 1
             sync()
             rss["gpu_after_model_load_mib"] = torch.cuda.memory_allocated() / meters.MIB
 
-    rounds = []  # per reward call: each sample's tool rounds (tools_task.tool_rounds)
+    rounds = []  # per reward call: each sample's tool rounds and failed calls (tools_task)
 
     def correct(completions, answer, **kw):
-        rounds.append([tools_task.tool_rounds(c) for c in completions])
+        rounds.append(([tools_task.tool_rounds(c) for c in completions],
+                       [tools_task.tool_failures(c) for c in completions]))
         return tools_task.correct(completions, answer)
 
     if tools:  # the task's rows, rendered by lora_ppo with the tools' schemas, as TRL does
@@ -205,7 +206,7 @@ def run_side(w: dict, model_dir: str, out: Path, seed: int = 0, threads: int = 1
         lap = clock.lap()
         rec = {"step": k, **lap, **step_record(out_k, run.stop_ids)}
         if tools:
-            rec["tool_rounds"] = rounds[-1]
+            rec["tool_rounds"], rec["tool_failures"] = rounds[-1]
         sec = out_k.seconds
         if cuda:
             rec["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / meters.MIB

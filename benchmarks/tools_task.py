@@ -163,3 +163,14 @@ def tool_rounds(completion) -> int:
         return 0
     return sum(1 for m, nxt in zip(completion, completion[1:])
                if m.get("role") == "assistant" and m.get("tool_calls") and nxt.get("role") == "tool")
+
+
+def tool_failures(completion) -> int:
+    """Calls that went wrong in one trajectory: tool messages that carry an error (both tools
+    write `{'error': ...}`), and assistant turns whose text still holds a `<tool_call>` (a call
+    that did not parse: TRL keeps it as text and ends the trajectory)."""
+    if isinstance(completion, str):
+        return int("<tool_call>" in completion)
+    return sum(1 for m in completion
+               if (m.get("role") == "tool" and str(m.get("content", "")).startswith("{'error'"))
+               or (m.get("role") == "assistant" and "<tool_call>" in (m.get("content") or "")))

@@ -216,14 +216,17 @@ def even(prompts, completions, completion_ids, **kwargs) -> list[float]:
 def tool_summary(steps: list[dict]) -> dict:
     """A tool workload's extra figures from its step records (`tool_rounds` per sample,
     `completion_tokens`: the model's and the tools' tokens): rounds per sample (mean, and the
-    share of samples with 2-3 rounds), and the share of completion tokens the tools wrote."""
+    share of samples with 2-3 rounds), the share of completion tokens the tools wrote, and the
+    calls that went wrong (`tool_failures` per sample, summed)."""
     rounds = [r for s in steps for r in s["tool_rounds"]]
+    failures = [f for s in steps for f in s.get("tool_failures", [])]
     model = sum(s["gen_tokens"] for s in steps)
     total = sum(s["completion_tokens"] for s in steps)
     return {"mean_tool_rounds": statistics.mean(rounds),
             "frac_2_to_3_rounds": sum(1 for r in rounds if 2 <= r <= 3) / len(rounds),
             "tool_rounds_hist": {str(k): rounds.count(k) for k in sorted(set(rounds))},
-            "env_token_frac": (total - model) / total if total else 0.0}
+            "env_token_frac": (total - model) / total if total else 0.0,
+            "tool_failures": sum(failures)}
 
 
 def summarize(steps: list[dict], after_load_mib: float, peak_mib: float, warmup: int = 1) -> dict:

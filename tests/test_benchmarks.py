@@ -188,14 +188,20 @@ def test_tool_rounds_and_reward_count_answered_calls_only():
     assert tt.tool_rounds("plain text") == 0
     done = [turn, result, {"role": "assistant", "content": "The answer is 7."}]
     assert tt.correct([done, done, [turn], "7 or 8"], [7, 8, 7, 8]) == [1.0, 0.0, 0.0, 1.0]
+    # failures: an error result (both tools write str({'error': ...})), a call left as text
+    error = {"role": "tool", "name": "calculate", "content": str({"error": "Tool mul not found."})}
+    unparsed = {"role": "assistant", "content": '<tool_call>\n{"name": </tool_call>'}
+    assert tt.tool_failures(done) == 0 and tt.tool_failures([turn, error, unparsed]) == 2
 
 
 def test_tool_summary_by_hand():
     wl = load("workload")
     # 3 samples: rounds 2, 3, 0; 30 of 100 completion tokens the model's -> 70% the tools'
-    steps = [{"tool_rounds": [2, 3], "gen_tokens": 20, "completion_tokens": 80},
-             {"tool_rounds": [0], "gen_tokens": 10, "completion_tokens": 20}]
+    steps = [{"tool_rounds": [2, 3], "tool_failures": [0, 1], "gen_tokens": 20,
+              "completion_tokens": 80},
+             {"tool_rounds": [0], "tool_failures": [2], "gen_tokens": 10, "completion_tokens": 20}]
     s = wl.tool_summary(steps)
+    assert s["tool_failures"] == 3
     assert s["mean_tool_rounds"] == 5 / 3 and s["frac_2_to_3_rounds"] == 2 / 3
     assert s["tool_rounds_hist"] == {"0": 1, "2": 1, "3": 1} and s["env_token_frac"] == 0.7
 

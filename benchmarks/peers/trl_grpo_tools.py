@@ -56,6 +56,7 @@ def step_records(laps: list, gens: list, calls: list, rollout_s: list, begins: l
         steps.append({"step": k, **lap, "step_s": step_s, "gen_s": None,
                       "rollout_s": rollout_s[k], "update_s": step_s - rollout_s[k], **gen,
                       "samples": len(gen["resp_lens"]), "tool_rounds": call["tool_rounds"],
+                      "tool_failures": call["tool_failures"],
                       "mean_reward": call["mean_reward"]})
         print(f"[trl] step {k}: {lap['wall_s']:.2f}s (rollout {rollout_s[k]:.2f}s, update "
               f"{step_s - rollout_s[k]:.2f}s) model tokens {gen['gen_tokens']} all "
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     def correct(prompts, completions, answer, **kw):
         r = tools_task.correct(completions, answer)
         calls.append({"tool_rounds": [tools_task.tool_rounds(c) for c in completions],
+                      "tool_failures": [tools_task.tool_failures(c) for c in completions],
                       "mean_reward": sum(r) / len(r)})
         return r
 
