@@ -1,11 +1,13 @@
 """lora_ppo against TRL side by side, on the same model, prompts, reward and settings: TRL 0.11.4's
-PPOTrainer + peft for PPO, TRL 1.16's GRPOTrainer + peft for GRPO.
+PPOTrainer + peft for PPO, TRL 1.16's GRPOTrainer + peft for GRPO (with tools: its
+environment_factory).
 
     bash benchmarks/peers/setup.sh                     # the two peer venvs (once; docs/benchmarks.md)
     python benchmarks/bench_vs_trl.py --workload variable --repeats 3 --out variable.json
     python benchmarks/bench_vs_trl.py --workload fixed --gen-len 16,32,64,128 --repeats 1 --out sweep.json
     python benchmarks/bench_vs_trl.py --workload grpo-long --repeats 3 --out grpo-long.json
     python benchmarks/bench_vs_trl.py --workload grpo-long --tiny --repeats 1 --steps 2 --out t.json
+    python benchmarks/bench_vs_trl.py --workload grpo-tools --repeats 2 --out grpo-tools.json
 
 The workloads (benchmarks/workload.py, WORKLOADS):
     fixed          PPO, 70M Llama (hidden 768, 8 layers, vocab 8192), batch 16, 16-token prompts,
@@ -17,16 +19,21 @@ The workloads (benchmarks/workload.py, WORKLOADS):
     grpo-variable  GRPO, 70M, 8 x 4, 16-token prompts, 400 stop ids (cap 64)
     grpo-fixed     GRPO, 70M, 8 x 4, 16-token prompts, 32 new tokens, no stop ids
     grpo-memory    GRPO, 20M with 32k vocabulary, 2 x 4, 64 + 256 tokens, checkpointing on both
+    grpo-tools     GRPO with tools against TRL 1.16's environment_factory: a 4-layer Llama trained
+                   to call a calculator (tools_model.py), 4 x 8, 2-3 calls per problem
+                   (tools_task.py), 192 trajectory tokens, at most 4 tool rounds
 
 How. For each point the driver builds the model once (lora_ppo.builtin.tiny, into --cache), then
 runs TRL, lora_ppo, TRL, lora_ppo, ... (--repeats pairs), each in a fresh process with one torch
 thread, so that a drift of the machine's speed hits both: TRL in its peer venv
-(benchmarks/peers/trl_ppo.py or trl_grpo.py), lora_ppo in this venv (benchmarks/lora_ppo_side.py).
+(benchmarks/peers/trl_ppo.py, trl_grpo.py or trl_grpo_tools.py), lora_ppo in this venv
+(benchmarks/lora_ppo_side.py).
 Every side writes the same JSON (benchmarks/workload.py's summary, benchmarks/meters.py's
 meters); the driver checks that both sides ran the same prompts and samples per step, and
 reports per side and pair:
     tokens/s           generated tokens per second of whole steps, over the steps after the first
-                       (the first pays one-time costs on both sides)
+                       (the first pays one-time costs on both sides); with tools, the model's
+                       own tokens (the tools' results are not counted)
     peak above load    peak RSS minus the RSS once the model is loaded with its weights resident
     speed ratio        lora_ppo / TRL tokens/s; memory ratio: lora_ppo / TRL peak above load
 
@@ -55,16 +62,23 @@ import workload as wl  # noqa: E402
 
 SETUP = "bash benchmarks/peers/setup.sh"
 PEERS = {"ppo": ("trl011", HERE / "peers" / "trl_ppo.py", "trl 0.11.4 PPOTrainer"),
-         "grpo": ("trl116", HERE / "peers" / "trl_grpo.py", "trl 1.16.0 GRPOTrainer")}
+         "grpo": ("trl116", HERE / "peers" / "trl_grpo.py", "trl 1.16.0 GRPOTrainer"),
+         "grpo-tools": ("trl116", HERE / "peers" / "trl_grpo_tools.py",
+                        "trl 1.16.0 GRPOTrainer with environment_factory")}
+
+
+def peer_of(w: dict) -> str:
+    """The PEERS key of a workload: its algorithm, or grpo-tools."""
+    return "grpo-tools" if w.get("tools") else w["algo"]
 
 
 class UsageError(Exception):
     """A bad argument or a missing peer venv: one line on stderr, exit code 2."""
 
 
-def peer_python(algo: str, given: str | None) -> str:
+def peer_python(peer: str, given: str | None) -> str:
     """The python of the workload's peer venv: --peer-python, else the one setup.sh made."""
-    venv = PEERS[algo][0]
+    venv = PEERS[peer][0]
     if given:
         return given
     root = Path(os.environ.get("LORA_PPO_PEERS", "/tmp/lora_ppo_peers"))
@@ -88,6 +102,11 @@ def build_model(name: str, cache: Path) -> Path:
     out = cache / "models" / name
     if (out / "config.json").is_file():
         return out
+    if name in wl.TOOL_MODELS:  # trained to call the calculator: minutes, once
+        import tools_model
+
+        print(f"building {name} into {out} (once; tools_model.py)", file=sys.stderr, flush=True)
+        return tools_model.build(name, out)
     from lora_ppo.builtin.tiny import build_tiny_model
 
     print(f"building {name} into {out} (once)", file=sys.stderr, flush=True)
@@ -117,7 +136,7 @@ def run_side(side: str, w: dict, model: Path, out: Path, a, peer_py: str) -> dic
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", **_malloc_env(a.malloc_mmap_threshold))
     if side == "trl":
-        cmd = [peer_py, str(PEERS[w["algo"]][1]), *args]
+        cmd = [peer_py, str(PEERS[peer_of(w)][1]), *args]
     else:
         cmd = [sys.executable, str(HERE / "lora_ppo_side.py"), *args,
                *(f"--set={s}" for s in a.set)]
@@ -126,6 +145,11 @@ def run_side(side: str, w: dict, model: Path, out: Path, a, peer_py: str) -> dic
     # driver's result lines only
     subprocess.run(cmd, check=True, env=env, stdout=sys.stderr)
     return json.loads(out.read_text())
+
+
+# a tool workload's figures (workload.tool_summary), per run
+TOOL_FIGURES = ("mean_tool_rounds", "frac_2_to_3_rounds", "tool_rounds_hist", "env_token_frac",
+                "tool_failures")
 
 
 def figures(res: dict, gen_len: int) -> dict:
@@ -142,7 +166,8 @@ def figures(res: dict, gen_len: int) -> dict:
             "fixed_length_exact": bool(lens) and all(n == gen_len for n in lens),
             "rewards_finite": s["rewards_finite"], "max_other_cpu_load": s["max_other_cpu_load"],
             "sampling_unwarped": s.get("sampling_unwarped"), "prompts_sha": res["prompts"]["sha"],
-            "versions": res["versions"]}
+            "versions": res["versions"],
+            **{k: s[k] for k in TOOL_FIGURES if k in s}}
 
 
 def _stats(xs: list[float]) -> dict:
@@ -164,6 +189,8 @@ def point(name: str, w: dict, runs: dict) -> dict:
             "mean_resp_len": {k: statistics.mean(x["mean_resp_len"] for x in v)
                               for k, v in runs.items()},
             "speed_ratio": _stats(speed), "memory_ratio": _stats(memory),
+            **({"mean_tool_rounds": {k: statistics.mean(x["mean_tool_rounds"] for x in v)
+                                     for k, v in runs.items()}} if w.get("tools") else {}),
             "same_prompts": all(t["prompts_sha"] == x["prompts_sha"] for t, x in zip(trl, lp)),
             "same_samples_per_step": all(t["samples_per_step"] == x["samples_per_step"]
                                          for t, x in zip(trl, lp))}
@@ -178,7 +205,10 @@ def line(p: dict) -> str:
            f"lora_ppo {mem['lora_ppo']['median']:.0f} MiB ratio "
            f"{p['memory_ratio']['median']:.2f}; mean answer TRL "
            f"{p['mean_resp_len']['trl']:.1f} lora_ppo {p['mean_resp_len']['lora_ppo']:.1f}")
-    if not p["settings"]["stop_ids"]:  # fixed lengths: did an EOS cut an answer short?
+    if p["settings"].get("tools"):
+        r = p["mean_tool_rounds"]
+        out += f"; tool rounds/sample TRL {r['trl']:.2f} lora_ppo {r['lora_ppo']:.2f}"
+    elif not p["settings"]["stop_ids"]:  # fixed lengths: did an EOS cut an answer short?
         exact = {k: all(x["fixed_length_exact"] for x in v) for k, v in p["runs"].items()}
         out += (f"; every answer at the cap: TRL {'yes' if exact['trl'] else 'no'} lora_ppo "
                 f"{'yes' if exact['lora_ppo'] else 'no'}")
@@ -191,7 +221,7 @@ def line(p: dict) -> str:
 
 def compare(a) -> dict:
     base = wl.WORKLOADS[a.workload]
-    peer_py = peer_python(base["algo"], a.peer_python)
+    peer_py = peer_python(peer_of(base), a.peer_python)
     base = wl.tiny(base) if a.tiny else base
     gen_lens = [int(x) for x in a.gen_len.split(",")] if a.gen_len else [base["gen_len"]]
     cache = Path(a.cache)
@@ -210,7 +240,7 @@ def compare(a) -> dict:
         p.update(malloc_mmap_threshold=a.malloc_mmap_threshold, tiny=a.tiny)
         points.append(p)
         print(line(p), flush=True)
-    return {"command": " ".join(sys.argv), "peer": PEERS[base["algo"]][2], "points": points}
+    return {"command": " ".join(sys.argv), "peer": PEERS[peer_of(base)][2], "points": points}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

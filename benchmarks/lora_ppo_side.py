@@ -38,9 +38,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # lora_ppo from this checkout, without installing
 sys.path.insert(0, str(HERE))
 import meters  # noqa: E402
+import tools_task  # noqa: E402
 import workload as wl  # noqa: E402
 
 REWARD = f"{HERE / 'workload.py'}:even"
+TOOLS = HERE / "tools_task.py"
 
 
 def common_overrides(w: dict, model_dir: str, out_dir: str, stops: list[int], grad_ckpt: bool,
@@ -50,7 +52,7 @@ def common_overrides(w: dict, model_dir: str, out_dir: str, stops: list[int], gr
         f"model.gradient_checkpointing={grad_ckpt}", f"model.max_prompt_length={w['prompt_len']}",
         f"rollout.max_new_tokens={w['gen_len']}", f"rollout.stop_token_ids={stops}",
         f"ppo.total_updates={w['steps']}", "deepspeed.config=zero0",
-        f"deepspeed.precision={precision}", f"reward.function={REWARD}",
+        f"deepspeed.precision={precision}",
         "logging.progress=false", "logging.tensorboard=false", "checkpoint.every=0"]
 
 
@@ -85,6 +87,14 @@ def grpo_overrides(w: dict) -> list[str]:
         "ppo.optim.warmup_steps=0", "ppo.optim.weight_decay=0.0", "ppo.optim.max_grad_norm=1.0"]
 
 
+def tools_overrides(w: dict) -> list[str]:
+    """GRPO with tools (TRL's environment_factory, max_tool_calling_iterations): the task's
+    environment class, its turn limit; the prompts are rendered with the tools' schemas, so
+    model.max_prompt_length is only a bound (TRL 1.16 cuts no prompt)."""
+    return [f"rollout.environment={TOOLS}:Calculator",
+            f"rollout.max_tool_calls={w['max_tool_calls']}", "model.max_prompt_length=384"]
+
+
 def prompts_of(w: dict, tok, vocab: int, seed: int):
     """(lora_ppo Prompts, their digest): PPO's random ids, or GRPO's texts as the tokenizer
     encodes them (the ids TRL 1.16 feeds its model)."""
@@ -99,15 +109,18 @@ def prompts_of(w: dict, tok, vocab: int, seed: int):
 
 def step_record(out, stop_ids: list[int]) -> dict:
     """The fields of workload.summarize from one ppo_step's output (lora_ppo.ppo.loop.StepOutput):
-    its phases' seconds, the generated tokens, the reward."""
+    its phases' seconds, the generated tokens (the model's own: the action mask, which leaves
+    out the tools' tokens of a trajectory), the reward."""
     ro, sec = out.rollout, out.seconds
     lens = [int(x) for x in ro.response_mask.sum(1).tolist()]
+    model_lens = [int(x) for x in ro.action_mask.sum(1).tolist()]
     ends = [int(r[n - 1]) for r, n, e in zip(ro.response_ids.tolist(), lens, ro.has_eos.tolist())
             if e and n]
     return {"gen_s": sec["generation"], "rollout_s": sec["generation"] + sec["scoring"],
             "score_s": sec["scoring"], "update_s": sec["update"], "samples": len(lens),
-            "gen_tokens": sum(lens), "prompt_tokens": int(ro.query_mask.sum()),
-            "resp_lens": lens, "mean_reward": float(ro.raw_scores.mean()),
+            "gen_tokens": sum(model_lens), "completion_tokens": sum(lens),
+            "prompt_tokens": int(ro.query_mask.sum()),
+            "resp_lens": model_lens, "mean_reward": float(ro.raw_scores.mean()),
             "maxrss_mib": meters.maxrss_mib(),
             # a response that stopped ends with its stop id, counted as TRL counts it
             "stop_token_counted": all(e in stop_ids for e in ends),
@@ -143,10 +156,11 @@ def run_side(w: dict, model_dir: str, out: Path, seed: int = 0, threads: int = 1
     rss = {"after_import_mib": meters.maxrss_mib()}
     tok = AutoTokenizer.from_pretrained(model_dir)
     stops = wl.stop_ids(tok, w["stop_ids"])
-    prompts, sha = prompts_of(w, tok, AutoConfig.from_pretrained(model_dir).vocab_size, seed)
+    tools = bool(w.get("tools"))
     overrides = (common_overrides(w, model_dir, str(out.with_suffix(".run")), stops,
                                   w["grad_ckpt"], precision)
                  + (ppo_overrides(w) if w["algo"] == "ppo" else grpo_overrides(w))
+                 + (tools_overrides(w) if tools else [f"reward.function={REWARD}"])
                  + [f"seed={seed}", *extra])
     cfg = load_config(None, overrides)
     cuda = torch.cuda.is_available()
@@ -165,7 +179,22 @@ def run_side(w: dict, model_dir: str, out: Path, seed: int = 0, threads: int = 1
             sync()
             rss["gpu_after_model_load_mib"] = torch.cuda.memory_allocated() / meters.MIB
 
-    run = setup(cfg, prompts=prompts, on_base_loaded=resident)
+    rounds = []  # per reward call: each sample's tool rounds and failed calls (tools_task)
+
+    def correct(completions, answer, **kw):
+        rounds.append(([tools_task.tool_rounds(c) for c in completions],
+                       [tools_task.tool_failures(c) for c in completions]))
+        return tools_task.correct(completions, answer)
+
+    if tools:  # the task's rows, rendered by lora_ppo with the tools' schemas, as TRL does
+        rows = wl.tool_prompt_rows(w, seed)
+        prompts, sha = None, wl.digest(rows)
+        run = setup(cfg, dataset=rows, reward_fn=correct, on_base_loaded=resident)
+        if len(run.prompts.prompts) != len(rows):
+            raise SystemExit("lora_ppo held some of the prompts out")
+    else:
+        prompts, sha = prompts_of(w, tok, AutoConfig.from_pretrained(model_dir).vocab_size, seed)
+        run = setup(cfg, prompts=prompts, on_base_loaded=resident)
     rss["after_setup_mib"] = meters.maxrss_mib()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -176,6 +205,8 @@ def run_side(w: dict, model_dir: str, out: Path, seed: int = 0, threads: int = 1
         sync()
         lap = clock.lap()
         rec = {"step": k, **lap, **step_record(out_k, run.stop_ids)}
+        if tools:
+            rec["tool_rounds"], rec["tool_failures"] = rounds[-1]
         sec = out_k.seconds
         if cuda:
             rec["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / meters.MIB
@@ -186,6 +217,8 @@ def run_side(w: dict, model_dir: str, out: Path, seed: int = 0, threads: int = 1
               file=sys.stderr, flush=True)
     rss["peak_mib"] = meters.maxrss_mib()
     summary = summarize(w, records, rss)
+    if tools:
+        summary.update(wl.tool_summary(records))
     import peft
     import transformers
 
@@ -196,7 +229,7 @@ def run_side(w: dict, model_dir: str, out: Path, seed: int = 0, threads: int = 1
             "workload": w, "overrides": overrides,
             "settings": {"seams": repr(run.seams), "sampler_logprobs": sampler_scores(run),
                          "stop_ids": run.stop_ids},
-            "prompts": {"count": len(prompts), "sha": sha}, "rss": rss, "summary": summary,
+            "prompts": {"count": len(rows if tools else prompts), "sha": sha}, "rss": rss, "summary": summary,
             "steps": records, "wall_s": time.perf_counter() - T_START}
 
 

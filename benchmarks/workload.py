@@ -33,7 +33,9 @@ MODELS = {
     "tiny-v32k": {"vocab_size": 32000, "hidden_size": 64, "intermediate_size": 128,
                   "num_layers": 2, "num_heads": 4, "num_kv_heads": 4},
 }
-TINY_MODELS = {"llama70m": "tiny-v8k", "llama20m-v32k": "tiny-v32k"}
+TINY_MODELS = {"llama70m": "tiny-v8k", "llama20m-v32k": "tiny-v32k", "tools-sft": "tiny-tools"}
+# Models trained to call the calculator (benchmarks/tools_model.py.SIZES builds them)
+TOOL_MODELS = ("tools-sft", "tiny-tools")
 
 # PPO against TRL 0.11.4's PPOTrainer: `batch` prompts per step, minibatch = micro-batch `mini`,
 # 4 epochs; `prompt_min` (when set) draws each prompt's length in [prompt_min, prompt_len];
@@ -61,6 +63,13 @@ WORKLOADS = {
     "grpo-memory": {"algo": "grpo", "model": "llama20m-v32k", "prompts": 2, "n": 4, "micro": 4,
                     "prompt_len": 64, "gen_len": 256, "stop_ids": 0, "grad_ckpt": True,
                     "steps": 2},
+    # GRPO with tools against TRL 1.16's environment_factory (benchmarks/tools_task.py):
+    # conversational prompts rendered with the calculator's schema (~200 tokens), gen_len the
+    # whole trajectory's budget (the model's tokens and the tools'), at most max_tool_calls
+    # rounds; the model's own <|im_end|> ends each turn (no stop ids).
+    "grpo-tools": {"algo": "grpo", "tools": True, "model": "tools-sft", "prompts": 4, "n": 8,
+                   "micro": 8, "prompt_len": None, "gen_len": 192, "max_tool_calls": 4,
+                   "stop_ids": 0, "grad_ckpt": False, "steps": 4},
 }
 # The settings both sides take from here rather than from either tool's defaults.
 PPO = {"epochs": 4, "lora_r": 8, "lr": 1.41e-5, "init_kl_coef": 0.2}
@@ -69,9 +78,11 @@ GRPO = {"lora_r": 8, "beta": 0.04, "loss_type": "grpo", "lr": 1e-5, "epsilon": 0
 
 def tiny(w: dict) -> dict:
     """`--tiny`: the workload's shape at a size that only checks the harnesses (2-layer model of
-    the same vocabulary, <= 2 prompts or a batch of 4, prompts <= 32 tokens, answers <= 24)."""
-    t = {**w, "model": TINY_MODELS.get(w["model"], w["model"]),
-         "prompt_len": min(w["prompt_len"], 32), "gen_len": min(w["gen_len"], 24)}
+    the same vocabulary, <= 2 prompts or a batch of 4, prompts <= 32 tokens, answers <= 24; a
+    tool workload keeps its prompts and budget)."""
+    t = {**w, "model": TINY_MODELS.get(w["model"], w["model"])}
+    if not w.get("tools"):  # a tool workload's prompts are the task's, its budget the rounds'
+        t.update(prompt_len=min(w["prompt_len"], 32), gen_len=min(w["gen_len"], 24))
     if w["algo"] == "grpo":  # the micro-batch must still divide prompts x n
         t["prompts"] = min(w["prompts"], 2)
         t["micro"] = min(w["micro"], t["prompts"] * w["n"])
@@ -172,6 +183,14 @@ def make_prompts(tok, w: dict, seed: int) -> list[str]:
     return texts
 
 
+def tool_prompt_rows(w: dict, seed: int) -> list[dict]:
+    """A tool workload's prompts: `prompts_per_run(w)` rows of benchmarks/tools_task.py (a user
+    message and the `answer` column), the same on both sides."""
+    import tools_task
+
+    return tools_task.prompt_rows(prompts_per_run(w), seed=seed)
+
+
 def digest(prompts) -> str:
     """A short hash of the prompts (texts or id lists): both sides record it, the driver checks
     that they match."""
@@ -192,7 +211,23 @@ def even(prompts, completions, completion_ids, **kwargs) -> list[float]:
     return even_reward(completion_ids)
 
 
-# --- the summary of one run ------------------------------------------------------------------
+# --- the summary of one run -----------------------------------------------------------------
+
+def tool_summary(steps: list[dict]) -> dict:
+    """A tool workload's extra figures from its step records (`tool_rounds` per sample,
+    `completion_tokens`: the model's and the tools' tokens): rounds per sample (mean, and the
+    share of samples with 2-3 rounds), the share of completion tokens the tools wrote, and the
+    calls that went wrong (`tool_failures` per sample, summed)."""
+    rounds = [r for s in steps for r in s["tool_rounds"]]
+    failures = [f for s in steps for f in s.get("tool_failures", [])]
+    model = sum(s["gen_tokens"] for s in steps)
+    total = sum(s["completion_tokens"] for s in steps)
+    return {"mean_tool_rounds": statistics.mean(rounds),
+            "frac_2_to_3_rounds": sum(1 for r in rounds if 2 <= r <= 3) / len(rounds),
+            "tool_rounds_hist": {str(k): rounds.count(k) for k in sorted(set(rounds))},
+            "env_token_frac": (total - model) / total if total else 0.0,
+            "tool_failures": sum(failures)}
+
 
 def summarize(steps: list[dict], after_load_mib: float, peak_mib: float, warmup: int = 1) -> dict:
     """One run's figures from its step records (benchmarks/meters.StepClock's wall_s, cpu_s,

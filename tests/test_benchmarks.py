@@ -143,11 +143,95 @@ def test_every_tiny_workload_keeps_its_micro_batch_a_divisor():
     wl = load("workload")
     for name, w in wl.WORKLOADS.items():
         t = wl.tiny(w)
-        assert t["model"] in wl.MODELS and t["prompt_len"] <= 32 and t["gen_len"] <= 24, name
+        if w.get("tools"):  # the task's prompts, the budget of its rounds
+            assert t == {**w, "model": "tiny-tools", "prompts": 2}, name
+        else:
+            assert t["model"] in wl.MODELS and t["prompt_len"] <= 32 and t["gen_len"] <= 24, name
         if w["algo"] == "grpo":
             assert (t["prompts"] * t["n"]) % t["micro"] == 0, name
         assert wl.resolve(name, steps=2, make_tiny=True) == {**t, "steps": 2}
         assert wl.resolve(json.dumps(t)) == t
+
+
+# --- the tool workload: benchmarks/tools_task.py ---------------------------------------------
+
+def test_tool_task_by_hand():
+    tt = load("tools_task")
+    # 12 * 34 + 56: 408, then 408 + 56 = 464 (2 calls); 12 * 34 + 56 * 78: 408, 4368, 4776
+    assert tt.steps((12, 34, 56)) == [("12 * 34", 408), ("408 + 56", 464)]
+    assert tt.steps((12, 34, 56, 78)) == [("12 * 34", 408), ("56 * 78", 4368), ("408 + 4368", 4776)]
+    assert tt.value((12, 34, 56, 78)) == 4776 and tt.expression((12, 34, 56)) == "12 * 34 + 56"
+    env = tt.Calculator()
+    assert env.reset(answer=464, prompt="x") is None and env.answer == 464
+    assert env.calculate("408 + 56") == "464" and env.calculate("(2 - 5) * 3") == "-9"
+    with pytest.raises(ValueError):
+        env.calculate("__import__('os')")
+    rows = tt.prompt_rows(20, seed=0)
+    assert rows == tt.prompt_rows(20, seed=0) and {len(r["prompt"]) for r in rows} == {1}
+    for conv in tt.transcripts(20, seed=1):  # solved: 2 or 3 rounds, the right final answer
+        answer = int(conv[-1]["content"].split()[-1].rstrip("."))
+        assert tt.tool_rounds(conv[1:]) in (2, 3) and tt.correct([conv[1:]], [answer]) == [1.0]
+        for m in conv:
+            if m["role"] == "assistant" and m.get("tool_calls"):
+                expr = m["tool_calls"][0]["function"]["arguments"]["expression"]
+                assert str(tt.evaluate(expr)) == conv[conv.index(m) + 1]["content"]
+
+
+def test_tool_rounds_and_reward_count_answered_calls_only():
+    tt = load("tools_task")
+    call = {"type": "function", "function": {"name": "calculate", "arguments": {"expression": "1"}}}
+    turn = {"role": "assistant", "content": "", "tool_calls": [call]}
+    result = {"role": "tool", "name": "calculate", "content": "1"}
+    # two answered calls, then a call left unanswered (the turn limit), then no final answer
+    assert tt.tool_rounds([turn, result, turn, result, turn]) == 2
+    assert tt.tool_rounds([{"role": "assistant", "content": "The answer is 7."}]) == 0
+    assert tt.tool_rounds("plain text") == 0
+    done = [turn, result, {"role": "assistant", "content": "The answer is 7."}]
+    assert tt.correct([done, done, [turn], "7 or 8"], [7, 8, 7, 8]) == [1.0, 0.0, 0.0, 1.0]
+    # failures: an error result (both tools write str({'error': ...})), a call left as text
+    error = {"role": "tool", "name": "calculate", "content": str({"error": "Tool mul not found."})}
+    unparsed = {"role": "assistant", "content": '<tool_call>\n{"name": </tool_call>'}
+    assert tt.tool_failures(done) == 0 and tt.tool_failures([turn, error, unparsed]) == 2
+
+
+def test_tool_summary_by_hand():
+    wl = load("workload")
+    # 3 samples: rounds 2, 3, 0; 30 of 100 completion tokens the model's -> 70% the tools'
+    steps = [{"tool_rounds": [2, 3], "tool_failures": [0, 1], "gen_tokens": 20,
+              "completion_tokens": 80},
+             {"tool_rounds": [0], "tool_failures": [2], "gen_tokens": 10, "completion_tokens": 20}]
+    s = wl.tool_summary(steps)
+    assert s["tool_failures"] == 3
+    assert s["mean_tool_rounds"] == 5 / 3 and s["frac_2_to_3_rounds"] == 2 / 3
+    assert s["tool_rounds_hist"] == {"0": 1, "2": 1, "3": 1} and s["env_token_frac"] == 0.7
+
+
+@pytest.fixture(scope="session")
+def tiny_tools_model(tmp_path_factory):
+    """benchmarks/tools_model.py's tiny-tools size (2 layers, trained ~50 s on the transcripts):
+    it calls the calculator, if not always well."""
+    tm = load("tools_model")
+    return tm.build("tiny-tools", tmp_path_factory.mktemp("tools") / "tiny-tools")
+
+
+@pytest.mark.integration
+def test_lora_ppo_side_runs_the_tool_workload(tiny_tools_model, tmp_path):
+    """lora_ppo's side of grpo-tools: the task's environment and reward through
+    rollout.environment, the model's own tokens counted apart from the tools'."""
+    out = tmp_path / "side.json"
+    res = subprocess.run([sys.executable, str(BENCHMARKS / "lora_ppo_side.py"), "--workload",
+                          "grpo-tools", "--tiny", "--steps", "2", "--model-dir",
+                          str(tiny_tools_model), "--out", str(out)],
+                         capture_output=True, text=True, cwd=REPO, timeout=600, env=clean_env())
+    assert res.returncode == 0, res.stderr[-2000:]
+    side = json.loads(out.read_text())
+    steps, summary = side["steps"], side["summary"]
+    assert summary["samples_per_step"] == [16, 16] and side["prompts"]["count"] == 4
+    assert all(len(s["tool_rounds"]) == 16 for s in steps)
+    assert all(s["completion_tokens"] > s["gen_tokens"] > 0 for s in steps)  # tools answered
+    assert sum(summary["tool_rounds_hist"].values()) == 32 and summary["mean_tool_rounds"] > 0
+    assert "rollout.environment=" + str(BENCHMARKS / "tools_task.py") + ":Calculator" in \
+        side["overrides"]
 
 
 # --- the driver and its sides ----------------------------------------------------------------
@@ -196,7 +280,7 @@ def test_lora_ppo_side_runs(algo, tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workload", ["variable", "grpo-variable"])
+@pytest.mark.parametrize("workload", ["variable", "grpo-variable", "grpo-tools"])
 def test_bench_vs_trl_against_the_peers_at_a_tiny_size(workload, tmp_path):
     """Both sides of a comparison, TRL in its peer venv: the same prompts and samples per step,
     figures from both, TRL's sampling unwarped (GRPO)."""
@@ -217,6 +301,9 @@ def test_bench_vs_trl_against_the_peers_at_a_tiny_size(workload, tmp_path):
     assert trl["versions"]["trl"] == ("0.11.4" if workload == "variable" else "1.16.0")
     if workload.startswith("grpo"):
         assert trl["sampling_unwarped"] is True
+    if workload == "grpo-tools":  # both sides ran tool rounds, and say how many
+        assert trl["mean_tool_rounds"] > 0 and lp["mean_tool_rounds"] > 0
+        assert "tool rounds/sample TRL " in res.stdout
 
 
 # --- curves.py, dapo_vs_grpo.py, the GPU check -----------------------------------------------

@@ -55,8 +55,9 @@ OFFLINE = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORME
            "HF_DATASETS_OFFLINE": "1", "WANDB_DISABLED": "true", "ACCELERATE_USE_CPU": "true"}
 
 
-def grpo_config(w: dict, seed: int, out_dir: str):
-    """Every GRPOConfig field the comparison depends on, set to the lora_ppo run's value."""
+def grpo_config(w: dict, seed: int, out_dir: str, **extra):
+    """Every GRPOConfig field the comparison depends on, set to the lora_ppo run's value (and
+    `extra` fields: trl_grpo_tools.py's)."""
     import torch
     from trl import GRPOConfig
 
@@ -74,7 +75,7 @@ def grpo_config(w: dict, seed: int, out_dir: str):
         disable_dropout=True, gradient_checkpointing=w["grad_ckpt"],
         use_vllm=False, use_transformers_continuous_batching=False,
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
-        disable_tqdm=True, log_completions=False, dataloader_num_workers=0)
+        disable_tqdm=True, log_completions=False, dataloader_num_workers=0, **extra)
 
 
 def sampling_unwarped(trainer, tok, text: str) -> bool:

@@ -3,10 +3,13 @@ sees the config. Everything below the CLI takes paths and callables only; the CL
 and the Python entry points (lora_ppo.api) pass a config through `resolve_builtins` first.
 
     field                                      names                      becomes
-    model.path                                 demo, arith, test          a model directory,
+    model.path                                 demo, arith, tools, test   a model directory,
                                                                           built once and cached
     data.prompts, data.eval_prompts            reviews, arithmetic        a JSONL of prompts
+                                               calculator                 ... with an `answer`
+                                               calculator_heldout         the held-out problems
     sft.data, sft.eval.data                    reviews                    prompt/response pairs
+                                               tool_transcripts           tool-calling transcripts
     reward_model.data, reward_model.eval.data  preferences                preference pairs
 
 Data files are written once per recipe and column names under $LORA_PPO_CACHE/data (default
@@ -23,7 +26,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from lora_ppo.builtin import arithmetic
+from lora_ppo.builtin import arithmetic, calculator
 from lora_ppo.builtin.corpus import preference_pairs, review_prompts, sft_pairs
 from lora_ppo.builtin.tiny import SIZES, ensure_builtin_model
 from lora_ppo.config import Config
@@ -34,13 +37,22 @@ PREFIX = "builtin:"
 DATA_VERSION = 1  # bump when a recipe below changes, so a stale cached file is never read
 
 
+N_TRANSCRIPTS = 300  # tool transcripts for SFT: "a few hundred"
+
+
 def _prompts(name: str, column: str) -> list[dict]:
+    if name.startswith("calculator"):  # conversational prompts, and their `answer` column
+        rows = (calculator.prompts(2048, seed=1234) if name == "calculator"
+                else calculator.heldout_prompts())
+        return [{column: r["prompt"], "answer": r["answer"]} for r in rows]
     texts = {"reviews": lambda: review_prompts(512, seed=1234),
              "arithmetic": lambda: arithmetic.prompts(512, seed=1234)}[name]()
     return [{column: t} for t in texts]
 
 
-def _sft(name: str, prompt: str, response: str) -> list[dict]:
+def _sft(name: str, prompt: str, response: str, messages: str) -> list[dict]:
+    if name == "tool_transcripts":
+        return [{messages: r["messages"]} for r in calculator.transcripts(N_TRANSCRIPTS, seed=7)]
     return [{prompt: r["prompt"], response: r["response"]} for r in sft_pairs(2000, seed=7)]
 
 
@@ -49,14 +61,17 @@ def _preferences(name: str, prompt: str, chosen: str, rejected: str) -> list[dic
             for r in preference_pairs(2000, seed=7, broken=0.25)]
 
 
+_PROMPTS = ("reviews", "arithmetic", "calculator", "calculator_heldout")
+_SFT = ("reviews", "tool_transcripts")
+
 # field -> (names it takes, the rows of a name given the field's column names, those columns)
 _DATA: dict[str, tuple[tuple[str, ...], Callable[..., list[dict]], Callable[[Config], tuple]]] = {
-    "data.prompts": (("reviews", "arithmetic"), _prompts, lambda c: (c.data.prompt_column,)),
-    "data.eval_prompts": (("reviews", "arithmetic"), _prompts,
-                          lambda c: (c.data.prompt_column,)),
-    "sft.data": (("reviews",), _sft, lambda c: (c.sft.prompt_column, c.sft.response_column)),
-    "sft.eval.data": (("reviews",), _sft,
-                      lambda c: (c.sft.prompt_column, c.sft.response_column)),
+    "data.prompts": (_PROMPTS, _prompts, lambda c: (c.data.prompt_column,)),
+    "data.eval_prompts": (_PROMPTS, _prompts, lambda c: (c.data.prompt_column,)),
+    "sft.data": (_SFT, _sft, lambda c: (c.sft.prompt_column, c.sft.response_column,
+                                        c.sft.messages_column)),
+    "sft.eval.data": (_SFT, _sft, lambda c: (c.sft.prompt_column, c.sft.response_column,
+                                             c.sft.messages_column)),
     "reward_model.data": (("preferences",), _preferences, lambda c: (
         c.reward_model.prompt_column, c.reward_model.chosen_column,
         c.reward_model.rejected_column)),

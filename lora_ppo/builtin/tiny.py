@@ -34,7 +34,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from lora_ppo.builtin import arithmetic
+from lora_ppo.builtin import arithmetic, chat
 from lora_ppo.builtin.corpus import review_corpus
 from lora_ppo.errors import UserError
 from lora_ppo.io.atomic import TMP_TAG, replace_dir
@@ -90,6 +90,18 @@ SIZES: dict[str, dict] = {
         "corpus": "arithmetic", "max_operand": arithmetic.MAX_OPERAND,
         "pretrain": {"steps": ARITH_STEPS, "batch_size": 32, "seq_len": 32, "lr": 3e-3},
     },
+    # The tools demo's model (builtin/calculator.py, builtin/chat.py): a Qwen 2.5-style chat
+    # tokenizer and template, pre-trained on conversations without tools (arithmetic answered
+    # from its head, mostly wrongly, and answers read from the context), so that SFT on tool
+    # transcripts teaches it to call the calculator (`lora-ppo demo --preset tools`). Windows
+    # of 256 tokens: a prompt with the tools' schemas is ~190 tokens.
+    "tools": {
+        "model": {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 384,
+                  "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
+                  "max_position_embeddings": 512},
+        "corpus": "tools", "tokenizer": "chat",
+        "pretrain": {"steps": 300, "batch_size": 16, "seq_len": 256, "lr": 3e-3},
+    },
 }
 
 _N_TOKENIZER_TEXTS = 5000  # reviews the default tokenizer is trained on
@@ -139,6 +151,7 @@ def build_tiny_model(
     seed: int = 0,
     texts: Iterable[str] | None = None,
     tie_word_embeddings: bool = False,
+    tokenizer: PreTrainedTokenizerFast | None = None,
 ) -> Path:
     """Write a random-init float32 `LlamaForCausalLM` and its tokenizer to `out_dir`.
 
@@ -146,18 +159,21 @@ def build_tiny_model(
     the caller's torch RNG state is left alone. `texts` (default: 5000 reviews of the corpus,
     independent of `seed`, so that a policy and a reward model built with different seeds share
     one tokenizer) train the tokenizer; if they are too few for `vocab_size` tokens, the
-    tokenizer comes out smaller and the model's extra embedding rows are never used.
+    tokenizer comes out smaller and the model's extra embedding rows are never used. A given
+    `tokenizer` is used as it is (`texts` ignored).
     """
-    if texts is None:  # corpus seed fixed: models of any `seed` share one tokenizer
-        texts = (text for text, _ in review_corpus(_N_TOKENIZER_TEXTS, seed=0))
-    tokenizer = build_tokenizer(texts, vocab_size=vocab_size)
+    if tokenizer is None:
+        if texts is None:  # corpus seed fixed: models of any `seed` share one tokenizer
+            texts = (text for text, _ in review_corpus(_N_TOKENIZER_TEXTS, seed=0))
+        tokenizer = build_tokenizer(texts, vocab_size=vocab_size)
     tokenizer.model_max_length = max_position_embeddings
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads, max_position_embeddings=max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=None, tie_word_embeddings=tie_word_embeddings, dtype=torch.float32,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tie_word_embeddings,
+        dtype=torch.float32,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -179,7 +195,10 @@ def _token_stream(tokenizer, n_texts: int, seed: int, corpus: str = "reviews") -
     """The corpus as one 1-D LongTensor "<s> text </s> <s> text </s> ...".
 
     </s> after each text teaches the model to stop; the tokenizer adds only <s>, like Llama.
+    The "tools" corpus is rendered conversations, each ending with the template's <|im_end|>.
     """
+    if corpus == "tools":
+        return chat.chat_stream(tokenizer, n_texts, seed)
     texts = corpus_texts(corpus, n_texts, seed)
     ids = [tok for row in tokenizer(texts).input_ids for tok in row + [tokenizer.eos_token_id]]
     return torch.tensor(ids, dtype=torch.long)
@@ -309,8 +328,13 @@ def _build_builtin(out_dir: Path, size: str, log: Callable[[str], None]) -> None
     log(f"building built-in model {size!r} in {out_dir}"
         + (f" (pre-training {steps} steps, 1-3 minutes on 2 CPU cores)" if steps else ""))
     corpus = recipe.get("corpus", "reviews")
-    texts = None if corpus == "reviews" else corpus_texts(corpus, _N_TOKENIZER_TEXTS, seed=0)
-    build_tiny_model(out_dir, **recipe["model"], seed=0, texts=texts)
+    tokenizer, texts = None, None
+    if recipe.get("tokenizer") == "chat":
+        tokenizer = chat.build_chat_tokenizer(chat.tokenizer_texts(),
+                                              vocab_size=recipe["model"]["vocab_size"])
+    elif corpus != "reviews":
+        texts = corpus_texts(corpus, _N_TOKENIZER_TEXTS, seed=0)
+    build_tiny_model(out_dir, **recipe["model"], seed=0, texts=texts, tokenizer=tokenizer)
     result = None
     if recipe["pretrain"] is not None:
         def report(s: dict) -> None:
