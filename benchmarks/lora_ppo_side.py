@@ -27,7 +27,6 @@ the workload says. Memory: RSS once the base model is loaded with every weight r
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -234,16 +233,9 @@ def run_side(w: dict, model_dir: str, out: Path, seed: int = 0, threads: int = 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workload", required=True, help="a name of workload.WORKLOADS, or JSON")
-    p.add_argument("--tiny", action="store_true", help="shrink it (checks the harness only)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    p = wl.side_parser(__doc__.splitlines()[0], "a name of workload.WORKLOADS, or JSON")
     p.add_argument("--precision", default="fp32", help="deepspeed.precision (the GPU check: bf16)")
     p.add_argument("--set", action="append", default=[], help="another lora_ppo override")
-    p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     w = wl.resolve(a.workload, a.steps, a.tiny)
     out = Path(a.out)

@@ -12,6 +12,7 @@ on both sides), so no reward model runs and both tools score the same thing.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -111,6 +112,20 @@ def samples_per_step(w: dict) -> int:
 
 def prompts_per_run(w: dict) -> int:
     return w["steps"] * (w["batch"] if w["algo"] == "ppo" else w["prompts"])
+
+
+def side_parser(description: str, workload_help: str) -> argparse.ArgumentParser:
+    """The arguments every side takes (bench_vs_trl.py passes the same ones to each); a side
+    adds its own."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--workload", required=True, help=workload_help)
+    ap.add_argument("--tiny", action="store_true", help="shrink it (checks the harness only)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    ap.add_argument("--out", required=True)
+    return ap
 
 
 # --- token ids and prompts -------------------------------------------------------------------

@@ -36,7 +36,6 @@ the completion ids the reward function receives (stop token included).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -114,14 +113,7 @@ def step_records(w: dict, laps: list, calls: list, rollout_s: list, begins: list
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", required=True, help="a grpo-* name of workload.WORKLOADS, or JSON")
-    ap.add_argument("--tiny", action="store_true", help="shrink it (checks the harness only)")
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    ap.add_argument("--out", required=True)
+    ap = wl.side_parser(__doc__.splitlines()[0], "a grpo-* name of workload.WORKLOADS, or JSON")
     a = ap.parse_args(argv)
     w = wl.resolve(a.workload, a.steps, a.tiny)
     samples = wl.samples_per_step(w)

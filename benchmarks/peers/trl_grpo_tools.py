@@ -26,7 +26,6 @@ Counted per step (what workload.summarize reads): `gen_tokens` are the tokens th
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -68,14 +67,7 @@ def step_records(laps: list, gens: list, calls: list, rollout_s: list, begins: l
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", required=True, help="grpo-tools, or its JSON")
-    ap.add_argument("--tiny", action="store_true", help="shrink it (checks the harness only)")
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    ap.add_argument("--out", required=True)
+    ap = wl.side_parser(__doc__.splitlines()[0], "grpo-tools, or its JSON")
     a = ap.parse_args(argv)
     w = wl.resolve(a.workload, a.steps, a.tiny)
     if not w.get("tools") or wl.samples_per_step(w) % w["micro"]:

@@ -28,7 +28,6 @@ time/ppo/forward_pass, compute_rewards and compute_advantages; update_s the rest
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -97,14 +96,7 @@ def ppo_step(trainer, queries: list, gen_kwargs: dict, cut: bool, clock) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", required=True, help="a PPO name of workload.WORKLOADS, or JSON")
-    ap.add_argument("--tiny", action="store_true", help="shrink it (checks the harness only)")
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    ap.add_argument("--out", required=True)
+    ap = wl.side_parser(__doc__.splitlines()[0], "a PPO name of workload.WORKLOADS, or JSON")
     a = ap.parse_args(argv)
     w = wl.resolve(a.workload, a.steps, a.tiny)
     if w["algo"] != "ppo":
