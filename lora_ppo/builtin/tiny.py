@@ -102,7 +102,7 @@ SIZES: dict[str, dict] = {
         "model": {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 384,
                   "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
                   "max_position_embeddings": 512},
-        "corpus": "tools", "tokenizer": "chat", "chat_version": chat.VERSION,
+        "corpus": "tools", "tokenizer": "chat", "lookup_share": chat.LOOKUP_SHARE,
         "pretrain": {"steps": 900, "batch_size": 16, "seq_len": 256, "lr": 3e-3},
     },
 }
