@@ -329,7 +329,8 @@ def _build_builtin(out_dir: Path, size: str, log: Callable[[str], None]) -> None
     recipe = SIZES[size]
     steps = recipe["pretrain"]["steps"] if recipe["pretrain"] else 0
     log(f"building built-in model {size!r} in {out_dir}"
-        + (f" (pre-training {steps} steps, 1-3 minutes on 2 CPU cores)" if steps else ""))
+        + (f" (pre-training {steps} steps, {'1-3' if steps <= 400 else '6-13'} minutes on 2 CPU "
+           "cores)" if steps else ""))
     corpus = recipe.get("corpus", "reviews")
     tokenizer, texts = None, None
     if recipe.get("tokenizer") == "chat":
