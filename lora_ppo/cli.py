@@ -92,10 +92,14 @@ def resume_command(args) -> str:
 
 def cmd_demo(args) -> int:
     from lora_ppo.builtin.demo import run_demo
+    from lora_ppo.builtin.tools_demo import run_tools_demo
     from lora_ppo.config.load import load_config
 
-    run_demo(load_config(PRESETS / f"{args.preset}.yaml", args.overrides), preset=args.preset,
-             overwrite=args.overwrite)
+    cfg = load_config(PRESETS / f"{args.preset}.yaml", args.overrides)
+    if args.preset == "tools":
+        run_tools_demo(cfg, overwrite=args.overwrite)
+    else:
+        run_demo(cfg, preset=args.preset, overwrite=args.overwrite)
     return 0
 
 
@@ -224,11 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=cmd_training)
     d = sub.add_parser("demo", help="the built-in end-to-end run on a small local model: reward "
                        "adapter -> PPO (4-bit, ZeRO-2) -> merged export; --preset grpo: GRPO "
-                       "with a verifiable reward (arithmetic), no reward model, no critic")
-    d.add_argument("--preset", choices=["demo", "grpo", "trl_grpo"], default="demo",
+                       "with a verifiable reward (arithmetic), no reward model, no critic; "
+                       "--preset tools: SFT -> GRPO and PPO with a calculator tool")
+    d.add_argument("--preset", choices=["demo", "grpo", "trl_grpo", "tools"], default="demo",
                    help="demo: RLHF on reviews with a learned reward; grpo: critic-free GRPO on "
                         "additions checked by a function; trl_grpo: the same task with TRL "
-                        "1.16 GRPOTrainer's defaults")
+                        "1.16 GRPOTrainer's defaults; tools: an agent with a calculator, SFT on "
+                        "transcripts, then GRPO and PPO with a critic")
     d.add_argument("overrides", nargs="*", metavar="section.key=value")
     d.add_argument("--overwrite", action="store_true",
                    help="replace what is in output_dir even if an earlier demo did not write it")

@@ -10,8 +10,9 @@ The right answer is checked by `correct` (a reward function, TRL's signature), f
 number of the final assistant message; no reward model. The `tools` model (builtin/chat.py) is
 pre-trained on conversations without tools (`chat_corpus`): it answers such questions from its
 head, restating the problem ("347 * 29 = 10811."), mostly wrongly, and it has read answers given
-in its context ("Given that ..."). A few hundred tool transcripts (`transcripts`) then teach it
-to call `calculate` and read the result (SFT), and RL raises the share of right answers.
+in its context ("Given that ..."); and on calls of another tool (chat.lookup), so it knows the
+call format but not this tool. A few hundred tool transcripts (`transcripts`) then teach it to
+call `calculate` and read the result (SFT), and RL raises the share of right answers.
 
 The problems: a + b or a * b, operands 10 .. MAX_OPERAND. The held-out problems (`heldout`) are
 never among the training prompts or the SFT transcripts (`problems` excludes them).
