@@ -1,15 +1,15 @@
-"""A task the built-in `tools` model cannot do without its tool: multi-digit arithmetic with a
+"""A task the built-in `tools` model cannot do without its tool: two-digit arithmetic with a
 calculator (`lora-ppo demo --preset tools`).
 
-    user        "What is 347 * 29?"
-    assistant   <tool_call>{"name": "calculate", "arguments": {"expression": "347 * 29"}}</tool_call>
-    tool        10063
-    assistant   "The answer is 10063."
+    user        "What is 47 * 29?"
+    assistant   <tool_call>{"name": "calculate", "arguments": {"expression": "47 * 29"}}</tool_call>
+    tool        1363
+    assistant   "The answer is 1363."
 
 The right answer is checked by `correct` (a reward function, TRL's signature), from the last
 number of the final assistant message; no reward model. The `tools` model (builtin/chat.py) is
 pre-trained on conversations without tools (`chat_corpus`): it answers such questions from its
-head, restating the problem ("347 * 29 = 10811."), mostly wrongly, and it has read answers given
+head, restating the problem ("47 * 29 = 1353."), mostly wrongly, and it has read answers given
 in its context ("Given that ..."); and on calls of another tool (chat.lookup), so it knows the
 call format but not this tool. A few hundred tool transcripts (`transcripts`) then teach it to
 call `calculate` and read the result (SFT), and RL raises the share of right answers.
@@ -26,7 +26,10 @@ import re
 from collections.abc import Iterable
 from typing import NamedTuple, Optional
 
-MIN_OPERAND, MAX_OPERAND = 10, 999
+# The built-in tools model's recipe (tiny.SIZES) carries VERSION: bump it when the problems,
+# the held-out set or the corpus below change, so that a cached model is never stale.
+VERSION = 2
+MIN_OPERAND, MAX_OPERAND = 10, 99
 OPS = ("+", "*")
 HELDOUT_SEED, HELDOUT_N = 99, 200
 QUESTIONS = ("What is {e}?", "Compute {e}.", "How much is {e}?")
@@ -54,11 +57,14 @@ def _draw(rng: random.Random) -> Problem:
 
 
 def heldout(n: int = HELDOUT_N) -> list[Problem]:
-    """The first `n` (at most HELDOUT_N) held-out problems: the same ones for any `n`."""
+    """The first `n` (at most HELDOUT_N) held-out problems, distinct: the same ones for any
+    `n`."""
     if n > HELDOUT_N:
         raise ValueError(f"at most {HELDOUT_N} held-out problems; got {n}")
-    rng = random.Random(HELDOUT_SEED)
-    return [_draw(rng) for _ in range(HELDOUT_N)][:n]
+    rng, out = random.Random(HELDOUT_SEED), {}
+    while len(out) < HELDOUT_N:
+        out.setdefault(_draw(rng), None)
+    return list(out)[:n]
 
 
 def problems(n: int, seed: int) -> list[Problem]:
@@ -198,9 +204,9 @@ def tool_schemas() -> list[dict]:
 
 def chat_corpus(n: int, seed: int = 0) -> list[list[dict]]:
     """`n` conversations without tools, the base model's pre-training: half questions answered
-    from the head ("347 * 29 = 10063.": the problem restated, then its value, which a small
-    model gets mostly wrong), half answers read from the context ("Given that 347 * 29 = 10063,
-    what is 347 * 29?" -> "The answer is 10063."). No held-out problem among them."""
+    from the head ("47 * 29 = 1363.": the problem restated, then its value, which a small
+    model gets mostly wrong), half answers read from the context ("Given that 47 * 29 = 1363,
+    what is 47 * 29?" -> "The answer is 1363."). No held-out problem among them."""
     rng = random.Random(seed + 1)
     out = []
     for p in problems(n, seed):

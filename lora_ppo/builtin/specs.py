@@ -34,7 +34,6 @@ from lora_ppo.errors import UserError
 from lora_ppo.sizing.arch import Arch
 
 PREFIX = "builtin:"
-DATA_VERSION = 1  # bump when a recipe below changes, so a stale cached file is never read
 
 
 N_TRANSCRIPTS = 300  # tool transcripts for SFT: "a few hundred"
@@ -87,18 +86,19 @@ def cache_root() -> Path:
 
 def data_file(field: str, name: str, columns: tuple[str, ...]) -> Path:
     """The JSONL of built-in data `name` for `field`, with the field's column names, written
-    once (atomically: a temp file renamed into place)."""
+    once (atomically: a temp file renamed into place). Its name is a hash of its rows, made
+    each time (milliseconds): a change to the code that makes them can never read a stale file."""
     _, rows_of, _ = _DATA[field]
     kind = field.split(".")[0]
-    key = json.dumps([DATA_VERSION, kind, name, columns])
-    path = cache_root() / "data" / f"{kind}-{name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.jsonl"
+    text = "".join(json.dumps(row) + "\n" for row in rows_of(name, *columns))
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    path = cache_root() / "data" / f"{kind}-{name}-{digest}.jsonl"
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in rows_of(name, *columns):
-            f.write(json.dumps(row) + "\n")
+        f.write(text)
     os.replace(tmp, path)
     return path
 

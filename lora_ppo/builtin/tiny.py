@@ -34,7 +34,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from lora_ppo.builtin import arithmetic, chat
+from lora_ppo.builtin import arithmetic, calculator, chat
 from lora_ppo.builtin.corpus import review_corpus
 from lora_ppo.errors import UserError
 from lora_ppo.io.atomic import TMP_TAG, replace_dir
@@ -103,6 +103,7 @@ SIZES: dict[str, dict] = {
                   "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
                   "max_position_embeddings": 512},
         "corpus": "tools", "tokenizer": "chat", "lookup_share": chat.LOOKUP_SHARE,
+        "max_operand": calculator.MAX_OPERAND, "calculator_version": calculator.VERSION,
         "pretrain": {"steps": 900, "batch_size": 16, "seq_len": 256, "lr": 3e-3},
     },
 }

@@ -1,6 +1,6 @@
 """`lora-ppo demo --preset tools` (presets/tools.yaml): an agent that learns to use its tool.
 
-The task (builtin/calculator.py) is multi-digit arithmetic, which the built-in `tools` model
+The task (builtin/calculator.py) is two-digit arithmetic, which the built-in `tools` model
 cannot do from its head; the `calculate` tool can. Every stage runs on one small local model:
 
     stage 0. base model   a Qwen 2.5-style chat model (builtin/chat.py) pre-trained on
