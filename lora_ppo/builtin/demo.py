@@ -71,7 +71,7 @@ PRESETS = {"demo": (True, _review_check), "grpo": (False, _arithmetic_check),
            "trl_grpo": (False, _arithmetic_check)}
 
 
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
@@ -133,28 +133,28 @@ def run_demo(cfg: Config, preset: str = "demo", overwrite: bool = False) -> dict
     t0 = time.perf_counter()
     out = Path(cfg.output_dir)
     claim_output_dir(out, overwrite)
-    _say("stage 0/3: base model (built and pre-trained once, then cached)")
+    say("stage 0/3: base model (built and pre-trained once, then cached)")
     cfg = resolve_builtins(cfg)
     t_model = time.perf_counter() - t0
 
     reward_dir = None
     if trains_reward:
-        _say("stage 1/3: reward adapter from synthetic preference pairs (positive preferred)")
+        say("stage 1/3: reward adapter from synthetic preference pairs (positive preferred)")
         reward_dir = train_reward(cfg, overwrite=True)
         cfg = dataclasses.replace(cfg, reward=dataclasses.replace(
             cfg.reward, source="adapter", adapter=str(reward_dir)))
     else:
-        _say(f"stage 1/3: no reward model: the reward is the function {cfg.reward.function}")
+        say(f"stage 1/3: no reward model: the reward is the function {cfg.reward.function}")
     t_reward = time.perf_counter() - t0 - t_model
 
     alg = cfg.algorithm
-    _say(f"stage 2/3: {alg.estimator.upper()}, {quantization_mode(cfg.quantization)} base, LoRA policy, "
+    say(f"stage 2/3: {alg.estimator.upper()}, {quantization_mode(cfg.quantization)} base, LoRA policy, "
          f"reward {cfg.reward.source}, value function {alg.value_mode}, "
          f"{alg.group_size} sample(s) per prompt, DeepSpeed {cfg.deepspeed.config}")
     run = train(cfg, overwrite=True)
     t_ppo = time.perf_counter() - t0 - t_model - t_reward
 
-    _say("stage 3/3: merge the policy into the unquantized base")
+    say("stage 3/3: merge the policy into the unquantized base")
     report = merge(ckpt.find(out, "latest"), out / "merged", dtype="fp32", force=True)
     after = {name: check_export(d, check, cfg.rollout.max_new_tokens, cfg.seed + 1)
              for name, d in (("base", run.model_path), ("merged", str(out / "merged")))}
@@ -170,12 +170,12 @@ def run_demo(cfg: Config, preset: str = "demo", overwrite: bool = False) -> dict
         tmp.write_text(json.dumps(summary, indent=1))
         tmp.replace(out / "demo_summary.json")
         kl = summary["kl_last"]
-        _say(f"mean score {summary['score_first']:.3f} -> {summary['score_last']:.3f} (first vs "
+        say(f"mean score {summary['score_first']:.3f} -> {summary['score_last']:.3f} (first vs "
              f"last {summary['window']} updates)"
              + (f", KL to the reference {kl:.2f} nats" if kl is not None else "")
              + f"; took {summary['seconds']['total']:.0f} s")
-        _say(f"merged model, loaded with plain transformers: {check.name} "
+        say(f"merged model, loaded with plain transformers: {check.name} "
              f"{after['base']:.2f} (base) -> {after['merged']:.2f}")
-        _say(f"outputs: {out}/metrics.jsonl, {out}/tensorboard, {out}/metrics.png, "
+        say(f"outputs: {out}/metrics.jsonl, {out}/tensorboard, {out}/metrics.png, "
              f"{out}/merged (AutoModelForCausalLM.from_pretrained loads it)")
     return summary

@@ -40,7 +40,7 @@ class StopSignal:
         self.signum: Optional[int] = None
         self._at = 0.0
         self._previous: dict[int, object] = {}
-        self._say = os.environ.get("RANK", "0") == "0"  # one line, from rank 0
+        self.say = os.environ.get("RANK", "0") == "0"  # one line, from rank 0
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
@@ -55,7 +55,7 @@ class StopSignal:
         now = time.monotonic()
         if self.signum is None:
             self.signum, self._at = signum, now
-            if self._say:
+            if self.say:
                 # os.write, not print: the handler may run while the main thread is inside a
                 # write to stderr (the progress bar), and a buffered writer refuses re-entry.
                 os.write(2, f"lora-ppo: {signal.Signals(signum).name}: stopping after this "
