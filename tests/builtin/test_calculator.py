@@ -99,3 +99,19 @@ def test_tool_check_on_a_tiny_model(tmp_path, chat_tokenizer):
     result = tool_check.tool_accuracy(str(model_dir), rows, max_new_tokens=6)
     assert len(result.conversations) == 3 and result.accuracy == 0.0  # a random model
     assert all(c[-1]["role"] == "assistant" for c in result.conversations)
+
+
+def test_a_builtin_data_file_is_named_by_its_rows(tmp_path, monkeypatch):
+    """A cached built-in data file is named by a hash of its rows, so a change to the code that
+    makes them (the task's operand range, say) writes a new file instead of reading a stale one:
+    a stale file under the old name is never read."""
+    import hashlib
+
+    from lora_ppo.builtin.specs import data_file
+
+    monkeypatch.setenv("LORA_PPO_CACHE", str(tmp_path))
+    path = data_file("data.prompts", "calculator", ("prompt",))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    assert path.name == f"data-calculator-{digest}.jsonl"
+    assert data_file("data.prompts", "calculator", ("prompt",)) == path  # cached: same file
+    assert data_file("data.prompts", "calculator", ("question",)) != path  # other rows, other file
