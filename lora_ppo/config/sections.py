@@ -39,6 +39,12 @@ class ModelConfig:
     the prompt and to itself only (an explicit attention mask). The numbers equal n separate
     sequences' to float round-off (tested). Needs model.padding_free; a model whose attention
     cannot take the mask falls back to ordinary packing (ppo/seams.py)."""
+    block_attention: bool = True
+    """Packed rows' attention with an SDPA mask computes only the blocks each token sees (a
+    response its prompt and itself, not its siblings nor other sequences of the row), not the
+    whole (row x row) square: for a group of 8 tool-calling trajectories after a 214-token
+    prompt, a third of the scores (modeling/blocks.py). Equal to the dense mask's to float
+    round-off; the seam check compares it with the padded forward like every layout."""
     seam_check: Literal["auto", "always", "off"] = "auto"
     """Check at setup, on a few probe tokens, that lora_ppo's logits, packed rows and decode loop
     give what the model's own forward gives, and that train and eval modes agree; fall back to

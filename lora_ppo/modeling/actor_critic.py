@@ -28,6 +28,7 @@ from torch import nn
 
 from lora_ppo.config import Config
 from lora_ppo.errors import UserError
+from lora_ppo.modeling.block_sdpa import attach
 from lora_ppo.modeling.heads import (
     REWARD_HEAD_FILE,
     ScalarHead,
@@ -85,6 +86,9 @@ class ActorCritic(nn.Module):
         self.logits_transform = logits_transform(self.causal_lm.config)
         self.layout: Layout = PADDED
         self.width_cost = width_cost(self.causal_lm.config)  # of packed rows
+        # blocks on every mask of a blocked layout, not only where they save work: the seam
+        # check's probes are too small to save any, and must take the path all the same
+        self.every_mask_blocked = False
         # Logits from the model's own forward instead of trunk + head + logits_transform
         # (use_own_logits: the setup's fallback for a post-processing it does not know).
         self.own_logits = False
@@ -210,8 +214,11 @@ class ActorCritic(nn.Module):
         layout = self.layout if layout is None else layout
         if not layout.packed:
             return None
-        return pack(query_ids, query_mask, response_ids, response_mask, group=layout.group,
-                    attention=layout.attention, width_cost=self.width_cost)
+        blocks = (True if self.every_mask_blocked else None) if layout.blocks else False
+        packed = pack(query_ids, query_mask, response_ids, response_mask, group=layout.group,
+                      attention=layout.attention, width_cost=self.width_cost, blocks=blocks)
+        attach(packed.attention_mask, packed.blocks)  # SDPA computes only the blocks seen
+        return packed
 
     def forward(self, query_ids: torch.Tensor, query_mask: torch.Tensor,
                 response_ids: torch.Tensor, response_mask: torch.Tensor, *, temperature: float,

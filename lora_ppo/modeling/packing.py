@@ -19,7 +19,9 @@ forward's up to float round-off (tested per architecture): the mask replaces tra
 detection of packed sequences from restarting position ids, which some models never receive
 (OPT's mask builder takes no position ids). Models whose attention cannot take such a mask
 (ALiBi built from a 2-D mask in Bloom; flash-attention kernels) are found by the setup check
-(ppo/seams.py) and fall back to position-id packing or to padded micro-batches.
+(ppo/seams.py) and fall back to position-id packing or to padded micro-batches. An SDPA mask
+can carry its blocks (`attention_blocks`, modeling/blocks.py): the attention then computes only
+the scores of the keys each token sees, not the whole (C, C) square.
 
 The rows' capacity is chosen per batch (`_capacity`): every slot of a row runs through every
 linear layer whether it holds a token or not, while attention costs grow with the row's width.
@@ -43,6 +45,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from lora_ppo.modeling.blocks import Blocks, allowed, blocks_for
+
 
 class Attention(NamedTuple):
     """How the packed rows' attention mask is given to the model (ppo/seams.py picks it)."""
@@ -59,6 +63,7 @@ class Layout(NamedTuple):
     packed: bool = False                   # padding-free rows; False: padded micro-batches
     group: bool = False                    # a group's shared prompt encoded once
     attention: Optional[Attention] = None  # the explicit mask; None: restarting position ids
+    blocks: bool = False                   # an SDPA mask carries its blocks (blocks.py)
 
 
 PADDED = Layout()
@@ -87,6 +92,8 @@ class Packed(NamedTuple):
     #                                          model infers the blocks from restarting positions
     predicting: Tensor    # (B, R) long: flat index into P*C of the state predicting token (i, t)
     real_tokens: int      # tokens packed (the rest of P*C is padding)
+    blocks: Optional[Blocks | dict] = None  # the mask's blocks (modeling/blocks.py), of the
+    #                                        same shape as the mask; None: dense attention
 
 
 def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -136,14 +143,16 @@ def _units(prompts: list[tuple[int, ...]], group: bool) -> list[list[int]]:
 
 def pack(query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
          pad_id: int = 0, *, group: bool = False, attention: Optional[Attention] = None,
-         width_cost: Optional[float] = None, max_width: int = MAX_WIDTH) -> Packed:
+         width_cost: Optional[float] = None, max_width: int = MAX_WIDTH,
+         blocks: Optional[bool] = None) -> Packed:
     """Pack query (B, Q) left-padded + response (B, R) right-padded into rows (module doc).
 
     `group`: samples with the same prompt share one copy of it (needs `attention`, since
     restarting positions cannot express a shared prefix). `attention`: build the explicit mask;
     None leaves the blocks to the model's own detection of restarting position ids.
     `width_cost`: attention's cost per key relative to a token's linear work (module doc), which
-    sets the rows' capacity; None: rows of the longest unit's length. Response
+    sets the rows' capacity; None: rows of the longest unit's length. `blocks`: whether an SDPA
+    mask carries its blocks (modeling/blocks.py); None: where they compute fewer scores. Response
     tokens past a sequence's end (mask 0) point at the sequence's last real state; their results
     are masked out downstream like any padding.
     """
@@ -187,10 +196,12 @@ def pack(query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_m
                 predicting[i] = torch.where(k == 0, last_prompt, at - 1 + k)
                 at += n_r
     shape = (len(rows), capacity)
-    mask = None if attention is None else mask_for(
-        unit_of.view(shape), branch.view(shape), pos.view(shape), attention)
+    ids3 = (unit_of.view(shape), branch.view(shape), pos.view(shape))
+    mask = None if attention is None else mask_for(*ids3, attention)
+    laid = None if attention is None or blocks is False else attention_blocks(
+        *ids3, attention, always=bool(blocks))
     return Packed(ids.view(shape).to(device), pos.view(shape).to(device),
-                  mask_to(mask, device), predicting.to(device), int(sum(lengths)))
+                  mask_to(mask, device), predicting.to(device), int(sum(lengths)), laid)
 
 
 def mask_to(mask, device):
@@ -209,17 +220,33 @@ def mask_for(unit: Tensor, branch: Tensor, pos: Tensor, attention: Attention) ->
     sliding_window_overlay, kv > q - W). Every query sees at least itself, so no row of the
     softmax is empty. A dict by layer type when the model takes one."""
     def one(window: Optional[int]) -> Tensor:
-        uq, uk = unit[:, :, None], unit[:, None, :]
-        bq, bk = branch[:, :, None], branch[:, None, :]
-        pq, pk = pos[:, :, None], pos[:, None, :]
-        allowed = (uq == uk) & ((bk == 0) | (bk == bq)) & (pk <= pq)
-        if window is not None:
-            allowed &= pq - pk < window
-        allowed = allowed[:, None]  # (P, 1, C, C)
+        ok = allowed(unit[:, :, None], unit[:, None, :], branch[:, :, None],
+                     branch[:, None, :], pos[:, :, None], pos[:, None, :], window)
+        ok = ok[:, None]  # (P, 1, C, C)
         if attention.implementation == "sdpa":
-            return allowed
+            return ok
         zero = torch.zeros((), dtype=attention.dtype)
-        return torch.where(allowed, zero, torch.finfo(attention.dtype).min)
+        return torch.where(ok, zero, torch.finfo(attention.dtype).min)
+
+    if attention.layer_types:
+        full = one(None)
+        return {kind: one(attention.window) if kind == "sliding_attention" else full
+                for kind in set(attention.layer_types)}
+    return one(attention.window)
+
+
+def attention_blocks(unit: Tensor, branch: Tensor, pos: Tensor, attention: Attention,
+                     always: bool = False) -> Optional[Blocks | dict]:
+    """The blocks of `mask_for`'s mask(s) (modeling/blocks.py), where they compute fewer scores
+    than the dense rows (or `always`); only for SDPA (eager attention is the model's own code).
+    A dict by layer type where the mask is one."""
+    if attention.implementation != "sdpa":
+        return None
+    P, C = unit.shape
+
+    def one(window: Optional[int]) -> Optional[Blocks]:
+        blocks = blocks_for(unit, branch, pos, window)
+        return blocks if always or blocks.cost() < P * C * C else None
 
     if attention.layer_types:
         full = one(None)

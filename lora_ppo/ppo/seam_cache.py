@@ -44,7 +44,7 @@ def _key(ac: ActorCritic, cfg: Config, model_path: str) -> str:
         "lora": [cfg.lora.r, cfg.lora.target_modules],
         "init_adapter": None if not adapter else hashlib.sha256(
             (Path(adapter) / "adapter_config.json").read_bytes()).hexdigest(),
-        "wanted": [cfg.model.padding_free, cfg.model.shared_prompt,
+        "wanted": [cfg.model.padding_free, cfg.model.shared_prompt, cfg.model.block_attention,
                    cfg.rollout.samples_per_prompt > 1, cfg.rollout.continuous_batching,
                    cfg.rollout.static_kv_cache, cfg.rollout.fold_for_generation],
     }
@@ -57,7 +57,7 @@ def _cache_dir() -> Path:
 
 def _to_json(s: Seams) -> dict:
     a = s.layout.attention
-    return {"packed": s.layout.packed, "group": s.layout.group,
+    return {"packed": s.layout.packed, "group": s.layout.group, "blocks": s.layout.blocks,
             "attention": None if a is None else [a.implementation, a.window, list(a.layer_types),
                                                  str(a.dtype).removeprefix("torch.")],
             "continuous_batching": s.decode.continuous_batching,
@@ -68,7 +68,7 @@ def _to_json(s: Seams) -> dict:
 def _from_json(d: dict) -> Seams:
     a = d["attention"]
     attention = None if a is None else Attention(a[0], a[1], tuple(a[2]), getattr(torch, a[3]))
-    return Seams(Layout(d["packed"], d["group"], attention),
+    return Seams(Layout(d["packed"], d["group"], attention, d.get("blocks", False)),
                  DecodePath(d["continuous_batching"], d["static_kv_cache"], d["fold"]),
                  tuple(d["notes"]), d["own_logits"])
 

@@ -92,9 +92,12 @@ def preferred(ac: ActorCritic, cfg: Config) -> list[tuple[str, Layout]]:
         return [("padded", PADDED)]
     masks = explicit_attentions(ac.causal_lm.config,
                                 ac.causal_lm.get_input_embeddings().weight.dtype)
+    blocked = [a for a in masks if cfg.model.block_attention and a.implementation == "sdpa"]
     out = []
     if cfg.model.shared_prompt and cfg.rollout.samples_per_prompt > 1:
+        out += [("shared prompt (blocks)", Layout(True, True, a, True)) for a in blocked]
         out += [("shared prompt", Layout(True, True, a)) for a in masks]
+    out += [("packed (blocks)", Layout(True, False, a, True)) for a in blocked]
     out += [("packed", Layout(True, False, a)) for a in masks]
     out += [("packed (position ids)", Layout(True, False, None)), ("padded", PADDED)]
     return out
@@ -236,10 +239,13 @@ def _modes_diff(ac: ActorCritic, batch) -> float:
 
 
 def _layout_diff(ac: ActorCritic, batch, layout: Layout, reference: torch.Tensor) -> float:
+    ac.every_mask_blocked = True  # the probes take a blocked layout's path (actor_critic.py)
     try:
         return _max(_logprobs(ac, batch, layout), reference, _rtol(ac))
     except Exception:  # noqa: BLE001 - a model that cannot take this layout fails the check
         return float("inf")
+    finally:
+        ac.every_mask_blocked = False
 
 
 def _decode_diff(ac: ActorCritic, batch, reference: torch.Tensor, pad_id: int,

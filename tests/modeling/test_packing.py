@@ -27,6 +27,14 @@ def _run(model_dir, out, *extra):
     return run
 
 
+def assert_grads_close(actual, expected, name):
+    """Equal to fp32 round-off: a gradient sums hundreds of products per component, in another
+    order per layout, so its components differ by ~1e-7 of the largest (measured: up to 5e-7),
+    which is more than 1e-4 of a small component."""
+    torch.testing.assert_close(actual, expected, rtol=1e-4,
+                               atol=max(1e-5, 2e-6 * expected.abs().max().item()), msg=name)
+
+
 def test_pack_by_hand():
     # two sequences: prompt [5, 6] + response [7, 8, 9]; prompt [4] + response [3] (then padding)
     q = torch.tensor([[5, 6], [0, 4]])
@@ -100,7 +108,7 @@ def test_packed_forward_equals_the_padded_one(tiny_model_dir, tmp_path):
                           if p.grad is not None})
         assert grads[0].keys() == grads[1].keys() and grads[0]
         for n in grads[0]:
-            torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-5, msg=n)
+            assert_grads_close(grads[1][n], grads[0][n], n)
 
 
 @pytest.mark.integration
@@ -265,8 +273,7 @@ def test_a_shared_prompt_row_equals_separate_sequences(tiny_model_dir, tmp_path)
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
     assert grads["padded"].keys() == grads["grouped"].keys() and grads["padded"]
     for n in grads["padded"]:
-        torch.testing.assert_close(grads["grouped"][n], grads["padded"][n], rtol=1e-4,
-                                   atol=1e-5, msg=n)
+        assert_grads_close(grads["grouped"][n], grads["padded"][n], n)
 
 
 @pytest.mark.integration

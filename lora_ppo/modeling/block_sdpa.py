@@ -1,0 +1,82 @@
+"""Hands a packed batch's attention blocks (modeling/blocks.py) to transformers' attention.
+
+The blocks travel with the mask they describe (`attach`): transformers hands a prepared 4-D mask
+to every layer as it was given (masking_utils' `_preprocess_mask_arguments` returns it as is; a
+dict by layer type is indexed per layer), and gradient checkpointing's recompute receives the
+same tensor, so the attention function finds the blocks where it finds the mask. `sdpa` in
+transformers' attention registry is wrapped once (`install`), the registry being where every
+model that uses it looks it up at each forward. With a mask that carries no blocks (decoding,
+padded forwards, any model but ours), or an argument the blocked path does not implement
+(softcap, a position bias, attention sinks, attention weights asked for), the wrapper calls
+transformers' own function with the same arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+from torch.utils.weak import WeakIdKeyDictionary
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from lora_ppo.modeling.blocks import Blocks, attend
+
+_BLOCKS = WeakIdKeyDictionary()  # mask tensor -> its Blocks, as long as the mask lives
+_UNSUPPORTED = ("softcap", "position_bias", "s_aux", "sinks", "output_attentions")
+
+
+def attach(mask, blocks):
+    """Let the attention function find `blocks` beside `mask` (one tensor or a dict by layer
+    type, with `blocks` of the same shape, None where a mask has none); returns the mask."""
+    if mask is None or blocks is None:
+        return mask
+    if isinstance(mask, dict):
+        for kind, m in mask.items():
+            attach(m, blocks.get(kind))
+        return mask
+    install()
+    _BLOCKS[mask] = blocks.to(mask.device)
+    return mask
+
+
+def attached(mask) -> Optional[Blocks]:
+    return _BLOCKS.get(mask) if isinstance(mask, Tensor) else None
+
+
+def _given(kwargs: dict, key: str) -> bool:
+    value = kwargs.get(key)
+    return value is not None and value is not False
+
+
+def _wrap(sdpa: Callable) -> Callable:
+    def sdpa_blocked(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                     is_causal=None, **kwargs):
+        blocks = attached(attention_mask)
+        if (blocks is None or any(_given(kwargs, k) for k in _UNSUPPORTED)
+                or (query.shape[0], query.shape[2]) != (blocks.rows, blocks.width)
+                or key.shape[2] != blocks.width):
+            return sdpa(module, query, key, value, attention_mask, dropout=dropout,
+                        scaling=scaling, is_causal=is_causal, **kwargs)
+        groups = query.shape[1] // key.shape[1]
+        if groups > 1:  # grouped-query attention: as transformers' repeat_kv
+            key = key.repeat_interleave(groups, dim=1)
+            value = value.repeat_interleave(groups, dim=1)
+        if not torch.is_grad_enabled():
+            return attend(blocks, query, key, value, dropout, scaling), None
+        # the gathered keys and values (a prompt's once per branch) are made again in the
+        # backward rather than kept: the layer's own query, key and value are kept anyway
+        return checkpoint(attend, blocks, query, key, value, dropout, scaling,
+                          use_reentrant=False), None
+
+    sdpa_blocked.lora_ppo_blocks = True
+    return sdpa_blocked
+
+
+def install() -> None:
+    """Wrap transformers' `sdpa` attention function once (module doc); idempotent."""
+    current = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if not getattr(current, "lora_ppo_blocks", False):
+        AttentionInterface.register("sdpa", _wrap(current))

@@ -1,0 +1,182 @@
+"""Attention over packed rows that computes only the blocks a token can see.
+
+A packed row (modeling/packing.py) holds units end to end; a grouped unit is one prompt followed
+by the responses of its group. The row's explicit (C, C) mask is mostly False: a response sees
+its unit's prompt and itself, never a sibling and never another unit. SDPA given a dense mask
+computes every score of the row all the same (the CPU kernel skips only the blocks above the
+diagonal, and only with `is_causal`), so a group of n responses of length R after a prompt of
+length Q costs (Q + nR)^2 scores where Q^2 + nR(Q + R) are needed: for the GRPO-with-tools
+workload (a ~214-token prompt, 8 responses of ~140 tokens), 1.7M against 0.6M per head and layer,
+and attention was 46% of the update's time (torch.profiler, docs/benchmarks.md).
+
+Here each unit's attention is split into blocks, each a query span against the only keys it may
+see:
+
+    prompt block   the unit's prompt against the prompt
+    branch block   one response against its unit's prompt, then itself
+
+Blocks of one kind are padded to a common size and run as one batched SDPA call; the small mask
+of each is packing's own rule (`allowed`) evaluated on the gathered unit, branch and position
+ids, so a sliding window holds exactly as in the dense mask. A slot that holds no token sees only
+itself in the dense mask, so its output is its own value. The outputs are put back in slot order.
+Every score computed is one the dense call computes too, over the same keys: the results agree to
+float round-off, which the setup check (ppo/seams.py) compares against the padded forward per
+model, as it does for the dense mask.
+
+Pure tensor code; modeling/block_sdpa.py hands the blocks to transformers' attention.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Bucket(NamedTuple):
+    """Blocks of one kind, padded to a common size: nb blocks of up to nq queries and nk keys."""
+
+    queries: Tensor  # (nb, nq) long: flat slot index of each query (padding: a real slot)
+    keys: Tensor     # (nb, nk) long: flat slot index of each key (padding: a real slot)
+    mask: Tensor     # (nb, 1, nq, nk) bool, True = attend (packing's rule on the gathered ids)
+    real: Tensor     # (nb, nq) bool: the query is a real one of the block (not padding)
+
+
+class Blocks(NamedTuple):
+    """The blocked attention of packed rows: P rows of C slots, flattened to P * C."""
+
+    rows: int
+    width: int
+    buckets: tuple[Bucket, ...]
+    idle: Tensor     # (n,) long: slots holding no token; each sees only itself
+    order: Tensor    # (P * C,) long: slot s's place in cat(bucket outputs at real queries, idle)
+
+    def to(self, device) -> "Blocks":
+        return Blocks(self.rows, self.width,
+                      tuple(Bucket(*(t.to(device) for t in b)) for b in self.buckets),
+                      self.idle.to(device), self.order.to(device))
+
+    def cost(self) -> int:
+        """Scores computed per head and layer."""
+        return sum(b.queries.numel() * b.keys.shape[1] for b in self.buckets) + len(self.idle)
+
+
+def allowed(uq: Tensor, uk: Tensor, bq: Tensor, bk: Tensor, pq: Tensor, pk: Tensor,
+            window: Optional[int]) -> Tensor:
+    """Whether a query (unit uq, branch bq, position pq) sees a key (uk, bk, pk): the same unit,
+    a key not later than the query, in the prompt (branch 0) or the query's own branch; with a
+    window W, pq - pk < W (transformers' sliding_window_overlay, kv > q - W). Broadcasts."""
+    ok = (uq == uk) & ((bk == 0) | (bk == bq)) & (pk <= pq)
+    if window is not None:
+        ok &= pq - pk < window
+    return ok
+
+
+def _bucket(spans: list[tuple[list[int], list[int]]], unit: Tensor, branch: Tensor, pos: Tensor,
+            window: Optional[int]) -> Bucket:
+    """One batched call's blocks from (query slots, key slots) lists."""
+    nb = len(spans)
+    nq = max(len(q) for q, _ in spans)
+    nk = max(len(k) for _, k in spans)
+    queries = torch.empty(nb, nq, dtype=torch.long)
+    keys = torch.empty(nb, nk, dtype=torch.long)
+    real = torch.zeros(nb, nq, dtype=torch.bool)
+    key_real = torch.zeros(nb, nk, dtype=torch.bool)
+    for i, (q, k) in enumerate(spans):
+        queries[i] = torch.tensor(q + [q[0]] * (nq - len(q)))
+        keys[i] = torch.tensor(k + [k[0]] * (nk - len(k)))
+        real[i, :len(q)] = True
+        key_real[i, :len(k)] = True
+    ok = allowed(unit[queries][:, :, None], unit[keys][:, None, :],
+                 branch[queries][:, :, None], branch[keys][:, None, :],
+                 pos[queries][:, :, None], pos[keys][:, None, :], window)
+    ok &= key_real[:, None, :]
+    # a padding query sees the block's real keys: no softmax row is empty (its output, unused,
+    # must not be NaN: the backward would carry it)
+    ok |= ~real[:, :, None] & key_real[:, None, :]
+    return Bucket(queries, keys, ok[:, None], real)
+
+
+CALL_COST = 16384  # one more batched call, in scores: what splitting a bucket must save
+
+
+def _split(spans: list[tuple[list[int], list[int]]]) -> list[list]:
+    """Blocks of one kind into buckets of least cost: sorted by size, cut where the padding
+    saved (each bucket pads to its largest block) outweighs one more call (dynamic programming
+    over the cut points)."""
+    if not spans:
+        return []
+    spans = sorted(spans, key=lambda qk: (len(qk[0]), len(qk[1])))
+    n = len(spans)
+    step = -(-n // 64)  # cut only between chunks of `step` blocks: O(64^2) work at most
+    points = list(range(0, n, step)) + [n]
+    chunk_q = [max(len(q) for q, _ in spans[a:b]) for a, b in zip(points, points[1:])]
+    chunk_k = [max(len(k) for _, k in spans[a:b]) for a, b in zip(points, points[1:])]
+    best, cut = {0: 0.0}, {}  # best[j]: least cost of the first j blocks; cut[j]: its last cut
+    for c in range(1, len(points)):
+        j, nq, nk = points[c], 0, 0
+        best[j] = float("inf")
+        for a in range(c - 1, -1, -1):  # the last bucket: blocks points[a] .. j - 1
+            nq, nk = max(nq, chunk_q[a]), max(nk, chunk_k[a])
+            i = points[a]
+            cost = best[i] + (j - i) * nq * nk + CALL_COST
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    out, j = [], n
+    while j:
+        out.append(spans[cut[j]:j])
+        j = cut[j]
+    return out[::-1]
+
+
+def blocks_for(unit: Tensor, branch: Tensor, pos: Tensor, window: Optional[int]) -> Blocks:
+    """The blocks of rows whose slots carry unit, branch and position ids (P, C), as
+    packing.pack lays them out: each unit's prompt (branch 0) first, then its branches 1..n,
+    each contiguous; a slot of no unit has a negative unit id of its own."""
+    P, C = unit.shape
+    unit, branch, pos = unit.reshape(-1), branch.reshape(-1), pos.reshape(-1)
+    spans: dict[tuple[int, int], list[int]] = {}  # (unit, branch) -> its slots, in order
+    idle = []
+    for s, (u, b) in enumerate(zip(unit.tolist(), branch.tolist())):
+        if u < 0:
+            idle.append(s)
+        else:
+            spans.setdefault((u, b), []).append(s)
+    prompts = [(slots, slots) for (u, b), slots in spans.items() if b == 0]
+    branches = [(slots, spans.get((u, 0), []) + slots)
+                for (u, b), slots in spans.items() if b != 0]
+    buckets = tuple(_bucket(group, unit, branch, pos, window)
+                    for kind in (prompts, branches) for group in _split(kind))
+    placed = torch.cat([b.queries[b.real] for b in buckets]
+                       + [torch.tensor(idle, dtype=torch.long)])
+    order = torch.empty(P * C, dtype=torch.long)
+    order[placed] = torch.arange(len(placed))
+    return Blocks(P, C, buckets, torch.tensor(idle, dtype=torch.long), order)
+
+
+def attend(blocks: Blocks, query: Tensor, key: Tensor, value: Tensor, dropout: float,
+           scale: Optional[float]) -> Tensor:
+    """SDPA over `blocks` of query (P, H, C, D), key and value (P, H, C, D) (key/value heads
+    already repeated to the query's), returned as transformers' attention functions return it:
+    (P, C, H, D), contiguous."""
+    P, H, C, D = query.shape
+
+    def flat(x: Tensor) -> Tensor:  # (H, P * C, D)
+        return x.transpose(0, 1).reshape(H, P * C, x.shape[-1])
+
+    q, k, v = flat(query), flat(key), flat(value)
+    outs = []
+    for b in blocks.buckets:  # index_select, not [...]: its backward adds, indexing's sorts
+        nb, nq = b.queries.shape
+        qb = q.index_select(1, b.queries.reshape(-1)).view(H, nb, nq, D).transpose(0, 1)
+        kb, vb = (x.index_select(1, b.keys.reshape(-1)).view(H, nb, -1, x.shape[-1])
+                  .transpose(0, 1) for x in (k, v))
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=b.mask, dropout_p=dropout,
+                                           scale=scale)  # (nb, H, nq, D)
+        o = o.transpose(0, 1).reshape(H, nb * nq, -1)
+        outs.append(o.index_select(1, b.real.reshape(-1).nonzero().squeeze(-1)))
+    outs.append(v.index_select(1, blocks.idle))
+    out = torch.cat(outs, 1).index_select(1, blocks.order)  # (H, P * C, D) in slot order
+    return out.view(H, P, C, -1).permute(1, 2, 0, 3).contiguous()
