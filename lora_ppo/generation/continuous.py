@@ -6,7 +6,9 @@ One static cache of `slots` rows holds the batch. Every row writes its next toke
 cache column `col`; a row entering the batch has its prompt's keys and values placed
 right-aligned to end at `col`, and the 2-D mask marks each row's columns (positions come from the
 row itself, not the column). When `col` reaches the cache's width, every row's columns move left
-by the span no live row uses. The loop, one decision per turn:
+by the span no live row uses. A step's attention reads only the columns some row sees, from the
+first to `col` (modeling/block_sdpa.py::key_window), not the whole cache. The loop, one
+decision per turn:
 
     admit       the next rows take the free slots: their distinct prompts prefilled once each
                 (at most a quarter of the slots per prefill) and placed into the cache
@@ -38,6 +40,7 @@ from transformers import DynamicCache, StaticCache
 
 from lora_ppo.generation.kv_cache import keep_rows, shift_left
 from lora_ppo.generation.sampler import Sampler
+from lora_ppo.modeling.block_sdpa import key_window
 
 PREFILL_SHARE = 4  # rows entering the continuous batch per prefill: at most slots / 4
 
@@ -188,7 +191,10 @@ class _Batch:
             layer.cumulative_length.fill_(self.col)
         self.mask[:, self.col] = 1
         self.positions = torch.where(live[:, None], self.positions + 1, 0)  # free: any position
-        h = self.s.forward(self.last[:, None], self.mask, self.positions, self.cache)
+        # attention reads the columns some row sees, not the whole cache (block_sdpa.key_window)
+        lo = int(self.mask.any(0).int().argmax())
+        with key_window(self.width, lo, self.col + 1):
+            h = self.s.forward(self.last[:, None], self.mask, self.positions, self.cache)
         self.col += 1
         idx = live.nonzero().squeeze(-1)
         stopped, self.last[idx] = self.s.advance(self.row[idx], h[idx])

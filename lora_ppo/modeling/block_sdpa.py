@@ -9,11 +9,20 @@ model that uses it looks it up at each forward. With a mask that carries no bloc
 padded forwards, any model but ours), or an argument the blocked path does not implement
 (softcap, a position bias, attention sinks, attention weights asked for), the wrapper calls
 transformers' own function with the same arguments.
+
+The same wrapper narrows a decode step's keys (`key_window`): the continuous batch (generation/
+continuous.py) decodes into a static cache as wide as its longest possible row, and every step's
+attention read every column of it, most of them masked for every row (not yet written, or no
+live row's). Inside `key_window(width, lo, hi)` a call whose keys are `width` columns wide takes
+only columns lo .. hi-1, with its mask sliced alike, provided the mask holds no True outside
+them (checked): the softmax over the columns left out was exp(-inf) = 0 of every row's.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+import contextvars
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -25,6 +34,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from lora_ppo.modeling.blocks import Blocks, attend
 
 _BLOCKS = WeakIdKeyDictionary()  # mask tensor -> its Blocks, as long as the mask lives
+_WINDOW = contextvars.ContextVar("lora_ppo_key_window", default=None)  # (width, lo, hi)
 _UNSUPPORTED = ("softcap", "position_bias", "s_aux", "sinks", "output_attentions")
 
 
@@ -46,6 +56,31 @@ def attached(mask) -> Optional[Blocks]:
     return _BLOCKS.get(mask) if isinstance(mask, Tensor) else None
 
 
+@contextlib.contextmanager
+def key_window(width: int, lo: int, hi: int) -> Iterator[None]:
+    """Attention calls in the body whose keys are `width` wide read only columns lo .. hi-1
+    (module doc)."""
+    install()
+    token = _WINDOW.set((width, lo, hi))
+    try:
+        yield
+    finally:
+        _WINDOW.reset(token)
+
+
+def _narrowed(key: Tensor, value: Tensor, mask) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """The key window's columns of key, value and mask, or None where it does not apply."""
+    window = _WINDOW.get()
+    if window is None or not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        return None
+    width, lo, hi = window
+    if key.shape[2] != width or mask.shape[-1] != width or (lo, hi) == (0, width):
+        return None
+    if mask[..., :lo].any() or mask[..., hi:].any():
+        return None
+    return key[:, :, lo:hi], value[:, :, lo:hi], mask[..., lo:hi]
+
+
 def _given(kwargs: dict, key: str) -> bool:
     value = kwargs.get(key)
     return value is not None and value is not False
@@ -55,6 +90,10 @@ def _wrap(sdpa: Callable) -> Callable:
     def sdpa_blocked(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                      is_causal=None, **kwargs):
         blocks = attached(attention_mask)
+        if blocks is None and not any(_given(kwargs, k) for k in _UNSUPPORTED):
+            narrowed = _narrowed(key, value, attention_mask)
+            if narrowed is not None:
+                key, value, attention_mask = narrowed
         if (blocks is None or any(_given(kwargs, k) for k in _UNSUPPORTED)
                 or (query.shape[0], query.shape[2]) != (blocks.rows, blocks.width)
                 or key.shape[2] != blocks.width):

@@ -188,3 +188,30 @@ def test_every_family_with_sdpa_takes_the_blocks_exactly(family, tiny_model_dir,
     gradient checkpointing: each family's packed forward with blocks is its padded forward."""
     model = build_family_model(family, tmp_path / family, tiny_model_dir)
     _check_model(model, tmp_path / "run", checkpointing=True)
+
+
+def test_a_decode_step_reads_only_the_key_window_and_gives_the_same_attention():
+    """A decode step (one query per row) over a static cache: inside `key_window` the call
+    takes columns lo .. hi-1 only, equal to the whole cache's; a mask with a True outside the
+    window (a row that sees an earlier column) keeps the whole width."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    block_sdpa.install()
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    gen = torch.Generator().manual_seed(5)
+    B, W, lo, hi = 3, 20, 6, 15
+    q = torch.randn(B, 4, 1, 8, generator=gen)
+    k, v = (torch.randn(B, 2, W, 8, generator=gen) for _ in range(2))
+    mask = torch.zeros(B, 1, 1, W, dtype=torch.bool)
+    for row, start in enumerate((6, 9, 14)):  # right-aligned rows ending at column hi - 1
+        mask[row, ..., start:hi] = True
+    module = _attention_module()
+    whole, _ = sdpa(module, q, k, v, mask, scaling=0.4)
+    with block_sdpa.key_window(W, lo, hi):
+        assert block_sdpa._narrowed(k, v, mask)[0].shape[2] == hi - lo
+        windowed, _ = sdpa(module, q, k, v, mask, scaling=0.4)
+        wider = mask.clone()
+        wider[0, ..., 2] = True
+        assert block_sdpa._narrowed(k, v, wider) is None
+    torch.testing.assert_close(windowed, whole, rtol=0, atol=1e-6)
+    assert block_sdpa._narrowed(k, v, mask) is None  # outside the window's body
