@@ -4,6 +4,8 @@ packed forward with blocks equals its padded forward, on every family whose atte
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -76,6 +78,22 @@ def test_buckets_hold_every_block_once_and_cost_no_more_than_one_bucket():
     assert sum(cost(b) + CALL_COST for b in buckets) < cost(spans) + CALL_COST
 
 
+@contextlib.contextmanager
+def counting_blocked_calls():
+    """The blocked path's calls in the body, counted (the real function runs)."""
+    calls, real = [], block_sdpa.attend
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    block_sdpa.attend = counted
+    try:
+        yield calls
+    finally:
+        block_sdpa.attend = real
+
+
 def _attention_module(heads: int = 4, kv_heads: int = 2):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaAttention
@@ -104,15 +122,7 @@ def test_sdpa_takes_the_blocks_only_from_the_mask_they_were_made_for():
     P, C = packed.input_ids.shape
     q = torch.randn(P, 4, C, 8, generator=gen)
     k, v = (torch.randn(P, 2, C, 8, generator=gen) for _ in range(2))
-    calls = []
-    spy = block_sdpa.attend
-
-    def counted(*args):
-        calls.append(1)
-        return spy(*args)
-
-    block_sdpa.attend = counted
-    try:
+    with counting_blocked_calls() as calls:
         out, _ = sdpa(module, q, k, v, mask, scaling=0.3)
         ref, _ = sdpa(module, q, k, v, mask.clone(), scaling=0.3)
         assert len(calls) == 1
@@ -121,8 +131,6 @@ def test_sdpa_takes_the_blocks_only_from_the_mask_they_were_made_for():
         with pytest.raises(ValueError, match="softcap"):
             sdpa(module, q, k, v, mask, scaling=0.3, softcap=5.0)
         assert len(calls) == 1
-    finally:
-        block_sdpa.attend = spy
 
 
 def _trunk_outputs(run, batch, packed):
@@ -152,18 +160,8 @@ def _check_model(model_dir, out, checkpointing: bool):
     batch = _batch(gen, [9, 6], 4, high=min(500, run.ac.vocab))
     packed = pack(*batch, group=True, attention=attention, blocks=True, width_cost=0.05)
     block_sdpa.attach(packed.attention_mask, packed.blocks)
-    calls = []
-    spy = block_sdpa.attend
-
-    def counted(*args):
-        calls.append(1)
-        return spy(*args)
-
-    block_sdpa.attend = counted
-    try:
+    with counting_blocked_calls() as calls:
         got_h, got_g = _trunk_outputs(run, batch, packed)
-    finally:
-        block_sdpa.attend = spy
     assert calls, "the model's attention never took the blocks"
     want_h, want_g = _trunk_outputs(run, batch, None)  # padded rows, transformers' own masks
     torch.testing.assert_close(got_h, want_h, rtol=0, atol=1e-5)
