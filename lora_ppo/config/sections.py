@@ -43,7 +43,7 @@ class ModelConfig:
     """Packed rows' attention with an SDPA mask computes only the blocks each token sees (a
     response its prompt and itself, not its siblings nor other sequences of the row), not the
     whole (row x row) square: for a group of 8 tool-calling trajectories after a 214-token
-    prompt, a third of the scores (modeling/blocks.py). Equal to the dense mask's to float
+    prompt, 27% of the scores (modeling/blocks.py). Equal to the dense mask's to float
     round-off; the seam check compares it with the padded forward like every layout."""
     seam_check: Literal["auto", "always", "off"] = "auto"
     """Check at setup, on a few probe tokens, that lora_ppo's logits, packed rows and decode loop

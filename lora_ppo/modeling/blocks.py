@@ -6,7 +6,7 @@ its unit's prompt and itself, never a sibling and never another unit. SDPA given
 computes every score of the row all the same (the CPU kernel skips only the blocks above the
 diagonal, and only with `is_causal`), so a group of n responses of length R after a prompt of
 length Q costs (Q + nR)^2 scores where Q^2 + nR(Q + R) are needed: for the GRPO-with-tools
-workload (a ~214-token prompt, 8 responses of ~140 tokens), 1.7M against 0.6M per head and layer,
+workload (a ~214-token prompt, 8 responses of ~117 tokens), 1.32M against 0.36M per head and layer,
 and attention was 46% of the update's time (torch.profiler, docs/benchmarks.md).
 
 Here each unit's attention is split into blocks, each a query span against the only keys it may
@@ -53,7 +53,7 @@ class Blocks(NamedTuple):
     idle: Tensor     # (n,) long: slots holding no token; each sees only itself
     order: Tensor    # (P * C,) long: slot s's place in cat(bucket outputs at real queries, idle)
 
-    def to(self, device) -> "Blocks":
+    def to(self, device) -> Blocks:
         return Blocks(self.rows, self.width,
                       tuple(Bucket(*(t.to(device) for t in b)) for b in self.buckets),
                       self.idle.to(device), self.order.to(device))
