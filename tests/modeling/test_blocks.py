@@ -213,3 +213,25 @@ def test_a_decode_step_reads_only_the_key_window_and_gives_the_same_attention():
         assert block_sdpa._narrowed(k, v, wider) is None
     torch.testing.assert_close(windowed, whole, rtol=0, atol=1e-6)
     assert block_sdpa._narrowed(k, v, mask) is None  # outside the window's body
+
+
+def test_the_backward_makes_the_blocks_again_with_the_forwards_dropout():
+    """The blocked path keeps only q, k and v and recomputes in the backward: with attention
+    dropout its gradients are those of the forward that was run (the same dropout mask)."""
+    gen = torch.Generator().manual_seed(6)
+    packed = pack(*_batch(gen, [7, 5], 4), group=True, blocks=True,
+                  attention=Attention("sdpa"), width_cost=0.05)
+    P, C = packed.input_ids.shape
+    q, k, v = (torch.randn(P, 4, C, 8, generator=gen, requires_grad=True) for _ in range(3))
+    w = torch.randn(P, C, 4, 8, generator=gen)
+    results = []
+    for fn in (blocked, block_sdpa._Recomputed.apply):
+        torch.manual_seed(0)
+        out = fn(q, k, v, packed.blocks, 0.5, None) if fn is not blocked else \
+            blocked(packed.blocks, q, k, v, 0.5, None)
+        torch.manual_seed(1)  # the backward must not draw from the generator as it stands
+        results.append((out.detach(), torch.autograd.grad((out * w).sum(), (q, k, v))))
+    (out_a, grads_a), (out_b, grads_b) = results
+    torch.testing.assert_close(out_b, out_a, rtol=0, atol=0)
+    for a, b in zip(grads_b, grads_a):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
