@@ -17,7 +17,7 @@ cannot do from its head; the `calculate` tool can. Every stage runs on one small
 After each stage the model is merged into the base and checked on the held-out
 problems (never trained on) with plain transformers and a tool loop of its own
 (builtin/tool_check.py): greedy accuracy and tool calls per problem, base -> SFT -> GRPO -> PPO.
-At the preset's settings RL raises it (SFT 0.68 -> GRPO 0.955, PPO 0.995; docs/agents.md).
+At the preset's settings RL raises it (SFT 0.68 -> GRPO 0.95, PPO 0.995; docs/agents.md).
 """
 
 from __future__ import annotations
