@@ -3,11 +3,11 @@
 A packed row (modeling/packing.py) holds units end to end; a grouped unit is one prompt followed
 by the responses of its group. The row's explicit (C, C) mask is mostly False: a response sees
 its unit's prompt and itself, never a sibling and never another unit. SDPA given a dense mask
-computes every score of the row all the same (the CPU kernel skips only the blocks above the
-diagonal, and only with `is_causal`), so a group of n responses of length R after a prompt of
-length Q costs (Q + nR)^2 scores where Q^2 + nR(Q + R) are needed: for the GRPO-with-tools
-workload (a ~214-token prompt, 8 responses of ~117 tokens), 1.32M against 0.36M per head and layer,
-and attention was 46% of the update's time (torch.profiler, docs/benchmarks.md).
+computes every score of the row all the same (a kernel given a mask cannot know which of its
+blocks are empty), so a group of n responses of length R after a prompt of length Q costs
+(Q + nR)^2 scores where Q^2 + nR(Q + R) are needed: for the GRPO-with-tools workload (a
+~214-token prompt, 8 responses of ~117 tokens), 1.32M against 0.36M per head and layer, and
+attention was 46% of the update's time (torch.profiler, docs/benchmarks.md).
 
 Here each unit's attention is split into blocks, each a query span against the only keys it may
 see:
@@ -15,9 +15,10 @@ see:
     prompt block   the unit's prompt against the prompt
     branch block   one response against its unit's prompt, then itself
 
-Blocks of one kind are padded to a common size and run as one batched SDPA call; the small mask
-of each is packing's own rule (`allowed`) evaluated on the gathered unit, branch and position
-ids, so a sliding window holds exactly as in the dense mask. A slot that holds no token sees only
+Blocks of one kind are sorted by size and cut into buckets (`_split`), each padded to its
+largest block and run as one batched SDPA call; the small mask of each block is packing's own
+rule (`allowed`) evaluated on the gathered unit, branch and position ids, so a sliding window
+holds exactly as in the dense mask. A slot that holds no token sees only
 itself in the dense mask, so its output is its own value. The outputs are put back in slot order.
 Every score computed is one the dense call computes too, over the same keys: the results agree to
 float round-off, which the setup check (ppo/seams.py) compares against the padded forward per
