@@ -133,13 +133,13 @@ class _Recomputed(torch.autograd.Function):
 def _wrap(sdpa: Callable) -> Callable:
     def sdpa_blocked(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                      is_causal=None, **kwargs):
-        blocks = attached(attention_mask)
-        if blocks is None and not any(_given(kwargs, k) for k in _UNSUPPORTED):
-            narrowed = _narrowed(key, value, attention_mask)
-            if narrowed is not None:
-                key, value, attention_mask = narrowed
-        if (blocks is None or any(_given(kwargs, k) for k in _UNSUPPORTED)
-                or (query.shape[0], query.shape[2]) != (blocks.rows, blocks.width)
+        unsupported = any(_given(kwargs, k) for k in _UNSUPPORTED)
+        blocks = None if unsupported else attached(attention_mask)
+        narrowed = None if unsupported or blocks is not None else _narrowed(
+            key, value, attention_mask)
+        if narrowed is not None:  # a decode step's key window
+            key, value, attention_mask = narrowed
+        if (blocks is None or (query.shape[0], query.shape[2]) != (blocks.rows, blocks.width)
                 or key.shape[2] != blocks.width):
             return sdpa(module, query, key, value, attention_mask, dropout=dropout,
                         scaling=scaling, is_causal=is_causal, **kwargs)

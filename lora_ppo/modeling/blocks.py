@@ -42,7 +42,7 @@ class Bucket(NamedTuple):
     queries: Tensor  # (nb, nq) long: flat slot index of each query (padding: a real slot)
     keys: Tensor     # (nb, nk) long: flat slot index of each key (padding: a real slot)
     mask: Tensor     # (nb, 1, nq, nk) bool, True = attend (packing's rule on the gathered ids)
-    real: Tensor     # (nb, nq) bool: the query is a real one of the block (not padding)
+    real: Tensor     # (n,) long: where the real (not padding) queries are in nb * nq
 
 
 class Blocks(NamedTuple):
@@ -97,7 +97,7 @@ def _bucket(spans: list[tuple[list[int], list[int]]], unit: Tensor, branch: Tens
     # a padding query sees the block's real keys: no softmax row is empty (its output, unused,
     # must not be NaN: the backward would carry it)
     ok |= ~real[:, :, None] & key_real[:, None, :]
-    return Bucket(queries, keys, ok[:, None], real)
+    return Bucket(queries, keys, ok[:, None], real.reshape(-1).nonzero().squeeze(-1))
 
 
 CALL_COST = 16384  # one more batched call, in scores: what splitting a bucket must save
@@ -150,7 +150,7 @@ def blocks_for(unit: Tensor, branch: Tensor, pos: Tensor, window: Optional[int])
                 for (u, b), slots in spans.items() if b != 0]
     buckets = tuple(_bucket(group, unit, branch, pos, window)
                     for kind in (prompts, branches) for group in _split(kind))
-    placed = torch.cat([b.queries[b.real] for b in buckets]
+    placed = torch.cat([b.queries.reshape(-1)[b.real] for b in buckets]
                        + [torch.tensor(idle, dtype=torch.long)])
     order = torch.empty(P * C, dtype=torch.long)
     order[placed] = torch.arange(len(placed))
@@ -177,7 +177,7 @@ def attend(blocks: Blocks, query: Tensor, key: Tensor, value: Tensor, dropout: f
         o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=b.mask, dropout_p=dropout,
                                            scale=scale)  # (nb, H, nq, D)
         o = o.transpose(0, 1).reshape(H, nb * nq, -1)
-        outs.append(o.index_select(1, b.real.reshape(-1).nonzero().squeeze(-1)))
+        outs.append(o.index_select(1, b.real))
     outs.append(v.index_select(1, blocks.idle))
     out = torch.cat(outs, 1).index_select(1, blocks.order)  # (H, P * C, D) in slot order
     return out.view(H, P, C, -1).permute(1, 2, 0, 3).contiguous()
