@@ -228,6 +228,12 @@ def mask_for(unit: Tensor, branch: Tensor, pos: Tensor, attention: Attention) ->
         zero = torch.zeros((), dtype=attention.dtype)
         return torch.where(ok, zero, torch.finfo(attention.dtype).min)
 
+    return _by_layer_type(attention, one)
+
+
+def _by_layer_type(attention: Attention, one):
+    """`one(window)` for every layer: a dict by layer type where the model takes one (the
+    sliding layers' window, the full layers' none), else one value with the model's window."""
     if attention.layer_types:
         full = one(None)
         return {kind: one(attention.window) if kind == "sliding_attention" else full
@@ -248,11 +254,7 @@ def attention_blocks(unit: Tensor, branch: Tensor, pos: Tensor, attention: Atten
         blocks = blocks_for(unit, branch, pos, window)
         return blocks if always or blocks.cost() < P * C * C else None
 
-    if attention.layer_types:
-        full = one(None)
-        return {kind: one(attention.window) if kind == "sliding_attention" else full
-                for kind in set(attention.layer_types)}
-    return one(attention.window)
+    return _by_layer_type(attention, one)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
