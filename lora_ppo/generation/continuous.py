@@ -21,18 +21,29 @@ length (a prefill is left-padded to its longest); each row's tokens do not depen
 enters (sampler.py: every row draws from its own uniforms). Needs plain static cache layers
 (kv_cache.py::continuous_batching_fits): not a sliding window's ring.
 
-Turns (a multi-turn rollout, `Sampler.turns`): a row that ends a turn with a tool call leaves the
-batch, and its slot takes the next row. Its keys and values are copied out of the batch's cache
-onto a cache of its own, the token it stopped at and the environment's answer are prefilled
-there (one forward of those few tokens: the conversation is never encoded again), and it waits
-in `ready` to rejoin like a prompt, right-aligned to end at `col` (which must have room for its
-whole conversation so far). With `reuse_cache=False` the row is encoded again from its prompt on
-instead: what a tool loop without its own cache does (TRL's), kept as the exactness reference.
+Turns (a multi-turn rollout, `Sampler.turns`): a row that ends a turn with a tool call keeps its
+cache (the conversation is never encoded again), and the environment's answer (after the token
+the row stopped at) enters it one of two ways:
+  - in its own slot (`feed`), where it could not rejoin at once anyway: a row rejoining is
+    right-aligned to end at `col`, so it waits for `col` to pass its conversation's new length,
+    as many steps as the answer has ids where the batch's rows began together. Those steps take
+    the answer instead: each gives the row its next id rather than a drawn token, and it draws
+    again after the answer's last. While every live row is taking an answer (the rows of a
+    rollout often call their tools at the same step), one forward takes as many ids of every
+    row at once as the shortest answer has left (at most ANSWER_CHUNK): each row's columns stay
+    contiguous. Nothing is copied, nothing waits.
+  - on a cache of its own, where it can rejoin at once (its conversation fits left of `col`):
+    it leaves the batch and its slot takes the next row; its keys and values are copied out,
+    the answer is prefilled there (one forward of those few ids), and it waits in `ready` to
+    rejoin like a prompt.
+With `reuse_cache=False` the row is encoded again from its prompt on instead: what a tool loop
+without its own cache does (TRL's), kept as the exactness reference.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -43,6 +54,7 @@ from lora_ppo.generation.sampler import Sampler
 from lora_ppo.modeling.block_sdpa import key_window
 
 PREFILL_SHARE = 4  # rows entering the continuous batch per prefill: at most slots / 4
+ANSWER_CHUNK = 32  # environment ids per row in one forward of a batch that takes answers
 
 
 def continuous_slack(max_new_tokens: int) -> int:
@@ -69,6 +81,8 @@ class _Batch:
         self.row = torch.full((slots,), -1, dtype=torch.long, device=dev)  # -1: a free slot
         self.start = torch.zeros(slots, dtype=torch.long, device=dev)     # first live column
         self.last = torch.full((slots,), s.pad_id, dtype=torch.long, device=dev)
+        # rows taking the environment's answer in their slot: its ids still to take
+        self.feed: dict[int, deque] = {}
         self.remaining: dict[tuple[int, ...], int] = {}  # rows still to place, per prompt
         for p in s.prompts:
             self.remaining[p] = self.remaining.get(p, 0) + 1
@@ -140,17 +154,22 @@ class _Batch:
         self._ended(free[stopped])  # rows that stopped at once free their slots again
 
     def _ended(self, slots: Tensor) -> None:
-        """Free the slots whose rows stopped; a row whose turn the environment answered leaves
-        with its conversation (module doc) to rejoin later."""
+        """Free the slots whose rows stopped; a row whose turn the environment answered takes
+        the answer in its slot, or leaves with its conversation to rejoin (module doc)."""
         answered = self.s.end_turns(self.row[slots], self.last[slots])
+        freed = []
         for slot in slots.tolist():
             r = int(self.row[slot])
             if r in answered:
                 n = int(self.col - self.start[slot]) + 1 + len(answered[r])
+                if self.reuse_cache and n > self.col:  # it could not rejoin at once
+                    self.feed[r] = deque(answered[r])
+                    continue
                 enc = self._continue(slot, [int(self.last[slot]), *answered[r]]) \
                     if self.reuse_cache else None
                 self.ready.append((r, enc, n))
-        self.row[slots] = -1
+            freed.append(slot)
+        self.row[freed] = -1
 
     def _continue(self, slot: int, ids: list[int]) -> tuple[list, Tensor]:
         """The slot's conversation so far (columns start..col) on a cache of its own, with
@@ -186,19 +205,68 @@ class _Batch:
         self.start, self.col = self.start - k, self.col - k
 
     def step(self, live: Tensor) -> None:
-        """One forward of every slot at column `col`; the live rows draw their next token."""
+        """One forward of every slot at column `col`; the live rows draw their next token, or
+        take the next id of an answer (module doc)."""
         for layer in self.cache.layers:  # every row writes its token at column col
             layer.cumulative_length.fill_(self.col)
         self.mask[:, self.col] = 1
         self.positions = torch.where(live[:, None], self.positions + 1, 0)  # free: any position
-        # attention reads the columns some row sees, not the whole cache (block_sdpa.key_window)
-        lo = int(self.mask.any(0).int().argmax())
-        with key_window(self.width, lo, self.col + 1):
-            h = self.s.forward(self.last[:, None], self.mask, self.positions, self.cache)
+        h = self._forward(self.last[:, None], self.col + 1)
         self.col += 1
-        idx = live.nonzero().squeeze(-1)
+        self._draw(live.nonzero().squeeze(-1), h)
+
+    def answer_step(self, live: Tensor) -> None:
+        """Every live row is taking an answer: one forward of the next t ids of all of them (the
+        token each stopped at first), t the fewest any has left (at most ANSWER_CHUNK), so that
+        every row's columns stay contiguous; a row whose answer ends there draws its next
+        token, the others go on taking theirs."""
+        slots = live.nonzero().squeeze(-1).tolist()
+        pending = {slot: self.feed[int(self.row[slot])] for slot in slots}
+        t = min(ANSWER_CHUNK, 1 + min(len(q) for q in pending.values()), self.width - self.col)
+        ids = torch.full((len(self.row), t), self.s.pad_id, dtype=torch.long,
+                         device=self.s.device)
+        for slot, q in pending.items():
+            ids[slot] = torch.tensor([int(self.last[slot])] + [q.popleft() for _ in range(t - 1)],
+                                     device=self.s.device)
+            if not q:  # its answer ends here: it draws
+                del self.feed[int(self.row[slot])]
+        for layer in self.cache.layers:
+            layer.cumulative_length.fill_(self.col)
+        self.mask[:, self.col:self.col + t] = 1
+        positions = torch.where(live[:, None], self.positions + torch.arange(
+            1, t + 1, device=self.s.device), 0)
+        self.positions = positions[:, -1:]
+        h = self._forward(ids, self.col + t, positions)
+        self.col += t
+        self._draw(torch.tensor(slots, device=self.s.device), h)
+
+    def _forward(self, ids: Tensor, hi: int, positions: Optional[Tensor] = None) -> Tensor:
+        """The batch's forward of `ids` written from `col` on; attention reads the columns some
+        row sees, not the whole cache (block_sdpa.key_window)."""
+        lo = int(self.mask.any(0).int().argmax())
+        with key_window(self.width, lo, hi):
+            return self.s.forward(ids, self.mask,
+                                  self.positions if positions is None else positions, self.cache)
+
+    def _draw(self, idx: Tensor, h: Tensor) -> None:
+        """Slots `idx` go on from their states h: a row taking an answer takes its next id
+        (drawing nothing), the others draw their next token."""
+        if self.feed:
+            taking = torch.tensor([int(r) in self.feed for r in self.row[idx].tolist()],
+                                  dtype=torch.bool, device=idx.device)
+            for slot in idx[taking].tolist():
+                r = int(self.row[slot])
+                self.last[slot] = self.feed[r].popleft()
+                if not self.feed[r]:
+                    del self.feed[r]
+            idx = idx[~taking]
         stopped, self.last[idx] = self.s.advance(self.row[idx], h[idx])
         self._ended(idx[stopped])
+
+    def answering(self, live: Tensor) -> bool:
+        """Every live row is taking an answer (`answer_step`), with a column to spare."""
+        return (len(self.feed) > 0 and len(self.feed) == int(live.sum())
+                and self.col + 1 < self.width)
 
     def _encode(self, prompts: list[tuple[int, ...]]
                 ) -> tuple[list[list[tuple[Tensor, Tensor]]], Tensor]:
@@ -251,4 +319,7 @@ def decode_continuous(s: Sampler, generation_batch_size: int, reuse_cache: bool 
             continue
         if b.col == b.width:
             b.shift_left(live)
-        b.step(live)
+        if b.answering(live):
+            b.answer_step(live)
+        else:
+            b.step(live)

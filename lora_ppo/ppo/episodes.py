@@ -5,8 +5,8 @@ custom rollout function returns (lora_ppo/agents; docs/agents.md).
                     conversations (completions as messages, the environments, tool metrics) or
                     the rollout function's extra fields
     tool_rollout    the engine decodes with the round's Conversations as its turn hook: a row
-                    that ends a turn with a tool call gets the results' tokens on its own cache
-                    and goes on (generation/sampler.py::TurnHook)
+                    that ends a turn with a tool call gets the results' tokens onto the cache it
+                    has and goes on (generation/sampler.py::TurnHook, continuous.py)
     custom_rollout  rollout.rollout_func's samples, checked against TRL's contract, as Samples
                     (its log-probs are the sampler's, weighed against the scored ones in the
                     update as any sampler's are: rl/sampler_correction.py)

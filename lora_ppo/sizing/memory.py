@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional
 
 from lora_ppo.config import Config
 from lora_ppo.errors import UserError
-from lora_ppo.generation.continuous import PREFILL_SHARE, continuous_slack
+from lora_ppo.generation.continuous import ANSWER_CHUNK, PREFILL_SHARE, continuous_slack
 from lora_ppo.modeling.loading import quantization_mode
 from lora_ppo.rl.logprobs import ENTROPY_BLOCKS, chunk_rows
 from lora_ppo.runtime.ds_config import read_ds_config, zero_stage
@@ -186,7 +186,9 @@ def _generation_bytes(arch: Arch, sh: Shapes, s: int) -> tuple[int, int]:
     With turns, a conversation between turns waits on a cache of its own beside the batch's. Rows
     in flight (live or waiting) stay at most the slots (continuous.py's admit), each at most
     prompt + max_new_tokens tokens (the budget counts the tools'): at most one more cache of the
-    batch without its slack. (Batched decoding encodes such a row again: nothing waits.)"""
+    batch without its slack. (Batched decoding encodes such a row again: nothing waits.) Rows
+    taking their answers in their slots take up to ANSWER_CHUNK ids each in one forward of the
+    batch: a prefill of that many tokens a row, into the decode cache itself."""
     gb, T = sh.generation_batch, sh.prompt_len + sh.new_tokens + sh.cache_slack
     kv_row = 2 * arch.kv_heads * arch.head_dim  # K and V elements per token and layer
     kv_cache = arch.layers * gb * T * kv_row * s
@@ -202,7 +204,10 @@ def _generation_bytes(arch: Arch, sh: Shapes, s: int) -> tuple[int, int]:
                + extra_cache * arch.layers * kv_row) * s
     waiting = (arch.layers * gb * (sh.prompt_len + sh.new_tokens) * kv_row * s
                if sh.turns and sh.cache_slack else 0)
-    return kv_cache, kv_cache + waiting + max(gb * T * kv_row * s // arch.layers, prefill)
+    answers = (gb * min(ANSWER_CHUNK, sh.new_tokens) * _nograd_layer_peak(arch) * s
+               if sh.turns and sh.cache_slack else 0)
+    return kv_cache, kv_cache + waiting + max(gb * T * kv_row * s // arch.layers, prefill,
+                                              answers)
 
 
 def _logits_bytes(rows: int, vocab: int, s: int) -> int:

@@ -85,6 +85,89 @@ def test_cached_turns_equal_a_reencode_at_every_turn_and_one_forward(tiny_model_
     assert (kept.logprobs * env).abs().max() == 0  # the environment's tokens are no action
 
 
+class Varied:
+    """A stand-in environment answering each row's first turn with 1-5 ids (its length varies
+    by row), then ending the trajectory."""
+
+    def __init__(self):
+        self.answered = set()
+
+    def end_turns(self, rows, turns):
+        out = []
+        for r in rows:
+            out.append(None if r in self.answered else [40 + j for j in range(1 + r % 5)])
+            self.answered.add(r)
+        return out
+
+
+@pytest.mark.integration
+def test_each_way_an_answer_enters_the_batch_is_exact(tiny_model_dir, tmp_path, monkeypatch):
+    """Teacher-forced tokens end the turns where the test says (continuous.py's module doc):
+    rows 1-4 call their tool at the same step and take the first id of their answers (2-5 ids)
+    while row 0 still decodes, then, once row 0 has called too, the next ids of all five in one
+    forward (as many as the shortest answer has left; the longer ones go on a step at a time
+    while the others draw), in a batch compacted meanwhile; rows
+    5 and 6, whose prompts are short enough to leave room left of the write column, rejoin from
+    caches of their own (and end). Each row's log-probs are those of encoding the conversation
+    again at every turn, and of one forward over the trajectory."""
+    from lora_ppo.generation import continuous
+    from lora_ppo.generation.generate import sample
+    from lora_ppo.generation.samples import left_pad
+    from lora_ppo.modeling.roles import POLICY
+
+    run = _run(tiny_model_dir, tmp_path / "run")
+    prompts = [list(range(5, 25))] * 3 + [list(range(7, 27)), list(range(9, 29)),
+                                          list(range(9, 17)), list(range(3, 11))]
+    forced = torch.randint(100, 300, (7, 24), generator=torch.Generator().manual_seed(1))
+    forced[1:, 3] = STOPS[0]  # rows 1-6 end their first turn with their 4th token
+    forced[0, 4] = STOPS[1]   # row 0 with its 5th
+    forced[5, 5] = forced[6, 6] = STOPS[2]  # rows 5, 6 end right after their answers
+    forced[:, 14:] = STOPS[2]  # every row's second turn ends by then (its trajectory too)
+    seen = {"answer_step": [], "_continue": 0, "fed_while_drawing": 0}
+    answer_step, cont, step = (continuous._Batch.answer_step, continuous._Batch._continue,
+                               continuous._Batch.step)
+
+    def spy_answer(batch, live):
+        seen["answer_step"].append(sorted(len(q) for q in batch.feed.values()))
+        return answer_step(batch, live)
+
+    def spy_continue(batch, *a):
+        seen["_continue"] += 1
+        return cont(batch, *a)
+
+    def spy_step(batch, live):
+        seen["fed_while_drawing"] += bool(batch.feed) and len(batch.feed) < int(live.sum())
+        return step(batch, live)
+
+    monkeypatch.setattr(continuous._Batch, "answer_step", spy_answer)
+    monkeypatch.setattr(continuous._Batch, "_continue", spy_continue)
+    monkeypatch.setattr(continuous._Batch, "step", spy_step)
+
+    def drawn(reuse_cache):
+        with torch.no_grad(), run.ac.role(POLICY, train=False):
+            return sample(run.ac, prompts, max_new_tokens=24, temperature=0.9, greedy=True,
+                          stop_ids=STOPS, pad_id=run.tokenizer.pad_token_id,
+                          generation_batch_size=7, forced=forced, score=True, values=False,
+                          turns=Varied(), reuse_cache=reuse_cache)
+
+    kept = drawn(True)
+    assert seen["answer_step"] and max(seen["answer_step"][0]) > min(seen["answer_step"][0])
+    assert seen["fed_while_drawing"] > 0 and seen["_continue"] == 2
+    again = drawn(False)
+    assert torch.equal(again.tokens, kept.tokens) and torch.equal(again.env_mask, kept.env_mask)
+    assert kept.env_mask.sum(1).tolist() == [1 + r % 5 for r in range(7)]
+    torch.testing.assert_close(kept.logprobs, again.logprobs, rtol=0, atol=1e-5)
+    query_ids, query_mask = left_pad(prompts, run.tokenizer.pad_token_id)
+    response_mask = (torch.arange(kept.tokens.shape[1])[None] < kept.length[:, None]).float()
+    actions = response_mask * (1 - kept.env_mask.float())
+    with torch.no_grad():
+        run.ac.eval()
+        lp, _, _ = run.ac(query_ids, query_mask, kept.tokens, response_mask, temperature=0.9,
+                          chunk_size=64, with_values=False)
+    assert actions.sum() > 40
+    torch.testing.assert_close(kept.logprobs * actions, lp * actions, rtol=0, atol=1e-5)
+
+
 @pytest.mark.integration
 def test_an_answer_that_does_not_fit_ends_the_trajectory(tiny_model_dir, tmp_path):
     """The token budget counts the model's and the environment's tokens: an answer that leaves

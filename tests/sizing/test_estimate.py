@@ -194,12 +194,16 @@ def test_estimate_memory_by_hand(small_dir):
 def test_conversations_waiting_between_turns_are_counted(small_dir):
     """With tools, continuous batching keeps each conversation between turns on a cache of its
     own: at most the 4 slots' rows, each at most prompt 8 + budget 4 tokens: 2 layers * 4 * 12 *
-    (K+V: 16) * 2 B = 3072 more in generation, nothing else; batched decoding keeps none."""
+    (K+V: 16) * 2 B = 3072 more in generation; and rows taking their answers in their slots take
+    up to min(ANSWER_CHUNK, budget 4) ids each in one forward: 4 rows * 4 * the no-grad layer's
+    192 elements * 2 B = 6144, the largest transient (the prefill's was 3584). Nothing else;
+    batched decoding keeps none."""
     arch = read_arch(str(small_dir))
     tools = ("rollout.tools=[tools.py:add]",)
     plain, agent = (est.estimate_memory(small_cfg(small_dir, *o), arch, "gpu") for o in ((), tools))
     assert est.shapes_from_config(small_cfg(small_dir, *tools)).turns
-    assert agent.phases["generation"] - plain.phases["generation"] == 2 * 4 * 12 * 16 * 2
+    assert (agent.phases["generation"] - plain.phases["generation"]
+            == 2 * 4 * 12 * 16 * 2 + 4 * 4 * 192 * 2 - 3584)
     assert agent.components == plain.components
     assert (agent.phases["scoring"], agent.phases["update"]) == (plain.phases["scoring"],
                                                                   plain.phases["update"])
