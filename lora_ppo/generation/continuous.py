@@ -7,7 +7,8 @@ cache column `col`; a row entering the batch has its prompt's keys and values pl
 right-aligned to end at `col`, and the 2-D mask marks each row's columns (positions come from the
 row itself, not the column). When `col` reaches the cache's width, every row's columns move left
 by the span no live row uses. A step's attention reads only the columns some row sees, from the
-first to `col` (modeling/block_sdpa.py::key_window), not the whole cache. The loop, one
+first to `col` (modeling/block_sdpa.py::key_window), not the whole cache, and a prompt that
+several rows copy (a group's) once for all of them (SharedPrompts, modeling/cascade.py). The loop, one
 decision per turn:
 
     admit       the next rows take the free slots: their distinct prompts prefilled once each
@@ -51,6 +52,7 @@ from transformers import DynamicCache, StaticCache
 
 from lora_ppo.generation.kv_cache import keep_rows, shift_left
 from lora_ppo.generation.sampler import Sampler
+from lora_ppo.modeling import cascade
 from lora_ppo.modeling.block_sdpa import key_window
 
 PREFILL_SHARE = 4  # rows entering the continuous batch per prefill: at most slots / 4
@@ -63,10 +65,79 @@ def continuous_slack(max_new_tokens: int) -> int:
     return max(8, max_new_tokens // 16)
 
 
+class SharedPrompts:
+    """Which slots' first columns hold one encoding of a prompt (a group's n rows copy one
+    prefill), and those prompts' keys and values stacked once per layer: a decode step's
+    attention then reads each shared prompt once for its rows' queries instead of once per row
+    (cascade attention, modeling/cascade.py). A prompt joins the stack at the first step two
+    live rows share it, and stays while any of its rows is live; the stack is made again (a copy
+    of each prompt's columns from one of its rows) when a new one joins. Rows that share with no
+    other read all of their columns themselves."""
+
+    def __init__(self, slots: int, device):
+        self.id = torch.full((slots,), -1, dtype=torch.long, device=device)  # -1: nothing
+        self.length = torch.zeros(slots, dtype=torch.long, device=device)    # its columns
+        self.count = 0
+        self.index: dict[int, int] = {}  # encoding id -> its place in the stack
+        self.stack: list[tuple[Tensor, Tensor]] = []  # per layer: (C, heads, P, dim) K and V
+        self.lengths: Optional[Tensor] = None  # (C,) each prompt's columns
+
+    def new_id(self) -> int:
+        self.count += 1
+        return self.count - 1
+
+    def placed(self, slots: Tensor, ids: list[int], lengths: list[int]) -> None:
+        self.id[slots] = torch.tensor(ids, device=self.id.device)
+        self.length[slots] = torch.tensor(lengths, device=self.id.device)
+
+    def freed(self, slots: list[int]) -> None:
+        self.id[slots] = -1
+
+    def keep(self, keep: Tensor) -> None:
+        self.id, self.length = self.id[keep], self.length[keep]
+
+    def plan(self, b: "_Batch", live: Tensor):
+        """This step's cascade (the Plan and each cache layer's stacked prompts), or None where
+        no two live rows share a prompt."""
+        ids = torch.where(live, self.id, -1)
+        seen, counts = torch.unique(ids[ids >= 0], return_counts=True)
+        shared = set(seen[counts >= 2].tolist())
+        keep = (shared | set(self.index)) & set(seen.tolist())
+        if not keep:
+            return None
+        if not shared <= set(self.index) or 2 * len(keep) < len(self.index):
+            self._stack(b, ids, sorted(keep))
+        lut = torch.full((self.count,), -1, dtype=torch.long, device=ids.device)
+        lut[list(self.index)] = torch.tensor(list(self.index.values()), device=ids.device)
+        prefix_of = torch.where(ids >= 0, lut[ids.clamp(min=0)], -1)
+        own_from = torch.where(prefix_of >= 0, b.start + self.length, b.start)
+        own_from = torch.where(live, own_from, b.col)  # a free slot reads only its column
+        p = cascade.plan(prefix_of, self.lengths, own_from, b.mask.bool(),
+                         int(own_from.min()))
+        return p, {layer.keys.data_ptr(): kv for layer, kv in zip(b.cache.layers, self.stack)}
+
+    def _stack(self, b: "_Batch", ids: Tensor, keep: list[int]) -> None:
+        reps = [int((ids == i).nonzero()[0]) for i in keep]  # one live row of each
+        starts = [int(b.start[r]) for r in reps]
+        lengths = [int(self.length[r]) for r in reps]
+        width = max(lengths)
+        self.stack = []
+        for layer in b.cache.layers:
+            kv = []
+            for x in (layer.keys, layer.values):
+                out = x.new_zeros(len(reps), x.shape[1], width, x.shape[3])
+                for c, (r, a, n) in enumerate(zip(reps, starts, lengths)):
+                    out[c, :, :n] = x[r, :, a:a + n]
+                kv.append(out)
+            self.stack.append(tuple(kv))
+        self.index = {i: c for c, i in enumerate(keep)}
+        self.lengths = torch.tensor(lengths, device=ids.device)
+
+
 class _Batch:
     """The continuous batch: `slots` rows of one static cache and what each slot holds."""
 
-    def __init__(self, s: Sampler, slots: int, reuse_cache: bool = True):
+    def __init__(self, s: Sampler, slots: int, reuse_cache: bool = True, cascade: bool = True):
         self.s, self.n_rows, self.reuse_cache = s, len(s.prompts), reuse_cache
         # rows between turns, waiting to rejoin: (row, (per-layer keys and values, last state)
         # of their conversation so far, or None to encode it again, its length)
@@ -91,6 +162,9 @@ class _Batch:
         self.order = torch.tensor(sorted(range(self.n_rows), key=lambda i: -len(s.prompts[i])),
                                   device=dev)
         self.pending, self.col = 0, self.p_max
+        # the prompts rows share, read once per group in a decode step's attention
+        self.shared = SharedPrompts(slots, dev)
+        self.cascade = cascade
 
     def free(self) -> Tensor:
         return (self.row < 0).nonzero().squeeze(-1)
@@ -128,13 +202,16 @@ class _Batch:
             return False
         new = self.order[self.pending:self.pending + take]
         self.pending += len(new)
-        kv, h = self._encode([s.prompts[i] for i in new.tolist()])
-        self._place(free[:len(new)], new, kv, h, [len(s.prompts[i]) for i in new.tolist()])
+        kv, h, ids = self._encode([s.prompts[i] for i in new.tolist()])
+        self._place(free[:len(new)], new, kv, h, [len(s.prompts[i]) for i in new.tolist()], ids)
         return True
 
-    def _place(self, free: Tensor, new: Tensor, kv: list, h: Tensor, lengths: list[int]) -> None:
+    def _place(self, free: Tensor, new: Tensor, kv: list, h: Tensor, lengths: list[int],
+               ids: Optional[list[int]] = None) -> None:
         """Rows `new` into slots `free`: each one's keys and values right-aligned to end at
-        `col`, then each draws its next token from its last state `h`."""
+        `col`, then each draws its next token from its last state `h`. `ids`: the encoding each
+        row's columns copy (rows of one encoding share its prefix, SharedPrompts); else each
+        row's columns are its own."""
         s, col = self.s, self.col
         if not self.cache.layers[0].is_initialized:
             # each layer shaped and typed as the prefill wrote it: under autocast the keys
@@ -150,6 +227,8 @@ class _Batch:
             self.mask[slot] = 0
             self.mask[slot, col - n:col] = 1
             self.positions[slot, 0], self.start[slot], self.row[slot] = n - 1, col - n, i
+        self.shared.placed(free, ids if ids is not None else
+                           [self.shared.new_id() for _ in range(len(free))], lengths)
         stopped, self.last[free] = s.advance(new, h)
         self._ended(free[stopped])  # rows that stopped at once free their slots again
 
@@ -170,6 +249,8 @@ class _Batch:
                 self.ready.append((r, enc, n))
             freed.append(slot)
         self.row[freed] = -1
+        self.mask[freed] = 0  # a free slot reads only the column it writes (step)
+        self.shared.freed(freed)
 
     def _continue(self, slot: int, ids: list[int]) -> tuple[list, Tensor]:
         """The slot's conversation so far (columns start..col) on a cache of its own, with
@@ -191,6 +272,7 @@ class _Batch:
         keep_rows(self.cache, keep)
         self.mask, self.positions, self.row, self.start, self.last = (
             x[keep] for x in (self.mask, self.positions, self.row, self.start, self.last))
+        self.shared.keep(keep)
 
     def shift_left(self, live: Tensor) -> None:
         """Move every row's columns left by the span no live row uses (and, while rows are still
@@ -211,7 +293,8 @@ class _Batch:
             layer.cumulative_length.fill_(self.col)
         self.mask[:, self.col] = 1
         self.positions = torch.where(live[:, None], self.positions + 1, 0)  # free: any position
-        h = self._forward(self.last[:, None], self.col + 1)
+        h = self._forward(self.last[:, None], self.col + 1,
+                          cascade=self.shared.plan(self, live) if self.cascade else None)
         self.col += 1
         self._draw(live.nonzero().squeeze(-1), h)
 
@@ -240,11 +323,13 @@ class _Batch:
         self.col += t
         self._draw(torch.tensor(slots, device=self.s.device), h)
 
-    def _forward(self, ids: Tensor, hi: int, positions: Optional[Tensor] = None) -> Tensor:
+    def _forward(self, ids: Tensor, hi: int, positions: Optional[Tensor] = None,
+                 cascade=None) -> Tensor:
         """The batch's forward of `ids` written from `col` on; attention reads the columns some
-        row sees, not the whole cache (block_sdpa.key_window)."""
+        row sees, not the whole cache (block_sdpa.key_window), and with `cascade` each group's
+        shared prompt once (SharedPrompts)."""
         lo = int(self.mask.any(0).int().argmax())
-        with key_window(self.width, lo, hi):
+        with key_window(self.width, lo, hi, cascade):
             return self.s.forward(ids, self.mask,
                                   self.positions if positions is None else positions, self.cache)
 
@@ -269,22 +354,24 @@ class _Batch:
                 and self.col + 1 < self.width)
 
     def _encode(self, prompts: list[tuple[int, ...]]
-                ) -> tuple[list[list[tuple[Tensor, Tensor]]], Tensor]:
-        """Per row of `prompts`: its prompt's per-layer keys and values (1, heads, len, dim) and
-        its last hidden state (k, H). A prompt is prefilled once (a dynamic cache, positions
-        from 0) and kept until every row that answers it has been placed."""
+                ) -> tuple[list[list[tuple[Tensor, Tensor]]], Tensor, list[int]]:
+        """Per row of `prompts`: its prompt's per-layer keys and values (1, heads, len, dim),
+        its last hidden state (k, H) and the encoding's id (SharedPrompts). A prompt is
+        prefilled once (a dynamic cache, positions from 0) and kept until every row that
+        answers it has been placed."""
         new = [p for p in dict.fromkeys(prompts) if p not in self.encoded]
         for p, kv, h in zip(new, *self._prefill(new)):
-            self.encoded[p] = (kv, h)
-        kv, hs = [], []
+            self.encoded[p] = (kv, h, self.shared.new_id())
+        kv, hs, ids = [], [], []
         for p in prompts:
-            layers, h = self.encoded[p]
+            layers, h, i = self.encoded[p]
             kv.append(layers)
             hs.append(h)
+            ids.append(i)
             self.remaining[p] -= 1
             if self.remaining[p] == 0:
                 del self.encoded[p]
-        return kv, torch.stack(hs)
+        return kv, torch.stack(hs), ids
 
 
     def _prefill(self, seqs: list[tuple[int, ...]]) -> tuple[list, list]:
@@ -300,11 +387,13 @@ class _Batch:
         return kv, list(h)
 
 
-def decode_continuous(s: Sampler, generation_batch_size: int, reuse_cache: bool = True) -> None:
+def decode_continuous(s: Sampler, generation_batch_size: int, reuse_cache: bool = True,
+                      cascade: bool = True) -> None:
     """Decode every row of `s` with continuous batching over `generation_batch_size` slots, the
     rows of the batch's static cache (module doc). `reuse_cache`: a row between turns keeps its
-    keys and values (else its conversation is encoded again when it rejoins)."""
-    b = _Batch(s, generation_batch_size, reuse_cache)
+    keys and values (else its conversation is encoded again when it rejoins). `cascade`: a
+    decode step reads a prompt its rows share once (SharedPrompts; else once per row)."""
+    b = _Batch(s, generation_batch_size, reuse_cache, cascade)
     while True:
         free = b.free()
         if b.waiting() and len(free) and b.admit(free):

@@ -15,7 +15,10 @@ continuous.py) decodes into a static cache as wide as its longest possible row, 
 attention read every column of it, most of them masked for every row (not yet written, or no
 live row's). Inside `key_window(width, lo, hi)` a call whose keys are `width` columns wide takes
 only columns lo .. hi-1, with its mask sliced alike, provided the mask holds no True outside
-them (checked): the softmax over the columns left out was exp(-inf) = 0 of every row's.
+them (checked): the softmax over the columns left out was exp(-inf) = 0 of every row's. With a
+cascade plan (generation/continuous.py::SharedPrompts), a one-query call on the planned cache
+layer's keys reads each group's shared prompt once (modeling/cascade.py) and each row's own
+columns after it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from lora_ppo.modeling import cascade
 from lora_ppo.modeling.blocks import Blocks, attend
 
 _BLOCKS = WeakIdKeyDictionary()  # mask tensor -> its Blocks, as long as the mask lives
@@ -57,11 +61,12 @@ def attached(mask) -> Optional[Blocks]:
 
 
 @contextlib.contextmanager
-def key_window(width: int, lo: int, hi: int) -> Iterator[None]:
+def key_window(width: int, lo: int, hi: int, shared=None) -> Iterator[None]:
     """Attention calls in the body whose keys are `width` wide read only columns lo .. hi-1
-    (module doc)."""
+    (module doc); with `shared` (a cascade.Plan and, by the data pointer of a cache layer's
+    keys, that layer's stacked prompts) a decode step's call reads each shared prompt once."""
     install()
-    token = _WINDOW.set((width, lo, hi))
+    token = _WINDOW.set((width, lo, hi, shared))
     try:
         yield
     finally:
@@ -73,12 +78,27 @@ def _narrowed(key: Tensor, value: Tensor, mask) -> Optional[tuple[Tensor, Tensor
     window = _WINDOW.get()
     if window is None or not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         return None
-    width, lo, hi = window
+    width, lo, hi, _ = window
     if key.shape[2] != width or mask.shape[-1] != width or (lo, hi) == (0, width):
         return None
     if mask[..., :lo].any() or mask[..., hi:].any():
         return None
     return key[:, :, lo:hi], value[:, :, lo:hi], mask[..., lo:hi]
+
+
+def _cascaded(query: Tensor, key: Tensor, value: Tensor, dropout: float,
+              scale: Optional[float]) -> Optional[Tensor]:
+    """A decode step's attention with each shared prompt read once (cascade.attend), where the
+    key window carries a plan for this layer's keys; else None."""
+    window = _WINDOW.get()
+    if window is None or window[3] is None or query.shape[2] != 1 or dropout:
+        return None
+    width, _, hi, (plan, stacks) = window
+    stacked = stacks.get(key.data_ptr())
+    if stacked is None or key.shape[2] != width:
+        return None
+    return cascade.attend(query, key[:, :, plan.lo:hi], value[:, :, plan.lo:hi], *stacked, plan,
+                          scale)
 
 
 def _given(kwargs: dict, key: str) -> bool:
@@ -134,6 +154,9 @@ def _wrap(sdpa: Callable) -> Callable:
     def sdpa_blocked(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                      is_causal=None, **kwargs):
         unsupported = any(_given(kwargs, k) for k in _UNSUPPORTED)
+        out = None if unsupported else _cascaded(query, key, value, dropout, scaling)
+        if out is not None:
+            return out, None
         blocks = None if unsupported else attached(attention_mask)
         narrowed = None if unsupported or blocks is not None else _narrowed(
             key, value, attention_mask)

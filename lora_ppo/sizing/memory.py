@@ -126,7 +126,9 @@ class Shapes:
     model.shared_prompt, else 1); `cache_slack`: KV-cache columns beyond prompt + new tokens
     (continuous batching shifts its rows left when they fill up: generation/continuous.py);
     `turns`: a multi-turn rollout (rollout.tools or rollout.environment), whose conversations
-    between turns keep caches of their own."""
+    between turns keep caches of their own; `answers`: the rows that answer one prompt
+    (rollout.samples_per_prompt), which the decode batch encodes once whatever
+    model.shared_prompt says."""
 
     micro_batch: int
     generation_batch: int
@@ -135,21 +137,25 @@ class Shapes:
     group: int = 1
     cache_slack: int = 0
     turns: bool = False
+    answers: int = 1
 
     def tokens(self, samples: int) -> int:
         """Tokens a forward over `samples` consecutive samples holds at most: each distinct
-        prompt once, every response. Within one group: one prompt; whole groups: one each;
-        otherwise the batch may start and end inside a group: one more."""
-        n = self.group
-        if n == 1:
-            prompts = samples
-        elif n % samples == 0:
-            prompts = 1
-        elif samples % n == 0:
-            prompts = samples // n
-        else:
-            prompts = min(samples, -(-samples // n) + 1)
-        return prompts * self.prompt_len + samples * self.new_tokens
+        prompt once, every response."""
+        return prompts_in(samples, self.group) * self.prompt_len + samples * self.new_tokens
+
+
+def prompts_in(samples: int, n: int) -> int:
+    """Distinct prompts in `samples` consecutive samples, n to a prompt, at most. Within one
+    group: one; whole groups: one each; otherwise the batch may start and end inside a group:
+    one more."""
+    if n == 1:
+        return samples
+    if n % samples == 0:
+        return 1
+    if samples % n == 0:
+        return samples // n
+    return min(samples, -(-samples // n) + 1)
 
 
 def shapes_from_config(cfg: Config) -> Shapes:
@@ -162,7 +168,7 @@ def shapes_from_config(cfg: Config) -> Shapes:
     return Shapes(cfg.ppo.micro_batch_size, min(cfg.rollout.generation_batch_size, samples),
                   cfg.model.max_prompt_length, new, group,
                   continuous_slack(new) if cfg.rollout.continuous_batching else 0,
-                  bool(cfg.rollout.tools or cfg.rollout.environment))
+                  bool(cfg.rollout.tools or cfg.rollout.environment), n)
 
 
 def _ds_settings(cfg: Config) -> tuple[int, int, bool]:
@@ -188,7 +194,11 @@ def _generation_bytes(arch: Arch, sh: Shapes, s: int) -> tuple[int, int]:
     prompt + max_new_tokens tokens (the budget counts the tools'): at most one more cache of the
     batch without its slack. (Batched decoding encodes such a row again: nothing waits.) Rows
     taking their answers in their slots take up to ANSWER_CHUNK ids each in one forward of the
-    batch: a prefill of that many tokens a row, into the decode cache itself."""
+    batch: a prefill of that many tokens a row, into the decode cache itself.
+
+    Where a group's rows share a prompt (samples_per_prompt > 1), continuous batching keeps one
+    more copy of each shared prompt beside the batch's cache, for its decode steps' attention
+    (continuous.py's SharedPrompts): at most the batch's distinct prompts."""
     gb, T = sh.generation_batch, sh.prompt_len + sh.new_tokens + sh.cache_slack
     kv_row = 2 * arch.kv_heads * arch.head_dim  # K and V elements per token and layer
     kv_cache = arch.layers * gb * T * kv_row * s
@@ -206,8 +216,10 @@ def _generation_bytes(arch: Arch, sh: Shapes, s: int) -> tuple[int, int]:
                if sh.turns and sh.cache_slack else 0)
     answers = (gb * min(ANSWER_CHUNK, sh.new_tokens) * _nograd_layer_peak(arch) * s
                if sh.turns and sh.cache_slack else 0)
-    return kv_cache, kv_cache + waiting + max(gb * T * kv_row * s // arch.layers, prefill,
-                                              answers)
+    shared = (prompts_in(gb, sh.answers) * sh.prompt_len * arch.layers * kv_row * s
+              if sh.cache_slack and sh.answers > 1 else 0)
+    return kv_cache, kv_cache + waiting + shared + max(gb * T * kv_row * s // arch.layers,
+                                                       prefill, answers)
 
 
 def _logits_bytes(rows: int, vocab: int, s: int) -> int:

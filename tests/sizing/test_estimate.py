@@ -244,8 +244,26 @@ def test_a_shared_prompt_is_counted_once(small_dir):
                                 "gpu")
     assert plain.components["activations"] == 24 * (2 * 256 + 32) * 2
     assert e.phases["scoring"] < plain.phases["scoring"]
-    # generation prefills at most a quarter of the slots at a time either way
+    # generation prefills at most a quarter of the slots at a time either way, and its decode
+    # steps read a copy of each shared prompt (continuous.py's SharedPrompts) either way
     assert e.phases["generation"] == plain.phases["generation"]
+    assert est.shapes_from_config(small_cfg(small_dir, *grpo, "model.shared_prompt=false")
+                                  ).answers == 4
+
+
+def test_the_decode_batch_s_copies_of_shared_prompts_are_counted(small_dir):
+    """With continuous batching and 4 rows to a prompt, a batch of 6 rows touches at most 3
+    prompts (rows may start and end inside a group): 3 copies of 8 tokens * 2 layers * (K+V:
+    2 * 2 heads * 4) * 2 B = 1536 more in generation; one row to a prompt, or batched
+    decoding: none."""
+    arch = read_arch(str(small_dir))
+
+    def generation(answers, slack):
+        return est._generation_bytes(arch, est.Shapes(4, 6, 8, 4, 1, slack, False, answers), 2)
+
+    assert generation(4, 8)[1] - generation(1, 8)[1] == 3 * 8 * 2 * 16 * 2
+    assert generation(4, 8)[0] == generation(1, 8)[0]  # the batch's own cache is the same
+    assert generation(4, 0) == generation(1, 0)
 
 
 def test_checkpointing_adapter_mode_and_cpu_mode_change_the_right_terms(small_dir):
