@@ -34,6 +34,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from lora_ppo.modeling import blocks as blocks_mod
 from lora_ppo.modeling import cascade
 from lora_ppo.modeling.blocks import Blocks, attend
 
@@ -106,13 +107,53 @@ def _given(kwargs: dict, key: str) -> bool:
     return value is not None and value is not False
 
 
-def _attend(blocks: Blocks, query: Tensor, key: Tensor, value: Tensor, dropout: float,
-            scale: Optional[float]) -> Tensor:
+def _repeated(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: as transformers' repeat_kv
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    return attend(blocks, query, key, value, dropout, scale)
+    return key, value
+
+
+def _attend(blocks: Blocks, query: Tensor, key: Tensor, value: Tensor, dropout: float,
+            scale: Optional[float]) -> Tensor:
+    return attend(blocks, query, *_repeated(query, key, value), dropout, scale)
+
+
+class _Kept(torch.autograd.Function):
+    """The blocked attention on the CPU without dropout or autocast: the flash kernel's own
+    forward, whose outputs and log-sum-exps (a bucket's output is about the size of its
+    queries) are kept with the layer's query, key and value, and its own backward on the
+    blocks gathered again; no second forward (_Recomputed's), the memory of the dense path."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, blocks, scale):
+        ctx.blocks, ctx.scale = blocks, scale
+        with torch.no_grad():
+            out, kept = blocks_mod.attend_keeping(blocks, query, *_repeated(query, key, value),
+                                                  scale)
+        ctx.save_for_backward(query, key, value, *(t for pair in kept for t in pair))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, *flat = ctx.saved_tensors
+        kept = list(zip(flat[::2], flat[1::2]))
+        gq, gk, gv = blocks_mod.attend_backward(ctx.blocks, grad, query,
+                                                *_repeated(query, key, value), kept, ctx.scale)
+        groups = query.shape[1] // key.shape[1]
+        if groups > 1:  # the repeated heads' gradients summed onto their key/value head
+            P, _, C, _ = gk.shape
+            gk = gk.reshape(P, key.shape[1], groups, C, -1).sum(2)
+            gv = gv.reshape(P, value.shape[1], groups, C, -1).sum(2)
+        return gq, gk, gv, None, None
+
+
+def _keeps(query: Tensor, dropout: float) -> bool:
+    """Whether `_Kept` serves: the CPU flash kernel, no dropout, no autocast."""
+    return (query.device.type == "cpu" and not dropout
+            and not torch.is_autocast_enabled("cpu")
+            and query.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
 class _Recomputed(torch.autograd.Function):
@@ -168,6 +209,8 @@ def _wrap(sdpa: Callable) -> Callable:
                         scaling=scaling, is_causal=is_causal, **kwargs)
         if not torch.is_grad_enabled():
             return _attend(blocks, query, key, value, dropout, scaling), None
+        if _keeps(query, dropout):
+            return _Kept.apply(query, key, value, blocks, scaling), None
         return _Recomputed.apply(query, key, value, blocks, dropout, scaling), None
 
     sdpa_blocked.lora_ppo_blocks = True

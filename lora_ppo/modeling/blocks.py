@@ -157,27 +157,91 @@ def blocks_for(unit: Tensor, branch: Tensor, pos: Tensor, window: Optional[int])
     return Blocks(P, C, buckets, torch.tensor(idle, dtype=torch.long), order)
 
 
+def _flat(x: Tensor) -> Tensor:
+    """(P, H, C, D) -> (H, P * C, D)"""
+    P, H, C, D = x.shape
+    return x.transpose(0, 1).reshape(H, P * C, D)
+
+
+def _gathered(b: Bucket, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A bucket's queries, keys and values (nb, H, n, D) from the flat (H, P * C, D) ones
+    (index_select, not [...]: its backward adds, indexing's sorts)."""
+    nb, nq = b.queries.shape
+    H = q.shape[0]
+    qb = q.index_select(1, b.queries.reshape(-1)).view(H, nb, nq, -1).transpose(0, 1)
+    kb, vb = (x.index_select(1, b.keys.reshape(-1)).view(H, nb, -1, x.shape[-1]).transpose(0, 1)
+              for x in (k, v))
+    return qb, kb, vb
+
+
+def _in_slot_order(blocks: Blocks, outs: list[Tensor], v: Tensor, shape) -> Tensor:
+    """Each bucket's outputs (nb, H, nq, D) at its real queries, and the idle slots' own values,
+    put back in slot order as transformers' attention functions return it: (P, C, H, D)."""
+    P, H, C, _ = shape
+    real = [o.transpose(0, 1).reshape(H, -1, o.shape[-1]).index_select(1, b.real)
+            for b, o in zip(blocks.buckets, outs)]
+    out = torch.cat(real + [v.index_select(1, blocks.idle)], 1).index_select(1, blocks.order)
+    return out.view(H, P, C, -1).permute(1, 2, 0, 3).contiguous()
+
+
 def attend(blocks: Blocks, query: Tensor, key: Tensor, value: Tensor, dropout: float,
            scale: Optional[float]) -> Tensor:
     """SDPA over `blocks` of query (P, H, C, D), key and value (P, H, C, D) (key/value heads
     already repeated to the query's), returned as transformers' attention functions return it:
     (P, C, H, D), contiguous."""
+    q, k, v = _flat(query), _flat(key), _flat(value)
+    outs = [F.scaled_dot_product_attention(*_gathered(b, q, k, v), attn_mask=b.mask,
+                                           dropout_p=dropout, scale=scale)
+            for b in blocks.buckets]
+    return _in_slot_order(blocks, outs, v, query.shape)
+
+
+# The CPU flash kernel's own forward and backward, called directly: the forward's outputs and
+# log-sum-exps are what its backward needs, so keeping them spares the backward a second forward.
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _bias(b: Bucket, dtype: torch.dtype) -> Tensor:
+    """The bucket's mask as the additive bias the CPU kernel takes (0 / -inf, in `dtype`)."""
+    return torch.zeros(b.mask.shape, dtype=dtype, device=b.mask.device).masked_fill_(
+        ~b.mask, float("-inf"))
+
+
+def attend_keeping(blocks: Blocks, query: Tensor, key: Tensor, value: Tensor,
+                   scale: Optional[float]) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """`attend` without dropout on the CPU, through the flash kernel's forward: its output,
+    and each bucket's (output, log-sum-exp), which `attend_backward` takes."""
+    q, k, v = _flat(query), _flat(key), _flat(value)
+    kept = [_FLASH_CPU(*_gathered(b, q, k, v), attn_mask=_bias(b, query.dtype), scale=scale)
+            for b in blocks.buckets]
+    return _in_slot_order(blocks, [o for o, _ in kept], v, query.shape), kept
+
+
+def attend_backward(blocks: Blocks, grad: Tensor, query: Tensor, key: Tensor, value: Tensor,
+                    kept: list[tuple[Tensor, Tensor]], scale: Optional[float]
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of query, key and value (P, H, C, D) from `grad` (P, C, H, D) of
+    `attend_keeping`'s output: each bucket's kernel backward, its keys' gradients summed over
+    the blocks that gathered them (a prompt's, once per branch). A padding query's output
+    gradient is 0, so it adds nothing anywhere; an idle slot's output is its value."""
     P, H, C, D = query.shape
-
-    def flat(x: Tensor) -> Tensor:  # (H, P * C, D)
-        return x.transpose(0, 1).reshape(H, P * C, x.shape[-1])
-
-    q, k, v = flat(query), flat(key), flat(value)
-    outs = []
-    for b in blocks.buckets:  # index_select, not [...]: its backward adds, indexing's sorts
+    g = grad.permute(2, 0, 1, 3).reshape(H, P * C, -1)
+    q, k, v = _flat(query), _flat(key), _flat(value)
+    gq, gk, gv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for b, (o, lse) in zip(blocks.buckets, kept):
         nb, nq = b.queries.shape
-        qb = q.index_select(1, b.queries.reshape(-1)).view(H, nb, nq, D).transpose(0, 1)
-        kb, vb = (x.index_select(1, b.keys.reshape(-1)).view(H, nb, -1, x.shape[-1])
-                  .transpose(0, 1) for x in (k, v))
-        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=b.mask, dropout_p=dropout,
-                                           scale=scale)  # (nb, H, nq, D)
-        o = o.transpose(0, 1).reshape(H, nb * nq, -1)
-        outs.append(o.index_select(1, b.real))
-    outs.append(v.index_select(1, blocks.idle))
-    out = torch.cat(outs, 1).index_select(1, blocks.order)  # (H, P * C, D) in slot order
-    return out.view(H, P, C, -1).permute(1, 2, 0, 3).contiguous()
+        go = g.new_zeros(H, nb * nq, g.shape[-1])
+        go[:, b.real] = g.index_select(1, b.queries.reshape(-1)[b.real])
+        go = go.view(H, nb, nq, -1).transpose(0, 1).contiguous()
+        dq, dk, dv = _FLASH_CPU_BACKWARD(go, *_gathered(b, q, k, v), o, lse, 0.0, False,
+                                         attn_mask=_bias(b, query.dtype), scale=scale)
+        gq.index_add_(1, b.queries.reshape(-1), dq.transpose(0, 1).reshape(H, -1, D))
+        gk.index_add_(1, b.keys.reshape(-1), dk.transpose(0, 1).reshape(H, -1, D))
+        gv.index_add_(1, b.keys.reshape(-1), dv.transpose(0, 1).reshape(H, -1, dv.shape[-1]))
+    gv.index_add_(1, blocks.idle, g.index_select(1, blocks.idle))
+
+    def unflat(x: Tensor) -> Tensor:
+        return x.view(H, P, C, -1).transpose(0, 1)
+
+    return unflat(gq), unflat(gk), unflat(gv)

@@ -63,6 +63,32 @@ def test_blocked_attention_equals_the_dense_mask(group, window):
         assert packed.blocks.cost() < P * C * C
 
 
+@pytest.mark.parametrize("window", [None, 4])
+def test_keeping_the_kernel_s_outputs_gives_the_dense_gradients(window):
+    """The path a CPU update takes (`_Kept`: the flash kernel's own forward and backward, its
+    outputs kept instead of a second forward), grouped-query heads (4 on 2) and a scale: the
+    output and the gradients of q, k and v equal the dense masked call's to round-off (a
+    prompt's key gradients summed over the branches that gathered it), at idle slots too."""
+    gen = torch.Generator().manual_seed(4)
+    packed = pack(*_batch(gen, [7, 3, 9, 5], 3), group=True, blocks=True,
+                  attention=Attention("sdpa", window), width_cost=0.05)
+    P, C = packed.input_ids.shape
+    q = torch.randn(P, 4, C, 8, generator=gen, requires_grad=True)
+    k, v = (torch.randn(P, 2, C, 8, generator=gen, requires_grad=True) for _ in range(2))
+    dense = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                           attn_mask=packed.attention_mask, scale=0.4)
+    dense = dense.transpose(1, 2)
+    assert block_sdpa._keeps(q, 0.0)
+    out = block_sdpa._Kept.apply(q, k, v, packed.blocks, 0.4)
+    torch.testing.assert_close(out, dense, rtol=0, atol=1e-6)  # an idle slot: its own value
+    w = torch.randn(dense.shape, generator=gen)
+    want = torch.autograd.grad((dense * w).sum(), (q, k, v))
+    got = torch.autograd.grad((out * w).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert not block_sdpa._keeps(q, 0.1)  # dropout: _Recomputed draws its mask again
+
+
 def test_buckets_hold_every_block_once_and_cost_no_more_than_one_bucket():
     gen = torch.Generator().manual_seed(1)
     spans = [(list(range(int(a))), list(range(int(a) + int(b)))) for a, b in
@@ -80,18 +106,22 @@ def test_buckets_hold_every_block_once_and_cost_no_more_than_one_bucket():
 
 @contextlib.contextmanager
 def counting_blocked_calls():
-    """The blocked path's calls in the body, counted (the real function runs)."""
-    calls, real = [], block_sdpa.attend
+    """The blocked path's calls in the body (without a gradient, or recomputing, or keeping
+    the kernel's outputs), counted (the real functions run)."""
+    calls = []
+    real = block_sdpa.attend, block_sdpa.blocks_mod.attend_keeping
 
-    def counted(*args):
-        calls.append(1)
-        return real(*args)
+    def counting(f):
+        def counted(*args):
+            calls.append(1)
+            return f(*args)
+        return counted
 
-    block_sdpa.attend = counted
+    block_sdpa.attend, block_sdpa.blocks_mod.attend_keeping = (counting(f) for f in real)
     try:
         yield calls
     finally:
-        block_sdpa.attend = real
+        block_sdpa.attend, block_sdpa.blocks_mod.attend_keeping = real
 
 
 def _attention_module(heads: int = 4, kv_heads: int = 2):
