@@ -209,3 +209,19 @@ def undocumented_metrics(row) -> list[str]:
     """The names of a metrics row that docs/metrics.md does not document."""
     documented = documented_metrics()
     return [k for k in row if not any(p.match(k) for p in documented)]
+
+
+def scored_drawn(run, prompts, drawn, temperature: float):
+    """One scoring forward over the trajectories a multi-turn `sample` drew (a Drawn): the
+    log-probs it gives every response token, and the action mask (the model's own tokens)."""
+    import torch
+
+    from lora_ppo.generation.samples import left_pad
+
+    query_ids, query_mask = left_pad(prompts, run.tokenizer.pad_token_id)
+    response_mask = (torch.arange(drawn.tokens.shape[1])[None] < drawn.length[:, None]).float()
+    with torch.no_grad():
+        run.ac.eval()
+        lp, _, _ = run.ac(query_ids, query_mask, drawn.tokens, response_mask,
+                          temperature=temperature, chunk_size=64, with_values=False)
+    return lp, response_mask * (1 - drawn.env_mask.float())

@@ -96,7 +96,7 @@ class SharedPrompts:
     def keep(self, keep: Tensor) -> None:
         self.id, self.length = self.id[keep], self.length[keep]
 
-    def plan(self, b: "_Batch", live: Tensor):
+    def plan(self, b: _Batch, live: Tensor):
         """This step's cascade (the Plan and each cache layer's stacked prompts), or None where
         no two live rows share a prompt."""
         ids = torch.where(live, self.id, -1)
@@ -116,7 +116,7 @@ class SharedPrompts:
                          int(own_from.min()))
         return p, {layer.keys.data_ptr(): kv for layer, kv in zip(b.cache.layers, self.stack)}
 
-    def _stack(self, b: "_Batch", ids: Tensor, keep: list[int]) -> None:
+    def _stack(self, b: _Batch, ids: Tensor, keep: list[int]) -> None:
         reps = [int((ids == i).nonzero()[0]) for i in keep]  # one live row of each
         starts = [int(b.start[r]) for r in reps]
         lengths = [int(self.length[r]) for r in reps]

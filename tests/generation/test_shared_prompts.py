@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import StaticCache
 from families import FAMILIES, build_family_model
-from helpers import tiny_config
+from helpers import scored_drawn, tiny_config
+from transformers import StaticCache
 
 from lora_ppo.generation import continuous
 from lora_ppo.generation.continuous import decode_continuous
 from lora_ppo.generation.kv_cache import continuous_batching_fits
 from lora_ppo.generation.sampler import Sampler
-from lora_ppo.generation.samples import left_pad
 from lora_ppo.modeling import cascade
 from lora_ppo.modeling.roles import POLICY
 from lora_ppo.ppo.loop import setup
@@ -93,13 +92,7 @@ def _check(run, slots, monkeypatch, cascaded=True):
     assert shared.env_mask.any()
     assert torch.equal(own.tokens, shared.tokens) and torch.equal(own.env_mask, shared.env_mask)
     torch.testing.assert_close(shared.logprobs, own.logprobs, rtol=0, atol=1e-5)
-    query_ids, query_mask = left_pad(prompts, run.tokenizer.pad_token_id)
-    response_mask = (torch.arange(shared.tokens.shape[1])[None] < shared.length[:, None]).float()
-    actions = response_mask * (1 - shared.env_mask.float())
-    with torch.no_grad():
-        run.ac.eval()
-        lp, _, _ = run.ac(query_ids, query_mask, shared.tokens, response_mask, temperature=0.9,
-                          chunk_size=64, with_values=False)
+    lp, actions = scored_drawn(run, prompts, shared, 0.9)
     torch.testing.assert_close(shared.logprobs * actions, lp * actions, rtol=0, atol=1e-5)
 
 

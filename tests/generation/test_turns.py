@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 from families import FAMILIES, build_family_model
-from helpers import tiny_config
+from helpers import scored_drawn, tiny_config
 
 from lora_ppo.generation.generate import generate
 from lora_ppo.ppo.loop import setup
@@ -112,7 +112,6 @@ def test_each_way_an_answer_enters_the_batch_is_exact(tiny_model_dir, tmp_path, 
     again at every turn, and of one forward over the trajectory."""
     from lora_ppo.generation import continuous
     from lora_ppo.generation.generate import sample
-    from lora_ppo.generation.samples import left_pad
     from lora_ppo.modeling.roles import POLICY
 
     run = _run(tiny_model_dir, tmp_path / "run")
@@ -157,13 +156,7 @@ def test_each_way_an_answer_enters_the_batch_is_exact(tiny_model_dir, tmp_path, 
     assert torch.equal(again.tokens, kept.tokens) and torch.equal(again.env_mask, kept.env_mask)
     assert kept.env_mask.sum(1).tolist() == [1 + r % 5 for r in range(7)]
     torch.testing.assert_close(kept.logprobs, again.logprobs, rtol=0, atol=1e-5)
-    query_ids, query_mask = left_pad(prompts, run.tokenizer.pad_token_id)
-    response_mask = (torch.arange(kept.tokens.shape[1])[None] < kept.length[:, None]).float()
-    actions = response_mask * (1 - kept.env_mask.float())
-    with torch.no_grad():
-        run.ac.eval()
-        lp, _, _ = run.ac(query_ids, query_mask, kept.tokens, response_mask, temperature=0.9,
-                          chunk_size=64, with_values=False)
+    lp, actions = scored_drawn(run, prompts, kept, 0.9)
     assert actions.sum() > 40
     torch.testing.assert_close(kept.logprobs * actions, lp * actions, rtol=0, atol=1e-5)
 
