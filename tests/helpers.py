@@ -114,11 +114,17 @@ def two_rank_yaml(path: Path, model_dir: Path, out: Path, reward: str, *,
 
 def run_two_ranks(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus 2 ARGS` on CPU ranks (gloo) on a free port; asserts success."""
+    from lora_ppo.runtime.dist import shm_buffer
+
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    res = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()), *args],
+    port = str(free_port())
+    res = subprocess.run([launcher, "--num_gpus", "2", "--master_port", port, *args],
                          capture_output=True, text=True, timeout=timeout, env=clean_env(),
                          cwd=REPO)
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
+    # DeepSpeed's CPU all-reduce segments are gone with the run (runtime/dist.py)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    assert not [r for r in (0, 1) if os.path.exists(shm_buffer(r, env))]
     return res
 
 

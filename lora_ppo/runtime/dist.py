@@ -104,6 +104,33 @@ def check_launch(env=os.environ) -> None:
                         "zero2_offload or a JSON file); set it there and launch without them")
 
 
+def shm_buffer(rank: int, env=os.environ) -> str:
+    """The shared-memory segment DeepSpeed's CPU all-reduce creates for `rank` of this run."""
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+            f"{env.get('MASTER_PORT', '')}_{rank}")
+
+
+def _release_shm_buffer(rank: int) -> None:
+    """Unlink this rank's segment of DeepSpeed's CPU shared-memory all-reduce.
+
+    Under the `deepspeed` launcher (which sets LOCAL_SIZE) DeepSpeed 0.19's CPU communication op
+    creates /dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank} for each rank (66 MB)
+    and never unlinks it (ops/csrc/cpu/comm/shm.cpp: its shared_close is never called), so every
+    such run left its ranks' segments in RAM until the machine restarted: this project's test
+    suite had left 308 of them, 20 GB, and starved the machine. Once every rank has mapped every
+    rank's segment (shm_initialize maps them all before init_distributed returns; a barrier
+    waits for all ranks), each unlinks its own: the mappings stay valid while the processes
+    live, and the memory goes with them however they end."""
+    local = os.environ.get("LOCAL_SIZE", "")
+    # DeepSpeed's own condition (shm_interface.cpp): every rank on this machine; the same on
+    # every rank, so all of them reach the barrier or none
+    if not (local.isdigit() and int(local) == torch.distributed.get_world_size()):
+        return
+    torch.distributed.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(shm_buffer(rank))
+
+
 def setup_distributed() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed; idempotent; call before importing deepspeed.
 
@@ -138,6 +165,8 @@ def setup_distributed() -> DistInfo:
         with contextlib.redirect_stdout(io.StringIO()):
             deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
                                        verbose=False)
+        if not use_cuda:
+            _release_shm_buffer(torch.distributed.get_rank())
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

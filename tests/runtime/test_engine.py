@@ -418,6 +418,12 @@ def test_deepspeed_launcher_two_ranks_average_gradients(tmp_path):
                            str(script), str(tmp_path)],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # DeepSpeed's CPU all-reduce segments (66 MB a rank in /dev/shm, never unlinked by
+    # DeepSpeed itself) went with the run: each rank unlinked its own (runtime/dist.py)
+    from lora_ppo.runtime.dist import shm_buffer
+
+    shm_env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    assert not [r for r in (0, 1) if os.path.exists(shm_buffer(r, shm_env))]
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [(o["rank"], o["local_rank"], o["world_size"]) for o in ranks] == [(0, 0, 2), (1, 1, 2)]
