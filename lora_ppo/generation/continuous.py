@@ -8,7 +8,7 @@ right-aligned to end at `col`, and the 2-D mask marks each row's columns (positi
 row itself, not the column). When `col` reaches the cache's width, every row's columns move left
 by the span no live row uses. A step's attention reads only the columns some row sees, from the
 first to `col` (modeling/block_sdpa.py::key_window), not the whole cache, and a prompt that
-several rows copy (a group's) once for all of them (SharedPrompts, modeling/cascade.py). The loop, one
+several rows copy (a group's) once for all of them (shared_prompts.py, modeling/cascade.py). The loop, one
 decision per turn:
 
     admit       the next rows take the free slots: their distinct prompts prefilled once each
@@ -52,7 +52,7 @@ from transformers import DynamicCache, StaticCache
 
 from lora_ppo.generation.kv_cache import keep_rows, shift_left
 from lora_ppo.generation.sampler import Sampler
-from lora_ppo.modeling import cascade
+from lora_ppo.generation.shared_prompts import SharedPrompts
 from lora_ppo.modeling.block_sdpa import key_window
 
 PREFILL_SHARE = 4  # rows entering the continuous batch per prefill: at most slots / 4
@@ -63,75 +63,6 @@ def continuous_slack(max_new_tokens: int) -> int:
     """Columns beyond prompt + new tokens in the continuous batch's cache: every row moves left
     when the write column reaches the end, a copy of the cache at most every `slack` steps."""
     return max(8, max_new_tokens // 16)
-
-
-class SharedPrompts:
-    """Which slots' first columns hold one encoding of a prompt (a group's n rows copy one
-    prefill), and those prompts' keys and values stacked once per layer: a decode step's
-    attention then reads each shared prompt once for its rows' queries instead of once per row
-    (cascade attention, modeling/cascade.py). A prompt joins the stack at the first step two
-    live rows share it, and stays while any of its rows is live; the stack is made again (a copy
-    of each prompt's columns from one of its rows) when a new one joins. Rows that share with no
-    other read all of their columns themselves."""
-
-    def __init__(self, slots: int, device):
-        self.id = torch.full((slots,), -1, dtype=torch.long, device=device)  # -1: nothing
-        self.length = torch.zeros(slots, dtype=torch.long, device=device)    # its columns
-        self.count = 0
-        self.index: dict[int, int] = {}  # encoding id -> its place in the stack
-        self.stack: list[tuple[Tensor, Tensor]] = []  # per layer: (C, heads, P, dim) K and V
-        self.lengths: Optional[Tensor] = None  # (C,) each prompt's columns
-
-    def new_id(self) -> int:
-        self.count += 1
-        return self.count - 1
-
-    def placed(self, slots: Tensor, ids: list[int], lengths: list[int]) -> None:
-        self.id[slots] = torch.tensor(ids, device=self.id.device)
-        self.length[slots] = torch.tensor(lengths, device=self.id.device)
-
-    def freed(self, slots: list[int]) -> None:
-        self.id[slots] = -1
-
-    def keep(self, keep: Tensor) -> None:
-        self.id, self.length = self.id[keep], self.length[keep]
-
-    def plan(self, b: _Batch, live: Tensor):
-        """This step's cascade (the Plan and each cache layer's stacked prompts), or None where
-        no two live rows share a prompt."""
-        ids = torch.where(live, self.id, -1)
-        seen, counts = torch.unique(ids[ids >= 0], return_counts=True)
-        shared = set(seen[counts >= 2].tolist())
-        keep = (shared | set(self.index)) & set(seen.tolist())
-        if not keep:
-            return None
-        if not shared <= set(self.index) or 2 * len(keep) < len(self.index):
-            self._stack(b, ids, sorted(keep))
-        lut = torch.full((self.count,), -1, dtype=torch.long, device=ids.device)
-        lut[list(self.index)] = torch.tensor(list(self.index.values()), device=ids.device)
-        prefix_of = torch.where(ids >= 0, lut[ids.clamp(min=0)], -1)
-        own_from = torch.where(prefix_of >= 0, b.start + self.length, b.start)
-        own_from = torch.where(live, own_from, b.col)  # a free slot reads only its column
-        p = cascade.plan(prefix_of, self.lengths, own_from, b.mask.bool(),
-                         int(own_from.min()))
-        return p, {layer.keys.data_ptr(): kv for layer, kv in zip(b.cache.layers, self.stack)}
-
-    def _stack(self, b: _Batch, ids: Tensor, keep: list[int]) -> None:
-        reps = [int((ids == i).nonzero()[0]) for i in keep]  # one live row of each
-        starts = [int(b.start[r]) for r in reps]
-        lengths = [int(self.length[r]) for r in reps]
-        width = max(lengths)
-        self.stack = []
-        for layer in b.cache.layers:
-            kv = []
-            for x in (layer.keys, layer.values):
-                out = x.new_zeros(len(reps), x.shape[1], width, x.shape[3])
-                for c, (r, a, n) in enumerate(zip(reps, starts, lengths)):
-                    out[c, :, :n] = x[r, :, a:a + n]
-                kv.append(out)
-            self.stack.append(tuple(kv))
-        self.index = {i: c for c, i in enumerate(keep)}
-        self.lengths = torch.tensor(lengths, device=ids.device)
 
 
 class _Batch:
@@ -289,14 +220,7 @@ class _Batch:
     def step(self, live: Tensor) -> None:
         """One forward of every slot at column `col`; the live rows draw their next token, or
         take the next id of an answer (module doc)."""
-        for layer in self.cache.layers:  # every row writes its token at column col
-            layer.cumulative_length.fill_(self.col)
-        self.mask[:, self.col] = 1
-        self.positions = torch.where(live[:, None], self.positions + 1, 0)  # free: any position
-        h = self._forward(self.last[:, None], self.col + 1,
-                          cascade=self.shared.plan(self, live) if self.cascade else None)
-        self.col += 1
-        self._draw(live.nonzero().squeeze(-1), h)
+        self._forward(self.last[:, None], live, shared=self.cascade)
 
     def answer_step(self, live: Tensor) -> None:
         """Every live row is taking an answer: one forward of the next t ids of all of them (the
@@ -313,25 +237,27 @@ class _Batch:
                                      device=self.s.device)
             if not q:  # its answer ends here: it draws
                 del self.feed[int(self.row[slot])]
-        for layer in self.cache.layers:
+        self._forward(ids, live)
+
+    def _forward(self, ids: Tensor, live: Tensor, shared: bool = False) -> None:
+        """The batch's forward of `ids` (slots, t), every row writing columns col .. col+t-1 (a
+        free slot too: its softmax must not be empty), then `_draw` from the last state.
+        Attention reads the columns some row sees, not the whole cache (block_sdpa.key_window),
+        and with `shared` (one id a row) each shared prompt once (SharedPrompts)."""
+        t = ids.shape[1]
+        for layer in self.cache.layers:  # every row writes from column col on
             layer.cumulative_length.fill_(self.col)
         self.mask[:, self.col:self.col + t] = 1
         positions = torch.where(live[:, None], self.positions + torch.arange(
-            1, t + 1, device=self.s.device), 0)
+            1, t + 1, device=self.s.device), 0)  # a free slot: any position
         self.positions = positions[:, -1:]
-        h = self._forward(ids, self.col + t, positions)
-        self.col += t
-        self._draw(torch.tensor(slots, device=self.s.device), h)
-
-    def _forward(self, ids: Tensor, hi: int, positions: Optional[Tensor] = None,
-                 cascade=None) -> Tensor:
-        """The batch's forward of `ids` written from `col` on; attention reads the columns some
-        row sees, not the whole cache (block_sdpa.key_window), and with `cascade` each group's
-        shared prompt once (SharedPrompts)."""
         lo = int(self.mask.any(0).int().argmax())
-        with key_window(self.width, lo, hi, cascade):
-            return self.s.forward(ids, self.mask,
-                                  self.positions if positions is None else positions, self.cache)
+        plan = (self.shared.plan(live, self.start, self.col, self.mask, self.cache)
+                if shared else None)  # after the mask holds the columns written now
+        with key_window(self.width, lo, self.col + t, plan):
+            h = self.s.forward(ids, self.mask, positions, self.cache)
+        self.col += t
+        self._draw(live.nonzero().squeeze(-1), h)
 
     def _draw(self, idx: Tensor, h: Tensor) -> None:
         """Slots `idx` go on from their states h: a row taking an answer takes its next id

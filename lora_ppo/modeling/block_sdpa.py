@@ -16,7 +16,7 @@ attention read every column of it, most of them masked for every row (not yet wr
 live row's). Inside `key_window(width, lo, hi)` a call whose keys are `width` columns wide takes
 only columns lo .. hi-1, with its mask sliced alike, provided the mask holds no True outside
 them (checked): the softmax over the columns left out was exp(-inf) = 0 of every row's. With a
-cascade plan (generation/continuous.py::SharedPrompts), a one-query call on the planned cache
+cascade plan (generation/shared_prompts.py), a one-query call on the planned cache
 layer's keys reads each group's shared prompt once (modeling/cascade.py) and each row's own
 columns after it.
 """

@@ -198,7 +198,7 @@ def _generation_bytes(arch: Arch, sh: Shapes, s: int) -> tuple[int, int]:
 
     Where a group's rows share a prompt (samples_per_prompt > 1), continuous batching keeps one
     more copy of each shared prompt beside the batch's cache, for its decode steps' attention
-    (continuous.py's SharedPrompts): at most the batch's distinct prompts."""
+    (generation/shared_prompts.py): at most the batch's distinct prompts."""
     gb, T = sh.generation_batch, sh.prompt_len + sh.new_tokens + sh.cache_slack
     kv_row = 2 * arch.kv_heads * arch.head_dim  # K and V elements per token and layer
     kv_cache = arch.layers * gb * T * kv_row * s

@@ -1,4 +1,4 @@
-"""A group's prompt read once in the decode steps (continuous.py's SharedPrompts, cascade
+"""A group's prompt read once in the decode steps (generation/shared_prompts.py, cascade
 attention in modeling/cascade.py): every row draws the tokens, with the log-probs, that it draws
 when each row reads its own copy of the prompt, and those one forward over the whole trajectory
 scores; with turns (rows leaving and rejoining, answers taken in their slots), a group's rows
@@ -13,7 +13,7 @@ from families import FAMILIES, build_family_model
 from helpers import scored_drawn, tiny_config
 from transformers import StaticCache
 
-from lora_ppo.generation import continuous
+from lora_ppo.generation import shared_prompts
 from lora_ppo.generation.continuous import decode_continuous
 from lora_ppo.generation.kv_cache import continuous_batching_fits
 from lora_ppo.generation.sampler import Sampler
@@ -66,22 +66,22 @@ def _check(run, slots, monkeypatch, cascaded=True):
     prompts = ([list(range(5, 17))] * 4 + [list(range(9, 16))] * 4
                + [list(range(30, 40))] * 4)
     calls, starts = [], []
-    real_attend, real_plan = cascade.attend, continuous.SharedPrompts.plan
+    real_attend, real_plan = cascade.attend, shared_prompts.SharedPrompts.plan
 
     def spy_attend(*args):
         calls.append(args[3].shape[0])
         return real_attend(*args)
 
-    def spy_plan(shared, batch, live):
-        out = real_plan(shared, batch, live)
+    def spy_plan(shared, live, start, col, mask, cache):
+        out = real_plan(shared, live, start, col, mask, cache)
         if out is not None:  # the starts of the rows that share each prefix
             for c in range(out[0].members.shape[0]):
                 rows = out[0].members[c][out[0].valid[c]]
-                starts.append(len(set(batch.start[rows].tolist())))
+                starts.append(len(set(start[rows].tolist())))
         return out
 
     monkeypatch.setattr(cascade, "attend", spy_attend)
-    monkeypatch.setattr(continuous.SharedPrompts, "plan", spy_plan)
+    monkeypatch.setattr(shared_prompts.SharedPrompts, "plan", spy_plan)
     shared = _drawn(run, prompts, slots, True)
     assert max(starts) >= 2  # rows of one prefix at different columns
     if cascaded:

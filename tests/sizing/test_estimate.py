@@ -245,7 +245,7 @@ def test_a_shared_prompt_is_counted_once(small_dir):
     assert plain.components["activations"] == 24 * (2 * 256 + 32) * 2
     assert e.phases["scoring"] < plain.phases["scoring"]
     # generation prefills at most a quarter of the slots at a time either way, and its decode
-    # steps read a copy of each shared prompt (continuous.py's SharedPrompts) either way
+    # steps read a copy of each shared prompt (generation/shared_prompts.py) either way
     assert e.phases["generation"] == plain.phases["generation"]
     assert est.shapes_from_config(small_cfg(small_dir, *grpo, "model.shared_prompt=false")
                                   ).answers == 4
