@@ -37,7 +37,7 @@ from lora_ppo.modeling.heads import (
     logits_transform,
 )
 from lora_ppo.modeling.loading import disable_dropout, set_gradient_checkpointing
-from lora_ppo.modeling.lora_grad import lora_b_grads_in_fast_order
+from lora_ppo.modeling.lora_grad import fuse_lora_linears, lora_b_grads_in_fast_order
 from lora_ppo.modeling.own_logits import own_logprobs
 from lora_ppo.modeling.packing import PADDED, Layout, Packed, pack, position_ids_from_mask
 from lora_ppo.modeling.roles import CRITIC, POLICY, REFERENCE, REWARD
@@ -363,6 +363,7 @@ def build_actor_critic(cfg: Config, base: nn.Module) -> ActorCritic:
     # was turned off at load time, before these adapters brought their own.
     disable_dropout(peft_model)
     lora_b_grads_in_fast_order(peft_model, (POLICY, CRITIC))
+    fuse_lora_linears(peft_model, (POLICY, CRITIC))
     # value.mode=none (the critic-free estimators): no head, nothing of a value function at all.
     value_head = (None if value_mode == "none"
                   else ScalarHead(hidden_size, cfg.value.head_init_std).to(device))

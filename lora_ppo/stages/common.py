@@ -47,7 +47,7 @@ from lora_ppo.modeling.loading import (
     quantization_mode,
     resolve_model_path,
 )
-from lora_ppo.modeling.lora_grad import lora_b_grads_in_fast_order
+from lora_ppo.modeling.lora_grad import fuse_lora_linears, lora_b_grads_in_fast_order
 from lora_ppo.runtime.dist import DistInfo, seed_everything, setup_distributed
 from lora_ppo.runtime.ds_config import run_ds_config
 from lora_ppo.runtime.engine import create_engine, gathered_trainable
@@ -164,6 +164,7 @@ def load_stage_model(st: Stage, init_adapter: Optional[str] = None, field: str =
     else:
         model = get_peft_model(base, lora_config(st.cfg.lora))
     lora_b_grads_in_fast_order(model, ["default"])
+    fuse_lora_linears(model, ["default"])
     return model
 
 
