@@ -71,7 +71,7 @@ def test_sampled_first_token_follows_the_scored_distribution(tiny_model_dir, tmp
     every = logprobs_and_values(run.ac, Samples(
         ro.query_ids[:1].expand(vocab, -1), ro.query_mask[:1].expand(vocab, -1),
         torch.arange(vocab)[:, None], torch.ones(vocab, 1), torch.zeros(vocab, dtype=torch.bool)),
-        temperature=0.7, chunk_size=1024, generation_batch_size=512)
+        temperature=0.7, chunk_size=1024, batch_size=512)
     p = every.logprobs[:, 0].double().exp()
     assert abs(p.sum().item() - 1) < 1e-4
     counts = torch.bincount(first, minlength=vocab).double()

@@ -167,8 +167,7 @@ class RolloutConfig:
     """Prompts per PPO update on each rank (the rollout's prompts; with samples_per_prompt n, the
     rollout holds prompts_per_update x n samples)."""
     generation_batch_size: Annotated[int, POSITIVE] = 16
-    """Rows decoded at once (the decode batch, and the sequences per scoring forward); lower it
-    if generation runs out of memory."""
+    """Rows decoded at once (the decode batch); lower it if generation runs out of memory."""
     max_new_tokens: Annotated[int, POSITIVE] = 128
     """Most tokens per response; with tools or an environment, the model's and the tools' tokens
     of the whole trajectory (TRL's max_completion_length)."""
@@ -265,8 +264,8 @@ class PPOConfig:
     minibatch_size: Annotated[int, POSITIVE] = 16
     """Samples (not prompts) per optimizer step."""
     micro_batch_size: Annotated[int, POSITIVE] = 4
-    """Samples per forward/backward; minibatch_size / micro_batch_size is the gradient
-    accumulation."""
+    """Samples per forward/backward, and per scoring forward (the rollout's old and reference
+    log-probs); minibatch_size / micro_batch_size is the gradient accumulation."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp",
                                  "reinforce_pp_baseline"] = "gae"

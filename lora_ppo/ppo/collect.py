@@ -63,7 +63,7 @@ def score_samples(run: Run, samples: Samples) -> Rollout:
     rollout = run.cfg.rollout
     return logprobs_and_values(run.ac, samples, temperature=rollout.temperature,
                                chunk_size=run.chunk_rows,
-                               generation_batch_size=rollout.generation_batch_size,
+                               batch_size=run.cfg.ppo.micro_batch_size,
                                with_reference=run.cfg.algorithm.uses_reference)
 
 

@@ -7,7 +7,7 @@ phase of an update peaks at
     resident state  base weights + adapters + optimizer state and gradients (after step 1)
   + phase transient generation: KV cache of one generation batch + one prefill layer (+ the
                                 conversations waiting between turns, with tools)
-                    scoring:    one no-grad layer of one generation batch, or a logits chunk
+                    scoring:    one no-grad layer of one micro-batch, or a logits chunk
                     update:     saved activations of one micro-batch + the backward's temporaries
 
 and the run's peak is the largest phase. `device="gpu"` predicts the CUDA allocator peak
@@ -237,10 +237,10 @@ def own_logits_bytes(positions: int, vocab: int, s: int, grad: bool) -> int:
 
 
 def _scoring_bytes(arch: Arch, sh: Shapes, s: int, chunk: int) -> int:
-    """No grad, one generation batch: the trunk's output, then the widest of one layer and one
-    logits chunk."""
-    tokens = sh.tokens(sh.generation_batch)
-    rows = min(chunk, sh.generation_batch * sh.new_tokens)
+    """No grad, one micro-batch (ppo/rollout.py scores in micro-batches): the trunk's output,
+    then the widest of one layer and one logits chunk."""
+    tokens = sh.tokens(sh.micro_batch)
+    rows = min(chunk, sh.micro_batch * sh.new_tokens)
     return tokens * arch.hidden * s + max(tokens * _nograd_layer_peak(arch) * s,
                                           _logits_bytes(rows, arch.vocab, s))
 
@@ -316,7 +316,7 @@ def estimate_memory(cfg: Config, arch: Arch, device: str = "gpu",
     gb = sh.generation_batch
     if own_logits:
         update += own_logits_bytes(sh.micro_batch * sh.new_tokens, arch.vocab, s, grad=True)
-        scoring += own_logits_bytes(gb * sh.new_tokens, arch.vocab, s, grad=False)
+        scoring += own_logits_bytes(sh.micro_batch * sh.new_tokens, arch.vocab, s, grad=False)
 
     # bitsandbytes dequantizes one linear's weight to the compute dtype for each matmul with
     # more than one row (bitsandbytes/autograd/_functions.py, matmul_4bit / MatMul8bitLt).

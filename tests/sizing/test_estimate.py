@@ -178,8 +178,9 @@ def test_estimate_memory_by_hand(small_dir):
     # generation: KV 5120 + a prefill of a quarter of the 4 slots (1 prompt of 8 tokens): the
     # widest layer and its own cache, 8 * (2*16 + 5*32 + 2 layers * 16) * 2 = 3584
     assert e.phases["generation"] == resident + 5120 + 3584
-    # scoring: trunk output 4*12*16*2 = 1536 + no-grad layer 4*12*192*2 = 18432 (> logits 16*100*(4+2) = 9600)
-    assert e.phases["scoring"] == resident + 1536 + 18432
+    # scoring, in micro-batches: trunk output 2*12*16*2 = 768 + no-grad layer 2*12*192*2 = 9216
+    # (> logits 8*100*(4+2) = 4800)
+    assert e.phases["scoring"] == resident + 768 + 9216
     # update: saved 26112 + logits chunk (8 rows * 100: the bf16 logits 2 B, their fp32
     # buffer 4 B, the entropy metric's fp32 temporary 4 B / 8, the bf16 gradient 2 B) = 6800,
     # above a layer's input grads 2*12*128*2 = 6144
@@ -216,12 +217,12 @@ def test_the_models_own_logits_are_counted_where_setup_takes_them(small_dir):
     """A family whose logit post-processing lora_ppo does not know trains on the model's own
     forward's logits (ppo/seams.py), whole: in the update micro 2 x 4 new tokens x vocab
     100 in bf16, twice (the logits, and what the post-processing keeps for its backward) =
-    3200 B; in scoring gen batch 4 x 4 x 100 x 2 B once = 3200 B."""
+    3200 B; in scoring (micro-batches) 2 x 4 x 100 x 2 B once = 1600 B."""
     cfg, arch = small_cfg(small_dir), read_arch(str(small_dir))
     plain, own = est.estimate_memory(cfg, arch, "gpu"), est.estimate_memory(cfg, arch, "gpu",
                                                                             own_logits=True)
     assert own.phases["update"] - plain.phases["update"] == 2 * 4 * 100 * 2 * 2
-    assert own.phases["scoring"] - plain.phases["scoring"] == 4 * 4 * 100 * 2
+    assert own.phases["scoring"] - plain.phases["scoring"] == 2 * 4 * 100 * 2
     assert own.phases["generation"] == plain.phases["generation"]
     report = suggest.report(cfg, arch, "gpu", 24576, own_logits=True)
     assert report["phases_mib"]["update"] * 2**20 == pytest.approx(own.phases["update"])
