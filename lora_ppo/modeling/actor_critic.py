@@ -37,7 +37,7 @@ from lora_ppo.modeling.heads import (
     logits_transform,
 )
 from lora_ppo.modeling.loading import disable_dropout, set_gradient_checkpointing
-from lora_ppo.modeling.lora_grad import fuse_lora_linears, lora_b_grads_in_fast_order
+from lora_ppo.modeling.lora_grad import fast_lora_training
 from lora_ppo.modeling.own_logits import own_logprobs
 from lora_ppo.modeling.packing import PADDED, Layout, Packed, pack, position_ids_from_mask
 from lora_ppo.modeling.roles import CRITIC, POLICY, REFERENCE, REWARD
@@ -362,8 +362,7 @@ def build_actor_critic(cfg: Config, base: nn.Module) -> ActorCritic:
     # adapters that were saved with lora_dropout > 0 (SFT recipes often are): the base's dropout
     # was turned off at load time, before these adapters brought their own.
     disable_dropout(peft_model)
-    lora_b_grads_in_fast_order(peft_model, (POLICY, CRITIC))
-    fuse_lora_linears(peft_model, (POLICY, CRITIC))
+    fast_lora_training(peft_model, (POLICY, CRITIC))
     # value.mode=none (the critic-free estimators): no head, nothing of a value function at all.
     value_head = (None if value_mode == "none"
                   else ScalarHead(hidden_size, cfg.value.head_init_std).to(device))

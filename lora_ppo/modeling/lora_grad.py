@@ -26,13 +26,14 @@ scaling and the sum are two more passes over the (N, out) output in the forward,
 backward one more over the (N, out) gradient and one over the (N, in) input gradient (the sum of
 the base's and the adapter's). Here the adapter's product is added into the base's output by
 one `addmm_` with alpha = s, and the backward forms s (grad @ B) once, (N, r), adding it into
-the input gradient the same way. The rank-r products are taken with the r rows first: MKL runs (N, K) x (K, r)
-slowly, as it does the B gradient above (on one core, N = 1338, K = 256, r = 8: x A^T 168 us
-as `F.linear`, (A x^T)^T 99 us; grad @ B 389 us, (B^T grad^T)^T 100 us). It serves only where that is
-all peft's forward does: one active adapter, plain LoRA or rsLoRA (no variant such as DoRA, no
-`lora_bias`, no dropout), an `nn.Linear` base with a frozen weight in the adapter's dtype, no
-ZeRO-3 partitioning (DeepSpeed gathers weights in the submodules' own hooks), no autocast, no
-adapter merged or disabled, no mixed-adapter batch; anything else runs peft's own forward.
+the input gradient the same way. The rank-r products are taken with the r rows first: MKL runs
+(N, K) x (K, r) slowly, as it does the B gradient above (on one core, N = 1338, K = 256, r = 8:
+x A^T 168 us as `F.linear`, (A x^T)^T 99 us; grad @ B 389 us, (B^T grad^T)^T 100 us). It serves
+only where that is all peft's forward does: one active adapter, plain LoRA or rsLoRA (no variant
+such as DoRA, no `lora_bias`, no dropout), an `nn.Linear` base with a frozen weight in the
+adapter's dtype, no ZeRO-3 partitioning (DeepSpeed gathers weights in the submodules' own hooks),
+no autocast, no adapter merged or disabled, no mixed-adapter batch; anything else runs peft's own
+forward.
 """
 
 from __future__ import annotations
@@ -156,6 +157,14 @@ def fuse_lora_linears(model: nn.Module, adapters: Iterable[str]) -> int:
             module._fused_adapters = names
             changed += 1
     return changed
+
+
+def fast_lora_training(model: nn.Module, adapters: Iterable[str]) -> None:
+    """Both changes (module doc) for the trainable `adapters` of `model`: the one-node linear
+    where it serves, the fast B gradient where peft's own forward runs."""
+    adapters = tuple(adapters)
+    lora_b_grads_in_fast_order(model, adapters)
+    fuse_lora_linears(model, adapters)
 
 
 def lora_b_grads_in_fast_order(model: nn.Module, adapters: Iterable[str]) -> int:

@@ -47,7 +47,7 @@ from lora_ppo.modeling.loading import (
     quantization_mode,
     resolve_model_path,
 )
-from lora_ppo.modeling.lora_grad import fuse_lora_linears, lora_b_grads_in_fast_order
+from lora_ppo.modeling.lora_grad import fast_lora_training
 from lora_ppo.runtime.dist import DistInfo, seed_everything, setup_distributed
 from lora_ppo.runtime.ds_config import run_ds_config
 from lora_ppo.runtime.engine import create_engine, gathered_trainable
@@ -163,8 +163,7 @@ def load_stage_model(st: Stage, init_adapter: Optional[str] = None, field: str =
             model = PeftModel.from_pretrained(base, init_adapter, is_trainable=True)
     else:
         model = get_peft_model(base, lora_config(st.cfg.lora))
-    lora_b_grads_in_fast_order(model, ["default"])
-    fuse_lora_linears(model, ["default"])
+    fast_lora_training(model, ["default"])
     return model
 
 
